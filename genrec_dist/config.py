@@ -1,0 +1,274 @@
+"""Typed configuration: one dataclass tree per pipeline, loaded from YAML, with dotted ``key=value`` overrides.
+
+Every job reads the same YAML file (``configs/<dataset>.yaml``) and uses its own section of it. Loading is
+strict: an unknown key or a value of the wrong type raises :class:`ConfigError` naming the file and the key,
+in the spirit of nanoGPT's configurator and torchtune's ``key=value`` overrides.
+
+A YAML file may name a ``base:`` file (relative to itself) whose values it overrides, so the frozen experiment
+configs in ``configs/<dataset>/<model>.yaml`` hold only what differs from the dataset's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from genrec_dist.data.config import PrepareConfig
+from genrec_dist.training.config import EvaluateConfig, TrainConfig
+from tokenization.config import TokenizeConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the source and the key."""
+
+
+@dataclass
+class StorageConfig:
+    """How ``s3://`` paths are reached. Empty fields fall back to the usual AWS environment variables
+    (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, credentials from the
+    standard chain). Credentials are never stored in the config, so they never reach logs or MLflow."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    # Bounded retries so an unreachable endpoint ends in a clear error in seconds, not minutes.
+    max_attempts: int = 3
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. ``uri`` empty: a local SQLite store under ``workdir`` (browse it with ``mlflow ui``)."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "genrec-dist"
+    # Groups the runs of one pipeline (prepare/tokenize/train/evaluate) in the UI; empty: derived from workdir.
+    pipeline: str = ""
+
+
+@dataclass
+class PathsConfig:
+    """Where each stage writes. Empty: derived from ``workdir`` (``dataset``, ``sids/<method>``, ``runs``)."""
+
+    dataset: str = ""
+    semantic_ids: str = ""
+    runs: str = ""
+
+
+@dataclass
+class Config:
+    """The whole pipeline. Jobs read ``workdir``/``paths``/``storage``/``tracking`` and their own section."""
+
+    name: str = "synthetic"
+    workdir: str = "outputs/synthetic"
+    seed: int = 42
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    # ----- derived locations (explicit ``paths.*`` win) -----
+    @property
+    def dataset_dir(self) -> str:
+        return self.paths.dataset or _join(self.workdir, "dataset")
+
+    @property
+    def semantic_ids_dir(self) -> str:
+        return self.paths.semantic_ids or _join(self.workdir, "sids", self.tokenize.method)
+
+    @property
+    def runs_dir(self) -> str:
+        return self.paths.runs or _join(self.workdir, "runs")
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------------------
+
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: list[str] | None = None,
+    default_section: str | None = None,
+    cls: type = Config,
+) -> Any:
+    """Load ``cls`` from a YAML file (``None``: defaults only) and apply ``key=value`` overrides.
+
+    ``default_section`` lets a job accept bare keys for its own section: ``jobs/train.py ... zero_stage=3``
+    means ``train.zero_stage=3``.
+    """
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        data = _read_yaml_with_base(str(path), seen=())
+    cfg = _build(cls, data, source, prefix="")
+    for item in overrides or []:
+        _apply_override(cfg, item, default_section)
+    return cfg
+
+
+def _read_yaml_with_base(path: str, seen: tuple[str, ...]) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(seen + (path,))}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = os.path.join(os.path.dirname(path), str(base))
+    return _deep_merge(_read_yaml_with_base(base_path, seen + (path,)), data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (known keys in '{prefix.rstrip('.') or '<top>'}': "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, source, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float, dicts build dataclasses)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{source}: '{key}' = {value!r} fits none of {tp}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{source}: '{key}' must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        (arg,) = typing.get_args(tp)[:1] or (Any,)
+        items = [_coerce(arg, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"{source}: '{key}' has an unsupported type {tp}")
+
+
+def _apply_override(cfg: Any, item: str, default_section: str | None) -> None:
+    source = f"override '{item}'"
+    if "=" not in item:
+        raise ConfigError(f"{source}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    top_names = {f.name for f in dataclasses.fields(cfg)}
+    if parts[0] not in top_names and default_section is not None:
+        parts = [default_section, *parts]
+    target = cfg
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            raise ConfigError(f"{source}: unknown key '{'.'.join(parts[: i + 1])}'")
+        target = getattr(target, part)
+    leaf = parts[-1]
+    if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
+        raise ConfigError(f"{source}: unknown key '{'.'.join(parts)}'")
+    tp = typing.get_type_hints(type(target))[leaf]
+    value: Any = raw if tp is str else yaml.safe_load(raw) if raw.strip() else ""
+    setattr(target, leaf, _coerce(tp, value, source, ".".join(parts)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------------------------
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}} -> {'a.b': 1}``: the shape MLflow params want."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,51 @@
+"""The ``prepare:`` section: where raw interactions and item text come from and how they are cleaned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class SyntheticConfig:
+    """Sizes of the deterministic synthetic catalog (see ``genrec_dist/data/synthetic.py`` for its structure)."""
+
+    num_items: int = 600
+    num_users: int = 1500
+    num_categories: int = 12
+    min_length: int = 6
+    max_length: int = 30
+    # Probability that the next item stays in the user's current category (otherwise the user drifts).
+    stay_prob: float = 0.8
+    # Probability that a step is a globally popular item, regardless of category (popularity noise).
+    popular_prob: float = 0.1
+
+
+@dataclass
+class PrepareConfig:
+    """``source`` picks the reader; the other fields apply to every source."""
+
+    source: Literal["synthetic", "amazon2014", "lcrec", "parquet", "csv"] = "synthetic"
+    # amazon2014: folder with reviews_<Category>_5.json.gz (or reviews_<Category>.json.gz) and meta_<Category>.json.gz
+    # lcrec:      folder with <Name>.inter.json[.gz] and <Name>.item.json[.gz]
+    # parquet/csv: folder with interactions.<ext> and items.<ext> (names below)
+    input_dir: str = ""
+    name: str = ""  # Category (amazon2014) or Name (lcrec)
+    # amazon2014: "5core" reads reviews_<Category>_5.json.gz; "full" reads reviews_<Category>.json.gz and k-cores it.
+    reviews: Literal["5core", "full"] = "5core"
+    interactions_file: str = "interactions"
+    items_file: str = "items"
+    user_col: str = "user"
+    item_col: str = "item"
+    time_col: str = "timestamp"
+    # Iterative k-core: drop users and items with fewer than k interactions until none is left (papers: 5-core).
+    k_core: int = 5
+    # Item text: a Python format template over the item's fields; a missing field renders as empty.
+    # Sentence-T5 in TIGER/UNGER/CAR embeds title, brand, categories (and description, UNGER §4.1.3).
+    text_template: str = "{title}. Brand: {brand}. Categories: {categories}. {description}"
+    max_text_chars: int = 2000
+    # Leave-one-out split: last item test, second to last valid (TIGER §4.1; UNGER §4.1.1; CAR, ANCHORS A.3).
+    max_history: int = 20
+    num_shards: int = 4
+    overwrite: bool = False
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -1,0 +1,1 @@
+"""Item tokenization: text embedding and residual k-means on Ray, producing semantic IDs."""
