@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from genrec_dist.data.config import PrepareConfig
+from genrec_dist.models.config import ModelConfig
 from genrec_dist.training.config import EvaluateConfig, TrainConfig
 from tokenization.config import TokenizeConfig
 
@@ -75,6 +76,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
