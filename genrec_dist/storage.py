@@ -74,7 +74,6 @@ def s3fs_kwargs(storage: Any | None = None) -> dict:
             "read_timeout": opts.read_timeout_s,
             "retries": {"max_attempts": opts.max_attempts, "mode": "standard"},
         },
-        "retries": opts.max_attempts,
         "use_listings_cache": False,
         "skip_instance_cache": True,
     }
