@@ -19,6 +19,8 @@ from typing import Any, Protocol
 from genrec_dist import storage
 from genrec_dist.config import flatten, to_dict
 
+# MLflow 3 opens an experiment in its GenAI view unless the experiment says it holds model training runs.
+_KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
 _MAX_PARAM_CHARS = 6000
 
@@ -73,7 +75,15 @@ class MLflowTracker:
         self._client = mlflow.MlflowClient(tracking_uri=uri)
         self.uri = uri
         exp = self._client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(experiment)
+        if exp is None:
+            try:
+                exp_id = self._client.create_experiment(experiment, tags={_KIND_TAG: _KIND})
+            except mlflow.exceptions.MlflowException:  # another job created it first
+                exp_id = self._client.get_experiment_by_name(experiment).experiment_id
+        else:
+            exp_id = exp.experiment_id
+            if exp.tags.get(_KIND_TAG) is None:
+                self._client.set_experiment_tag(exp_id, _KIND_TAG, _KIND)
         if run_id is None:
             run = self._client.create_run(exp_id, run_name=run_name, tags=tags or {})
             self.run_id = run.info.run_id
@@ -133,6 +143,13 @@ def _metric_key(key: str) -> str:
 def _param_value(value: Any) -> str:
     s = "" if value is None else str(value)
     return s if len(s) <= _MAX_PARAM_CHARS else s[: _MAX_PARAM_CHARS - 3] + "..."
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Link to the experiment's "Model training" runs view (or one run) in the MLflow UI of a server ``uri``.
+    For a local store, the same path under ``mlflow ui``'s address."""
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
 
 
 def default_uri(cfg: Any) -> str:

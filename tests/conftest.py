@@ -86,3 +86,26 @@ def tiny_dataset(tiny_cfg):
 
     run_prepare(tiny_cfg)
     return tiny_cfg.dataset_dir
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (cluster/mlflow_server.sh: SQLite store, served artifacts) on a free loopback port."""
+    from _util import REPO
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_ROOT": str(root), "MLFLOW_PORT": str(port),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "cluster", "mlflow_server.sh")], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", timeout=120, proc=proc)
+        yield url
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
