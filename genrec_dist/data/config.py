@@ -19,6 +19,10 @@ class SyntheticConfig:
     stay_prob: float = 0.8
     # Probability that a step is a globally popular item, regardless of category (popularity noise).
     popular_prob: float = 0.1
+    # When a user drifts: probability of moving to the *next* category on the ring (learnable), else a random one.
+    next_category_prob: float = 0.7
+    # Probability that a within-category step takes the successor of the previous item in its product line.
+    successor_prob: float = 0.3
 
 
 @dataclass

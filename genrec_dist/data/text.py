@@ -1,0 +1,83 @@
+"""Item text from a template over the item's fields (``prepare.text_template``), vectorised in Polars.
+
+The template is a Python format string (``"{title}. Brand: {brand}. Categories: {categories}. {description}"``):
+a field the item lacks renders as empty, a label whose value is empty is dropped (``"Brand: ."``), whitespace is
+collapsed and stray punctuation tidied, and the result is cut to ``max_text_chars``.
+
+An item without a title (no record in the item file, or an empty title) gets the fallback title
+``"item <source key>"`` so it still has a distinct, non-empty text; :func:`build_text` counts those items.
+"""
+
+from __future__ import annotations
+
+import string
+
+import polars as pl
+
+FALLBACK_TITLE = "item {item}"
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template uses, in order; a bad template is a ``ValueError`` naming it."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"prepare.text_template {template!r}: {exc}") from None
+    fields = []
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conv:
+            raise ValueError(f"prepare.text_template {template!r}: use plain fields like {{title}}, got {{{name}}}")
+        fields.append(name)
+    return fields
+
+
+def render(items: pl.DataFrame, template: str, max_chars: int) -> pl.Series:
+    """The template rendered for every row of ``items`` (missing columns and nulls render empty), tidied."""
+    parts: list[pl.Expr] = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        if literal:
+            parts.append(pl.lit(literal))
+        if name is not None:
+            col = pl.col(name).cast(pl.Utf8).fill_null("") if name in items.columns else pl.lit("")
+            parts.append(col.str.replace_all(r"\s+", " "))
+    if not parts:
+        return pl.Series("text", [""] * items.height, dtype=pl.Utf8)
+    expr = tidy(pl.concat_str(parts))
+    if max_chars > 0:
+        expr = expr.str.slice(0, max_chars).str.strip_chars()
+    return items.select(expr.alias("text")).to_series()
+
+
+def tidy(expr: pl.Expr) -> pl.Expr:
+    """Whitespace and punctuation clean-up after empty fields: ``"A. Brand: . Categories: x. "`` -> ``"A.
+    Categories: x."``."""
+    return (
+        expr.str.replace_all(r"\s+", " ")
+        # "Label: ." / "Label: ," / "Label:" at the end: a label whose value rendered empty
+        .str.replace_all(r"(^|[.;,!?]\s*)[A-Za-z][\w &/-]{0,30}:\s*(?:[.;,]|$)", "$1")
+        .str.replace_all(r"\s+([.;,])", "$1")
+        .str.replace_all(r"([.;,])(?:\s*[.;,])+", "$1")
+        .str.replace_all(r"\.\.+", ".")
+        .str.strip_chars_start(" .;,:")
+        .str.strip_chars_end(" ;,:")
+    )
+
+
+def build_text(items: pl.DataFrame, template: str, max_chars: int) -> tuple[pl.DataFrame, int]:
+    """Add ``title`` (with the fallback) and ``text`` columns; returns the frame and the count of items that
+    had no title."""
+    template_fields(template)
+    if "title" not in items.columns:
+        items = items.with_columns(pl.lit(None, dtype=pl.Utf8).alias("title"))
+    title = pl.col("title").fill_null("").str.replace_all(r"\s+", " ").str.strip_chars()
+    items = items.with_columns(title.alias("title"))
+    missing = items.select((pl.col("title") == "").sum()).item()
+    items = items.with_columns(
+        pl.when(pl.col("title") == "")
+        .then(pl.format(FALLBACK_TITLE.replace("{item}", "{}"), pl.col("item")))
+        .otherwise(pl.col("title"))
+        .alias("title")
+    )
+    return items.with_columns(render(items, template, max_chars)), int(missing)

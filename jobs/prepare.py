@@ -1,0 +1,28 @@
+"""Stage 1: raw interactions + item text -> a sharded Parquet dataset (local or s3://).
+
+    python jobs/prepare.py --config configs/beauty.yaml [prepare.overwrite=true] [key=value ...]
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
+from genrec_dist.data.errors import InputError  # noqa: E402
+from genrec_dist.data.prepare import run_prepare, summary_table  # noqa: E402
+from genrec_dist.storage import StorageError  # noqa: E402
+
+
+def main() -> None:
+    args = job_parser("prepare", __doc__.strip().splitlines()[0]).parse_args()
+    cfg = load_job_config(args, "prepare")
+    try:
+        summary = run_prepare(cfg)
+    except (InputError, StorageError, ValueError) as exc:
+        fail(str(exc).splitlines()[0])
+    print(summary_table(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
