@@ -1,0 +1,32 @@
+"""Tokenize: item text -> embeddings (Ray Data) -> distributed residual k-means (Ray actors) -> semantic IDs.
+
+    python jobs/tokenize.py --config configs/scientific.yaml                 # starts a local Ray
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/tokenize.py --config configs/beauty.yaml
+    python jobs/tokenize.py --config configs/beauty.yaml method=import \\
+        index_path=../shared/data/beauty/indexes/rkmeans_native/Beauty.index.json.gz
+"""
+import os, sys  # noqa: E401 - must run first: this file would shadow the stdlib `tokenize` module
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
+from genrec_dist.storage import StorageError  # noqa: E402
+
+
+def main() -> None:
+    args = job_parser("tokenize", __doc__.splitlines()[0]).parse_args()
+    cfg = load_job_config(args, "tokenize")
+    from tokenization.pipeline import run_tokenize
+
+    try:
+        summary = run_tokenize(cfg, log=lambda msg: print(msg, flush=True))
+    except (StorageError, ValueError, NotImplementedError) as exc:  # bad input: one clear line
+        fail(f"{type(exc).__name__}: {exc}")
+    st = summary["stats"]
+    print(f"done: {summary['num_items']} items -> {summary['path']}  codebook sizes {summary['codebook_sizes']}  "
+          f"collision rate {st.get('collision_rate', 0.0):.4f}  "
+          f"reconstruction rel {st.get('reconstruction_rel', float('nan')):.4f}  mlflow run {summary['run_id']}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The tokenize stage: dataset items -> embeddings -> residual k-means (or an imported index) -> semantic IDs.
+
+``run_tokenize(cfg)`` commits ``cfg.semantic_ids_dir`` atomically (manifest last; nothing partial on failure)::
+
+    semantic_ids.parquet  codes per item (genrec_dist.data.semantic_ids)
+    codebooks.npz         level_0 .. level_{L-1}: (K, D) float32 centroids (rkmeans)
+    embeddings/part-*.parquet  item_id + float32 vector (rkmeans)
+    stats.json            per level inertia / utilisation / empty clusters re-seeded; collision rate of full codes;
+                          reconstruction error; embedding throughput; items with empty text
+    <name>.index.json     the same codes in the LC-Rec/LETTER layout (tokenize.export_index)
+    manifest.json
+
+and one MLflow run (job "tokenize"): the resolved config as params, the stats as metrics, the files as artifacts.
+Methods: ``rkmeans``, ``import`` (``tokenize.index_path``), ``unger`` (UNGER Stage I: not built yet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from genrec_dist import storage
+from genrec_dist.data.dataset import Dataset
+from genrec_dist.data.semantic_ids import (CODEBOOKS_FILE, SIDS_FILE, STATS_FILE, SemanticIds, code_stats,
+                                          read_lcrec_index, write_lcrec_index, write_semantic_ids)
+from genrec_dist.tracking import make_tracker
+from tokenization.embed import TextEmbedder, texts_for_embedding
+from tokenization.embedding_store import EmbeddingError, embedding_shards, read_embeddings
+from tokenization.kmeans import KMeansParams, dedup_level
+
+Log = Callable[[str], None]
+
+
+def _gpu_flag(value: str) -> bool | None:
+    return {"auto": None, "yes": True, "no": False}[value]
+
+
+def _embeddings(cfg: Any, items, log: Log, embedder_cls: type) -> tuple[np.ndarray, np.ndarray, dict]:
+    tc = cfg.tokenize
+    texts, n_blank = texts_for_embedding(items, tc.empty_text)
+    if n_blank:
+        log(f"warning: {n_blank} items have an empty or whitespace-only text; embedded their title or item key "
+            f"(tokenize.empty_text=fallback)")
+    info: dict[str, Any] = {"empty_text_items": n_blank}
+    if tc.embeddings_path:
+        item_ids, emb = read_embeddings(tc.embeddings_path, cfg.storage)
+        want = np.sort(items["item_id"].to_numpy().astype(np.int64))
+        if not np.array_equal(item_ids, want):
+            raise EmbeddingError(f"{tc.embeddings_path}: item ids do not match the dataset's 1..{len(want)}")
+        info.update(source=tc.embeddings_path, items=len(item_ids), dim=int(emb.shape[1]))
+        return item_ids, emb, info
+    from tokenization.ray_embed import embed_items
+    from tokenization.ray_runtime import ensure_ray
+
+    ensure_ray(tc.ray_address)
+    item_ids, emb, einfo = embed_items(texts, tc.embedder, tc.model, tc.num_workers, tc.batch_size, tc.max_length,
+                                       _gpu_flag(tc.use_gpu), embedder_cls, log)
+    info.update(einfo)
+    return item_ids, emb, info
+
+
+def _quantise(cfg: Any, emb: np.ndarray, log: Log):
+    from tokenization.ray_kmeans import ray_residual_kmeans
+    from tokenization.ray_runtime import ensure_ray
+
+    tc = cfg.tokenize
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        from tokenization.kmeans import KMeansError
+
+        raise KMeansError(f"embeddings: item_id {int(np.flatnonzero(bad)[0]) + 1} has a NaN or infinite value "
+                          f"({int(bad.sum())} items); nothing was written")
+    ensure_ray(tc.ray_address)
+    params = KMeansParams(k=tc.codebook_size, max_iters=tc.max_iters, tol=tc.tol, seed=cfg.seed,
+                          seed_sample=tc.seed_sample)
+    return ray_residual_kmeans(emb, tc.levels, params, tc.dedup, tc.num_workers, _gpu_flag(tc.use_gpu),
+                               tc.kmeans_backend, log)
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _metrics(stats: dict) -> dict[str, float]:
+    out = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for lv in stats.get("levels", []):
+        for key in ("inertia", "utilisation", "empty_reseeded", "iterations", "used"):
+            if key in lv:
+                out[f"level{lv.get('level', 0)}.{key}"] = float(lv[key])
+    for key, value in stats.get("embedding", {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"embedding.{key}"] = float(value)
+    return out
+
+
+def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) -> dict:
+    """Run the tokenize stage for ``cfg``; returns a summary (path, counts, stats, MLflow run id)."""
+    tc = cfg.tokenize
+    if tc.method == "unger":
+        raise NotImplementedError("tokenize.method=unger (UNGER Stage I: collaborative + semantic integration) is "
+                                  "not built yet; use method=rkmeans or method=import")
+    dataset = Dataset.open(cfg.dataset_dir, cfg.storage)  # no manifest -> StorageError naming the path
+    out_dir = cfg.semantic_ids_dir
+    if storage.exists(storage.join(out_dir, storage.MANIFEST), cfg.storage) and not tc.overwrite:
+        raise storage.StorageError(f"{out_dir}: semantic IDs already exist (tokenize.overwrite=true replaces them)")
+    if tc.method == "import" and not tc.index_path:
+        raise ValueError("tokenize.method=import needs tokenize.index_path (an LC-Rec <Name>.index.json[.gz])")
+    items = dataset.items(["item_id", "item", "title", "text"])
+    t0 = time.time()
+    tracker = make_tracker(cfg, "tokenize", extra_tags={
+        "genrec.dataset_manifest": hashlib.sha1(json.dumps(dataset.manifest, sort_keys=True).encode()).hexdigest()})
+    try:
+        tracker.log_config(cfg)
+        files: dict[str, bytes] = {}
+        if tc.method == "import":
+            imported = read_lcrec_index(tc.index_path, items, cfg.storage)
+            item_ids = np.arange(1, imported.num_items + 1)
+            codes, sizes = imported.codes[1:], list(imported.codebook_sizes)
+            stats: dict[str, Any] = {"method": "import", "index_path": tc.index_path, **code_stats(codes, sizes)}
+            stats["levels"] = [{"level": i, **lv} for i, lv in enumerate(stats["levels"])]
+            if tc.dedup:
+                extra, size = dedup_level(codes)
+                codes = np.concatenate([codes, extra[:, None]], axis=1)
+                sizes.append(size)
+                stats["dedup_size"] = size
+            source = {"source": "lcrec-index", "index_path": tc.index_path}
+        else:
+            item_ids, emb, einfo = _embeddings(cfg, items, log, embedder_cls)
+            result = _quantise(cfg, emb, log)
+            codes, sizes = result.codes, result.codebook_sizes
+            stats = {"method": tc.method, **result.stats, "embedding": einfo}
+            files.update(embedding_shards(item_ids, emb, tc.rows_per_shard))
+            files[CODEBOOKS_FILE] = _npz({f"level_{i}": c.astype(np.float32) for i, c in enumerate(result.codebooks)})
+            source = {"source": "rkmeans", "embedder": tc.embedder, "model": tc.model}
+        stats["seconds"] = time.time() - t0
+        files[STATS_FILE] = (json.dumps(stats, indent=2, sort_keys=True, default=float) + "\n").encode()
+        index_name = f"{cfg.name}.index.json"
+        if tc.export_index:
+            sids = SemanticIds(np.concatenate([np.zeros((1, codes.shape[1]), np.int64), codes]), sizes, {})
+            with tempfile.TemporaryDirectory() as tmp:
+                write_lcrec_index(sids, items, os.path.join(tmp, index_name))
+                files[index_name] = open(os.path.join(tmp, index_name), "rb").read()
+        manifest = write_semantic_ids(
+            out_dir, item_ids, codes, sizes,
+            {"method": tc.method, "dedup": bool(tc.dedup), "seed": cfg.seed, "dataset": cfg.dataset_dir, **source},
+            storage_cfg=cfg.storage, overwrite=tc.overwrite, extra_files=files)
+        tracker.log(_metrics(stats))
+        with tempfile.TemporaryDirectory() as tmp:  # artifacts from the committed output (local or s3)
+            for name in manifest["files"]:
+                if name.startswith("embeddings/"):
+                    continue  # large; they stay in the output directory
+                with open(os.path.join(tmp, name), "wb") as fh:
+                    fh.write(storage.read_bytes(storage.join(out_dir, name), cfg.storage))
+            tracker.log_artifact(tmp, "semantic_ids")
+        tracker.close("FINISHED")
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    log(f"semantic IDs: {len(item_ids)} items, levels {sizes}, collision rate of learned codes "
+        f"{stats.get('collision_rate', 0.0):.4f} -> {out_dir}")
+    return {"path": out_dir, "num_items": int(len(item_ids)), "codebook_sizes": sizes, "stats": stats,
+            "manifest": manifest, "run_id": tracker.run_id}
