@@ -1,0 +1,78 @@
+"""SASRec (Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018): causal self-attention over item
+ids; the last position's state scores every item through the (tied) item embedding table.
+
+Loss: full-softmax cross-entropy over the catalog by default. The paper trains with binary cross-entropy against one
+sampled negative per position, which is what TIGER's table quotes (Beauty R@10 0.0605); CE over all items is much
+stronger on the same data (ANCHORS.md C.3: 0.0859 vs 0.0539 in one study), because every item is pushed down at
+every step instead of one random item. ``loss: sampled`` (uniform negatives shared across the batch, accidental
+hits masked) keeps the cost independent of the catalog size for very large catalogs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec_dist.models.blocks import PositionalEmbedding, TransformerStack, attention_mask, init_weights
+from genrec_dist.models.config import SASRecConfig
+
+
+class SASRec(nn.Module):
+    """``forward(history (B, T), target (B,)) -> {"loss"}``; ``recommend(history, k) -> (B, k)`` item ids.
+
+    ``history`` holds item ids 1..num_items, left-padded with 0, most recent last; histories longer than
+    ``cfg.max_history`` keep their last ``max_history`` items.
+    """
+
+    def __init__(self, cfg: SASRecConfig, num_items: int):
+        super().__init__()
+        if num_items < 1:
+            raise ValueError(f"SASRec needs at least one item, got num_items={num_items}")
+        if cfg.loss == "sampled" and cfg.num_negatives < 1:
+            raise ValueError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
+        self.cfg = cfg
+        self.num_items = num_items
+        self.item_emb = nn.Embedding(num_items + 1, cfg.d_model, padding_idx=0)
+        self.pos_emb = PositionalEmbedding(cfg.max_history, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = TransformerStack(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout)
+        init_weights(self)
+
+    def hidden(self, history: torch.Tensor) -> torch.Tensor:
+        """(B, T) item ids -> (B, D) state of the most recent position."""
+        history = history[:, -self.cfg.max_history:]
+        b, t = history.shape
+        # SASRec §3.1 scales item embeddings by sqrt(d); positions are right-aligned so the most recent item always
+        # has the same position whatever the padding.
+        x = self.item_emb(history) * self.cfg.d_model ** 0.5 + self.pos_emb(t, self.cfg.max_history - t)  # (B, T, D)
+        valid = history != 0
+        x = self.drop(x * valid[..., None])
+        h = self.blocks(x, mask=attention_mask(valid, causal=t))  # (B, T, D)
+        return h[:, -1]
+
+    def scores(self, history: torch.Tensor) -> torch.Tensor:
+        """(B, num_items + 1) scores; column 0 (padding) is -inf."""
+        logits = self.hidden(history) @ self.item_emb.weight.T  # (B, N+1)
+        logits[:, 0] = float("-inf")
+        return logits
+
+    def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cfg.loss == "softmax":
+            return {"loss": F.cross_entropy(self.scores(history), target)}
+        h = self.hidden(history)  # (B, D)
+        neg = torch.randint(1, self.num_items + 1, (self.cfg.num_negatives,), device=h.device)  # (n,)
+        pos_logit = (h * self.item_emb(target)).sum(-1, keepdim=True)  # (B, 1)
+        neg_logit = h @ self.item_emb(neg).T  # (B, n)
+        neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))  # accidental hits
+        logits = torch.cat([pos_logit, neg_logit], dim=1)  # (B, 1 + n), the target is column 0
+        return {"loss": F.cross_entropy(logits, torch.zeros_like(target))}
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:
+        """The k highest-scoring items (B, k), best first; 0 where the catalog has fewer than k items."""
+        scores = self.scores(history)
+        top = scores.topk(min(k, self.num_items), dim=1).indices  # (B, min(k, N))
+        if top.shape[1] < k:
+            top = F.pad(top, (0, k - top.shape[1]))
+        return top

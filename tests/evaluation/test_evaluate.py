@@ -1,0 +1,33 @@
+import torch
+
+from genrec_dist.evaluation.evaluate import evaluate_model, format_results
+from genrec_dist.evaluation.popular import MostPopular
+
+
+def test_most_popular_ranks_by_training_counts():
+    pop = MostPopular.fit([[1, 2, 2, 3], [3, 2], [4]], num_items=5)
+    rec = pop.recommend(torch.zeros(2, 4, dtype=torch.long), 5)
+    # counts: 2 -> 3, 3 -> 2, then 1 and 4 once (tie -> lower id first), 5 never; padding 0 never listed.
+    assert rec.tolist() == [[2, 3, 1, 4, 5]] * 2
+    assert pop.recommend(torch.zeros(1, 1, dtype=torch.long), 7)[0].tolist() == [2, 3, 1, 4, 5, 0, 0]
+
+
+def test_evaluate_model_adds_up_over_batches():
+    pop = MostPopular.fit([[1, 2, 2, 3], [3, 2]], num_items=4)  # ranking 2, 3, 1, 4
+    hist = torch.zeros(3, 2, dtype=torch.long)
+    batches = [(hist, torch.tensor([2, 1, 4])), (hist[:1], torch.tensor([3]))]
+    out = evaluate_model(pop, batches, ks=[1, 3])
+    assert out["users"] == 4
+    assert out["recall@1"] == 0.25  # only the first user
+    assert out["recall@3"] == 0.75  # 2, 1 and 3 are in the top 3; 4 is not
+    assert out["latency_ms_per_user"] >= 0 and out["users_per_s"] > 0
+    assert {"latency_ms_per_user_p50", "latency_ms_per_user_p95", "ndcg@3"} <= set(out)
+    table = format_results({"most-popular": out}, ks=[1, 3])
+    assert table.splitlines()[0].startswith("| model | R@1 | N@1 | R@3 | N@3")
+    assert "| most-popular | 0.2500 |" in table
+
+
+def test_train_mode_is_restored():
+    pop = MostPopular.fit([[1]], num_items=1).train()
+    evaluate_model(pop, [(torch.ones(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long))], ks=[1])
+    assert pop.training
