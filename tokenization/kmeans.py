@@ -100,13 +100,13 @@ class KMeansShard:
         self.rows = rows
         self.backend = backend
         if backend == "numpy":
-            self.x = np.ascontiguousarray(x, dtype=np.float64)
+            self.x = np.array(x, dtype=np.float64, order="C", copy=True)  # advanced in place: never the caller's
         elif backend == "torch":
             import torch
 
             self._torch = torch
             self.device = torch.device(device or "cpu")
-            self.x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64), device=self.device)
+            self.x = torch.tensor(np.asarray(x, dtype=np.float64), device=self.device)  # a copy
         else:
             raise KMeansError(f"unknown k-means backend {backend!r} (numpy, torch)")
 
