@@ -17,7 +17,7 @@ from genrec_dist import storage
 from genrec_dist.config import Config, to_dict
 from genrec_dist.data import clean, dataset, text
 from genrec_dist.data.errors import InputError
-from genrec_dist.data.raw import RawData
+from genrec_dist.data.raw import RawData, empty_items
 
 log = logging.getLogger(__name__)
 ITEM_COLUMNS = ["item_id", "item", "title", "text", "brand", "categories", "description"]
@@ -78,7 +78,13 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
 
     users = clean.id_map(df["user"], "user")
     item_ids = clean.id_map(df["item"], "item")
-    items, no_title, no_record = _items(item_ids, raw.items, p.text_template, p.max_text_chars)
+    if raw.items is not None:
+        records = raw.items
+    elif raw.load_items is not None:
+        records = raw.load_items(set(item_ids["item"].to_list()))
+    else:
+        records = empty_items()
+    items, no_title, no_record = _items(item_ids, records, p.text_template, p.max_text_chars)
     seq = clean.sequences(df, users, items, has_time)
 
     warnings = list(raw.warnings)
@@ -134,6 +140,7 @@ def _check_destination(path: str, storage_cfg: Any, overwrite: bool) -> None:
 def _items(item_ids: pl.DataFrame, records: pl.DataFrame, template: str, max_chars: int
            ) -> tuple[pl.DataFrame, int, int]:
     """The items table for the kept items: the first record per item key, text from the template."""
+    records = records.drop([c for c in ("item_id",) if c in records.columns])
     records = records.unique(subset="item", keep="first", maintain_order=True).with_columns(
         pl.lit(True).alias("_has_record"))
     items = item_ids.join(records, on="item", how="left").sort("item_id")

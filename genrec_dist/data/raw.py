@@ -2,7 +2,8 @@
 
 A reader returns :class:`RawData`: the interactions in source order (``user``, ``item`` as strings, ``timestamp``
 as Int64 seconds or null when the source has none), the item records (``item`` plus text fields as strings), and
-the source files it read with their sha256 and size (for the manifest).
+the source files it read with their sha256 and size (for the manifest). A reader whose item file is large may
+defer parsing it to ``load_items``, which prepare calls with the item keys that survive the k-core filter.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import polars as pl
 
@@ -25,7 +26,9 @@ TEXT_FIELDS = ("title", "brand", "categories", "description")
 @dataclass
 class RawData:
     interactions: pl.DataFrame  # user:str, item:str, timestamp:i64|null, rows in source order
-    items: pl.DataFrame  # item:str + string fields (title, brand, categories, description, ...)
+    items: pl.DataFrame | None  # item:str + string fields (title, brand, categories, description, ...)
+    # Instead of ``items``: parse the records of just these item keys (called after the k-core filter).
+    load_items: Callable[[set[str]], pl.DataFrame] | None = None
     files: list[dict[str, Any]] = field(default_factory=list)  # {path, sha256, bytes}
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # source-specific facts for the manifest
