@@ -63,4 +63,13 @@ def _build_tiger(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
     return Tiger(cfg.tiger, sids)
 
 
+@register("car")
+def _build_car(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
+    from genrec_dist.models.car import CAR
+
+    if sids is None:
+        raise ValueError("model 'car' needs semantic IDs (run the tokenize job; train reads cfg.semantic_ids_dir)")
+    return CAR(cfg.car, sids)
+
+
 __all__ = ["build_model", "register", "available_models"]

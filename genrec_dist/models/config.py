@@ -46,8 +46,36 @@ class SASRecConfig:
 
 
 @dataclass
+class CARConfig:
+    """CAR (arXiv 2506.23643): decoder-only over chunks [sid_1..sid_L, uid]; every choice the paper leaves open is
+    documented in genrec_dist/models/car.py. The paper's GPT-2 size, alpha and L are not recoverable (ANCHORS.md
+    A.4): sizes match TIGER's d_model for a like-for-like comparison."""
+
+    mode: Literal["car", "ar"] = "car"  # ar = the paper's "AR" ablation: token-level next-token LM + beam search
+    d_model: int = 128  # = TIGER §4.1 (paper: GPT-2, size not stated)
+    n_heads: int = 4
+    n_layers: int = 4
+    d_ff: int = 512  # GPT-2's 4 x d_model
+    dropout: float = 0.1  # TIGER §4.1
+    max_history: int = 20  # items; TIGER §4.1 / UNGER §4.1.1 (CAR follows TIGER's protocol, ANCHORS.md A.3)
+    levels: int = 0  # SID levels read (0 = all); the paper's depth study uses 1..4 (CAR-notes)
+    drop_dedup_level: bool = True  # CAR keeps non-unique SIDs, the uid disambiguates (SPEC stage 2)
+    fusion: Literal["none", "sum", "mean"] = "mean"  # none = ablation "w/o F"
+    alpha: float = 1.0  # loss = act + alpha * think; TeX-derived loss is L_think + L_act (ANCHORS.md 0.3); 0 = "w/o T"
+    all_positions: bool = True  # every history chunk predicts the next one (T signals per example), not only the last
+    tie_embeddings: bool = True  # heads share the input tables (GPT-2)
+    # full softmax over items; sampled / in_batch from ~100k items (memory of M x N logits, see car.py)
+    uid_loss: Literal["full", "sampled", "in_batch"] = "full"
+    num_negatives: int = 1024  # uniform negatives shared by the batch (uid_loss=sampled)
+    inference: Literal["fast", "slow"] = "fast"  # fast: uid head; slow: + slow_weight x SID-path log-probs
+    slow_weight: float = 1.0  # 1 = the chunk's joint log-prob under CAR's factorisation
+    beam_width: int = 50  # mode=ar only; same as TigerConfig.beam_width
+
+
+@dataclass
 class ModelConfig:
     """Per-model sub-sections; CAR and UNGER add theirs here."""
 
     tiger: TigerConfig = field(default_factory=TigerConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    car: CARConfig = field(default_factory=CARConfig)

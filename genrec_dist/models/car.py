@@ -1,0 +1,339 @@
+"""CAR — chunk auto-regressive recommendation with Act-Think fusion (Wang, Gan et al., arXiv 2506.23643).
+
+Every history item becomes a *chunk* ``[sid_1 .. sid_L, uid]``: its semantic-ID tokens ("think") followed by its
+item token ("act") (ANCHORS §A.1). The history's chunks are flattened to ``(B, T*(L+1))`` tokens and read by a
+decoder-only causal transformer (the paper uses GPT-2; here :class:`~genrec_dist.models.blocks` 's causal stack,
+GPT-2 shaped: pre-LN, learned absolute positions, tied output embeddings).
+
+Choices the paper's recoverable text leaves open (CAR-notes.md "Left open"), each a ``model.car`` field:
+
+- **Fusion** (``fusion``): the input at chunk position k is its own token embedding plus the embeddings of the
+  think tokens at positions 1..k-1 of the same chunk, i.e. a cumulative sum along the chunk. ``mean`` (default)
+  divides position k's sum by k, so every position's input has the scale of one embedding whatever its depth
+  (without it the uid position of an L=4 chunk enters the first block with ~sqrt(5)x the norm of a sid_1
+  position and swamps the position embedding); ``sum`` is the literal sum, ``none`` the "w/o F" ablation.
+- **Heads**: the hidden state at the uid (last) token of chunk t predicts all of chunk t+1 at once, one head per
+  SID level plus one uid head, each conditioned only on the history (P(S_1..S_L, UID | H) = prod_l P(S_l | H)
+  P(UID | H), CAR-notes "Factorisation"). Heads are tied to the input embeddings (``tie_embeddings``, GPT-2's
+  choice; it also halves the uid table's memory for large catalogs); the parallel per-digit heads read the last
+  hidden state as in facebookresearch/RPG_KDD2025 (ANCHORS §0.7, design reference only).
+- **Every chunk trains**: with ``all_positions`` (default) the uid token of *every* history chunk t predicts chunk
+  t+1 (history chunks 2..T, then the target as chunk T+1), so one (history, target) example gives up to T training
+  signals, like a causal LM; chunks whose input or target is padding are masked out.
+- **Loss** = act_loss + alpha * think_loss, act = cross-entropy over items, think = cross-entropy per SID level
+  averaged over levels; alpha = 1 by default (the TeX-derived loss is L_think + L_act, ANCHORS §0.3); alpha = 0 is
+  the "w/o T" ablation.
+- **Inference**: ``fast`` ranks items by the uid head alone (one forward pass, one matmul); ``slow`` ranks by the
+  chunk's log-likelihood under the factorisation above, log P(UID=i | H) + w * sum_l log P(S_l = c_l(i) | H) with
+  w = ``slow_weight`` (1 = the model's own joint probability of the chunk). Neither needs beam search, so their cost
+  does not depend on a beam width.
+- **Large catalogs** (``uid_loss``): ``full`` (default) is an exact softmax over all N items. Its logits cost
+  M x N floats with M = B*T training positions (B=256, T=20: M=5120): 0.25 GB at N=12k (Amazon Beauty), 2 GB at
+  100k and 20 GB at 1M, before the softmax's gradient doubles it. Switch to ``sampled`` (``num_negatives`` uniform
+  negatives shared by the batch; uniform sampling needs no logQ correction) or ``in_batch`` (the other positions'
+  targets as negatives, logQ-corrected by their in-batch frequency, Yi et al. RecSys 2019) from about N = 100k, or
+  earlier when memory is short: their cost is M x (M + num_negatives), independent of N. Accidental hits (a
+  negative equal to the positive) are masked. Inference still scores all items exactly.
+- **AR ablation** (``mode: ar``): the same backbone and embeddings trained as plain token-level autoregression over
+  the chunk tokens (every token predicts the next one; loss = mean over the L+1 token cross-entropies) and decoded
+  with a beam search over the next chunk's L SID tokens and then its uid, constrained to paths that exist
+  (:mod:`genrec_dist.models.car_beam`).
+
+Semantic IDs need not be unique (the uid disambiguates); a de-duplication level appended by the tokenizer for
+TIGER is dropped (``drop_dedup_level``), and ``levels`` truncates the table for the SID-depth study.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from genrec_dist.data.semantic_ids import SemanticIds
+from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
+from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TransformerStack, attention_mask,
+                                       init_weights)
+from genrec_dist.models.config import CARConfig
+
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chunk layout and fusion (pure functions: tested on exact tensors)
+# ----------------------------------------------------------------------------------------------------------------
+
+def chunk_tokens(items: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The chunk layout: item ids (B, T) -> (B, T*(L+1)) tokens ``[c_1(i) .. c_L(i), i]`` per item.
+
+    Codes stay in their own level's range (0..K_l-1) and the last slot holds the item id; the embedding of a slot
+    is looked up in that slot's table. Padding items (0) give ``[0 .. 0, 0]`` (masked downstream).
+    """
+    B, T = items.shape
+    chunk = torch.cat([codes[items], items.unsqueeze(-1)], dim=-1)  # (B, T, L+1)
+    return chunk.reshape(B, T * chunk.shape[-1])
+
+
+def fuse_chunks(emb: torch.Tensor, mode: str) -> torch.Tensor:
+    """Progressive Act-Think fusion of per-token embeddings (B, T, L+1, D) (last slot = uid, others = SIDs).
+
+    Position k's input = own embedding + the embeddings of think positions 1..k-1 of its chunk, i.e. a cumulative
+    sum along the chunk axis (every earlier slot of a chunk is a think slot). ``mean`` divides by the number of
+    terms (k); ``sum`` keeps the sum; ``none`` returns ``emb`` unchanged (ablation "w/o F").
+    """
+    if mode == "none":
+        return emb
+    fused = emb.cumsum(dim=2)  # (B, T, L+1, D)
+    if mode == "sum":
+        return fused
+    if mode == "mean":
+        count = torch.arange(1, emb.shape[2] + 1, device=emb.device, dtype=emb.dtype)
+        return fused / count.view(1, 1, -1, 1)
+    raise ValueError(f"model.car.fusion must be one of none|sum|mean, got {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+# ----------------------------------------------------------------------------------------------------------------
+
+class CAR(nn.Module):
+    """``forward(history (B, T), target (B,)) -> {"loss", "act_loss", "think_loss", "think_loss_level_<l>"}``;
+    ``recommend(history, k, inference=None, beam_width=None) -> (B, k)`` distinct item ids.
+
+    ``history`` holds item ids 1..N left-padded with 0 (most recent last); only the last ``cfg.max_history`` items
+    are read. ``inference`` overrides ``cfg.inference`` (``fast``/``slow``) so one model is evaluated both ways;
+    ``beam_width`` is for ``mode: ar`` only (CAR needs no beam).
+    """
+
+    def __init__(self, cfg: CARConfig, sids: SemanticIds):
+        super().__init__()
+        codes = np.asarray(sids.codes, dtype=np.int64)  # (N+1, L)
+        sizes = [int(k) for k in sids.codebook_sizes]
+        if codes.ndim != 2 or codes.shape[1] != len(sizes) or codes.shape[0] < 2:
+            raise ValueError(f"CAR needs codes (num_items + 1, {len(sizes)}) with at least one item, got "
+                             f"{codes.shape}")
+        if cfg.drop_dedup_level and sids.has_dedup_level and len(sizes) > 1:
+            codes, sizes = codes[:, :-1], sizes[:-1]  # CAR's uid disambiguates (SPEC stage 2)
+        if cfg.levels:
+            if not 1 <= cfg.levels <= len(sizes):
+                raise ValueError(f"model.car.levels={cfg.levels} but the semantic IDs have {len(sizes)} levels")
+            codes, sizes = codes[:, : cfg.levels], sizes[: cfg.levels]
+        for name, value in (("fusion", cfg.fusion), ("inference", cfg.inference), ("mode", cfg.mode),
+                            ("uid_loss", cfg.uid_loss)):
+            allowed = {"fusion": _FUSIONS, "inference": _INFERENCES, "mode": _MODES, "uid_loss": _UID_LOSSES}[name]
+            if value not in allowed:
+                raise ValueError(f"model.car.{name} must be one of {'|'.join(allowed)}, got {value!r}")
+        self.cfg = cfg
+        self.num_items = int(codes.shape[0]) - 1
+        self.num_levels = len(sizes)
+        self.sizes = sizes
+        self.chunk = self.num_levels + 1  # tokens per item
+        # The AR ablation decodes [c_1 .. c_L, uid] as one path through a trie whose last level is the item id.
+        self.trie = CodeTrie(np.concatenate([codes, np.arange(codes.shape[0])[:, None]], axis=1),
+                             sizes + [self.num_items + 1])  # also validates the codes
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.offsets = [int(o) for o in offsets]
+        self.register_buffer("codes", torch.from_numpy(codes.copy()), persistent=False)  # (N+1, L)
+        self.register_buffer("sid_tokens", torch.from_numpy(codes + offsets), persistent=False)  # (N+1, L)
+        d = cfg.d_model
+        self.sid_emb = nn.Embedding(sum(sizes), d)  # think tokens, level l in rows offset_l .. offset_l + K_l
+        self.item_emb = nn.Embedding(self.num_items + 1, d, padding_idx=0)  # act tokens
+        # Positions right-aligned on chunk boundaries: the last history chunk always occupies chunk slot
+        # max_history - 1 and the next chunk (decoded by the AR ablation) slot max_history.
+        self.pos_emb = PositionalEmbedding((cfg.max_history + 1) * self.chunk, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = TransformerStack(cfg.n_layers, d, cfg.n_heads, cfg.d_ff, cfg.dropout)
+        if not cfg.tie_embeddings:
+            self.sid_head = nn.Linear(d, sum(sizes), bias=False)
+            self.uid_head = nn.Linear(d, self.num_items + 1, bias=False)
+        init_weights(self)
+
+    # ----- inputs -----
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        """Item ids (B, T) -> fused chunk embeddings (B, T*(L+1), D) (no positions; padding chunks are zero)."""
+        b, t = items.shape
+        think = self.sid_emb(self.sid_tokens[items])  # (B, T, L, D)
+        act = self.item_emb(items)[:, :, None]  # (B, T, 1, D)
+        emb = fuse_chunks(torch.cat([think, act], dim=2), self.cfg.fusion)  # (B, T, L+1, D)
+        emb = emb * (items != 0)[:, :, None, None]
+        return emb.reshape(b, t * self.chunk, -1)
+
+    def encode(self, items: torch.Tensor, first_slot: int, cache: KVCache | None = None) -> torch.Tensor:
+        """Chunks of ``items`` (B, T) at chunk slots first_slot.. -> hidden states (B, T, L+1, D).
+
+        Causal over tokens (so no position sees a later chunk) plus key padding; with ``cache`` the keys/values are
+        kept for the AR ablation's incremental decoding.
+        """
+        b, t = items.shape
+        n = t * self.chunk
+        x = self.drop(self.embed(items) + self.pos_emb(n, first_slot * self.chunk))  # (B, n, D)
+        valid = (items != 0).repeat_interleave(self.chunk, dim=1)  # (B, n)
+        h = self.blocks(x, mask=attention_mask(valid, causal=n), cache=cache)  # (B, n, D)
+        return h.view(b, t, self.chunk, -1)
+
+    def _history(self, history: torch.Tensor) -> torch.Tensor:
+        return history[:, -self.cfg.max_history:]
+
+    # ----- heads (tied to the input tables unless tie_embeddings is off) -----
+    def sid_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        """(..., D) -> (..., K_level) logits of SID level ``level``."""
+        weight = self.sid_head.weight if not self.cfg.tie_embeddings else self.sid_emb.weight
+        lo = self.offsets[level]
+        return F.linear(h, weight[lo: lo + self.sizes[level]])
+
+    def uid_weight(self) -> torch.Tensor:
+        return self.uid_head.weight if not self.cfg.tie_embeddings else self.item_emb.weight  # (N+1, D)
+
+    def uid_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., N+1) item logits; column 0 (padding) is -inf."""
+        logits = F.linear(h, self.uid_weight())
+        return logits.masked_fill(self._pad_column(logits), NEG_INF)
+
+    @staticmethod
+    def _pad_column(logits: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        mask[0] = True
+        return mask
+
+    # ----- losses -----
+    def _uid_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Act loss of states ``h`` (M, D) for target items ``y`` (M,): full, sampled or in-batch softmax."""
+        if self.cfg.uid_loss == "full":
+            return F.cross_entropy(self.uid_logits(h), y)
+        weight = self.uid_weight()
+        if self.cfg.uid_loss == "sampled":
+            neg = torch.randint(1, self.num_items + 1, (self.cfg.num_negatives,), device=h.device)  # (S,)
+            pos_logit = (h * weight[y]).sum(-1, keepdim=True)  # (M, 1)
+            neg_logit = (h @ weight[neg].T).masked_fill(neg[None, :] == y[:, None], NEG_INF)  # (M, S)
+            logits = torch.cat([pos_logit, neg_logit], dim=1)  # the target is column 0
+            return F.cross_entropy(logits, torch.zeros_like(y))
+        # in_batch: every position's target is a candidate for all; logQ correction by in-batch frequency.
+        logits = h @ weight[y].T  # (M, M)
+        same = y[None, :] == y[:, None]  # (M, M)
+        log_q = torch.log(same.sum(0).to(logits.dtype) / y.numel())  # (M,) log share of y_j among the targets
+        eye = torch.eye(y.numel(), dtype=torch.bool, device=y.device)
+        logits = (logits - log_q[None, :]).masked_fill(same & ~eye, NEG_INF)  # accidental hits
+        return F.cross_entropy(logits, torch.arange(y.numel(), device=y.device))
+
+    def _think_losses(self, h: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """Cross-entropy per SID level for states ``h`` (M, D) predicting the codes of items ``y`` (M,)."""
+        codes = self.codes[y]  # (M, L)
+        return [F.cross_entropy(self.sid_logits(h, l), codes[:, l]) for l in range(self.num_levels)]
+
+    def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        history = self._history(history)
+        if self.cfg.mode == "ar":
+            return self._forward_ar(history, target)
+        t = history.shape[1]
+        h = self.encode(history, self.cfg.max_history - t)[:, :, -1]  # (B, T, D) states at the uid tokens
+        nxt = torch.cat([history[:, 1:], target[:, None]], dim=1)  # (B, T) the chunk each position predicts
+        valid = (history != 0) & (nxt != 0)
+        if not self.cfg.all_positions:
+            valid = valid & (torch.arange(t, device=history.device) == t - 1)
+        hv, y = h[valid], nxt[valid]  # (M, D), (M,)
+        if y.numel() == 0:  # no real chunk in the batch: a zero that keeps the graph
+            zero = h.sum() * 0.0
+            return {"loss": zero, "act_loss": zero.detach(), "think_loss": zero.detach()}
+        act = self._uid_loss(hv, y)
+        think = self._think_losses(hv, y)
+        think_mean = torch.stack(think).mean()
+        out = {"loss": act + self.cfg.alpha * think_mean, "act_loss": act.detach(), "think_loss": think_mean.detach()}
+        out.update({f"think_loss_level_{l}": ce.detach() for l, ce in enumerate(think)})
+        return out
+
+    def _forward_ar(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The AR ablation: next-token prediction over [history chunks, target chunk]; loss = mean over the L+1
+        token types of their cross-entropy (every token weighs the same, as in a plain causal LM)."""
+        items = torch.cat([history, target[:, None]], dim=1)  # (B, T+1)
+        t = items.shape[1]
+        h = self.encode(items, self.cfg.max_history + 1 - t)  # (B, T+1, L+1, D)
+        valid = items != 0  # (B, T+1)
+        if not self.cfg.all_positions:
+            valid = valid & (torch.arange(t, device=items.device) == t - 1)
+        codes = self.codes[items]  # (B, T+1, L)
+        # Level 0 of chunk t is read off the uid token of chunk t-1; level l > 0 off token l-1 of chunk t; the uid
+        # off token L-1 of chunk t.
+        first = valid[:, 1:] & (items[:, :-1] != 0)
+        think = [_ce(self.sid_logits(h[:, :-1, -1][first], 0), codes[:, 1:, 0][first])]
+        think += [_ce(self.sid_logits(h[:, :, l - 1][valid], l), codes[:, :, l][valid])
+                  for l in range(1, self.num_levels)]
+        act = self._uid_loss(h[:, :, -2][valid], items[valid])
+        loss = (act + torch.stack(think).sum()) / self.chunk
+        out = {"loss": loss, "act_loss": act.detach(), "think_loss": torch.stack(think).mean().detach()}
+        out.update({f"think_loss_level_{l}": ce.detach() for l, ce in enumerate(think)})
+        return out
+
+    # ----- inference -----
+    @torch.no_grad()
+    def scores(self, history: torch.Tensor, inference: str | None = None) -> torch.Tensor:
+        """(B, N+1) item scores of the next chunk (column 0 = -inf): log P(UID=i | H) (fast) or
+        log P(UID=i | H) + slow_weight * sum_l log P(S_l = c_l(i) | H) (slow)."""
+        inference = inference or self.cfg.inference
+        if inference not in _INFERENCES:
+            raise ValueError(f"inference must be one of {'|'.join(_INFERENCES)}, got {inference!r}")
+        if self.cfg.mode == "ar":
+            raise ValueError("model.car.mode=ar ranks by beam search; call recommend()")
+        history = self._history(history)
+        h = self.encode(history, self.cfg.max_history - history.shape[1])[:, -1, -1]  # (B, D)
+        score = self.uid_logits(h).float().log_softmax(dim=-1)  # (B, N+1)
+        if inference == "slow":
+            for level in range(self.num_levels):
+                logp = self.sid_logits(h, level).float().log_softmax(dim=-1)  # (B, K_l)
+                score = score + self.cfg.slow_weight * logp[:, self.codes[:, level]]  # (B, N+1)
+        return score
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int, inference: str | None = None,
+                  beam_width: int | None = None) -> torch.Tensor:
+        """The k best distinct items (B, k), best first; 0 where fewer exist."""
+        if self.cfg.mode == "ar":
+            width = max(beam_width or self.cfg.beam_width, k)
+            result = self.beam_search(history, width)
+            return self.trie.items_of(result.leaves, result.valid, k)
+        top = self.scores(history, inference).topk(min(k, self.num_items), dim=1).indices  # (B, min(k, N))
+        return F.pad(top, (0, k - top.shape[1])) if top.shape[1] < k else top
+
+    @torch.no_grad()
+    def beam_search(self, history: torch.Tensor, beam_width: int) -> BeamResult:
+        """The AR ablation's decoding: prefill the history chunks once (KV cache), then a beam over the next chunk's
+        L SID tokens and its uid, constrained to [codes, item] paths that exist (the shared
+        :func:`~genrec_dist.models.beam_search.beam_search` over a trie whose last level is the item id)."""
+        history = self._history(history)
+        b, t = history.shape
+        cache = self.blocks.new_cache()
+        prefill = self.encode(history, self.cfg.max_history - t, cache)  # (B, T, L+1, D)
+        key_valid = (history != 0).repeat_interleave(self.chunk, dim=1)  # (B, P)
+        think_sum: torch.Tensor | None = None  # (rows, D) sum of the beam's think embeddings so far
+        base = self.cfg.max_history * self.chunk  # position of the next chunk's first token
+
+        def step(level: int, last: torch.Tensor | None, parents: torch.Tensor | None) -> torch.Tensor:
+            nonlocal think_sum, key_valid
+            if level == 0:
+                h = prefill[:, -1, -1]  # (B, D) the last history chunk's uid token
+            else:
+                cache.reorder(parents)
+                key_valid = key_valid[parents]
+                e = self.sid_emb(last + self.offsets[level - 1])  # (rows, D) the SID chosen at level-1
+                own = e
+                if self.cfg.fusion != "none" and think_sum is not None:
+                    own = e + think_sum[parents]
+                    if self.cfg.fusion == "mean":
+                        own = own / level
+                think_sum = e if think_sum is None else think_sum[parents] + e
+                x = own[:, None] + self.pos_emb(1, base + level - 1)  # (rows, 1, D)
+                key_valid = torch.cat([key_valid, torch.ones_like(key_valid[:, :1])], dim=1)
+                h = self.blocks(x, mask=attention_mask(key_valid), cache=cache)[:, -1]  # (rows, D)
+            return self.uid_logits(h) if level == self.num_levels else self.sid_logits(h, level)
+
+        return beam_search(step, self.trie, b, beam_width)
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy that is 0 (with a graph) on no rows instead of NaN (e.g. a batch of one-item histories)."""
+    return F.cross_entropy(logits, y) if y.numel() else logits.sum() * 0.0
+
+
+_FUSIONS = ("none", "sum", "mean")
+_INFERENCES = ("fast", "slow")
+_MODES = ("car", "ar")
+_UID_LOSSES = ("full", "sampled", "in_batch")
