@@ -155,7 +155,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
             storage_cfg=cfg.storage, overwrite=tc.overwrite, extra_files=files)
         tracker.log(_metrics(stats))
         with tempfile.TemporaryDirectory() as tmp:  # artifacts from the committed output (local or s3)
-            for name in manifest["files"]:
+            for name in [*manifest["files"], storage.MANIFEST]:
                 if name.startswith("embeddings/"):
                     continue  # large; they stay in the output directory
                 with open(os.path.join(tmp, name), "wb") as fh:

@@ -1,0 +1,149 @@
+"""jobs/tokenize.py as users run it (subprocess), its outputs and MLflow run, import/export, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from genrec_dist import storage
+from genrec_dist.config import load_config
+from genrec_dist.data.dataset import Dataset, write_dataset
+from genrec_dist.data.semantic_ids import read_lcrec_index, read_semantic_ids
+
+from _util import REPO, run_job
+
+CONFIG = os.path.join(REPO, "configs", "synthetic.yaml")
+
+
+def _cfg(root, dataset, *overrides):
+    return load_config(CONFIG, [f"workdir={root}", f"paths.dataset={dataset}", f"paths.semantic_ids={root}/sids",
+                                *overrides])
+
+
+def test_help_runs_without_shadowing_stdlib_tokenize():
+    proc = run_job("tokenize", "--help")
+    assert "usage: jobs/tokenize.py" in proc.stdout
+    assert proc.stdout.count("usage:") == 1  # the job body did not run a second time as the `tokenize` module
+
+
+@pytest.fixture(scope="module")
+def job_run(tiny_dataset, tmp_path_factory):
+    """One end-to-end `python jobs/tokenize.py` on the tiny synthetic dataset (starts its own local Ray)."""
+    root = tmp_path_factory.mktemp("tokenize-job")
+    proc = run_job("tokenize", "--config", CONFIG, f"workdir={root}", f"paths.dataset={tiny_dataset}",
+                   f"paths.semantic_ids={root}/sids", "levels=2", "codebook_size=8", "num_workers=2",
+                   env={"HF_HUB_OFFLINE": "1"})
+    return root, proc
+
+
+def test_job_end_to_end_outputs_and_mlflow(job_run, tiny_dataset):
+    root, proc = job_run
+    out = f"{root}/sids"
+    assert "k-means level 2/2" in proc.stdout and "embedded" in proc.stdout
+    ds = Dataset.open(tiny_dataset)
+    sids = read_semantic_ids(out)
+    assert sids.num_items == ds.num_items and sids.num_levels == 3  # 2 learned + de-dup
+    assert sids.codebook_sizes[:2] == [8, 8] and sids.has_dedup_level
+    assert len(np.unique(sids.codes[1:], axis=0)) == ds.num_items  # unique after de-dup
+    stats = json.loads(open(f"{out}/stats.json").read())
+    assert [lv["k"] for lv in stats["levels"]] == [8, 8]
+    assert 0 < stats["levels"][0]["utilisation"] <= 1 and 0 <= stats["collision_rate"] <= 1
+    assert stats["levels"][1]["inertia"] < stats["levels"][0]["inertia"]  # residual levels keep explaining
+    assert 0 < stats["reconstruction_rel"] < 1 and stats["embedding"]["empty_text_items"] == 0
+    # Embeddings: item order, float32 fixed-size vectors.
+    table = pq.read_table(f"{out}/embeddings/part-00000.parquet")
+    assert table.column("item_id").to_pylist() == list(range(1, ds.num_items + 1))
+    assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
+    cb = np.load(f"{out}/codebooks.npz")
+    assert cb["level_0"].shape == (8, 384)
+    # The exported LC-Rec index reads back to the same codes.
+    back = read_lcrec_index(f"{out}/synthetic.index.json", ds.items())
+    np.testing.assert_array_equal(back.codes, sids.codes)
+    # The MLflow run: config params, stats metrics, files as artifacts.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("genrec-dist").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["genrec.job"] == "tokenize"
+    assert run.data.params["tokenize.codebook_size"] == "8"
+    assert run.data.metrics["collision_rate"] == pytest.approx(stats["collision_rate"])
+    assert run.data.metrics["level1.inertia"] == pytest.approx(stats["levels"][1]["inertia"])
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "semantic_ids")}
+    assert {"semantic_ids/semantic_ids.parquet", "semantic_ids/stats.json", "semantic_ids/manifest.json"} <= names
+
+
+def test_import_lcrec_index_and_reuse_embeddings_to_s3(job_run, tiny_dataset, s3_bucket, ray_local):
+    from tokenization.pipeline import run_tokenize
+
+    root, _ = job_run
+    # method=import: the codes of our exported index come back (the de-dup level is recomputed identically).
+    cfg = _cfg(root / "imp", tiny_dataset, "tokenize.method=import", f"tokenize.index_path={root}/sids/synthetic.index.json",
+               "tracking.enabled=false")
+    summary = run_tokenize(cfg, log=lambda m: None)
+    imported = read_semantic_ids(summary["path"])
+    ours = read_semantic_ids(f"{root}/sids")
+    np.testing.assert_array_equal(imported.codes[:, :3], ours.codes)
+    assert imported.manifest["source"] == "lcrec-index"
+    # Re-quantise saved embeddings with one worker, output on S3: same codes as the 2-worker job.
+    endpoint, bucket = s3_bucket
+    cfg = _cfg(root / "s3", tiny_dataset, f"paths.semantic_ids={bucket}/sids", f"storage.endpoint_url={endpoint}",
+               f"tokenize.embeddings_path={root}/sids/embeddings", "tokenize.levels=2", "tokenize.codebook_size=8",
+               "tokenize.num_workers=1", "tracking.enabled=false")
+    run_tokenize(cfg, log=lambda m: None)
+    again = read_semantic_ids(f"{bucket}/sids", cfg.storage)
+    np.testing.assert_array_equal(again.codes, ours.codes)
+
+
+def test_bad_inputs_clear_errors_nothing_committed(job_run, tiny_dataset, tmp_path, ray_local):
+    from tokenization.embedding_store import EmbeddingError
+    from tokenization.kmeans import KMeansError
+    from tokenization.pipeline import run_tokenize
+
+    root, _ = job_run
+    emb = f"{root}/sids/embeddings"
+    # A dataset directory without a manifest (the CLI prints one line, no traceback).
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    proc = run_job("tokenize", "--config", CONFIG, f"workdir={tmp_path}", f"paths.dataset={bare}", check=False)
+    assert proc.returncode == 1 and "no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
+    # K larger than the number of items.
+    cfg = _cfg(tmp_path / "k", tiny_dataset, f"tokenize.embeddings_path={emb}", "tokenize.codebook_size=5000",
+               "tracking.enabled=false")
+    with pytest.raises(KMeansError, match="K=5000 clusters is more than the"):
+        run_tokenize(cfg, log=lambda m: None)
+    assert not os.path.exists(cfg.semantic_ids_dir)
+    # NaN in an embedding file: the error names the file and the item.
+    bad = tmp_path / "bad-emb"
+    shutil.copytree(emb, bad)
+    t = pq.read_table(bad / "part-00000.parquet")
+    v = t.column("embedding").combine_chunks().flatten().to_numpy().copy().reshape(t.num_rows, -1)
+    v[4, 0] = np.nan
+    t = t.set_column(1, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]))
+    pq.write_table(t, bad / "part-00000.parquet")
+    cfg = _cfg(tmp_path / "nan", tiny_dataset, f"tokenize.embeddings_path={bad}", "tracking.enabled=false")
+    with pytest.raises(EmbeddingError, match=r"part-00000.parquet: item_id 5 has a NaN"):
+        run_tokenize(cfg, log=lambda m: None)
+    assert not os.path.exists(cfg.semantic_ids_dir)
+    # Empty item text with empty_text=error.
+    ds = Dataset.open(tiny_dataset)
+    items = ds.items().with_columns(pl.when(pl.col("item_id") == 3).then(pl.lit("  ")).otherwise(pl.col("text"))
+                                    .alias("text"))
+    write_dataset(str(tmp_path / "blank"), items, ds.sequences(), {"counts": ds.manifest["counts"],
+                                                                    "split": ds.manifest["split"]}, 1)
+    cfg = _cfg(tmp_path / "e", str(tmp_path / "blank"), "tokenize.empty_text=error", "tracking.enabled=false")
+    with pytest.raises(ValueError, match=r"1 items have an empty or whitespace-only text \(item_id \[3\]"):
+        run_tokenize(cfg, log=lambda m: None)
+    cfg = _cfg(tmp_path / "u", tiny_dataset, "tokenize.method=unger", "tracking.enabled=false")
+    with pytest.raises(NotImplementedError, match="unger"):
+        run_tokenize(cfg, log=lambda m: None)
+    # An existing output is not replaced without overwrite.
+    cfg = _cfg(root, tiny_dataset, "tracking.enabled=false")
+    with pytest.raises(storage.StorageError, match="already exist"):
+        run_tokenize(cfg, log=lambda m: None)
