@@ -85,9 +85,13 @@ def _times(df: pl.DataFrame, path: str, col: str) -> pl.Series:
         out = s.cast(pl.Datetime("ms")).dt.epoch("s")
     elif s.dtype == pl.Utf8:
         txt = s.str.strip_chars()
-        num = txt.cast(pl.Float64, strict=False)
-        iso = txt.str.to_datetime(strict=False, time_unit="ms").dt.epoch("s")
-        out = num.floor().cast(pl.Int64, strict=False).fill_null(iso)
+        num = txt.cast(pl.Float64, strict=False).floor().cast(pl.Int64, strict=False)
+        rest = txt.zip_with(num.is_null(), pl.Series([None] * len(txt), dtype=pl.Utf8))
+        try:  # the format is inferred from the first value; values of another format stay null
+            iso = rest.str.to_datetime(strict=False, time_unit="ms").dt.epoch("s")
+        except pl.exceptions.PolarsError:
+            iso = pl.Series([None] * len(txt), dtype=pl.Int64)
+        out = num.fill_null(iso)
     else:
         raise InputError(path, f"column '{col}' must hold times, got {s.dtype}")
     bad = out.is_null().arg_true()
