@@ -1,0 +1,18 @@
+"""The training engine: data path, DeepSpeed config, per-worker training function, launchers.
+
+The only package that imports ``deepspeed`` (and, in ``ray_launcher``, Ray Train)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def run_training(cfg: Any) -> dict[str, Any] | None:
+    """Train with the launcher the config names; the summary on rank 0 (or the Ray driver), None elsewhere."""
+    if cfg.train.launcher == "ray":
+        from genrec_dist.training.ray_launcher import run_ray
+
+        return run_ray(cfg)
+    from genrec_dist.training.trainer import train_worker
+
+    return train_worker(cfg)

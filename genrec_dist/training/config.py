@@ -1,28 +1,71 @@
-"""The ``train:`` and ``evaluate:`` sections."""
+"""The ``train:`` and ``evaluate:`` sections.
+
+Paper defaults, cited where set: Adam, lr 1e-3, batch 256, linear warm-up over 2000 steps from lr 1e-7, weight decay
+1e-7 (UNGER Table 4, the same values as EAGER's released ``train_rec.py``; TIGER §4 trains with batch 256).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
 @dataclass
 class TrainConfig:
+    """How one training run is launched, batched, optimised, validated, checkpointed and exported."""
+
     model: Literal["tiger", "sasrec", "car", "unger"] = "tiger"
-    launcher: Literal["local", "deepspeed", "ray"] = "local"
-    zero_stage: int = 0
-    # Papers: lr 1e-3, batch 256, 2000 warmup steps (TIGER §4; UNGER Table 4).
-    lr: float = 1e-3
+    # local: this process is the whole world (world 1) or one rank started by `deepspeed`/`torchrun`;
+    # ray: the job starts a Ray Train TorchTrainer whose workers each run the same per-worker function.
+    launcher: Literal["local", "ray"] = "local"
+    num_workers: int = 2                 # Ray Train workers (launcher=ray)
+    ray_address: str = ""                # ray.init address for launcher=ray; "" = RAY_ADDRESS or a new local Ray
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # ----- DeepSpeed (turned into its config dict by genrec_dist/training/ds_config.py) -----
+    zero_stage: int = 0                  # 0, 1, 2 or 3
+    # Global batch = micro batch x grad_accum x world size; the micro batch is derived from it, so the same
+    # config gives the same optimisation at any world size. Papers: 256 (TIGER §4, UNGER Table 4).
     batch_size: int = 256
-    warmup_steps: int = 2000
-    max_steps: int = 1000
+    grad_accum: int = 1
+    grad_clip: float = 1.0               # max global grad norm; 0 = off (not given by the papers)
+    optimizer: Literal["adam", "adamw"] = "adam"   # "Adam" in TIGER §4 / UNGER Table 4
+    lr: float = 1e-3                     # UNGER Table 4
+    warmup_steps: int = 2000             # UNGER Table 4 (linear, from warmup_min_lr)
+    warmup_min_lr: float = 1e-7          # UNGER Table 4
+    weight_decay: float = 1e-7           # UNGER Table 4
+    # warmup: constant lr after warm-up (UNGER Table 4); warmup_decay: then linear decay to 0 at the last step.
+    lr_schedule: Literal["warmup", "warmup_decay"] = "warmup"
+
+    # ----- length -----
+    max_steps: int = 1000                # optimizer steps; 0 = run `epochs` epochs
+    epochs: int = 0
+
+    # ----- data -----
+    # shards: each rank reads only its own shard files (rows split by rank when ranks > shards), shuffled per rank.
+    # global: every rank reads every shard and takes its slice of one global batch order, so a global batch is the
+    #         same examples at any world size (loss curves comparable step by step; small data and tests).
+    data_split: Literal["shards", "global"] = "shards"
+
+    # ----- validation, early stopping, checkpoints -----
+    eval_every: int = 200                # steps between validations (NDCG@10 on the validation split); 0 = never
+    eval_batch_size: int = 256
+    early_stop_metric: str = "ndcg@10"
+    patience: int = 5                    # validations without improvement before stopping; 0 = never stop early
+    log_every: int = 10                  # steps between logged training metrics
+    checkpoint_every: int = 500          # steps between checkpoints; 0 = never
+    checkpoint_dir: str = ""             # "" = <run dir>/checkpoints; may be s3://...
+    keep_checkpoints: int = 2            # complete checkpoints kept (older ones deleted)
+    run_name: str = ""                   # "" = <model>-<UTC time>; the run dir is <runs dir>/<run name>
+    # "" = a new run; "latest" = the newest run of this model under the runs dir; else a run name or run dir.
+    resume: str = ""
 
 
 @dataclass
 class EvaluateConfig:
-    ks: list[int] = None  # type: ignore[assignment]
-    beam_width: int = 20
+    """Leave-one-out evaluation of an exported model over the full catalog."""
 
-    def __post_init__(self) -> None:
-        if self.ks is None:
-            self.ks = [5, 10, 20]
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])   # Recall/NDCG@{5,10,20} (TIGER §4.1, UNGER §4.1)
+    beam_width: int = 20                 # constrained beam search width (TIGER/UNGER; the papers go up to 100)
+    batch_size: int = 256
+    split: Literal["test", "valid"] = "test"

@@ -1,0 +1,54 @@
+"""The one reader of the launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+
+Every launcher says who a process is through the same variables: the ``deepspeed`` launcher (one node or
+``--hostfile``), ``torchrun``, and Ray Train (which also initialises the process group before the worker function
+runs). A plain ``python jobs/train.py`` sets none of them: it is the whole world, rank 0 of 1, and we fill them in
+(loopback address, a free port) so ``deepspeed.init_distributed`` never falls back to MPI discovery.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_from_env(env: dict | None = None) -> WorldInfo:
+    """Who this process is, from the launcher's variables; a lone process is rank 0 of 1 (variables filled in)."""
+    env = os.environ if env is None else env
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        env.setdefault("RANK", "0")
+        env.setdefault("WORLD_SIZE", "1")
+        env.setdefault("LOCAL_RANK", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    try:
+        return WorldInfo(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+        )
+    except ValueError as exc:
+        raise ValueError(f"launcher environment is not numeric (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_PORT): {exc}"
+                         ) from None

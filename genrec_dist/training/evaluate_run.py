@@ -1,0 +1,100 @@
+"""Evaluate a training run's exported model on a split (``jobs/evaluate.py``; also the end of training).
+
+One process, every user of the split, the full catalog: the model's metrics next to the most-popular baseline
+fitted on every training sequence (``items[:-2]``), written as JSON next to the run and logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any
+
+import torch
+
+from genrec_dist import storage
+from genrec_dist.config import _build
+from genrec_dist.data.dataset import Dataset
+from genrec_dist.evaluation.evaluate import evaluate_model, format_results
+from genrec_dist.evaluation.popular import MostPopular
+from genrec_dist.models import build_model
+from genrec_dist.models.config import ModelConfig
+from genrec_dist.tracking import make_tracker, run_tags
+from genrec_dist.training import data as D
+from genrec_dist.training import runs
+from genrec_dist.training.export import read_model
+
+
+def recommend_kwargs(model: torch.nn.Module, beam_width: int) -> dict[str, Any]:
+    """``beam_width`` for models whose ``recommend`` takes it (beam search); nothing for the others."""
+    params = inspect.signature(model.recommend).parameters
+    return {"beam_width": beam_width} if "beam_width" in params else {}
+
+
+def load_exported(run_dir: str, storage_cfg: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The exported model of a run, rebuilt from its own saved model config (not today's YAML)."""
+    state, meta = read_model(storage.join(run_dir, "model"), storage_cfg)
+    sids = None
+    if meta.get("semantic_ids"):
+        from genrec_dist.data.semantic_ids import read_semantic_ids
+
+        sids = read_semantic_ids(meta["semantic_ids"], storage_cfg)
+    model_cfg = _build(ModelConfig, meta["model_config"], f"{run_dir}/model/model.json", "model.")
+    model = build_model(meta["model"], model_cfg, int(meta["num_items"]), sids)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: str,
+                   device: torch.device) -> dict[str, dict[str, float]]:
+    """``model`` and most-popular on ``split`` for every user of ``dataset``."""
+    seqs = dataset.sequences()
+    ex = D.eval_examples(seqs, dataset.max_history, split)
+    batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(ex, cfg.evaluate.batch_size)]
+    model_m = evaluate_model(model, batches, cfg.evaluate.ks, device,
+                             **recommend_kwargs(model, cfg.evaluate.beam_width))
+    pop = MostPopular.fit((s[:-2] for s in seqs["items"].to_list() if len(s) >= 3), dataset.num_items)
+    pop_m = evaluate_model(pop, batches, cfg.evaluate.ks, torch.device("cpu"))
+    return {"model": model_m, "most_popular": pop_m}
+
+
+def find_run_dir(cfg: Any, run: str) -> str:
+    """A run dir from a run dir path, a run name under the runs dir, or the MLflow run id of a training run."""
+    for candidate in (run, runs.run_dir(cfg, run)):
+        if runs.read_run(candidate, cfg.storage) is not None:
+            return candidate
+    try:
+        tags = run_tags(cfg, run)
+    except KeyError:
+        raise FileNotFoundError(f"--run {run}: not a run dir, not a run under {cfg.runs_dir}, not an MLflow run id "
+                                f"in the tracking store") from None
+    if "genrec.run_dir" not in tags:
+        raise FileNotFoundError(f"--run {run}: MLflow run has no 'genrec.run_dir' tag (not a training run)")
+    return tags["genrec.run_dir"]
+
+
+def evaluate_run(cfg: Any, run: str) -> dict[str, Any]:
+    run_dir = find_run_dir(cfg, run)
+    info = runs.read_run(run_dir, cfg.storage) or {}
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    model, meta = load_exported(run_dir, cfg.storage)
+    model.to(device)
+    dataset = Dataset.open(info.get("dataset") or cfg.dataset_dir, cfg.storage)
+    split = cfg.evaluate.split
+    results = evaluate_split(model, dataset, cfg, split, device)
+    out = {**results, "split": split, "run_dir": run_dir, "model_step": meta.get("step"), "model_name": meta["model"]}
+    metrics_path = storage.join(run_dir, f"eval-{split}.json")
+    storage.write_bytes(metrics_path, (json.dumps(out, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
+    tracker = make_tracker(cfg, "evaluate", 0, run_name=f"{info.get('run_name', meta['model'])}-evaluate",
+                           extra_tags={"genrec.train_run_id": str(info.get("mlflow_run_id")),
+                                       "genrec.run_dir": run_dir, "genrec.model": meta["model"]})
+    tracker.log_config(cfg)
+    tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
+                | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()})
+    tracker.log_text(json.dumps(out, indent=2, sort_keys=True), f"eval-{split}.json")
+    tracker.close()
+    table = format_results({meta["model"]: results["model"], "most-popular": results["most_popular"]},
+                           cfg.evaluate.ks)
+    return {**out, "metrics_path": metrics_path, "mlflow_run_id": tracker.run_id,
+            "table": f"# {split} split, {meta['model']} of step {meta.get('step')}\n{table}"}

@@ -1,0 +1,60 @@
+"""One consolidated model artifact from a DeepSpeed engine (any ZeRO stage), and loading it back.
+
+An exported model is a committed directory (``storage.commit_dir``, manifest last)::
+
+    model.pt        torch.save of a plain fp32 state_dict (loads with torch.load(weights_only=True))
+    model.json      what rebuilds it: model name, the model config section, num_items, semantic-ID dir, step,
+                    validation metrics
+    manifest.json
+
+Under ZeRO-3 every rank holds only a slice of each parameter; ``deepspeed.zero.GatheredParameters`` gathers the full
+tensors on every rank for the copy (all ranks must call :func:`consolidated_state_dict` together).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from genrec_dist import storage
+
+MODEL_FILE = "model.pt"
+META_FILE = "model.json"
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """A full fp32 CPU copy of the engine's model weights, on every rank. A collective under ZeRO-3."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def write_model(path: str, state: dict[str, torch.Tensor], meta: dict[str, Any], storage_cfg: Any = None) -> None:
+    """Commit an exported model to ``path`` (replacing an older export there)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with storage.commit_dir(path, storage_cfg, overwrite=True) as out:
+        out.write_bytes(MODEL_FILE, buf.getvalue())
+        out.write_json(META_FILE, meta)
+        out.manifest = {"kind": "genrec-dist model", "model": meta.get("model"), "step": meta.get("step")}
+
+
+def read_model(path: str, storage_cfg: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, meta)`` of an exported model; the weights load with ``weights_only=True``."""
+    storage.require_manifest(path, storage_cfg)
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, MODEL_FILE), storage_cfg)),
+                       weights_only=True, map_location="cpu")
+    return state, storage.read_json(storage.join(path, META_FILE), storage_cfg)
+
+
+def model_meta(name: str, model_cfg: Any, num_items: int, sids_dir: str | None, step: int,
+               metrics: dict[str, float]) -> dict[str, Any]:
+    return {"model": name, "model_config": asdict(model_cfg), "num_items": num_items, "semantic_ids": sids_dir,
+            "step": step, "valid_metrics": metrics}

@@ -1,0 +1,61 @@
+"""``train.launcher=ray``: run :func:`train_worker` in Ray Train ``TorchTrainer`` workers.
+
+Ray Train starts ``train.num_workers`` workers (one GPU each when the cluster has GPUs), sets
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in each and initialises the torch process group (gloo on CPU,
+NCCL on GPU); DeepSpeed then initialises inside each worker from that group. The driver picks the run name first so
+it can read the run's ``metrics.json`` when the workers are done. Under ``ray job submit`` the driver connects to
+the cluster it was submitted to (``RAY_ADDRESS``); otherwise ``train.ray_address`` or a new local Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from genrec_dist import storage
+from genrec_dist.training import runs
+
+
+def _worker_loop(config: dict) -> None:
+    import ray.train
+
+    from genrec_dist.training.trainer import train_worker
+
+    summary = train_worker(config["cfg"])
+    # Every worker reports (a Ray Train sync point); rank 0's carries the summary's scalar test metrics.
+    metrics = {}
+    if summary:
+        metrics = {f"test/{k}": float(v) for k, v in summary["model"].items()}
+    ray.train.report(metrics)
+
+
+def run_ray(cfg: Any) -> dict[str, Any]:
+    """Train on Ray Train workers; returns the run summary (read back from the run directory)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.train.ray_address or None)
+    use_gpu = cfg.train.device == "cuda" or (
+        cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    cfg = copy.deepcopy(cfg)
+    run_name, resuming = runs.resolve_run_name(cfg)
+    cfg.train.run_name = run_name
+    if resuming:
+        cfg.train.resume = run_name
+    storage_path = os.path.abspath(os.path.join(
+        cfg.workdir if not storage.is_remote(cfg.workdir) else "/tmp", "ray_results"))
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=run_name, storage_path=storage_path),
+    )
+    trainer.fit()
+    run_dir = runs.run_dir(cfg, run_name)
+    metrics = storage.read_json(storage.join(run_dir, "metrics.json"), cfg.storage)
+    meta = runs.read_run(run_dir, cfg.storage) or {}
+    return {"run_name": run_name, "run_dir": run_dir, "mlflow_run_id": meta.get("mlflow_run_id"), **metrics}

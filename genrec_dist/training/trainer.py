@@ -1,0 +1,274 @@
+"""The per-worker training function: one process of a run, whichever launcher started it.
+
+``train_worker(cfg)`` runs the same way as the only process (``python jobs/train.py``), as one rank of a
+``deepspeed`` launch (one node or ``--hostfile``), or inside a Ray Train worker (``train.launcher=ray``): the
+launcher only decides the environment it reads (:mod:`genrec_dist.training.dist`). Top to bottom:
+
+1. who am I (rank, world), device, process group (gloo on CPU, NCCL on GPU);
+2. the run: new or resumed (``train.resume``), its directory, MLflow run (rank 0 only);
+3. data: this rank's examples (:mod:`genrec_dist.training.data`) and the epoch length shared by every rank;
+4. model (same seed on every rank) wrapped by ``deepspeed.initialize`` (config: :mod:`ds_config`);
+5. resume: weights, optimizer, lr schedule, RNG states and data cursor from the newest complete checkpoint;
+6. the loop: forward/backward/step per micro batch, metrics every ``log_every`` steps, validation every
+   ``eval_every`` steps (all ranks, each on its share of users, sums all-reduced) with early stopping on NDCG@10,
+   the best model exported as one consolidated artifact, checkpoints every ``checkpoint_every`` steps;
+7. the end (rank 0): test evaluation of the best model and of the most-popular baseline, metrics.json, MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from genrec_dist import storage
+from genrec_dist.config import to_dict
+from genrec_dist.data.dataset import Dataset
+from genrec_dist.evaluation.evaluate import evaluate_model, format_results
+from genrec_dist.models import build_model
+from genrec_dist.tracking import make_tracker
+from genrec_dist.training import checkpoint as ckpt
+from genrec_dist.training import data as D
+from genrec_dist.training import runs
+from genrec_dist.training.dist import world_from_env
+from genrec_dist.training.ds_config import deepspeed_config, micro_batch
+from genrec_dist.training.evaluate_run import evaluate_split, load_exported, recommend_kwargs
+from genrec_dist.training.export import consolidated_state_dict, model_meta, write_model
+
+# Models that read semantic IDs (cfg.semantic_ids_dir); SASRec works on item ids alone.
+SID_MODELS = {"tiger", "car", "unger"}
+
+
+def train_worker(cfg: Any) -> dict[str, Any] | None:
+    """Train ``cfg.train.model`` as this process's rank. Returns the run summary on rank 0, None elsewhere."""
+    import deepspeed
+
+    tc = cfg.train
+    # ----- 1. who am I ------------------------------------------------------------------------------------------
+    world = world_from_env()
+    use_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{world.local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    # Reuses a process group a launcher made already (Ray Train), else creates it from the env variables.
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    rank, ws, main = world.rank, world.world_size, world.is_main
+
+    def log0(msg: str) -> None:
+        if main:
+            print(msg, flush=True)
+
+    # ----- 2. the run ---------------------------------------------------------------------------------------
+    decided = [runs.resolve_run_name(cfg) if main else None]
+    tdist.broadcast_object_list(decided, src=0)
+    run_name, resuming = decided[0]
+    run_dir = runs.run_dir(cfg, run_name)
+    ckpt_root = runs.checkpoint_root(cfg, run_name)
+    store = ckpt.CheckpointStore(ckpt_root, runs.checkpoint_staging(ckpt_root, run_name), rank,
+                                 node_leader=world.local_rank == 0, barrier=tdist.barrier, storage_cfg=cfg.storage)
+    resume_step = ckpt.latest_complete(ckpt_root, cfg.storage) if resuming else None
+    prior = runs.read_run(run_dir, cfg.storage) if resuming and main else None
+
+    dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
+    manifest_sha = hashlib.sha256(
+        storage.read_bytes(storage.join(cfg.dataset_dir, "manifest.json"), cfg.storage)).hexdigest()
+    tracker = make_tracker(cfg, "train", rank, run_name=run_name,
+                           extra_tags={"genrec.dataset_manifest_sha256": manifest_sha, "genrec.run_dir": run_dir,
+                                       "genrec.model": tc.model},
+                           run_id=(prior or {}).get("mlflow_run_id"))
+    if main:
+        storage.write_bytes(storage.join(run_dir, runs.RUN_FILE), json.dumps({
+            "run_name": run_name, "model": tc.model, "mlflow_run_id": tracker.run_id,
+            "created": (prior or {}).get("created") or runs.created_now(), "dataset": cfg.dataset_dir,
+        }, indent=2).encode(), cfg.storage)
+        if not resuming:
+            tracker.log_config(cfg)
+    log0(f"run {run_name} ({'resuming' if resuming else 'new'}) in {run_dir}; world {ws}; device {device}")
+
+    # ----- 3. data ------------------------------------------------------------------------------------------
+    H = dataset.max_history
+    seqs = D.rank_sequences(dataset, rank, ws, tc.data_split)
+    train_ex = D.train_examples(seqs, H)
+    valid_ex = D.eval_examples(seqs, H, "valid")
+    owns_all = tc.data_split == "global" or ws == 1
+    if owns_all:  # every rank holds every user: validate on this rank's share only
+        valid_ex = valid_ex.take(np.arange(len(valid_ex))[D.eval_slice(len(valid_ex), rank, ws)])
+    mb = micro_batch(tc, ws)
+    usable = torch.tensor([len(train_ex) // ws if tc.data_split == "global" else len(train_ex)])
+    tdist.all_reduce(usable, op=tdist.ReduceOp.MIN)
+    spe = D.steps_per_epoch([int(usable)], mb * tc.grad_accum)
+    total_steps = tc.max_steps if tc.max_steps > 0 else max(1, tc.epochs) * spe
+    plan = D.BatchPlan(len(train_ex), mb, tc.grad_accum, ws, rank, cfg.seed, tc.data_split)
+    log0(f"data: {len(train_ex)} training examples on rank 0, micro batch {mb} x grad_accum {tc.grad_accum} x "
+         f"world {ws} = {tc.batch_size}; {spe} steps/epoch; {total_steps} steps")
+
+    # ----- 4. model + DeepSpeed -------------------------------------------------------------------------------
+    sids, sids_dir = None, None
+    if tc.model in SID_MODELS:
+        from genrec_dist.data.semantic_ids import read_semantic_ids
+
+        sids_dir = cfg.semantic_ids_dir
+        sids = read_semantic_ids(sids_dir, cfg.storage)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
+    model = build_model(tc.model, cfg.model, dataset.num_items, sids)
+    eval_model = copy.deepcopy(model).to(device).eval()  # plain copy that validation loads weights into
+    ds_cfg = deepspeed_config(tc, ws, use_cuda, total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+    torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout streams differ per rank
+    if main and not resuming:
+        n_params = sum(p.numel() for p in eval_model.parameters())
+        tracker.log_params({"world_size": ws, "micro_batch": mb, "steps_per_epoch": spe, "total_steps": total_steps,
+                            "num_parameters": n_params, "deepspeed_config": json.dumps(ds_cfg, sort_keys=True)})
+        if sids_dir:
+            stats = storage.join(sids_dir, "stats.json")
+            if storage.exists(stats, cfg.storage):
+                tracker.log_text(storage.read_bytes(stats, cfg.storage).decode(), "semantic_ids/stats.json")
+
+    # ----- 5. resume ----------------------------------------------------------------------------------------
+    step, cursor, best, best_step, bad_evals = 0, D.Cursor(), float("-inf"), 0, 0
+    if resume_step is not None:
+        state = store.load(engine, resume_step)
+        step, cursor = int(state["step"]), D.Cursor.from_dict(state["cursor"])
+        best, best_step, bad_evals = float(state["best"]), int(state["best_step"]), int(state["bad_evals"])
+        log0(f"resumed from {ckpt_root}/{ckpt.tag_of(step)} (epoch {cursor.epoch}, step {cursor.step})")
+    elif resuming:
+        log0(f"no complete checkpoint under {ckpt_root}: starting {run_name} from step 0")
+
+    rec_kwargs = recommend_kwargs(eval_model, cfg.evaluate.beam_width)
+    history_log: list[dict[str, Any]] = []
+
+    def validate() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """All ranks: consolidated weights into the plain copy, each rank scores its users, sums all-reduced."""
+        state = consolidated_state_dict(engine)
+        eval_model.load_state_dict(state)
+        batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(valid_ex, tc.eval_batch_size)]
+        m = evaluate_model(eval_model, batches, cfg.evaluate.ks, device, **rec_kwargs)
+        return _allreduce_means(m, device if use_cuda else torch.device("cpu")), state
+
+    # ----- 6. the loop --------------------------------------------------------------------------------------
+    engine.train()
+    batches = D.iterate(train_ex, plan, cursor, spe)
+    t_last, steps_since = time.perf_counter(), 0
+    stop = False
+    while step < total_steps and not stop:
+        _, micro = next(batches)
+        parts: dict[str, float] = {}
+        for mbatch in micro:
+            history = torch.from_numpy(mbatch.history).to(device)  # (mb, H)
+            target = torch.from_numpy(mbatch.target).to(device)  # (mb,)
+            out = engine(history, target)
+            engine.backward(out["loss"])
+            engine.step()  # DeepSpeed updates on the accumulation boundary only
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.dim() == 0:
+                    parts[k] = parts.get(k, 0.0) + float(v.detach()) / len(micro)
+        step += 1
+        steps_since += 1
+        cursor = cursor.advance(spe)
+
+        if step % tc.log_every == 0 or step == 1 or step == total_steps:
+            means = _allreduce_means(parts, torch.device("cpu"))
+            now = time.perf_counter()
+            metrics = {f"train/{k}": v for k, v in means.items()}
+            metrics["train/lr"] = float(scheduler.get_last_lr()[0])
+            gn = engine.get_global_grad_norm()
+            if gn is not None:
+                metrics["train/grad_norm"] = float(gn)
+            metrics["train/samples_per_s"] = tc.batch_size * steps_since / max(now - t_last, 1e-9)
+            metrics["train/epoch"] = cursor.epoch
+            t_last, steps_since = now, 0
+            tracker.log(metrics, step)
+            history_log.append({"step": step, **metrics})
+            log0(f"step {step}/{total_steps} loss {metrics['train/loss']:.5f} lr {metrics['train/lr']:.2e} "
+                 f"{metrics['train/samples_per_s']:.0f} samples/s")
+
+        if tc.eval_every and (step % tc.eval_every == 0 or step == total_steps):
+            vm, state = validate()
+            value = vm[tc.early_stop_metric]
+            if value > best:
+                best, best_step, bad_evals = value, step, 0
+                if main:
+                    write_model(storage.join(run_dir, "model"), state,
+                                model_meta(tc.model, cfg.model, dataset.num_items, sids_dir, step, vm), cfg.storage)
+            else:
+                bad_evals += 1
+            tracker.log({f"valid/{k}": v for k, v in vm.items()} | {"valid/best": best}, step)
+            history_log.append({"step": step, **{f"valid/{k}": v for k, v in vm.items()}})
+            log0(f"valid step {step}: {tc.early_stop_metric} {value:.5f} (best {best:.5f} at step {best_step})")
+            if tc.patience and bad_evals >= tc.patience:
+                log0(f"early stop: no better {tc.early_stop_metric} in {bad_evals} validations")
+                stop = True
+
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps and not stop:
+            store.save(engine, step, {"step": step, "cursor": cursor.to_dict(), "best": best,
+                                      "best_step": best_step, "bad_evals": bad_evals, "run_name": run_name},
+                       tc.keep_checkpoints)
+            log0(f"checkpoint saved: step {step} -> {ckpt_root}/{ckpt.tag_of(step)}")
+
+    if best_step == 0:  # never validated: the final weights are the export
+        state = consolidated_state_dict(engine)
+        if main:
+            write_model(storage.join(run_dir, "model"), state,
+                        model_meta(tc.model, cfg.model, dataset.num_items, sids_dir, step, {}), cfg.storage)
+            best_step = step
+    tdist.barrier()
+
+    # ----- 7. the end: test evaluation on rank 0 ------------------------------------------------------------
+    if not main:
+        return None
+    summary = finish(cfg, dataset, run_name, run_dir, tracker, history_log, best_step, best, device)
+    tracker.close("FINISHED")
+    return summary
+
+
+def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any, history_log: list,
+           best_step: int, best: float, device: torch.device) -> dict[str, Any]:
+    """Rank 0: test metrics of the exported model and of most-popular, metrics.json, MLflow artifacts, table."""
+    tc = cfg.train
+    model, _ = load_exported(run_dir, cfg.storage)
+    results = evaluate_split(model.to(device), dataset, cfg, cfg.evaluate.split, device)
+    results = {"model": results["model"], "most_popular": results["most_popular"],
+               "split": cfg.evaluate.split, "best_step": best_step, "best_valid": best, "run_name": run_name}
+    storage.write_bytes(storage.join(run_dir, "metrics.json"),
+                        (json.dumps(results, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
+    storage.write_bytes(storage.join(run_dir, "history.json"), json.dumps(history_log).encode(), cfg.storage)
+    split = cfg.evaluate.split
+    tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
+                | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()}, best_step)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("metrics.json", "history.json", "run.json"):
+            with open(os.path.join(tmp, name), "wb") as fh:
+                fh.write(storage.read_bytes(storage.join(run_dir, name), cfg.storage))
+            tracker.log_artifact(os.path.join(tmp, name))
+        fs, model_path = storage.filesystem(storage.join(run_dir, "model"), cfg.storage)
+        if storage.is_remote(run_dir):
+            fs.get(model_path, os.path.join(tmp, "model"), recursive=True)
+            model_path = os.path.join(tmp, "model")
+        tracker.log_artifact(model_path, "model")
+    table = format_results({tc.model: results["model"], "most-popular": results["most_popular"]},
+                           cfg.evaluate.ks)
+    print(f"\n# {split} split, best model of step {best_step}\n{table}", flush=True)
+    return {"run_name": run_name, "run_dir": run_dir, "mlflow_run_id": tracker.run_id, **results}
+
+
+def _allreduce_means(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean of each value over ranks (one all-reduce). Validation means are weighted by each rank's ``users``."""
+    keys = sorted(values)
+    if "users" in values:  # evaluation: weight each rank's means by its user count, sum the counts
+        users = values["users"]
+        vec = torch.tensor([values[k] * users if k != "users" else users for k in keys], dtype=torch.float64,
+                           device=device)
+        tdist.all_reduce(vec)
+        total = float(vec[keys.index("users")])
+        return {k: (float(v) if k == "users" else float(v) / max(total, 1.0)) for k, v in zip(keys, vec)}
+    vec = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    tdist.all_reduce(vec)
+    return {k: float(v) / tdist.get_world_size() for k, v in zip(keys, vec)}

@@ -1,0 +1,30 @@
+"""Stage 4: evaluate an exported model (leave-one-out over the full catalog) and the most-popular baseline.
+
+    python jobs/evaluate.py --config configs/synthetic.yaml --run <MLflow run id | run name | run dir> [split=valid]
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
+from genrec_dist.storage import StorageError  # noqa: E402
+from genrec_dist.training.evaluate_run import evaluate_run  # noqa: E402
+
+
+def main() -> None:
+    parser = job_parser("evaluate", __doc__.strip().splitlines()[0])
+    parser.add_argument("--run", required=True, help="MLflow run id of a training run, a run name or a run dir")
+    args = parser.parse_args()
+    cfg = load_job_config(args, "evaluate")
+    try:
+        summary = evaluate_run(cfg, args.run)
+    except (StorageError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc).splitlines()[0])
+    print(summary["table"], flush=True)
+    print(f"metrics: {summary['metrics_path']} (MLflow run {summary['mlflow_run_id']})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

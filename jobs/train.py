@@ -1,0 +1,41 @@
+"""Stage 3: train a recommender with DeepSpeed ZeRO; evaluates the best model on the test split at the end.
+
+    python jobs/train.py --config configs/synthetic.yaml [model=sasrec] [zero_stage=2] [key=value ...]
+    deepspeed --num_gpus 2 jobs/train.py --config ...                 # one node, 2 ranks (CPU ranks without GPUs)
+    deepspeed --hostfile cluster/hostfile jobs/train.py --config ...   # several nodes (cluster/README.md)
+    python jobs/train.py --config ... launcher=ray num_workers=4      # Ray Train workers (ray job submit -- ...)
+    python jobs/train.py --config ... --resume [RUN]                 # continue a killed run (default: the latest)
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
+from genrec_dist.storage import StorageError  # noqa: E402
+from genrec_dist.training import run_training  # noqa: E402
+from genrec_dist.training.ds_config import BatchSizeError  # noqa: E402
+
+
+def main() -> None:
+    parser = job_parser("train", __doc__.strip().splitlines()[0])
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue a run from its newest complete checkpoint (a run name/dir; default: latest)")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; ignored "
+                        "(the rank comes from the environment)")
+    args = parser.parse_args()
+    if args.resume is not None:
+        args.overrides.append(f"train.resume={args.resume}")
+    rank = os.environ.get("RANK", "0")
+    cfg = load_job_config(args, "train", quiet=rank != "0")
+    try:
+        summary = run_training(cfg)
+    except (StorageError, FileNotFoundError, BatchSizeError) as exc:
+        fail(str(exc).splitlines()[0])
+    if summary:
+        print(f"run {summary['run_name']}: {summary['run_dir']} (MLflow run {summary['mlflow_run_id']})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
