@@ -195,3 +195,14 @@ def make_tracker(cfg: Any, job: str, rank: int = 0, run_name: str | None = None,
     }
     return MLflowTracker(default_uri(cfg), cfg.tracking.experiment, run_name or f"{cfg.name}-{job}", tags,
                          run_id=run_id)
+
+
+def run_tags(cfg: Any, run_id: str) -> dict[str, str]:
+    """Tags of run ``run_id`` in the config's tracking store (``jobs/evaluate.py --run <id>`` finds the run dir in
+    ``genrec.run_dir``). Raises ``KeyError`` when the store has no such run."""
+    import mlflow
+
+    try:
+        return dict(mlflow.MlflowClient(tracking_uri=default_uri(cfg)).get_run(run_id).data.tags)
+    except mlflow.exceptions.MlflowException as exc:
+        raise KeyError(f"no MLflow run {run_id} in {default_uri(cfg)}: {exc}") from None
