@@ -1,0 +1,134 @@
+"""TIGER (Rajput et al., "Recommender Systems with Generative Retrieval", NeurIPS 2023): an encoder-decoder that
+reads the history as semantic-ID tokens and decodes the next item's L codes.
+
+Tokens: code c at level l is token ``1 + offset_l + c`` (offset_l = K_0 + ... + K_{l-1}; 0 = padding, last = BOS),
+one table shared by encoder and decoder (TIGER §3.2: level-specific code vocabularies). The encoder reads the last
+``max_history`` items, each as its L tokens, left-padded; the decoder input is [BOS, c_0, ..., c_{L-2}] and
+position l predicts c_l from level l's slice of one output projection (teacher forcing, cross-entropy averaged
+over levels). TIGER's hashed user token is left out: the model contract carries no user ids.
+
+``recommend`` runs :func:`~genrec_dist.models.beam_search.beam_search` constrained to codes that exist: the
+history is encoded once, the decoder is prefilled with BOS and then fed one token per step for all beams through a
+KV cache; a decoded code expands to all items sharing it (collisions), so a code hit is never counted as an item hit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
+from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TransformerStack, attention_mask,
+                                       init_weights)
+from genrec_dist.models.config import TigerConfig
+
+
+class Tiger(nn.Module):
+    """``forward(history (B, T), target (B,)) -> {"loss", "ce_level_<l>"}``; ``recommend(history, k) -> (B, k)``."""
+
+    def __init__(self, cfg: TigerConfig, sids):
+        super().__init__()
+        codes = np.asarray(sids.codes, dtype=np.int64)  # (N+1, L)
+        sizes = [int(k) for k in sids.codebook_sizes]
+        self.cfg = cfg
+        self.trie = CodeTrie(codes, sizes)  # validates the codes
+        self.num_items = codes.shape[0] - 1
+        self.sizes = sizes
+        self.num_levels = len(sizes)
+        self.offsets = [int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]])]
+        tokens = torch.from_numpy(codes + np.asarray(self.offsets) + 1)
+        tokens[0] = 0  # padding item -> padding tokens
+        self.register_buffer("codes", torch.from_numpy(codes), persistent=False)  # (N+1, L)
+        self.register_buffer("item_tokens", tokens, persistent=False)  # (N+1, L)
+        self.bos = 1 + sum(sizes)
+        d = cfg.d_model
+        self.tok = nn.Embedding(self.bos + 1, d, padding_idx=0)
+        self.enc_pos = PositionalEmbedding(cfg.max_history * self.num_levels, d)
+        self.dec_pos = PositionalEmbedding(self.num_levels, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = TransformerStack(cfg.encoder_layers, d, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.head_dim)
+        self.decoder = TransformerStack(cfg.decoder_layers, d, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.head_dim,
+                                        cross_attention=True)
+        self.head = nn.Linear(d, sum(sizes), bias=False)  # level l's logits are columns offset_l .. offset_l+K_l
+        init_weights(self)
+
+    # ----- building blocks (UNGER extends these) -----
+    def encode(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) item ids -> memory (B, S, D) and its attention mask (B, 1, 1, S), S = min(T, max_history) * L."""
+        history = history[:, -self.cfg.max_history:]
+        tokens = self.item_tokens[history].flatten(1)  # (B, S)
+        s = tokens.shape[1]
+        # Right-aligned positions: the most recent item's tokens always sit at the same positions.
+        x = self.drop(self.tok(tokens) + self.enc_pos(s, self.enc_pos.max_len - s))  # (B, S, D)
+        mask = attention_mask(tokens != 0)
+        return self.encoder(x, mask=mask), mask
+
+    def embed_decoder(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Decoder input tokens (B, t) at decoder positions offset..offset+t-1 -> (B, t, D)."""
+        return self.drop(self.tok(tokens) + self.dec_pos(tokens.shape[1], offset))
+
+    def decode(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Decoder embeddings (rows, t, D) -> hidden states (rows, t, D); causal unless ``cache`` (one new step)."""
+        mask = None if cache is not None else attention_mask(None, causal=x.shape[1])
+        return self.decoder(x, mask=mask, memory=memory, memory_mask=memory_mask, cache=cache)
+
+    def level_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        """Hidden states (..., D) -> logits over level ``level``'s K codes (..., K)."""
+        lo = self.offsets[level]
+        return F.linear(h, self.head.weight[lo: lo + self.sizes[level]])
+
+    # ----- training -----
+    def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        memory, memory_mask = self.encode(history)
+        target_codes = self.codes[target]  # (B, L)
+        bos = torch.full_like(target[:, None], self.bos)
+        dec_in = torch.cat([bos, self.item_tokens[target][:, :-1]], dim=1)  # (B, L): BOS, c_0 .. c_{L-2}
+        h = self.decode(self.embed_decoder(dec_in), memory, memory_mask)  # (B, L, D)
+        out: dict[str, torch.Tensor] = {}
+        losses = []
+        for level in range(self.num_levels):
+            ce = F.cross_entropy(self.level_logits(h[:, level], level), target_codes[:, level])
+            losses.append(ce)
+            out[f"ce_level_{level}"] = ce.detach()
+        out["loss"] = torch.stack(losses).mean()
+        return out
+
+    # ----- inference -----
+    @torch.no_grad()
+    def beam_search(self, history: torch.Tensor, beam_width: int, use_cache: bool = True) -> BeamResult:
+        """Constrained beam search for every user; ``use_cache=False`` re-runs the decoder over the whole prefix at
+        every step (the reference the cached path is tested against)."""
+        memory, memory_mask = self.encode(history)
+        b = history.shape[0]
+        cache = self.decoder.new_cache() if use_cache else None
+        prefix: torch.Tensor | None = None  # (rows, l) decoder tokens after BOS, for the no-cache path
+
+        def step(level: int, last: torch.Tensor | None, parents: torch.Tensor | None) -> torch.Tensor:
+            nonlocal prefix
+            if level == 0:
+                tokens = torch.full((b, 1), self.bos, dtype=torch.long, device=history.device)
+            else:
+                tok = (last + 1 + self.offsets[level - 1])[:, None]  # (rows, 1) token of the code chosen at level-1
+                if cache is not None:
+                    cache.reorder(parents)
+                    tokens = tok
+                else:
+                    prefix = tok if prefix is None else torch.cat([prefix[parents], tok], dim=1)
+                    tokens = torch.cat([torch.full_like(tok, self.bos), prefix], dim=1)
+            offset = level if cache is not None else 0
+            h = self.decode(self.embed_decoder(tokens, offset), memory, memory_mask, cache)
+            return self.level_logits(h[:, -1], level)  # (rows, K_level)
+
+        return beam_search(step, self.trie, b, beam_width)
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int, beam_width: int | None = None,
+                  use_cache: bool = True) -> torch.Tensor:
+        """The k best distinct items (B, k), best first, 0 where fewer exist. Beam width: ``beam_width`` or
+        ``cfg.beam_width``, at least k (so k items are found whenever k codes exist)."""
+        width = max(beam_width or self.cfg.beam_width, k)
+        result = self.beam_search(history, width, use_cache)
+        return self.trie.items_of(result.leaves, result.valid, k)
