@@ -231,11 +231,10 @@ class CAR(nn.Module):
         if not self.cfg.all_positions:
             valid = valid & (torch.arange(t, device=history.device) == t - 1)
         hv, y = h[valid], nxt[valid]  # (M, D), (M,)
-        if y.numel() == 0:  # no real chunk in the batch: a zero that keeps the graph
-            zero = h.sum() * 0.0
-            return {"loss": zero, "act_loss": zero.detach(), "think_loss": zero.detach()}
-        act = self._uid_loss(hv, y)
-        think = self._think_losses(hv, y)
+        if y.numel() == 0:  # no real chunk in the batch: zeros that keep the graph (and the same keys on every rank)
+            act, think = h.sum() * 0.0, [h.sum() * 0.0] * self.num_levels
+        else:
+            act, think = self._uid_loss(hv, y), self._think_losses(hv, y)
         think_mean = torch.stack(think).mean()
         out = {"loss": act + self.cfg.alpha * think_mean, "act_loss": act.detach(), "think_loss": think_mean.detach()}
         out.update({f"think_loss_level_{l}": ce.detach() for l, ce in enumerate(think)})
@@ -264,6 +263,11 @@ class CAR(nn.Module):
         return out
 
     # ----- inference -----
+    @property
+    def inference_modes(self) -> tuple[str, ...]:
+        """The ``recommend(inference=...)`` values evaluation reports separately (none for the AR ablation)."""
+        return () if self.cfg.mode == "ar" else _INFERENCES
+
     @torch.no_grad()
     def scores(self, history: torch.Tensor, inference: str | None = None) -> torch.Tensor:
         """(B, N+1) item scores of the next chunk (column 0 = -inf): log P(UID=i | H) (fast) or

@@ -54,6 +54,9 @@ def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: st
     batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(ex, cfg.evaluate.batch_size)]
     model_m = evaluate_model(model, batches, cfg.evaluate.ks, device,
                              **recommend_kwargs(model, cfg.evaluate.beam_width))
+    for mode in getattr(model, "inference_modes", ()):  # CAR: fast and slow, logged separately as "<mode>/<metric>"
+        mode_m = evaluate_model(model, batches, cfg.evaluate.ks, device, inference=mode)
+        model_m.update({f"{mode}/{k}": v for k, v in mode_m.items()})
     pop = MostPopular.fit((s[:-2] for s in seqs["items"].to_list() if len(s) >= 3), dataset.num_items)
     pop_m = evaluate_model(pop, batches, cfg.evaluate.ks, torch.device("cpu"))
     return {"model": model_m, "most_popular": pop_m}

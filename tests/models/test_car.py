@@ -160,6 +160,8 @@ def test_fully_padded_batch_is_finite():
     model = toy_model()
     out = model(torch.zeros(2, 4, dtype=torch.long), torch.tensor([1, 2]))
     assert out["loss"] == 0 and out["loss"].requires_grad
+    # the same loss parts as a real batch: the trainer all-reduces them by name across ranks
+    assert set(out) == set(model(torch.tensor([[1, 2]]), torch.tensor([3])))
 
 
 @pytest.mark.parametrize("uid_loss", ["sampled", "in_batch"])
