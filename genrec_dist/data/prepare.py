@@ -93,13 +93,8 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
                         f"'{text.FALLBACK_TITLE}' ({no_record} have no item record at all)")
     for w in warnings:
         log.warning(w)
-    lengths = seq["items"].list.len()
-    counts = {"users": seq.height, "items": items.height, "interactions": int(lengths.sum())}
-    stats = {
-        "density": counts["interactions"] / (counts["users"] * counts["items"]),
-        "length": {"min": int(lengths.min()), "p50": float(lengths.quantile(0.5, "nearest")),
-                   "p90": float(lengths.quantile(0.9, "nearest")), "max": int(lengths.max()),
-                   "mean": float(lengths.mean())},
+    counts, stats = _stats(seq, items.height)
+    stats.update({
         "has_timestamps": has_time,
         "duplicates_dropped": duplicates,
         "k_core": {"k": p.k_core, "rounds": rounds, "interactions_removed": before[0] - counts["interactions"],
@@ -107,7 +102,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         "items_without_title": no_title,
         "items_without_record": no_record,
         "raw": {"interactions": raw.interactions.height, **raw.info},
-    }
+    })
     manifest = {
         "name": cfg.name,
         "source": {"type": p.source, "name": p.name, "input_dir": p.input_dir, "files": raw.files},
@@ -129,10 +124,19 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _stats(seq: pl.DataFrame, num_items: int) -> tuple[dict[str, int], dict[str, Any]]:
+    lengths = seq["items"].list.len()
+    counts = {"users": seq.height, "items": num_items, "interactions": int(lengths.sum())}
+    q = lambda f: float(lengths.quantile(f, "nearest"))  # noqa: E731
+    return counts, {
+        "density": counts["interactions"] / (counts["users"] * counts["items"]),
+        "length": {"min": int(lengths.min()), "p50": q(0.5), "p90": q(0.9), "max": int(lengths.max()),
+                   "mean": float(lengths.mean())},
+    }
+
+
 def _check_destination(path: str, storage_cfg: Any, overwrite: bool) -> None:
-    fs, p = storage.filesystem(path, storage_cfg)
-    with storage._guard(path, storage_cfg):
-        taken = fs.exists(p) and bool(fs.ls(p, detail=False))
+    taken = storage.exists(path, storage_cfg) and bool(storage.list_files(path, storage_cfg))
     if taken and not overwrite:
         raise storage.StorageError(f"{path}: already exists (pass prepare.overwrite=true to replace it)")
 
