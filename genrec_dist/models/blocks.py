@@ -10,6 +10,10 @@ may attend). One layer class covers the three uses:
 Stacks take *embeddings*, not token ids, so a model can add its own inputs (CAR's act/think fusion, UNGER's extra
 IKD token appended to the decoder input) and read any position's hidden state.
 
+Parameters are only ever read inside their own module's ``forward`` (no ``other.weight`` in a parent's code), so
+DeepSpeed ZeRO-3, which gathers a module's shards around its calls, works for training *and* for ``recommend``
+outside the engine's forward (tests/models/test_zero3_access.py simulates that partitioning).
+
 Beam search support: a decoder query batch may be a multiple ``G`` of the memory batch (``G`` beams per user, rows
 user-major). Cross-attention then folds the beams into the query axis instead of copying the memory ``G`` times,
 so the memory and its cached keys/values stay at the user batch size for the whole search.
@@ -215,6 +219,23 @@ class PositionalEmbedding(nn.Module):
         return self.weight[offset: offset + t]
 
 
+class TiedEmbedding(nn.Embedding):
+    """An embedding table that also serves as the output layer (scores = hidden @ table.T).
+
+    Both uses go through ``forward`` so that ZeRO-3, which gathers a module's partitioned parameters only around
+    that module's own calls, has the table in place: ``emb(ids)`` looks up, ``emb.scores(h)`` scores. Reading
+    ``emb.weight`` directly from another module's code would see an empty shard there.
+    """
+
+    def forward(self, x: torch.Tensor, scores: bool = False) -> torch.Tensor:
+        if scores:
+            return F.linear(x, self.weight)  # (..., num_embeddings)
+        return super().forward(x)
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        return self(h, scores=True)
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """GPT-2 / nanoGPT initialisation: normal(0, 0.02) weights, zero biases; padding rows stay zero."""
     for m in module.modules():
@@ -237,5 +258,6 @@ def num_parameters(module: nn.Module) -> int:
 
 __all__ = [
     "KVCache", "MultiHeadAttention", "FeedForward", "TransformerLayer", "TransformerStack", "PositionalEmbedding",
+    "TiedEmbedding",
     "attention_mask", "causal_mask", "init_weights", "num_parameters",
 ]

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genrec_dist.models.blocks import PositionalEmbedding, TransformerStack, attention_mask, init_weights
+from genrec_dist.models.blocks import (PositionalEmbedding, TiedEmbedding, TransformerStack, attention_mask,
+                                       init_weights)
 from genrec_dist.models.config import SASRecConfig
 
 
@@ -33,7 +34,7 @@ class SASRec(nn.Module):
             raise ValueError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
         self.cfg = cfg
         self.num_items = num_items
-        self.item_emb = nn.Embedding(num_items + 1, cfg.d_model, padding_idx=0)
+        self.item_emb = TiedEmbedding(num_items + 1, cfg.d_model, padding_idx=0)  # input and output table
         self.pos_emb = PositionalEmbedding(cfg.max_history, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = TransformerStack(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout)
@@ -53,7 +54,7 @@ class SASRec(nn.Module):
 
     def scores(self, history: torch.Tensor) -> torch.Tensor:
         """(B, num_items + 1) scores; column 0 (padding) is -inf."""
-        logits = self.hidden(history) @ self.item_emb.weight.T  # (B, N+1)
+        logits = self.item_emb.scores(self.hidden(history))  # (B, N+1)
         logits[:, 0] = float("-inf")
         return logits
 

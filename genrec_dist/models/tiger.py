@@ -78,7 +78,9 @@ class Tiger(nn.Module):
     def level_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
         """Hidden states (..., D) -> logits over level ``level``'s K codes (..., K)."""
         lo = self.offsets[level]
-        return F.linear(h, self.head.weight[lo: lo + self.sizes[level]])
+        # Through head's own call (not a slice of head.weight) so ZeRO-3 has the weight gathered; the extra columns
+        # cost sum(K) instead of K_l multiply-adds per row, noise next to the decoder.
+        return self.head(h)[..., lo: lo + self.sizes[level]]
 
     # ----- training -----
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
