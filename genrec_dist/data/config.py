@@ -33,6 +33,7 @@ class PrepareConfig:
     # amazon2014: folder with reviews_<Category>_5.json.gz (or reviews_<Category>.json.gz) and meta_<Category>.json.gz
     # lcrec:      folder with <Name>.inter.json[.gz] and <Name>.item.json[.gz]
     # parquet/csv: folder with interactions.<ext> and items.<ext> (names below)
+    # Local (relative to the working directory: run jobs from the repository root) or s3://.
     input_dir: str = ""
     name: str = ""  # Category (amazon2014) or Name (lcrec)
     # amazon2014: "5core" reads reviews_<Category>_5.json.gz; "full" reads reviews_<Category>.json.gz and k-cores it.

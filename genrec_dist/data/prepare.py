@@ -30,6 +30,8 @@ def read_raw(cfg: Config) -> RawData:
         from genrec_dist.data import synthetic
 
         return synthetic.generate(p.synthetic, cfg.seed)
+    if not p.input_dir:
+        raise InputError("prepare.input_dir", f"is empty: name the folder that holds the {p.source} files")
     if p.source == "amazon2014":
         from genrec_dist.data import amazon2014
 

@@ -154,3 +154,9 @@ def test_unreachable_s3_endpoint(tmp_path):
                    "storage.connect_timeout_s=1")
     with pytest.raises(StorageError, match=r"s3://nowhere/dataset: storage at http://127\.0\.0\.1:\d+ failed"):
         run_prepare(cfg)
+
+
+def test_empty_input_dir_is_named(tmp_path):
+    with pytest.raises(InputError, match=r"prepare.input_dir: is empty"):
+        run_prepare(make_cfg(tmp_path / "work", "prepare.source=lcrec"))
+    assert not os.path.exists(tmp_path / "work")
