@@ -6,6 +6,7 @@ Callable without a trainer: ``evaluate_model(model, batches, ks=(5, 10, 20))`` w
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -34,7 +35,8 @@ def evaluate_model(
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = next(itertools.chain((p.device for p in model.parameters()), (b.device for b in model.buffers())),
+                      torch.device("cpu"))
     device = torch.device(device)
     was_training = model.training
     model.eval()
