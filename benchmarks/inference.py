@@ -1,0 +1,184 @@
+"""Inference speed of CAR (fast, slow) against beam search (TIGER, and CAR's own AR ablation) at several beam widths.
+
+    python benchmarks/inference.py [--config configs/synthetic.yaml] [--widths 10,20,50,100] [--users 1024]
+                                   [--batch-size 256] [--threads 1] [--repeats 3] [--train-steps 0] [--sids DIR]
+                                   [--out benchmarks/results/inference.json] [key=value ...]
+
+Same hardware, same process, same users: the test split of the config's dataset (prepared into a temp dir when
+``--dataset`` is not given; the synthetic catalog by default), each model built from the config's ``model.*``
+section (``key=value`` overrides apply, e.g. ``model.car.n_layers=2``). Every row is
+:func:`genrec_dist.evaluation.evaluate.evaluate_model` (users/s = users / total ``recommend`` time; ms/user = mean
+over batches of batch time / batch size) after one untimed warm-up batch, the median of ``--repeats`` rounds.
+
+Models are **untrained** by default (``--train-steps 0``): the cost of a forward pass or of a trie-constrained beam
+does not depend on the weights, so speed needs no training; recall columns are shown only with ``--train-steps``.
+Without ``--sids``, semantic IDs are random codes (``tokenize.levels`` x ``tokenize.codebook_size``, seeded; TIGER
+gets the de-duplication level appended as the tokenizer does, CAR reads the codes without it): their meaning does
+not change the cost either. CAR's rows are measured at every width too (CAR ignores it), to show they stay flat.
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from genrec_dist.config import load_config, to_dict  # noqa: E402
+from genrec_dist.data.dataset import Dataset  # noqa: E402
+from genrec_dist.data.semantic_ids import SemanticIds, read_semantic_ids  # noqa: E402
+from genrec_dist.evaluation.evaluate import evaluate_model  # noqa: E402
+from genrec_dist.models import build_model  # noqa: E402
+from genrec_dist.training import data as D  # noqa: E402
+from tokenization.kmeans import dedup_level  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_sids(num_items: int, levels: int, k: int, seed: int) -> tuple[SemanticIds, SemanticIds]:
+    """(CAR's codes without de-dup, TIGER's with the de-dup level appended), seeded."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, k, size=(num_items, levels))
+    extra, size = dedup_level(codes)
+    pad = np.zeros((1, levels + 1), dtype=np.int64)
+    car = SemanticIds(np.concatenate([pad[:, :levels], codes]), [k] * levels, {"dedup": False})
+    tiger = SemanticIds(np.concatenate([pad, np.concatenate([codes, extra[:, None]], 1)]), [k] * levels + [size],
+                        {"dedup": True})
+    return car, tiger
+
+
+def brief_train(model: torch.nn.Module, examples: D.Examples, steps: int, batch: int, lr: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        idx = rng.integers(0, len(examples), batch)
+        loss = model(torch.from_numpy(examples.history[idx]), torch.from_numpy(examples.target[idx]))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def measure(model, batches, k: int, **kwargs) -> dict:
+    model.eval()
+    with torch.no_grad():
+        model.recommend(batches[0][0], k, **kwargs)  # warm-up (allocator, first-call overheads)
+    return evaluate_model(model, batches, ks=(k,), device="cpu", **kwargs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--config", default=os.path.join(REPO, "configs", "synthetic.yaml"))
+    ap.add_argument("--dataset", default="", help="a prepared dataset dir (default: prepare the config's into tmp)")
+    ap.add_argument("--sids", default="", help="a committed semantic-ID dir (default: random codes)")
+    ap.add_argument("--widths", default="10,20,50,100")
+    ap.add_argument("--users", type=int, default=1024, help="test users timed (first N of the split)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--k", type=int, default=10, help="items recommended per user")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds over all rows; the median is reported")
+    ap.add_argument("--train-steps", type=int, default=0, help="brief training per model (0: untrained)")
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "inference.json"))
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    widths = [int(w) for w in args.widths.split(",")]
+    if min(widths) < args.k:
+        raise SystemExit(f"--k {args.k} must not exceed the smallest beam width {min(widths)}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(args.config, [f"workdir={tmp}", *args.overrides])
+        if args.dataset:
+            cfg.paths.dataset = args.dataset
+        else:
+            from genrec_dist.data.prepare import run_prepare
+
+            run_prepare(cfg)
+        dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
+        seqs = dataset.sequences()
+        test = D.eval_examples(seqs, dataset.max_history, "test")
+        test = test.take(np.arange(min(args.users, len(test))))
+        batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(test, args.batch_size)]
+        train = D.train_examples(seqs, dataset.max_history) if args.train_steps else None
+        n = dataset.num_items
+        if args.sids:
+            car_sids = tiger_sids = read_semantic_ids(args.sids, cfg.storage)  # CAR drops a de-dup level itself
+            codes_desc = f"{args.sids} ({tiger_sids.num_levels} levels {tiger_sids.codebook_sizes})"
+        else:
+            car_sids, tiger_sids = random_sids(n, cfg.tokenize.levels, cfg.tokenize.codebook_size, cfg.seed)
+            codes_desc = f"random {cfg.tokenize.levels} x {cfg.tokenize.codebook_size} (+ de-dup level for TIGER)"
+
+        ar_cfg = copy.deepcopy(cfg.model)
+        ar_cfg.car.mode = "ar"
+        torch.manual_seed(cfg.seed)
+        models = {"car": build_model("car", cfg.model, n, car_sids),
+                  "car-ar": build_model("car", ar_cfg, n, car_sids),
+                  "tiger": build_model("tiger", cfg.model, n, tiger_sids)}
+        if train is not None:
+            for name, m in models.items():
+                brief_train(m, train, args.train_steps, 256, cfg.train.lr, cfg.seed)
+
+        cases = [(label, name, width, {**kw, "beam_width": width}) for width in widths
+                 for label, name, kw in (("CAR fast", "car", {"inference": "fast"}),
+                                         ("CAR slow", "car", {"inference": "slow"}),
+                                         ("CAR AR beam", "car-ar", {}), ("TIGER beam", "tiger", {}))]
+        # Rounds over all cases (not all repeats of one case in a row), median per case: a burst of load from
+        # another process then hits every row alike instead of one.
+        runs: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
+        for rnd in range(args.repeats):
+            for i, (label, name, width, kwargs) in enumerate(cases):
+                m = measure(models[name], batches, args.k, **kwargs)
+                runs[i].append(m)
+                print(f"  round {rnd + 1}/{args.repeats} {label:12s} width {width:4d}: {m['users_per_s']:9.1f} "
+                      f"users/s {m['latency_ms_per_user']:8.3f} ms/user", flush=True)
+        rows = []
+        for i, (label, name, width, _) in enumerate(cases):
+            med = {key: float(np.median([m[key] for m in runs[i]]))
+                   for key in ("users_per_s", "latency_ms_per_user", "latency_ms_per_user_p95")}
+            m = runs[i][0]
+            rows.append({"model": label, "beam_width": width, "users": int(m["users"]), **med,
+                         "users_per_s_rounds": [m2["users_per_s"] for m2 in runs[i]],
+                         f"recall@{args.k}": m[f"recall@{args.k}"], f"ndcg@{args.k}": m[f"ndcg@{args.k}"]})
+
+    fast = {r["beam_width"]: r["users_per_s"] for r in rows if r["model"] == "CAR fast"}
+    head = ["model", "beam width", "users/s", "ms/user", "ms/user p95", "CAR fast speed-up"]
+    if args.train_steps:
+        head += [f"R@{args.k}", f"N@{args.k}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], str(r["beam_width"]), f"{r['users_per_s']:.1f}", f"{r['latency_ms_per_user']:.3f}",
+                 f"{r['latency_ms_per_user_p95']:.3f}", f"{fast[r['beam_width']] / r['users_per_s']:.1f}x"]
+        if args.train_steps:
+            cells += [f"{r[f'recall@{args.k}']:.4f}", f"{r[f'ndcg@{args.k}']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    env = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "device": "cpu"}
+    print(f"\n# inference speed, {len(test)} test users of {os.path.basename(args.config)} ({n} items), batch "
+          f"{args.batch_size}, k={args.k}, codes: {codes_desc}; "
+          f"{'untrained' if not args.train_steps else f'{args.train_steps} training steps'}; params {params}; "
+          f"{env['processor']} x{env['torch_threads']} threads\n{table}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env, "rows": rows,
+              "args": vars(args), "num_items": n, "codes": codes_desc, "parameters": params,
+              "model_config": to_dict(cfg.model), "table": table}
+    tmp_out = args.out + ".tmp"
+    with open(tmp_out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    os.replace(tmp_out, args.out)  # never a half-written result file
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
