@@ -52,8 +52,8 @@ import torch.nn.functional as F
 
 from genrec_dist.data.semantic_ids import SemanticIds
 from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
-from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TransformerStack, attention_mask,
-                                       init_weights)
+from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
+                                       attention_mask, init_weights)
 from genrec_dist.models.config import CARConfig
 
 NEG_INF = float("-inf")
@@ -136,16 +136,18 @@ class CAR(nn.Module):
         self.register_buffer("codes", torch.from_numpy(codes.copy()), persistent=False)  # (N+1, L)
         self.register_buffer("sid_tokens", torch.from_numpy(codes + offsets), persistent=False)  # (N+1, L)
         d = cfg.d_model
-        self.sid_emb = nn.Embedding(sum(sizes), d)  # think tokens, level l in rows offset_l .. offset_l + K_l
-        self.item_emb = nn.Embedding(self.num_items + 1, d, padding_idx=0)  # act tokens
+        # Tables are read only through their own calls (lookup or .scores), never as .weight from here, so ZeRO-3
+        # has them gathered (blocks.TiedEmbedding; tests/models/test_car.py simulates the partitioning).
+        self.sid_emb = TiedEmbedding(sum(sizes), d)  # think tokens, level l in rows offset_l .. offset_l + K_l
+        self.item_emb = TiedEmbedding(self.num_items + 1, d, padding_idx=0)  # act tokens
         # Positions right-aligned on chunk boundaries: the last history chunk always occupies chunk slot
         # max_history - 1 and the next chunk (decoded by the AR ablation) slot max_history.
         self.pos_emb = PositionalEmbedding((cfg.max_history + 1) * self.chunk, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = TransformerStack(cfg.n_layers, d, cfg.n_heads, cfg.d_ff, cfg.dropout)
-        if not cfg.tie_embeddings:
-            self.sid_head = nn.Linear(d, sum(sizes), bias=False)
-            self.uid_head = nn.Linear(d, self.num_items + 1, bias=False)
+        if not cfg.tie_embeddings:  # separate output tables (TiedEmbedding for its row lookup + scores calls)
+            self.sid_head = TiedEmbedding(sum(sizes), d)
+            self.uid_head = TiedEmbedding(self.num_items + 1, d)
         init_weights(self)
 
     # ----- inputs -----
@@ -175,18 +177,24 @@ class CAR(nn.Module):
         return history[:, -self.cfg.max_history:]
 
     # ----- heads (tied to the input tables unless tie_embeddings is off) -----
+    def _sid_out(self) -> TiedEmbedding:
+        return self.sid_emb if self.cfg.tie_embeddings else self.sid_head
+
+    def _uid_out(self) -> TiedEmbedding:
+        return self.item_emb if self.cfg.tie_embeddings else self.uid_head
+
+    def sid_logits_all(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """(..., D) -> per level l, (..., K_l) logits (one matmul over all levels' codes, then split)."""
+        return list(self._sid_out().scores(h).split(self.sizes, dim=-1))
+
     def sid_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
         """(..., D) -> (..., K_level) logits of SID level ``level``."""
-        weight = self.sid_head.weight if not self.cfg.tie_embeddings else self.sid_emb.weight
         lo = self.offsets[level]
-        return F.linear(h, weight[lo: lo + self.sizes[level]])
-
-    def uid_weight(self) -> torch.Tensor:
-        return self.uid_head.weight if not self.cfg.tie_embeddings else self.item_emb.weight  # (N+1, D)
+        return self._sid_out().scores(h)[..., lo: lo + self.sizes[level]]
 
     def uid_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., N+1) item logits; column 0 (padding) is -inf."""
-        logits = F.linear(h, self.uid_weight())
+        logits = self._uid_out().scores(h)
         return logits.masked_fill(self._pad_column(logits), NEG_INF)
 
     @staticmethod
@@ -200,15 +208,15 @@ class CAR(nn.Module):
         """Act loss of states ``h`` (M, D) for target items ``y`` (M,): full, sampled or in-batch softmax."""
         if self.cfg.uid_loss == "full":
             return F.cross_entropy(self.uid_logits(h), y)
-        weight = self.uid_weight()
         if self.cfg.uid_loss == "sampled":
             neg = torch.randint(1, self.num_items + 1, (self.cfg.num_negatives,), device=h.device)  # (S,)
-            pos_logit = (h * weight[y]).sum(-1, keepdim=True)  # (M, 1)
-            neg_logit = (h @ weight[neg].T).masked_fill(neg[None, :] == y[:, None], NEG_INF)  # (M, S)
+            rows = self._uid_out()(torch.cat([y, neg]))  # (M + S, D) output rows of the targets and negatives
+            pos_logit = (h * rows[: y.numel()]).sum(-1, keepdim=True)  # (M, 1)
+            neg_logit = (h @ rows[y.numel():].T).masked_fill(neg[None, :] == y[:, None], NEG_INF)  # (M, S)
             logits = torch.cat([pos_logit, neg_logit], dim=1)  # the target is column 0
             return F.cross_entropy(logits, torch.zeros_like(y))
         # in_batch: every position's target is a candidate for all; logQ correction by in-batch frequency.
-        logits = h @ weight[y].T  # (M, M)
+        logits = h @ self._uid_out()(y).T  # (M, M)
         same = y[None, :] == y[:, None]  # (M, M)
         log_q = torch.log(same.sum(0).to(logits.dtype) / y.numel())  # (M,) log share of y_j among the targets
         eye = torch.eye(y.numel(), dtype=torch.bool, device=y.device)
@@ -218,7 +226,7 @@ class CAR(nn.Module):
     def _think_losses(self, h: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """Cross-entropy per SID level for states ``h`` (M, D) predicting the codes of items ``y`` (M,)."""
         codes = self.codes[y]  # (M, L)
-        return [F.cross_entropy(self.sid_logits(h, l), codes[:, l]) for l in range(self.num_levels)]
+        return [F.cross_entropy(logits, codes[:, l]) for l, logits in enumerate(self.sid_logits_all(h))]
 
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         history = self._history(history)
@@ -281,8 +289,8 @@ class CAR(nn.Module):
         h = self.encode(history, self.cfg.max_history - history.shape[1])[:, -1, -1]  # (B, D)
         score = self.uid_logits(h).float().log_softmax(dim=-1)  # (B, N+1)
         if inference == "slow":
-            for level in range(self.num_levels):
-                logp = self.sid_logits(h, level).float().log_softmax(dim=-1)  # (B, K_l)
+            for level, logits in enumerate(self.sid_logits_all(h)):
+                logp = logits.float().log_softmax(dim=-1)  # (B, K_l)
                 score = score + self.cfg.slow_weight * logp[:, self.codes[:, level]]  # (B, N+1)
         return score
 

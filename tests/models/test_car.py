@@ -92,11 +92,12 @@ def test_no_position_sees_a_later_chunk(fusion):
 def test_heads_at_chunk_t_get_no_gradient_from_later_chunks():
     torch.manual_seed(0)
     model = toy_model()
-    captured = []
+    captured = {}
 
     def keep(module, inputs, output):
-        output.retain_grad()
-        captured.append(output)
+        if module not in captured:  # the input lookup; the heads' later .scores calls are outputs
+            output.retain_grad()
+            captured[module] = output
 
     hooks = [model.sid_emb.register_forward_hook(keep), model.item_emb.register_forward_hook(keep)]
     history = torch.tensor([[0, 7, 8, 9, 10], [1, 2, 3, 4, 5]])
@@ -106,7 +107,7 @@ def test_heads_at_chunk_t_get_no_gradient_from_later_chunks():
         h = model.encode(history, 3)[:, t, -1]  # (B, D) the state that predicts chunk t+1
         logits = [model.uid_logits(h)[:, 1:]] + [model.sid_logits(h, l) for l in range(model.num_levels)]
         sum(x.sum() for x in logits).backward()
-        think, act = captured  # (B, T, L, D), (B, T, D)
+        think, act = captured[model.sid_emb], captured[model.item_emb]  # (B, T, L, D), (B, T, D)
         for grad in (think.grad, act.grad):
             assert torch.count_nonzero(grad[:, t + 1:]) == 0, f"chunk {t} head got gradient from a later chunk"
         # ...while chunk t itself and the real chunks before it do feed the head
@@ -258,3 +259,25 @@ def test_config_section_levels_and_dedup():
         build_model("car", small_cfg(levels=4), N, dedup)
     with pytest.raises(ValueError, match="semantic IDs"):
         build_model("car", small_cfg(), N, None)
+
+
+# ----- ZeRO-3: parameters read only inside their own module (tests/models/test_zero3_access.py's simulation) -----
+
+@pytest.mark.parametrize("kw", [{}, {"inference": "slow"}, {"uid_loss": "sampled", "num_negatives": 4},
+                                {"uid_loss": "in_batch", "tie_embeddings": False}, {"mode": "ar", "beam_width": 4}])
+def test_parameters_are_read_only_inside_their_module(kw, gen):
+    from test_zero3_access import partitioned
+
+    torch.manual_seed(0)
+    model = toy_model(**kw).eval()
+    history, target = successor_batch(N, 4, 5, gen)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        loss = model(history, target)["loss"]
+        rec = model.recommend(history, 4)
+        with partitioned(model):
+            torch.manual_seed(1)
+            loss_z3 = model(history, target)["loss"]
+            rec_z3 = model.recommend(history, 4)
+    torch.testing.assert_close(loss, loss_z3)
+    assert torch.equal(rec, rec_z3)
