@@ -60,14 +60,15 @@ class SASRec(nn.Module):
 
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.loss == "softmax":
-            return {"loss": F.cross_entropy(self.scores(history), target)}
+            # float32 softmax even when the model runs in bf16 (DeepSpeed on GPU)
+            return {"loss": F.cross_entropy(self.scores(history).float(), target)}
         h = self.hidden(history)  # (B, D)
         neg = torch.randint(1, self.num_items + 1, (self.cfg.num_negatives,), device=h.device)  # (n,)
         pos_logit = (h * self.item_emb(target)).sum(-1, keepdim=True)  # (B, 1)
         neg_logit = h @ self.item_emb(neg).T  # (B, n)
         neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))  # accidental hits
         logits = torch.cat([pos_logit, neg_logit], dim=1)  # (B, 1 + n), the target is column 0
-        return {"loss": F.cross_entropy(logits, torch.zeros_like(target))}
+        return {"loss": F.cross_entropy(logits.float(), torch.zeros_like(target))}
 
     @torch.no_grad()
     def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:

@@ -92,7 +92,7 @@ class Tiger(nn.Module):
         out: dict[str, torch.Tensor] = {}
         losses = []
         for level in range(self.num_levels):
-            ce = F.cross_entropy(self.level_logits(h[:, level], level), target_codes[:, level])
+            ce = F.cross_entropy(self.level_logits(h[:, level], level).float(), target_codes[:, level])
             losses.append(ce)
             out[f"ce_level_{level}"] = ce.detach()
         out["loss"] = torch.stack(losses).mean()
