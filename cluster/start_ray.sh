@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Start one Ray node on this machine without the cluster launcher (on-prem, or a laptop), in the background.
+#
+#   cluster/start_ray.sh head                     # head: GCS on :6379, dashboard/jobs on :8265
+#   cluster/start_ray.sh worker 10.0.0.1:6379     # a worker joining that head (GPUs detected)
+#   cluster/start_ray.sh head --num-cpus=2        # extra arguments go to `ray start`
+#
+# Then: ray job submit --address http://<head>:8265 --working-dir . -- python jobs/tokenize.py --config ...
+# Stop this node with cluster/stop_ray.sh (only the processes this script started).
+#
+# Ray >= 2.5x token auth: export RAY_AUTH_MODE=token and the same RAY_AUTH_TOKEN (or ~/.ray/auth_token) on every
+# node and on the machine that runs `ray job submit`.
+#
+# Environment: GENREC_RAY_PORT (6379), GENREC_RAY_DASHBOARD_PORT (8265), GENREC_RAY_DASHBOARD_HOST (0.0.0.0 on a
+# head; 127.0.0.1 keeps the job API on loopback), GENREC_RAY_TEMP_DIR (/tmp/ray; keep it short: Ray puts unix
+# sockets there), GENREC_RAY_PID_FILE (<temp dir>/genrec-ray.pid), GENREC_RAY_START_TIMEOUT (120 s).
+set -euo pipefail
+ROLE=${1:?usage: start_ray.sh head|worker HEAD_ADDRESS [ray start args...]}
+shift
+RAY=${RAY_BIN:-ray}
+TEMP_DIR=${GENREC_RAY_TEMP_DIR:-/tmp/ray}
+PID_FILE=${GENREC_RAY_PID_FILE:-$TEMP_DIR/genrec-ray.pid}
+LOG=${PID_FILE%.pid}.log
+mkdir -p "$TEMP_DIR"
+
+case "$ROLE" in
+  head)
+    ARGS=(--head --port="${GENREC_RAY_PORT:-6379}" --dashboard-host="${GENREC_RAY_DASHBOARD_HOST:-0.0.0.0}"
+          --dashboard-port="${GENREC_RAY_DASHBOARD_PORT:-8265}") ;;
+  worker)
+    HEAD=${1:?usage: start_ray.sh worker HEAD_ADDRESS}
+    shift
+    ARGS=(--address="$HEAD") ;;
+  *) echo "start_ray.sh: role must be head or worker, got '$ROLE'" >&2; exit 2 ;;
+esac
+
+if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
+  echo "start_ray.sh: a node started by this script is already running (pid $(cat "$PID_FILE"), $PID_FILE)" >&2
+  exit 1
+fi
+
+# --block keeps `ray start` in the foreground of its own session, so the node's processes share one process
+# group that stop_ray.sh can end without touching other Ray instances on the machine (`ray stop` would).
+setsid "$RAY" start "${ARGS[@]}" --block --temp-dir="$TEMP_DIR" --disable-usage-stats "$@" >"$LOG" 2>&1 &
+echo $! >"$PID_FILE"
+
+deadline=$((SECONDS + ${GENREC_RAY_START_TIMEOUT:-120}))
+until grep -q "Ray runtime started" "$LOG" 2>/dev/null; do
+  if ! kill -0 "$(cat "$PID_FILE")" 2>/dev/null || ((SECONDS > deadline)); then
+    echo "start_ray.sh: ray start failed or timed out; log $LOG:" >&2
+    tail -n 40 "$LOG" >&2
+    exit 1
+  fi
+  sleep 0.5
+done
+echo "ray $ROLE started (pid $(cat "$PID_FILE"), log $LOG)"

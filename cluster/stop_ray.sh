@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Stop the Ray node that cluster/start_ray.sh started here: SIGTERM to its process group, SIGKILL after a grace
+# period. Other Ray instances on the machine are left alone.
+#
+#   cluster/stop_ray.sh            # the node of GENREC_RAY_PID_FILE (default /tmp/ray/genrec-ray.pid)
+#   cluster/stop_ray.sh --all      # `ray stop`: every Ray process of this user here (dedicated nodes only)
+set -euo pipefail
+if [[ "${1:-}" == "--all" ]]; then
+  exec "${RAY_BIN:-ray}" stop
+fi
+TEMP_DIR=${GENREC_RAY_TEMP_DIR:-/tmp/ray}
+PID_FILE=${GENREC_RAY_PID_FILE:-$TEMP_DIR/genrec-ray.pid}
+if [[ ! -f "$PID_FILE" ]]; then
+  echo "stop_ray.sh: no $PID_FILE (nothing started by start_ray.sh here)" >&2
+  exit 1
+fi
+PGID=$(cat "$PID_FILE")
+alive() { pgrep -g "$PGID" >/dev/null 2>&1; }
+kill -TERM -- "-$PGID" 2>/dev/null || true
+for _ in $(seq 1 "${GENREC_RAY_STOP_GRACE_S:-5}"); do
+  alive || break
+  sleep 1
+done
+if alive; then
+  kill -KILL -- "-$PGID" 2>/dev/null || true
+  sleep 1
+fi
+rm -f "$PID_FILE"
+echo "ray node (process group $PGID) stopped"
