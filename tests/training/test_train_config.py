@@ -1,0 +1,93 @@
+"""The DeepSpeed config dict, the launcher environment and checkpoint bookkeeping as plain values (no process group)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genrec_dist.config import load_config
+from genrec_dist.training import checkpoint as ckpt
+from genrec_dist.training.dist import world_from_env
+from genrec_dist.training.ds_config import BatchSizeError, deepspeed_config, micro_batch
+
+
+def _train(*overrides):
+    return load_config(None, list(overrides), default_section="train").train
+
+
+@pytest.mark.parametrize("world,ga,expected", [(1, 1, 256), (2, 1, 128), (4, 2, 32), (8, 4, 8)])
+def test_micro_batch_keeps_global_batch(world, ga, expected):
+    tc = _train(f"grad_accum={ga}")
+    assert micro_batch(tc, world) == expected
+    d = deepspeed_config(tc, world, use_cuda=False, total_steps=10)
+    assert d["train_batch_size"] == d["train_micro_batch_size_per_gpu"] * ga * world == 256
+
+
+def test_indivisible_batch_is_a_clear_error():
+    with pytest.raises(BatchSizeError, match="batch_size=100"):
+        micro_batch(_train("batch_size=100"), 3)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_and_precision(stage):
+    d = deepspeed_config(_train(f"zero_stage={stage}"), 2, use_cuda=False, total_steps=10)
+    assert d["zero_optimization"]["stage"] == stage
+    assert d["bf16"]["enabled"] is False  # fp32 on CPU
+    assert deepspeed_config(_train(), 1, use_cuda=True, total_steps=10)["bf16"]["enabled"] is True
+    json.dumps(d)  # DeepSpeed reads it as JSON
+
+
+def test_bad_zero_stage():
+    with pytest.raises(ValueError, match="zero_stage"):
+        deepspeed_config(_train("zero_stage=4"), 1, use_cuda=False, total_steps=10)
+
+
+def test_paper_defaults_and_schedules():
+    d = deepspeed_config(_train(), 1, use_cuda=False, total_steps=5000)
+    assert d["optimizer"]["type"] == "Adam" and d["optimizer"]["params"]["adam_w_mode"] is False
+    assert d["optimizer"]["params"]["lr"] == 1e-3
+    assert d["zero_force_ds_cpu_optimizer"] is False
+    sched = d["scheduler"]
+    assert sched["type"] == "WarmupLR"
+    assert sched["params"]["warmup_min_lr"] == 1e-7 and sched["params"]["warmup_num_steps"] == 2000
+    assert sched["params"]["warmup_type"] == "linear"
+    d = deepspeed_config(_train("lr_schedule=warmup_decay", "optimizer=adamw", "grad_clip=0.5"), 1, False, 5000)
+    assert d["scheduler"]["type"] == "WarmupDecayLR" and d["scheduler"]["params"]["total_num_steps"] == 5000
+    assert d["optimizer"]["type"] == "AdamW" and d["gradient_clipping"] == 0.5
+
+
+def test_world_from_env():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    w = world_from_env(env)
+    assert (w.rank, w.world_size, w.local_rank, w.master_addr, w.is_main) == (3, 8, 1, "10.0.0.1", False)
+    lone: dict = {}
+    w = world_from_env(lone)  # plain `python jobs/train.py`: rank 0 of 1, variables filled in for init
+    assert (w.rank, w.world_size, w.is_main) == (0, 1, True)
+    assert lone["MASTER_ADDR"] == "127.0.0.1" and int(lone["MASTER_PORT"]) > 0
+    with pytest.raises(ValueError, match="not numeric"):
+        world_from_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    for step in (10, 20, 30):
+        (tmp_path / ckpt.tag_of(step)).mkdir()
+    (tmp_path / ckpt.tag_of(10) / ckpt.MARKER).write_text("{}")
+    (tmp_path / ckpt.tag_of(20) / ckpt.MARKER).write_text("{}")
+    # step 30 was being written when the run died: no marker, never "latest"
+    assert ckpt.complete_steps(str(tmp_path)) == [10, 20]
+    assert ckpt.latest_complete(str(tmp_path)) == 20
+    assert ckpt.latest_complete(str(tmp_path / "missing")) is None
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+    import torch
+
+    state = ckpt.rng_state()
+    a = (torch.rand(3), np.random.rand(), random.random())
+    ckpt.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
