@@ -92,3 +92,19 @@ def test_parquet_garbage(data):
     path = "interactions.parquet"
     with pytest.raises(InputError, match="interactions.parquet"):
         tabular.parse_interactions(path, data, "user", "item", "timestamp")
+
+
+@FEW
+@given(st.data())
+def test_cut_or_flipped_gzip(data):
+    lines = [json.dumps({"reviewerID": f"U{k % 3}", "asin": f"B{k}", "unixReviewTime": k}) for k in range(40)]
+    blob = bytearray(gzip.compress(("\n".join(lines) + "\n").encode()))
+    cut = data.draw(st.integers(0, len(blob)))
+    blob = blob[:cut]
+    if blob and data.draw(st.booleans()):
+        at = data.draw(st.integers(0, len(blob) - 1))
+        blob[at] ^= data.draw(st.integers(1, 255))
+    path = "reviews_X_5.json.gz"
+    df = check(lambda: amazon2014.parse_reviews(path, bytes(blob)), path)
+    if df is not None:
+        assert df.height <= 40
