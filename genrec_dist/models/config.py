@@ -12,17 +12,18 @@ from typing import Literal
 
 @dataclass
 class TigerConfig:
-    """TIGER (Rajput et al., NeurIPS 2023): encoder-decoder over semantic-ID tokens. Sizes: TIGER §4.1 (T5-style,
-    ~13M params with 2000 user tokens; ANCHORS.md C.1)."""
+    """TIGER (Rajput et al., NeurIPS 2023): encoder-decoder over semantic-ID tokens. Sizes from TIGER's
+    implementation details (§4, T5-style; transcribed in ANCHORS.md C.1). The paper's ~13M parameters include
+    2000 hashed user tokens, left out here (the model contract carries no user ids): ~4.7M at Beauty size."""
 
-    d_model: int = 128  # TIGER §4.1
-    n_heads: int = 6  # TIGER §4.1: 6 heads x 64
-    head_dim: int = 64  # TIGER §4.1 (inner attention width 384 > d_model, as in T5)
-    d_ff: int = 1024  # TIGER §4.1: MLP 1024
-    encoder_layers: int = 4  # TIGER §4.1: 4 + 4 layers (3/4/5 barely differ, TIGER §4.4)
+    d_model: int = 128  # TIGER §4 (ANCHORS.md C.1)
+    n_heads: int = 6  # TIGER §4: 6 heads x 64
+    head_dim: int = 64  # TIGER §4 (inner attention width 384 > d_model, as in T5)
+    d_ff: int = 1024  # TIGER §4: MLP 1024
+    encoder_layers: int = 4  # TIGER §4: 4 + 4 layers (3/4/5 layers barely differ, TIGER's ablation)
     decoder_layers: int = 4
-    dropout: float = 0.1  # TIGER §4.1
-    max_history: int = 20  # items; TIGER §4.1 / UNGER §4.1.1 cut histories to 20
+    dropout: float = 0.1  # TIGER §4
+    max_history: int = 20  # items; TIGER §4 / UNGER §4.1.1 cut histories to 20
     # Beam width of recommend(); evaluate may pass another. cornac: beam 50 ~ exact full ranking (<0.5% off);
     # XiaoLongtaoo/TIGER uses 30, UNGER up to 100 (ANCHORS.md C.2).
     beam_width: int = 50
@@ -32,12 +33,12 @@ class TigerConfig:
 class SASRecConfig:
     """SASRec (Kang & McAuley, ICDM 2018): causal self-attention over item ids."""
 
-    d_model: int = 64  # SASRec §4.2 uses d=50; 64 keeps heads aligned (cornac's tuned run: 128)
-    n_heads: int = 1  # SASRec §4.2: single head
-    n_layers: int = 2  # SASRec §4.2: b=2 blocks
-    d_ff: int = 64  # SASRec §3.2: point-wise FFN keeps width d
-    dropout: float = 0.5  # SASRec §4.2: 0.5 on the sparse Amazon sets (0.2 on MovieLens-1M)
-    max_history: int = 50  # SASRec §4.2: n=50 on Amazon; our datasets cut to 20 anyway
+    d_model: int = 64  # SASRec implementation details: d=50; 64 keeps heads aligned (cornac's tuned run: 128)
+    n_heads: int = 1  # SASRec: single head
+    n_layers: int = 2  # SASRec: b=2 self-attention blocks
+    d_ff: int = 64  # SASRec §III: the point-wise FFN's W1, W2 are d x d
+    dropout: float = 0.5  # SASRec: 0.5 on the sparse Amazon sets (0.2 on MovieLens-1M)
+    max_history: int = 50  # SASRec: n=50 on Amazon; our datasets cut histories to 20 anyway
     # Full-softmax CE over the catalog is far stronger than the paper's BCE with one negative (Beauty R@10 0.0859
     # CE vs 0.0539 BCE in one study, ANCHORS.md C.3); 'sampled' (uniform negatives, accidental hits masked) is for
     # catalogs too large for a (B, num_items) logit matrix.
@@ -73,9 +74,31 @@ class CARConfig:
 
 
 @dataclass
+class UngerConfig(TigerConfig):
+    """UNGER Stage II (genrec_dist/models/unger.py): TIGER's encoder-decoder over unified codes + the IKD token.
+    Sizes: UNGER §4.1.3 / Table 4."""
+
+    d_model: int = 96  # UNGER Table 4: embedding dimension 96 (§4.5.3: best width)
+    n_heads: int = 6  # UNGER Table 4
+    head_dim: int = 16  # d_model / n_heads
+    d_ff: int = 256  # UNGER Table 4: hidden size 256
+    encoder_layers: int = 1  # UNGER §4.1.3
+    decoder_layers: int = 4  # UNGER §4.1.3
+    dropout: float = 0.0  # UNGER Table 4
+    beam_width: int = 100  # UNGER Table 4
+    ikd_weight: float = 1.0  # Eq. 12 (UNGER Table 4: 1.0); 0 = the "CKA only" ablation (Table 8)
+    ikd_temperature: float = 0.1  # Eq. 11 tau; not given by the paper (ANCHORS.md B)
+    ikd_similarity: Literal["cosine", "dot"] = "cosine"
+    # Negatives of Eq. 11: 0 = every other item of the catalog ("global contrastive objective over the item
+    # corpus", §3.4.3); n > 0 = n uniform random items shared by the batch (for very large catalogs).
+    ikd_negatives: int = 0
+
+
+@dataclass
 class ModelConfig:
     """Per-model sub-sections; CAR and UNGER add theirs here."""
 
     tiger: TigerConfig = field(default_factory=TigerConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     car: CARConfig = field(default_factory=CARConfig)
+    unger: UngerConfig = field(default_factory=UngerConfig)

@@ -44,8 +44,8 @@ class SASRec(nn.Module):
         """(B, T) item ids -> (B, D) state of the most recent position."""
         history = history[:, -self.cfg.max_history:]
         b, t = history.shape
-        # SASRec §3.1 scales item embeddings by sqrt(d); positions are right-aligned so the most recent item always
-        # has the same position whatever the padding.
+        # Item embeddings scaled by sqrt(d) as in the authors' code; learned positions (SASRec §III), right-aligned
+        # so the most recent item always has the same position whatever the padding.
         x = self.item_emb(history) * self.cfg.d_model ** 0.5 + self.pos_emb(t, self.cfg.max_history - t)  # (B, T, D)
         valid = history != 0
         x = self.drop(x * valid[..., None])
