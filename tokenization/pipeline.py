@@ -11,7 +11,8 @@
     manifest.json
 
 and one MLflow run (job "tokenize"): the resolved config as params, the stats as metrics, the files as artifacts.
-Methods: ``rkmeans``, ``import`` (``tokenize.index_path``), ``unger`` (UNGER Stage I: not built yet).
+Methods: ``rkmeans``, ``import`` (``tokenize.index_path``), ``unger`` (UNGER Stage I, tokenization/unger.py: the
+integrated embeddings are quantised and saved as ``integrated_embeddings.npy``).
 """
 
 from __future__ import annotations
@@ -105,9 +106,6 @@ def _metrics(stats: dict) -> dict[str, float]:
 def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) -> dict:
     """Run the tokenize stage for ``cfg``; returns a summary (path, counts, stats, MLflow run id)."""
     tc = cfg.tokenize
-    if tc.method == "unger":
-        raise NotImplementedError("tokenize.method=unger (UNGER Stage I: collaborative + semantic integration) is "
-                                  "not built yet; use method=rkmeans or method=import")
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)  # no manifest -> StorageError naming the path
     out_dir = cfg.semantic_ids_dir
     if storage.exists(storage.join(out_dir, storage.MANIFEST), cfg.storage) and not tc.overwrite:
@@ -135,12 +133,21 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
             source = {"source": "lcrec-index", "index_path": tc.index_path}
         else:
             item_ids, emb, einfo = _embeddings(cfg, items, log, embedder_cls)
-            result = _quantise(cfg, emb, log)
+            unger = None
+            if tc.method == "unger":  # UNGER Stage I: quantise the integrated embeddings (tokenization/unger.py)
+                from tokenization.unger import flat_metrics, run_stage1
+
+                unger = run_stage1(cfg, dataset, item_ids, emb, log)
+            result = _quantise(cfg, emb if unger is None else unger.embeddings, log)
             codes, sizes = result.codes, result.codebook_sizes
             stats = {"method": tc.method, **result.stats, "embedding": einfo}
             files.update(embedding_shards(item_ids, emb, tc.rows_per_shard))
             files[CODEBOOKS_FILE] = _npz({f"level_{i}": c.astype(np.float32) for i, c in enumerate(result.codebooks)})
             source = {"source": "rkmeans", "embedder": tc.embedder, "model": tc.model}
+            if unger is not None:
+                stats.update(flat_metrics(unger.stats))
+                files.update(unger.files)
+                source.update(unger.manifest)
         stats["seconds"] = time.time() - t0
         files[STATS_FILE] = (json.dumps(stats, indent=2, sort_keys=True, default=float) + "\n").encode()
         index_name = f"{cfg.name}.index.json"

@@ -2,8 +2,8 @@
 reads the history as semantic-ID tokens and decodes the next item's L codes.
 
 Tokens: code c at level l is token ``1 + offset_l + c`` (offset_l = K_0 + ... + K_{l-1}; 0 = padding, last = BOS),
-one table shared by encoder and decoder (as in TIGER, every level has its own code vocabulary). The encoder reads the last
-``max_history`` items, each as its L tokens, left-padded; the decoder input is [BOS, c_0, ..., c_{L-2}] and
+one table shared by encoder and decoder (as in TIGER, every level has its own code vocabulary). The encoder reads
+the last ``max_history`` items, each as its L tokens, left-padded; the decoder input is [BOS, c_0, ..., c_{L-2}] and
 position l predicts c_l from level l's slice of one output projection (teacher forcing, cross-entropy averaged
 over levels). TIGER's hashed user token is left out: the model contract carries no user ids.
 
