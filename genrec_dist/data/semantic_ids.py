@@ -19,6 +19,7 @@ Pure module: numpy/polars and :mod:`genrec_dist.storage` only.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class SemanticIds:
     codes: np.ndarray  # (num_items + 1, L) int64; row 0 = padding item (all zeros); row i = item_id i
     codebook_sizes: list[int]  # K per level, length L (the de-dup level included when present)
     manifest: dict = field(default_factory=dict)
+    # (num_items + 1, D) float32 per-item vectors the tokenizer saved next to the codes (UNGER's integrated
+    # embeddings, the IKD targets); None when manifest["item_embeddings"] names no file.
+    item_embeddings: np.ndarray | None = None
 
     @property
     def num_items(self) -> int:
@@ -172,7 +176,12 @@ def read_semantic_ids(path: str, storage_cfg: Any = None) -> SemanticIds:
     _validate(item_ids, body, sizes, f"{path}/{SIDS_FILE}")
     codes = np.zeros((n + 1, num_levels), dtype=np.int64)
     codes[item_ids] = body
-    return SemanticIds(codes=codes, codebook_sizes=sizes, manifest=manifest)
+    emb = None
+    if manifest.get("item_embeddings"):  # UNGER: tokenization/unger.py writes it (an .npy file)
+        emb = np.load(io.BytesIO(storage.read_bytes(storage.join(path, manifest["item_embeddings"]), storage_cfg)))
+        if emb.shape[0] != n + 1:
+            raise SemanticIdError(f"{path}/{manifest['item_embeddings']}: {emb.shape[0]} rows, need {n + 1}")
+    return SemanticIds(codes=codes, codebook_sizes=sizes, manifest=manifest, item_embeddings=emb)
 
 
 # ----------------------------------------------------------------------------------------------------------------

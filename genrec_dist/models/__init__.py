@@ -72,4 +72,13 @@ def _build_car(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
     return CAR(cfg.car, sids)
 
 
+@register("unger")
+def _build_unger(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
+    from genrec_dist.models.unger import Unger
+
+    if sids is None:
+        raise ValueError("model 'unger' needs unified codes (run the tokenize job with tokenize.method=unger)")
+    return Unger(cfg.unger, sids)
+
+
 __all__ = ["build_model", "register", "available_models"]

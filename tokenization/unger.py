@@ -1,0 +1,213 @@
+"""UNGER Stage I driver (``tokenize.method=unger``): text embeddings + training sequences -> the embeddings that
+residual k-means turns into unified codes, plus the §4.3 modality-share measure.
+
+:func:`run_stage1` is called by :func:`tokenization.pipeline.run_tokenize` between embedding and quantisation. The
+model (DIN + AdaLN adapter + Eq. 3-5) is :mod:`genrec_dist.models.unger_stage1`; this module owns the compact
+training loop, the ablation sources of UNGER Table 7 (``tokenize.unger.source``) and Eq. 18-19.
+
+Why a compact single-process loop and not the DeepSpeed trainer: Stage I is a ~(N x 96) embedding table plus two
+small MLPs trained on sampled softmax (EAGER: minutes on one GPU). It runs inside the tokenize job (a Ray job), on
+the GPU of the process when there is one; data parallelism would only add a process-group launch to a job that is
+dominated by embedding the catalog.
+
+Saved next to the codes (for Stage II's IKD, :mod:`genrec_dist.models.unger`): ``integrated_embeddings.npy``
+(N+1, D) float32, row i = item i (row 0 zeros), named by ``manifest["item_embeddings"]``.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from genrec_dist.models.unger_stage1 import DINStage1
+from genrec_dist.training.data import train_examples
+
+ITEM_EMBEDDINGS_FILE = "integrated_embeddings.npy"
+Log = Callable[[str], None]
+
+
+@dataclass
+class Stage1Result:
+    embeddings: np.ndarray  # (N, D) float32, rows in the caller's item_ids order: what k-means quantises
+    stats: dict = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------------------------
+
+def train_din(model: DINStage1, history: np.ndarray, target: np.ndarray, steps: int, batch_size: int, lr: float,
+              weight_decay: float, seed: int, device: torch.device, log: Log | None = None,
+              log_every: int = 500) -> dict[str, float]:
+    """Adam (amsgrad, as EAGER's train_din.py) over shuffled epochs of (history, target) examples; returns the
+    mean loss parts of the last ``log_every`` steps."""
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, amsgrad=True)
+    rng = np.random.default_rng([seed, 7])
+    n = len(target)
+    order, pos = rng.permutation(n), 0
+    window: dict[str, list[float]] = {}
+    for step in range(1, steps + 1):
+        if pos + batch_size > n:
+            order, pos = rng.permutation(n), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        out = model(torch.from_numpy(history[idx]).to(device), torch.from_numpy(target[idx]).to(device))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        for k, v in out.items():
+            window.setdefault(k, []).append(float(v.detach()))
+        if step % log_every == 0 or step == steps:
+            means = {k: float(np.mean(v)) for k, v in window.items()}
+            if log:
+                log(f"unger stage I step {step}/{steps}: " + " ".join(f"{k} {v:.4f}" for k, v in sorted(means.items())))
+            if step < steps:
+                window = {}
+    model.eval()
+    return {k: float(np.mean(v)) for k, v in window.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ablation sources and the modality share
+# ----------------------------------------------------------------------------------------------------------------
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def pca(x: np.ndarray, dim: int) -> np.ndarray:
+    """Rows of ``x`` (N, D) projected on their first ``dim`` principal components (N, dim)."""
+    x = np.asarray(x, dtype=np.float64)
+    xc = x - x.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    return (xc @ vt[:dim].T).astype(np.float32)
+
+
+def concat_embeddings(semantic: np.ndarray, collab: np.ndarray) -> np.ndarray:
+    """UNGER §4.3 concatenation baseline: PCA of the semantic embeddings to the collaborative size, both
+    L2-normalised per item, concatenated -> (N, 2 D_c)."""
+    return np.concatenate([l2_normalise(pca(semantic, collab.shape[1])), l2_normalise(collab)], axis=1)
+
+
+def _similarity_logp(x: np.ndarray, temperature: float) -> np.ndarray:
+    """Per item, the log-distribution over the other items of softmax(cos / t): (M, M), diagonal excluded."""
+    xn = torch.from_numpy(l2_normalise(np.asarray(x, dtype=np.float64)))
+    s = xn @ xn.T / temperature
+    s.fill_diagonal_(float("-inf"))
+    return torch.log_softmax(s, dim=1).numpy()
+
+
+def modality_share(final: np.ndarray, semantic: np.ndarray, collab: np.ndarray, sample: int = 2048, seed: int = 0,
+                   temperature: float = 0.1) -> dict[str, float]:
+    """UNGER §4.3, Eq. 18-19 (our reading; the equations are not in our copy of the text): how much the final
+    embeddings' geometry resembles each modality's.
+
+    The three matrices may have different widths, so each is compared through the distribution it induces over
+    items: for item i, ``P_X(i) = softmax_j(cos(x_i, x_j) / t)`` over a seeded sample of items (j != i). Then
+    ``KL_m = mean_i KL(P_final(i) || P_m(i))`` (Eq. 18) and the relative similarity of modality m is the share of
+    its inverse divergence, ``(1 / KL_m) / (1 / KL_sem + 1 / KL_col)`` (Eq. 19). Shares sum to 1."""
+    n = final.shape[0]
+    rows = np.sort(np.random.default_rng([seed, 18]).choice(n, size=min(sample, n), replace=False))
+    off = ~np.eye(len(rows), dtype=bool)  # an item is not its own neighbour (-inf log-prob on the diagonal)
+    p_f = np.where(off, _similarity_logp(final[rows], temperature), 0.0)
+    out = {}
+    for name, ref in (("semantic", semantic), ("collab", collab)):
+        p_m = np.where(off, _similarity_logp(ref[rows], temperature), 0.0)
+        out[f"kl_{name}"] = float((np.exp(p_f) * (p_f - p_m) * off).sum(1).mean())
+    inv_s, inv_c = 1.0 / max(out["kl_semantic"], 1e-12), 1.0 / max(out["kl_collab"], 1e-12)
+    out["share_semantic"] = inv_s / (inv_s + inv_c)
+    out["share_collab"] = inv_c / (inv_s + inv_c)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stage
+# ----------------------------------------------------------------------------------------------------------------
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(x, dtype=np.float32))
+    return buf.getvalue()
+
+
+def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarray, log: Log = print
+               ) -> Stage1Result:
+    """Stage I for ``cfg.tokenize.unger``: returns the embeddings to quantise (in ``item_ids`` order), stats, the
+    integrated-embedding file and the manifest keys pointing at it."""
+    uc = cfg.tokenize.unger
+    t0 = time.time()
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    n = dataset.num_items
+    if len(item_ids) != n:
+        raise ValueError(f"UNGER Stage I: {len(item_ids)} embeddings for {n} items")
+    sem = np.zeros((n + 1, semantic.shape[1]), dtype=np.float32)
+    sem[item_ids] = semantic  # row = item id
+    stats: dict[str, Any] = {"source": uc.source}
+    device = _device(uc.device)
+
+    def din(cka_weight: float) -> DINStage1:
+        ex = train_examples(dataset.sequences(), dataset.max_history)
+        torch.manual_seed(cfg.seed)
+        model = DINStage1(n, torch.from_numpy(sem), uc.dim, num_negatives=uc.num_negatives,
+                          temperature=uc.temperature, similarity=uc.similarity, next_weight=uc.next_weight,
+                          cka_weight=cka_weight)
+        log(f"unger stage I: DIN (cka_weight {cka_weight}) on {len(ex)} training examples, {uc.steps} steps, "
+            f"device {device}")
+        final = train_din(model, ex.history, ex.target, uc.steps, uc.batch_size, uc.lr, uc.weight_decay, cfg.seed,
+                          device, log, uc.log_every)
+        stats.update({f"{'din' if cka_weight == 0 else 'stage1'}.{k}": v for k, v in final.items()})
+        return model
+
+    collab = None
+    if uc.source == "semantic":
+        full = sem.copy()
+    elif uc.source == "unified":
+        model = din(uc.cka_weight)
+        full = model.embeddings(uc.integrated).cpu().numpy()
+        if uc.modality_share:
+            collab = din(0.0).embeddings("collab").cpu().numpy()
+    else:  # collab, concat: DIN alone
+        collab = din(0.0).embeddings("collab").cpu().numpy()
+        full = collab if uc.source == "collab" else np.concatenate(
+            [np.zeros((1, 2 * uc.dim), np.float32), concat_embeddings(sem[1:], collab[1:])])
+    full = np.asarray(full, dtype=np.float32)
+    full[0] = 0.0
+    if uc.modality_share and uc.source in ("unified", "concat"):
+        share = modality_share(full[1:], sem[1:], collab[1:], uc.share_sample, cfg.seed)
+        stats["modality_share"] = share
+        log(f"unger modality share ({uc.source}): semantic {share['share_semantic']:.2%}, "
+            f"collaborative {share['share_collab']:.2%} (UNGER Table 6: concat 97.33/2.67, UNGER 59.89/40.11)")
+    stats["dim"] = int(full.shape[1])
+    stats["seconds"] = time.time() - t0
+    return Stage1Result(
+        embeddings=full[item_ids],
+        stats=stats,
+        files={ITEM_EMBEDDINGS_FILE: _npy(full)},
+        manifest={"item_embeddings": ITEM_EMBEDDINGS_FILE, "unger_source": uc.source, "item_embeddings_dim":
+                  int(full.shape[1])},
+    )
+
+
+def flat_metrics(stats: dict) -> dict[str, float]:
+    """``unger.*`` numbers for MLflow (losses, modality shares)."""
+    out = {}
+    for k, v in stats.items():
+        if isinstance(v, dict):
+            out.update({f"unger.{k}.{kk}": float(vv) for kk, vv in v.items() if isinstance(vv, (int, float))})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"unger.{k}"] = float(v)
+    return out
