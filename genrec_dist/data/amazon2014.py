@@ -4,7 +4,7 @@
 (``reviews: full``, which the k-core filter then reduces): strict JSON lines, of which we use ``reviewerID``,
 ``asin`` and ``unixReviewTime``. ``meta_<Category>.json.gz``: one *Python dict literal* per line (single quotes,
 so not JSON), parsed with :func:`ast.literal_eval`, never ``eval``; we use ``title``, ``brand``, ``categories``
-(a list of category paths) and ``description``.
+(a list of category paths) and ``description``. A meta line that is JSON (the 2018 files) is read too.
 
 The review lines are parsed by Polars (fast); when Polars refuses a file or a required field is missing, the
 file is parsed again line by line to name the first bad line. Meta lines are parsed only for the items that
@@ -71,14 +71,24 @@ def parse_meta_line(line: str, path: str, lineno: int) -> dict[str, Any]:
     try:
         rec = ast.literal_eval(line.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(path, f"not a Python dict literal: {reason}", lineno) from None
+        try:  # the 2018 meta files are JSON (true/false/null are not Python literals)
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            raise InputError(path, f"not a Python dict literal: {_why(exc)}", lineno) from None
     if not isinstance(rec, dict):
         raise InputError(path, f"expected a dict literal, got {type(rec).__name__}", lineno)
     asin = rec.get("asin")
     if isinstance(asin, bool) or not isinstance(asin, (str, int)) or asin == "":
         raise InputError(path, f"field 'asin' missing or not an id: {asin!r}", lineno)
     return rec
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"syntax error at column {exc.offset}: {exc.msg}"
+    if isinstance(exc, ValueError):
+        return "it holds a name, call or operator (only literals are read, never evaluated)"
+    return f"{type(exc).__name__} (nested too deeply or too large)"
 
 
 def parse_meta(path: str, data: bytes, wanted: set[str] | None = None) -> pl.DataFrame:
