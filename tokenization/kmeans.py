@@ -101,12 +101,14 @@ class KMeansShard:
         self.backend = backend
         if backend == "numpy":
             self.x = np.array(x, dtype=np.float64, order="C", copy=True)  # advanced in place: never the caller's
+            self._x_sq = (self.x * self.x).sum(1)  # (n,) row norms, reused by every Lloyd step of a level
         elif backend == "torch":
             import torch
 
             self._torch = torch
             self.device = torch.device(device or "cpu")
             self.x = torch.tensor(np.asarray(x, dtype=np.float64), device=self.device)  # a copy
+            self._x_sq = (self.x * self.x).sum(1)
         else:
             raise KMeansError(f"unknown k-means backend {backend!r} (numpy, torch)")
 
@@ -123,7 +125,7 @@ class KMeansShard:
             dist = np.empty(self.x.shape[0], dtype=np.float64)
             for s in range(0, self.x.shape[0], _BLOCK):
                 xb = self.x[s:s + _BLOCK]  # (b, D)
-                d = (xb * xb).sum(1)[:, None] - 2.0 * (xb @ c.T) + c_sq[None, :]  # (b, K)
+                d = self._x_sq[s:s + _BLOCK, None] - 2.0 * (xb @ c.T) + c_sq[None, :]  # (b, K)
                 labels[s:s + _BLOCK] = d.argmin(1)  # first minimum: ties -> lower centroid index
                 dist[s:s + _BLOCK] = np.maximum(d[np.arange(len(xb)), labels[s:s + _BLOCK]], 0.0)
             return labels, dist
@@ -133,7 +135,7 @@ class KMeansShard:
         labels, dist = [], []
         for s in range(0, self.x.shape[0], _BLOCK):
             xb = self.x[s:s + _BLOCK]
-            d = (xb * xb).sum(1)[:, None] - 2.0 * (xb @ ct.T) + c_sq[None, :]
+            d = self._x_sq[s:s + _BLOCK, None] - 2.0 * (xb @ ct.T) + c_sq[None, :]
             lb = d.argmin(1)  # torch also returns the first minimal index
             labels.append(lb)
             dist.append(d.gather(1, lb[:, None])[:, 0].clamp_min(0.0))
@@ -179,14 +181,16 @@ class KMeansShard:
         labels, _ = self._assign(centroids)
         if self.backend == "numpy":
             self.x -= centroids[labels]
-            return self.rows, labels, float((self.x * self.x).sum())
+            self._x_sq = (self.x * self.x).sum(1)
+            return self.rows, labels, float(self._x_sq.sum())
         torch = self._torch
         self.x -= torch.as_tensor(centroids, device=self.device)[labels]
-        return self.rows, labels.cpu().numpy(), float((self.x * self.x).sum().item())
+        self._x_sq = (self.x * self.x).sum(1)
+        return self.rows, labels.cpu().numpy(), float(self._x_sq.sum().item())
 
     def energy(self) -> float:
         """Sum of squared norms of the current residuals (of the raw rows before level 0)."""
-        return float((self.x * self.x).sum()) if self.backend == "numpy" else float((self.x * self.x).sum().item())
+        return float(self._x_sq.sum()) if self.backend == "numpy" else float(self._x_sq.sum().item())
 
 
 def _segment_sum(out: np.ndarray, labels: np.ndarray, x: np.ndarray) -> None:
@@ -219,10 +223,6 @@ def sample_rows(n: int, size: int, seed: int, level: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
 
 
-def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.maximum((a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :], 0.0)  # (A, B)
-
-
 def kmeans_pp(x: np.ndarray, k: int, seed: int, level: int = 0) -> np.ndarray:
     """Greedy k-means++ (Arthur & Vassilvitskii 2007; 2 + ln k local trials as scikit-learn) on ``x`` (n, D).
 
@@ -235,23 +235,29 @@ def kmeans_pp(x: np.ndarray, k: int, seed: int, level: int = 0) -> np.ndarray:
         raise KMeansError(f"k-means++: K={k} centroids from {n} rows")
     rng = np.random.default_rng([seed, level, 2])
     trials = 2 + int(math.log(k)) if k > 1 else 1
+    x_sq = (x * x).sum(1)  # (n,) once: every step below needs distances from a few rows to all rows
+
+    def dist_to(idx: np.ndarray) -> np.ndarray:  # (len(idx), n)
+        return np.maximum(x_sq[idx][:, None] - 2.0 * (x[idx] @ x.T) + x_sq[None, :], 0.0)
+
     chosen = [int(rng.integers(n))]
-    closest = _sq_dist(x, x[chosen])[:, 0]  # (n,)
+    closest = dist_to(np.array(chosen))[0]  # (n,)
     taken = np.zeros(n, dtype=bool)
     taken[chosen[0]] = True
     for _ in range(1, k):
         pot = closest.sum()
         if pot <= 0.0:
             nxt = int(np.flatnonzero(~taken)[0])
+            closest = np.minimum(closest, dist_to(np.array([nxt]))[0])
         else:
             cand = np.searchsorted(np.cumsum(closest), rng.uniform(size=trials) * pot)
             cand = np.minimum(cand, n - 1)
-            d = np.minimum(closest[None, :], _sq_dist(x[cand], x))  # (trials, n)
+            d = np.minimum(closest[None, :], dist_to(cand))  # (trials, n)
             best = int(np.argmin(d.sum(1)))
             nxt = int(cand[best])
+            closest = d[best]
         chosen.append(nxt)
         taken[nxt] = True
-        closest = np.minimum(closest, _sq_dist(x[nxt:nxt + 1], x)[0])
     return x[chosen].copy()
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -34,10 +35,15 @@ def ray_residual_kmeans(
     gpus = ray.cluster_resources().get("GPU", 0.0) >= 1 if use_gpu is None else use_gpu
     if backend == "auto":
         backend = "torch" if gpus else "numpy"
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    # Fractional CPUs so N actors fit a small machine; SPREAD puts them on different nodes of a cluster.
+    # An equal share of the CPUs (whole CPUs when there are enough: Ray sizes the actor's BLAS threads by it, and
+    # no more than one node has), fractional when the workers outnumber the CPUs; SPREAD puts actors on
+    # different nodes of a cluster.
+    share = ray.cluster_resources().get("CPU", 1.0) / num_workers
+    node_max = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
+    share = min(share, node_max)
     actor_cls = ray.remote(KMeansShard).options(
-        num_cpus=min(1.0, cpus / num_workers), num_gpus=1 if gpus else 0, scheduling_strategy="SPREAD")
+        num_cpus=math.floor(share) if share >= 1 else share, num_gpus=1 if gpus else 0,
+        scheduling_strategy="SPREAD")
     actors = [actor_cls.remote(ray.put(xs), rows, backend, "cuda" if gpus else None)
               for xs, rows in split_rows(x, num_workers)]
 
