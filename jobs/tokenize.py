@@ -22,10 +22,9 @@ def main() -> None:
     except (StorageError, ValueError, NotImplementedError) as exc:  # bad input: one clear line
         fail(f"{type(exc).__name__}: {exc}")
     st = summary["stats"]
+    recon = f"  reconstruction rel {st['reconstruction_rel']:.4f}" if "reconstruction_rel" in st else ""
     print(f"done: {summary['num_items']} items -> {summary['path']}  codebook sizes {summary['codebook_sizes']}  "
-          f"collision rate {st.get('collision_rate', 0.0):.4f}  "
-          f"reconstruction rel {st.get('reconstruction_rel', float('nan')):.4f}  mlflow run {summary['run_id']}",
-          flush=True)
+          f"collision rate {st.get('collision_rate', 0.0):.4f}{recon}  mlflow run {summary['run_id']}", flush=True)
 
 
 if __name__ == "__main__":
