@@ -76,3 +76,17 @@ def test_empty_text_fallback_and_error():
     assert n == 2 and texts["text"].to_list() == ["some text", "item b", "T3"]
     with pytest.raises(ValueError, match=r"2 items have an empty or whitespace-only text \(item_id \[2, 3\]"):
         texts_for_embedding(items, "error")
+
+
+@pytest.mark.gpu
+def test_causal_lm_runs_bf16_on_gpu(tiny_llama):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    emb = TextEmbedder("causal-lm", tiny_llama)
+    assert emb.device == "cuda" and emb.model.dtype == torch.bfloat16
+    cpu = TextEmbedder("causal-lm", tiny_llama, device="cpu").embed(TEXTS)
+    gpu = emb.embed(TEXTS)
+    assert gpu.dtype == np.float32
+    np.testing.assert_allclose(gpu, cpu, atol=0.1)  # bf16 precision

@@ -119,3 +119,15 @@ def test_core_modules_import_without_engines():
             "import tokenization.kmeans, tokenization.embed, tokenization.embedding_store\n"
             "import genrec_dist.data.semantic_ids\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+def test_torch_on_cuda_gives_the_numpy_codes():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = _mixture(n=5000, d=64, c=40)
+    p = KMeansParams(k=32, seed=0)
+    ref = kmeans_local(x, 3, p, dedup=True)
+    gpu = kmeans_local(x, 3, p, dedup=True, shards=2, backend="torch", device="cuda")
+    np.testing.assert_array_equal(gpu.codes, ref.codes)
