@@ -308,8 +308,8 @@ def fit_level(call: Call, n: int, params: KMeansParams, level: int = 0) -> tuple
 
     The level is *not* advanced (see :func:`residual_kmeans`)."""
     k = params.k
-    if k < 1:
-        raise KMeansError(f"K must be >= 1, got {k}")
+    if k < 1 or params.max_iters < 1:
+        raise KMeansError(f"K and max_iters must be >= 1, got K={k}, max_iters={params.max_iters}")
     if k > n:
         raise KMeansError(f"K={k} clusters is more than the {n} points to cluster; lower tokenize.codebook_size")
     size = params.seed_sample or max(10_000, 64 * k)
