@@ -1,1 +1,8 @@
-"""Item tokenization: text embedding and residual k-means on Ray, producing semantic IDs."""
+"""Item tokenization: text embedding and residual k-means on Ray, producing semantic IDs.
+
+Layers (imports point down):
+- pure core: ``kmeans`` (numpy reference + torch path over row shards), ``embed`` (the embedding UDF class),
+  ``embedding_store`` (Parquet shards), ``config``;
+- Ray: ``ray_embed`` (Ray Data ``map_batches``), ``ray_kmeans`` (one actor per shard), ``ray_runtime``;
+- the stage: ``pipeline.run_tokenize(cfg)`` (MLflow through ``genrec_dist.tracking``), run by ``jobs/tokenize.py``.
+"""
