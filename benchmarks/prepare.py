@@ -98,19 +98,20 @@ def main() -> None:
         if case != "synthetic-10x" and not os.path.isdir(SHARED):
             print(f"skip {case}: {SHARED} is absent")
             continue
+        load = os.getloadavg()[0]  # the machine may be shared: a busy one inflates every time below
         with tempfile.TemporaryDirectory() as work:
             proc = subprocess.run([sys.executable, __file__, "--child", case, "--work", work],
                                   capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{case} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "load_avg_1m": load})
     head = f"{'case':<14}{'users':>9}{'items':>9}{'inter.':>11}{'seconds':>9}{'read':>7}{'clean':>7}{'write':>7}" \
-           f"{'RSS base':>10}{'RSS peak':>10}"
+           f"{'RSS base':>10}{'RSS peak':>10}{'load':>6}"
     print(head)
     for r in results:
         print(f"{r['case']:<14}{r['users']:>9,}{r['items']:>9,}{r['interactions']:>11,}{r['seconds']:>9.2f}"
               f"{r['read_s']:>7.2f}{r['clean_s']:>7.2f}{r['write_s']:>7.2f}"
-              f"{r['rss_base_mib']:>7.0f}MiB{r['rss_peak_mib']:>7.0f}MiB")
+              f"{r['rss_base_mib']:>7.0f}MiB{r['rss_peak_mib']:>7.0f}MiB{r['load_avg_1m']:>6.1f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
