@@ -161,11 +161,14 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     while step < total_steps and not stop:
         _, micro = next(batches)
         parts: dict[str, float] = {}
-        for mbatch in micro:
+        grad_norm = None
+        for i, mbatch in enumerate(micro):
             history = torch.from_numpy(mbatch.history).to(device)  # (mb, H)
             target = torch.from_numpy(mbatch.target).to(device)  # (mb,)
             out = engine(history, target)
             engine.backward(out["loss"])
+            if i == len(micro) - 1 and engine.zero_optimization_stage() == 0:
+                grad_norm = _grad_norm(engine.module)  # ZeRO reports its own; stage 0 does not
             engine.step()  # DeepSpeed updates on the accumulation boundary only
             for k, v in out.items():
                 if torch.is_tensor(v) and v.dim() == 0:
@@ -179,11 +182,12 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
             now = time.perf_counter()
             metrics = {f"train/{k}": v for k, v in means.items()}
             metrics["train/lr"] = float(scheduler.get_last_lr()[0])
-            gn = engine.get_global_grad_norm()
+            gn = engine.get_global_grad_norm() if grad_norm is None else grad_norm
             if gn is not None:
                 metrics["train/grad_norm"] = float(gn)
             metrics["train/samples_per_s"] = tc.batch_size * steps_since / max(now - t_last, 1e-9)
             metrics["train/epoch"] = cursor.epoch
+            metrics["train/peak_mem_mb"] = _peak_memory_mb(device)
             t_last, steps_since = now, 0
             tracker.log(metrics, step)
             history_log.append({"step": step, **metrics})
@@ -257,6 +261,25 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
                            cfg.evaluate.ks)
     print(f"\n# {split} split, best model of step {best_step}\n{table}", flush=True)
     return {"run_name": run_name, "run_dir": run_dir, "mlflow_run_id": tracker.run_id, **results}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of the busiest rank: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = torch.tensor([mb], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    tdist.all_reduce(peak, op=tdist.ReduceOp.MAX)
+    return float(peak)
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the (already all-reduced, unclipped) gradients of a stage-0 engine's module."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 def _allreduce_means(values: dict[str, float], device: torch.device) -> dict[str, float]:
