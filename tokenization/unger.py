@@ -187,10 +187,15 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
     full = np.asarray(full, dtype=np.float32)
     full[0] = 0.0
     if uc.modality_share and uc.source in ("unified", "concat"):
-        share = modality_share(full[1:], sem[1:], collab[1:], uc.share_sample, cfg.seed)
-        stats["modality_share"] = share
-        log(f"unger modality share ({uc.source}): semantic {share['share_semantic']:.2%}, "
-            f"collaborative {share['share_collab']:.2%} (UNGER Table 6: concat 97.33/2.67, UNGER 59.89/40.11)")
+        # Table 6 compares both fusions against the same references, so a unified run reports concat's share too.
+        finals = {uc.source: full[1:]}
+        if uc.source == "unified":
+            finals["concat"] = concat_embeddings(sem[1:], collab[1:])
+        for name, final in finals.items():
+            share = modality_share(final, sem[1:], collab[1:], uc.share_sample, cfg.seed)
+            stats["modality_share" if name == uc.source else f"modality_share_{name}"] = share
+            log(f"unger modality share ({name}): semantic {share['share_semantic']:.2%}, "
+                f"collaborative {share['share_collab']:.2%} (UNGER Table 6: concat 97.33/2.67, UNGER 59.89/40.11)")
     stats["dim"] = int(full.shape[1])
     stats["seconds"] = time.time() - t0
     return Stage1Result(
