@@ -56,7 +56,7 @@ class Unger(Tiger):
         """InfoNCE of projected IKD states ``z`` (B, D_e) against the integrated embeddings: the target's row is the
         positive, every other item (or ``ikd_negatives`` sampled ones) a negative."""
         cfg = self.cfg
-        e = self.item_emb
+        z, e = z.float(), self.item_emb.float()  # float32 logits when the model runs in bf16 (DeepSpeed on GPU)
         if cfg.ikd_similarity == "cosine":
             z, e = F.normalize(z, dim=-1), F.normalize(e, dim=-1)
         if cfg.ikd_negatives <= 0:
@@ -85,7 +85,7 @@ class Unger(Tiger):
         out: dict[str, torch.Tensor] = {}
         ces = []
         for level in range(n_levels):
-            ce = F.cross_entropy(self.level_logits(h[:, level], level), target_codes[:, level])
+            ce = F.cross_entropy(self.level_logits(h[:, level], level).float(), target_codes[:, level])
             ces.append(ce)
             out[f"ce_level_{level}"] = ce.detach()
         rec = torch.stack(ces).mean()  # Eq. 10

@@ -185,3 +185,9 @@ def test_din_attention_unit_equals_the_concatenated_form():
     w = m.attention(torch.cat([h, c, h - c, h * c], -1)).squeeze(-1) * (hist != 0)[:, None]  # DIN's unit as written
     want = m.user((w[..., None] * h).sum(2))
     assert torch.allclose(m.user_for(hist, cand), want, atol=1e-5)
+
+
+def test_bf16_model_gives_float32_finite_losses():
+    m = _unger(_sids()).to(torch.bfloat16).train()  # as DeepSpeed runs it on GPU (buffers cast too)
+    out = m(torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([6, 7]))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]) and torch.isfinite(out["ikd"])
