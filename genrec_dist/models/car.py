@@ -19,7 +19,9 @@ Choices the paper's recoverable text leaves open (CAR-notes.md "Left open"), eac
   hidden state as in facebookresearch/RPG_KDD2025 (ANCHORS §0.7, design reference only).
 - **Every chunk trains**: with ``all_positions`` (default) the uid token of *every* history chunk t predicts chunk
   t+1 (history chunks 2..T, then the target as chunk T+1), so one (history, target) example gives up to T training
-  signals, like a causal LM; chunks whose input or target is padding are masked out.
+  signals, like a causal LM; chunks whose input or target is padding are masked out. (The engine already turns
+  every prefix of a training sequence into an example, so with ``all_positions`` a transition early in a long
+  sequence is seen in several windows; ``all_positions: false`` trains only the last chunk, one signal per example.)
 - **Loss** = act_loss + alpha * think_loss, act = cross-entropy over items, think = cross-entropy per SID level
   averaged over levels; alpha = 1 by default (the TeX-derived loss is L_think + L_act, ANCHORS §0.3); alpha = 0 is
   the "w/o T" ablation.
