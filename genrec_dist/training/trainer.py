@@ -39,7 +39,7 @@ from genrec_dist.training import checkpoint as ckpt
 from genrec_dist.training import data as D
 from genrec_dist.training import runs
 from genrec_dist.training.dist import world_from_env
-from genrec_dist.training.ds_config import deepspeed_config, micro_batch
+from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
 from genrec_dist.training.evaluate_run import evaluate_split, load_exported, recommend_kwargs
 from genrec_dist.training.export import consolidated_state_dict, model_meta, write_model
 
@@ -121,7 +121,9 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     model = build_model(tc.model, cfg.model, dataset.num_items, sids)
     eval_model = copy.deepcopy(model).to(device).eval()  # plain copy that validation loads weights into
     ds_cfg = deepspeed_config(tc, ws, use_cuda, total_steps)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=client_optimizer(tc, model.parameters(), use_cuda),
+        model_parameters=model.parameters(), config=ds_cfg)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout streams differ per rank
     if main and not resuming:
         n_params = sum(p.numel() for p in eval_model.parameters())

@@ -9,7 +9,7 @@ import pytest
 from genrec_dist.config import load_config
 from genrec_dist.training import checkpoint as ckpt
 from genrec_dist.training.dist import world_from_env
-from genrec_dist.training.ds_config import BatchSizeError, deepspeed_config, micro_batch
+from genrec_dist.training.ds_config import BatchSizeError, client_optimizer, deepspeed_config, micro_batch
 
 
 def _train(*overrides):
@@ -44,7 +44,7 @@ def test_bad_zero_stage():
 
 
 def test_paper_defaults_and_schedules():
-    d = deepspeed_config(_train(), 1, use_cuda=False, total_steps=5000)
+    d = deepspeed_config(_train(), 1, use_cuda=True, total_steps=5000)
     assert d["optimizer"]["type"] == "Adam" and d["optimizer"]["params"]["adam_w_mode"] is False
     assert d["optimizer"]["params"]["lr"] == 1e-3
     assert d["zero_force_ds_cpu_optimizer"] is False
@@ -52,9 +52,20 @@ def test_paper_defaults_and_schedules():
     assert sched["type"] == "WarmupLR"
     assert sched["params"]["warmup_min_lr"] == 1e-7 and sched["params"]["warmup_num_steps"] == 2000
     assert sched["params"]["warmup_type"] == "linear"
-    d = deepspeed_config(_train("lr_schedule=warmup_decay", "optimizer=adamw", "grad_clip=0.5"), 1, False, 5000)
+    d = deepspeed_config(_train("lr_schedule=warmup_decay", "optimizer=adamw", "grad_clip=0.5"), 1, True, 5000)
     assert d["scheduler"]["type"] == "WarmupDecayLR" and d["scheduler"]["params"]["total_num_steps"] == 5000
     assert d["optimizer"]["type"] == "AdamW" and d["gradient_clipping"] == 0.5
+
+
+def test_cpu_uses_torch_adam_with_the_same_settings():
+    import torch
+
+    tc = _train("optimizer=adamw", "weight_decay=0.01")
+    assert "optimizer" not in deepspeed_config(tc, 1, use_cuda=False, total_steps=10)
+    opt = client_optimizer(tc, [torch.nn.Parameter(torch.zeros(2))], use_cuda=False)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.01
+    assert isinstance(client_optimizer(_train(), [torch.nn.Parameter(torch.zeros(2))], False), torch.optim.Adam)
+    assert client_optimizer(tc, [], use_cuda=True) is None
 
 
 def test_world_from_env():
@@ -91,3 +102,14 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_jobs_help_and_bad_run(tmp_path):
+    from _util import run_job
+
+    assert "--resume" in run_job("train", "--help").stdout
+    assert "--run" in run_job("evaluate", "--help").stdout
+    proc = run_job("evaluate", f"workdir={tmp_path}", "--run", "no-such-run", check=False)
+    assert proc.returncode == 1 and "no-such-run" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_job("train", f"workdir={tmp_path}", "--resume", check=False)
+    assert proc.returncode == 1 and "no tiger run under" in proc.stderr and "Traceback" not in proc.stderr
