@@ -7,13 +7,14 @@ reading the config (which imports :mod:`genrec_dist.models.config`) does not loa
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from torch import nn
+if TYPE_CHECKING:  # torch loads only when a model is built: reading a config must stay cheap
+    from torch import nn
 
 from genrec_dist.models.config import ModelConfig
 
-Builder = Callable[[ModelConfig, int, Any], nn.Module]
+Builder = Callable[[ModelConfig, int, Any], "nn.Module"]
 _REGISTRY: dict[str, Builder] = {}
 
 
