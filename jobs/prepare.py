@@ -12,6 +12,7 @@ from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
 from genrec_dist.data.errors import InputError  # noqa: E402
 from genrec_dist.data.prepare import run_prepare, summary_table  # noqa: E402
 from genrec_dist.storage import StorageError  # noqa: E402
+from genrec_dist.tracking import make_tracker  # noqa: E402
 
 
 def main() -> None:
@@ -21,7 +22,14 @@ def main() -> None:
         summary = run_prepare(cfg)
     except (InputError, StorageError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
-    print(summary_table(summary), flush=True)
+    table = summary_table(summary)
+    print(table, flush=True)
+    # The pipeline's first MLflow run: counts as metrics, the summary and manifest as artifacts.
+    tracker = make_tracker(cfg, "prepare", extra_tags={"genrec.dataset_path": cfg.dataset_dir})
+    tracker.log_config(cfg)
+    tracker.log({k: summary[k] for k in ("users", "items", "interactions", "density")})
+    tracker.log_text(table + "\n", "summary.txt")
+    tracker.close()
 
 
 if __name__ == "__main__":
