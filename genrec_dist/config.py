@@ -235,8 +235,12 @@ def _apply_override(cfg: Any, item: str, default_section: str | None) -> None:
     key = key.strip()
     parts = key.split(".")
     top_names = {f.name for f in dataclasses.fields(cfg)}
-    if parts[0] not in top_names and default_section is not None:
-        parts = [default_section, *parts]
+    if default_section is not None:
+        section_names = {f.name for f in dataclasses.fields(getattr(cfg, default_section))}
+        # A bare key names the job's own field first (``train.py model=car`` is ``train.model``, not the
+        # ``model:`` section), then a top-level one (``seed=1``).
+        if (len(parts) == 1 and parts[0] in section_names) or parts[0] not in top_names:
+            parts = [default_section, *parts]
     target = cfg
     for i, part in enumerate(parts[:-1]):
         if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:

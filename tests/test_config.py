@@ -26,6 +26,8 @@ def test_overrides_are_typed_and_bare_keys_go_to_the_job_section():
     assert cfg.prepare.k_core == 3
     assert cfg.train.zero_stage == 2
     assert cfg.seed == 7 and cfg.tracking.enabled is False
+    cfg = load_config(None, ["model=sasrec"], default_section="train")  # the job's field before a section
+    assert cfg.train.model == "sasrec"
     cfg = load_config(None, ["train.lr=1"])  # an int widens to a float field
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
