@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded synthetic catalog, one machine, CPU:
 #   prepare -> tokenize (Ray, local) -> train (DeepSpeed, one process) -> evaluate (test split, vs most-popular).
-# Extra arguments are config overrides given to every job (e.g. workdir=/tmp/demo, model=car).
+# Extra arguments are dotted config overrides given to every job (e.g. workdir=/tmp/demo train.model=car).
 # Browse the runs afterwards: .venv/bin/mlflow ui --backend-store-uri sqlite:///outputs/synthetic/mlflow.db
 set -euo pipefail
 cd "$(dirname "$0")/.."
