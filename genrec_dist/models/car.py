@@ -38,8 +38,10 @@ Choices the paper's recoverable text leaves open (CAR-notes.md "Left open"), eac
   negative equal to the positive) are masked. Inference still scores all items exactly.
 - **AR ablation** (``mode: ar``): the same backbone and embeddings trained as plain token-level autoregression over
   the chunk tokens (every token predicts the next one; loss = mean over the L+1 token cross-entropies) and decoded
-  with a beam search over the next chunk's L SID tokens and then its uid, constrained to paths that exist
-  (:mod:`genrec_dist.models.car_beam`).
+  with a beam search over the next chunk's L SID tokens and then its uid, constrained to paths that exist: the
+  shared :func:`~genrec_dist.models.beam_search.beam_search` over a :class:`~genrec_dist.models.beam_search.CodeTrie`
+  of ``[c_1 .. c_L, item id]`` (the item id is the trie's last level), with the history prefilled once into a KV
+  cache and one token per beam fed per step. Its cost grows with the beam width; CAR's does not.
 
 Semantic IDs need not be unique (the uid disambiguates); a de-duplication level appended by the tokenizer for
 TIGER is dropped (``drop_dedup_level``), and ``levels`` truncates the table for the SID-depth study.
@@ -156,8 +158,9 @@ class CAR(nn.Module):
     def embed(self, items: torch.Tensor) -> torch.Tensor:
         """Item ids (B, T) -> fused chunk embeddings (B, T*(L+1), D) (no positions; padding chunks are zero)."""
         b, t = items.shape
-        think = self.sid_emb(self.sid_tokens[items])  # (B, T, L, D)
-        act = self.item_emb(items)[:, :, None]  # (B, T, 1, D)
+        tokens = chunk_tokens(items, self.sid_tokens).view(b, t, self.chunk)  # (B, T, L+1), sids offset per level
+        think = self.sid_emb(tokens[..., :-1])  # (B, T, L, D)
+        act = self.item_emb(tokens[..., -1:])  # (B, T, 1, D)
         emb = fuse_chunks(torch.cat([think, act], dim=2), self.cfg.fusion)  # (B, T, L+1, D)
         emb = emb * (items != 0)[:, :, None, None]
         return emb.reshape(b, t * self.chunk, -1)
