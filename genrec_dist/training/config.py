@@ -66,6 +66,8 @@ class EvaluateConfig:
     """Leave-one-out evaluation of an exported model over the full catalog."""
 
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])   # Recall/NDCG@{5,10,20} (TIGER §4.1, UNGER §4.1)
-    beam_width: int = 20                 # constrained beam search width (TIGER/UNGER; the papers go up to 100)
+    # Constrained beam-search width for TIGER/UNGER/CAR-AR. 0 = the model's own ``model.<name>.beam_width``
+    # (UNGER Table 4: 100); a positive value overrides it for this evaluation (the papers go up to 100).
+    beam_width: int = 0
     batch_size: int = 256
     split: Literal["test", "valid"] = "test"

@@ -27,9 +27,10 @@ from genrec_dist.training.export import read_model
 
 
 def recommend_kwargs(model: torch.nn.Module, beam_width: int) -> dict[str, Any]:
-    """``beam_width`` for models whose ``recommend`` takes it (beam search); nothing for the others."""
+    """``beam_width`` for models whose ``recommend`` takes it (beam search) when the evaluation sets one (> 0);
+    otherwise nothing, so the model uses its own configured width."""
     params = inspect.signature(model.recommend).parameters
-    return {"beam_width": beam_width} if "beam_width" in params else {}
+    return {"beam_width": beam_width} if beam_width > 0 and "beam_width" in params else {}
 
 
 def load_exported(run_dir: str, storage_cfg: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
