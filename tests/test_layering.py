@@ -12,7 +12,8 @@ import sys
 from _util import REPO
 
 CORE_PACKAGES = ["genrec_dist.models", "genrec_dist.evaluation"]
-CORE_MODULES = ["tokenization.kmeans", "genrec_dist.data.dataset", "genrec_dist.data.semantic_ids"]
+CORE_MODULES = ["tokenization.kmeans", "genrec_dist.data.dataset", "genrec_dist.data.semantic_ids",
+                "genrec_dist.reports"]
 BLOCKED = ["ray", "deepspeed", "mlflow"]
 
 PROBE = f"""

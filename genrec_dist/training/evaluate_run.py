@@ -11,9 +11,10 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
-from genrec_dist import storage
+from genrec_dist import reports, storage
 from genrec_dist.config import _build
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
@@ -63,6 +64,29 @@ def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: st
     return {"model": model_m, "most_popular": pop_m}
 
 
+def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any, results: dict, name: str,
+                sids_dir: str | None, device: torch.device, title: str, users: int = 5) -> None:
+    """Log the metrics table and example recommendations for the first ``users`` users of the split (markdown)."""
+    split, ks = cfg.evaluate.split, cfg.evaluate.ks
+    tracker.log_text(reports.metrics_table({name: results["model"], "most-popular": results["most_popular"]}, ks,
+                                           title), "reports/metrics.md")
+    ex = D.eval_examples(dataset.sequences(), dataset.max_history, split)
+    ex = ex.take(np.arange(min(users, len(ex))))
+    with torch.no_grad():
+        ranked = model.recommend(torch.from_numpy(ex.history).to(device), max(ks),
+                                 **recommend_kwargs(model, cfg.evaluate.beam_width)).cpu().numpy()  # (N, k)
+    items = dataset.items(["item_id", "title"])
+    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
+    codes = None
+    if sids_dir:
+        from genrec_dist.data.semantic_ids import read_semantic_ids
+
+        codes = read_semantic_ids(sids_dir, cfg.storage).codes
+    tracker.log_text(reports.example_recommendations(ex.history, ex.target, ranked, titles, codes,
+                                                     title=f"{title}: example recommendations"),
+                     "reports/examples.md")
+
+
 def find_run_dir(cfg: Any, run: str) -> str:
     """A run dir from a run dir path, a run name under the runs dir, or the MLflow run id of a training run."""
     for candidate in (run, runs.run_dir(cfg, run)):
@@ -97,6 +121,8 @@ def evaluate_run(cfg: Any, run: str) -> dict[str, Any]:
     tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
                 | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()})
     tracker.log_text(json.dumps(out, indent=2, sort_keys=True), f"eval-{split}.json")
+    log_reports(tracker, model, dataset, cfg, results, meta["model"], meta.get("semantic_ids"), device,
+                f"{split} split, {meta['model']} of step {meta.get('step')}")
     tracker.close()
     table = format_results({meta["model"]: results["model"], "most-popular": results["most_popular"]},
                            cfg.evaluate.ks)

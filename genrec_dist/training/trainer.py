@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from genrec_dist import storage
+from genrec_dist import reports, storage
 from genrec_dist.config import to_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
@@ -40,7 +40,7 @@ from genrec_dist.training import data as D
 from genrec_dist.training import runs
 from genrec_dist.training.dist import world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
-from genrec_dist.training.evaluate_run import evaluate_split, load_exported, recommend_kwargs
+from genrec_dist.training.evaluate_run import evaluate_split, load_exported, log_reports, recommend_kwargs
 from genrec_dist.training.export import consolidated_state_dict, model_meta, write_model
 
 # Models that read semantic IDs (cfg.semantic_ids_dir); SASRec works on item ids alone.
@@ -239,7 +239,7 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
            best_step: int, best: float, device: torch.device) -> dict[str, Any]:
     """Rank 0: test metrics of the exported model and of most-popular, metrics.json, MLflow artifacts, table."""
     tc = cfg.train
-    model, _ = load_exported(run_dir, cfg.storage)
+    model, meta = load_exported(run_dir, cfg.storage)
     results = evaluate_split(model.to(device), dataset, cfg, cfg.evaluate.split, device)
     results = {"model": results["model"], "most_popular": results["most_popular"],
                "split": cfg.evaluate.split, "best_step": best_step, "best_valid": best, "run_name": run_name}
@@ -259,6 +259,9 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
             fs.get(model_path, os.path.join(tmp, "model"), recursive=True)
             model_path = os.path.join(tmp, "model")
         tracker.log_artifact(model_path, "model")
+        tracker.log_artifact(reports.plot_curves(history_log, os.path.join(tmp, "curves.png")), "reports")
+    log_reports(tracker, model, dataset, cfg, results, tc.model, meta.get("semantic_ids"), device,
+                f"{split} split, best model of step {best_step}")
     table = format_results({tc.model: results["model"], "most-popular": results["most_popular"]},
                            cfg.evaluate.ks)
     print(f"\n# {split} split, best model of step {best_step}\n{table}", flush=True)

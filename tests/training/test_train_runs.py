@@ -191,6 +191,11 @@ def test_mlflow_run_has_params_metrics_artifacts_tags(tiny_cfg, tiny_dataset, re
     assert {"config.yaml", "metrics.json", "history.json", "model"} <= names
     assert {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "model")} >= {"model.pt",
                                                                                                  "model.json"}
+    assert {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "reports")} == {
+        "curves.png", "metrics.md", "examples.md"}
+    examples = open(client.download_artifacts(run.info.run_id, "reports/examples.md")).read()
+    assert examples.count("## user ") == 5 and examples.count("recommended:") == 5
+    assert "| sasrec |" in open(client.download_artifacts(run.info.run_id, "reports/metrics.md")).read()
 
 
 def test_export_loads_weights_only_and_evaluates_the_same(tiny_cfg, real_run):
