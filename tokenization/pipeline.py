@@ -31,6 +31,7 @@ from genrec_dist import storage
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import (CODEBOOKS_FILE, SIDS_FILE, STATS_FILE, SemanticIds, code_stats,
                                           read_lcrec_index, write_lcrec_index, write_semantic_ids)
+from genrec_dist.reports import plot_codebook_utilisation
 from genrec_dist.tracking import make_tracker
 from tokenization.embed import TextEmbedder, texts_for_embedding
 from tokenization.embedding_store import EmbeddingError, embedding_shards, read_embeddings
@@ -168,6 +169,9 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
                 with open(os.path.join(tmp, name), "wb") as fh:
                     fh.write(storage.read_bytes(storage.join(out_dir, name), cfg.storage))
             tracker.log_artifact(tmp, "semantic_ids")
+        with tempfile.TemporaryDirectory() as tmp:
+            tracker.log_artifact(plot_codebook_utilisation(stats, os.path.join(tmp, "codebook_utilisation.png")),
+                                 "reports")
         tracker.close("FINISHED")
     except BaseException:
         tracker.close("FAILED")
