@@ -68,7 +68,7 @@ class MLflowTracker:
     """One MLflow run. ``run_id`` given: continue that run (``--resume``, or evaluation of a training run)."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, artifact_location: str | None = None):
         import mlflow
 
         self._mlflow = mlflow
@@ -77,7 +77,8 @@ class MLflowTracker:
         exp = self._client.get_experiment_by_name(experiment)
         if exp is None:
             try:
-                exp_id = self._client.create_experiment(experiment, tags={_KIND_TAG: _KIND})
+                exp_id = self._client.create_experiment(experiment, artifact_location=artifact_location,
+                                                        tags={_KIND_TAG: _KIND})
             except mlflow.exceptions.MlflowException:  # another job created it first
                 exp_id = self._client.get_experiment_by_name(experiment).experiment_id
         else:
@@ -193,8 +194,13 @@ def make_tracker(cfg: Any, job: str, rank: int = 0, run_name: str | None = None,
         "mlflow.source.git.commit": git_commit(),
         **(extra_tags or {}),
     }
-    return MLflowTracker(default_uri(cfg), cfg.tracking.experiment, run_name or f"{cfg.name}-{job}", tags,
-                         run_id=run_id)
+    uri = default_uri(cfg)
+    # A local SQLite store keeps its artifacts beside it (MLflow's default is ./mlruns in whatever the cwd is).
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+    return MLflowTracker(uri, cfg.tracking.experiment, run_name or f"{cfg.name}-{job}", tags, run_id=run_id,
+                         artifact_location=artifacts)
 
 
 def run_tags(cfg: Any, run_id: str) -> dict[str, str]:
