@@ -43,6 +43,12 @@ from tokenization.kmeans import dedup_level  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+
+def _portable(args: dict) -> dict:
+    """Arguments as recorded in the JSON: paths relative to the repo, so results carry no machine's layout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {k: os.path.relpath(v, root) if isinstance(v, str) and os.path.isabs(v) else v for k, v in args.items()}
+
 def random_sids(num_items: int, levels: int, k: int, seed: int) -> tuple[SemanticIds, SemanticIds]:
     """(CAR's codes without de-dup, TIGER's with the de-dup level appended), seeded."""
     rng = np.random.default_rng(seed)
@@ -171,7 +177,7 @@ def main() -> None:
           f"{env['processor']} x{env['torch_threads']} threads\n{table}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env, "rows": rows,
-              "args": vars(args), "num_items": n, "codes": codes_desc, "parameters": params,
+              "args": _portable(vars(args)), "num_items": n, "codes": codes_desc, "parameters": params,
               "model_config": to_dict(cfg.model), "table": table}
     tmp_out = args.out + ".tmp"
     with open(tmp_out, "w") as fh:

@@ -32,6 +32,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCIENTIFIC = os.path.join(os.path.dirname(REPO), "shared", "data", "scientific")
 
 
+
+def _portable(args: dict) -> dict:
+    """Arguments as recorded in the JSON: paths relative to the repo, so results carry no machine's layout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {k: os.path.relpath(v, root) if isinstance(v, str) and os.path.isabs(v) else v for k, v in args.items()}
+
 def inertia(x: np.ndarray, c: np.ndarray) -> float:
     x, c = np.asarray(x, np.float64), np.asarray(c, np.float64)
     total = 0.0
@@ -135,7 +141,7 @@ def main():
     ensure_ray()
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "ray_cpus": ray.cluster_resources().get("CPU"), "gpus": ray.cluster_resources().get("GPU", 0)},
-              "args": vars(args), "embedding": [], "kmeans": []}
+              "args": _portable(vars(args)), "embedding": [], "kmeans": []}
     if os.path.isdir(SCIENTIFIC) and not args.no_scientific:
         from tokenization.ray_embed import embed_items
 
