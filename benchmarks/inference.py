@@ -43,11 +43,11 @@ from tokenization.kmeans import dedup_level  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
 def _portable(args: dict) -> dict:
     """Arguments as recorded in the JSON: paths relative to the repo, so results carry no machine's layout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return {k: os.path.relpath(v, root) if isinstance(v, str) and os.path.isabs(v) else v for k, v in args.items()}
+
 
 def random_sids(num_items: int, levels: int, k: int, seed: int) -> tuple[SemanticIds, SemanticIds]:
     """(CAR's codes without de-dup, TIGER's with the de-dup level appended), seeded."""

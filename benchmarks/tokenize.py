@@ -32,11 +32,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCIENTIFIC = os.path.join(os.path.dirname(REPO), "shared", "data", "scientific")
 
 
-
 def _portable(args: dict) -> dict:
     """Arguments as recorded in the JSON: paths relative to the repo, so results carry no machine's layout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return {k: os.path.relpath(v, root) if isinstance(v, str) and os.path.isabs(v) else v for k, v in args.items()}
+
 
 def inertia(x: np.ndarray, c: np.ndarray) -> float:
     x, c = np.asarray(x, np.float64), np.asarray(c, np.float64)
