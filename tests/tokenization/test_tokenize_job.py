@@ -77,6 +77,8 @@ def test_job_end_to_end_outputs_and_mlflow(job_run, tiny_dataset):
     assert run.data.metrics["level1.inertia"] == pytest.approx(stats["levels"][1]["inertia"])
     names = {a.path for a in client.list_artifacts(run.info.run_id, "semantic_ids")}
     assert {"semantic_ids/semantic_ids.parquet", "semantic_ids/stats.json", "semantic_ids/manifest.json"} <= names
+    # the per-level codebook-utilisation chart a person looks at in the UI
+    assert "reports/codebook_utilisation.png" in {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
 
 
 def test_import_lcrec_index_and_reuse_embeddings_to_s3(job_run, tiny_dataset, s3_bucket, ray_local):
