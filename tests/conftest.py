@@ -18,6 +18,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def one_thread():
+    """Toy models run faster on one thread: intra-op threads on a 2-core box mostly wait on each other."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A moto S3 server process on a free loopback port; credentials are dummies set for the session."""

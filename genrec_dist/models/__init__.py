@@ -48,6 +48,11 @@ def build_model(name: str, cfg: ModelConfig, num_items: int, sids: Any = None) -
     return _REGISTRY[name](cfg, num_items, sids)
 
 
+def _require_sids(name: str, sids: Any, what: str) -> None:
+    if sids is None:
+        raise ValueError(f"model '{name}' needs {what}")
+
+
 @register("sasrec")
 def _build_sasrec(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
     from genrec_dist.models.sasrec import SASRec
@@ -59,8 +64,7 @@ def _build_sasrec(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
 def _build_tiger(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
     from genrec_dist.models.tiger import Tiger
 
-    if sids is None:
-        raise ValueError("model 'tiger' needs semantic IDs (run the tokenize job; train reads cfg.semantic_ids_dir)")
+    _require_sids("tiger", sids, "semantic IDs (run the tokenize job; train reads cfg.semantic_ids_dir)")
     return Tiger(cfg.tiger, sids)
 
 
@@ -68,8 +72,7 @@ def _build_tiger(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
 def _build_car(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
     from genrec_dist.models.car import CAR
 
-    if sids is None:
-        raise ValueError("model 'car' needs semantic IDs (run the tokenize job; train reads cfg.semantic_ids_dir)")
+    _require_sids("car", sids, "semantic IDs (run the tokenize job; train reads cfg.semantic_ids_dir)")
     return CAR(cfg.car, sids)
 
 
@@ -77,8 +80,7 @@ def _build_car(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
 def _build_unger(cfg: ModelConfig, num_items: int, sids: Any) -> nn.Module:
     from genrec_dist.models.unger import Unger
 
-    if sids is None:
-        raise ValueError("model 'unger' needs unified codes (run the tokenize job with tokenize.method=unger)")
+    _require_sids("unger", sids, "unified codes (run the tokenize job with tokenize.method=unger)")
     return Unger(cfg.unger, sids)
 
 

@@ -3,12 +3,8 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Toy models are faster on one thread; intra-op threads on the shared 2-core box mostly wait on each other."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _one_thread(one_thread):
+    """Every model test runs on one thread (fixture ``one_thread`` in tests/conftest.py)."""
 
 
 @pytest.fixture

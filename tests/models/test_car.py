@@ -266,18 +266,8 @@ def test_config_section_levels_and_dedup():
 @pytest.mark.parametrize("kw", [{}, {"inference": "slow"}, {"uid_loss": "sampled", "num_negatives": 4},
                                 {"uid_loss": "in_batch", "tie_embeddings": False}, {"mode": "ar", "beam_width": 4}])
 def test_parameters_are_read_only_inside_their_module(kw, gen):
-    from test_zero3_access import partitioned
+    from test_zero3_access import assert_same_under_partition
 
     torch.manual_seed(0)
     model = toy_model(**kw).eval()
-    history, target = successor_batch(N, 4, 5, gen)
-    with torch.no_grad():
-        torch.manual_seed(1)
-        loss = model(history, target)["loss"]
-        rec = model.recommend(history, 4)
-        with partitioned(model):
-            torch.manual_seed(1)
-            loss_z3 = model(history, target)["loss"]
-            rec_z3 = model.recommend(history, 4)
-    torch.testing.assert_close(loss, loss_z3)
-    assert torch.equal(rec, rec_z3)
+    assert_same_under_partition(model, N, 4, gen)

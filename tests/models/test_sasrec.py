@@ -1,12 +1,10 @@
 import torch
 
 from genrec_dist.config import load_config
-from genrec_dist.evaluation.evaluate import evaluate_model
-from genrec_dist.evaluation.popular import MostPopular
 from genrec_dist.models import build_model
 from genrec_dist.models.config import ModelConfig, SASRecConfig
 
-from toys import successor_batch, train_steps
+from toys import successor_batch, train_steps, toy_vs_most_popular
 
 N = 30
 
@@ -52,10 +50,7 @@ def test_overfits_the_successor_toy_and_beats_most_popular(gen):
     model = build_model("sasrec", small_cfg(), N)
     losses = train_steps(model, N, steps=120)
     assert losses[-1] < 0.3 * losses[0]
-    batches = [successor_batch(N, 64, 6, gen) for _ in range(3)]
-    pop = MostPopular.fit([b[0][i][b[0][i] > 0].tolist() for b in batches for i in range(64)], N)
-    ours = evaluate_model(model, batches, ks=(1, 5))
-    base = evaluate_model(pop, batches, ks=(1, 5))
+    ours, base = toy_vs_most_popular(model, N, gen)
     assert ours["recall@5"] > 0.9
     assert ours["recall@5"] > base["recall@5"] + 0.5
 

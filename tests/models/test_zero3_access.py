@@ -43,6 +43,21 @@ def partitioned(model: torch.nn.Module):
             p.data = data
 
 
+def assert_same_under_partition(model: torch.nn.Module, num_items: int, k: int, gen: torch.Generator) -> None:
+    """Loss and recommendations of ``model`` are identical with and without the simulated ZeRO-3 partitioning."""
+    history, target = successor_batch(num_items, 4, 5, gen)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        loss = model(history, target)["loss"]
+        rec = model.recommend(history, k)
+        with partitioned(model):
+            torch.manual_seed(1)
+            loss_z3 = model(history, target)["loss"]
+            rec_z3 = model.recommend(history, k)
+    torch.testing.assert_close(loss, loss_z3)
+    assert torch.equal(rec, rec_z3)
+
+
 def models():
     ids = np.arange(N)
     sids = make_sids(np.stack([ids // 5, ids % 5], axis=1), [4, 5])
@@ -61,14 +76,4 @@ def test_parameters_are_read_only_inside_their_module(name, gen):
     cfg, sids = models()[name]
     torch.manual_seed(0)
     model = build_model(name.split("-")[0], cfg, N, sids).eval()
-    history, target = successor_batch(N, 4, 5, gen)
-    with torch.no_grad():
-        torch.manual_seed(1)
-        loss = model(history, target)["loss"]
-        rec = model.recommend(history, 5)
-        with partitioned(model):
-            torch.manual_seed(1)
-            loss_z3 = model(history, target)["loss"]
-            rec_z3 = model.recommend(history, 5)
-    torch.testing.assert_close(loss, loss_z3)
-    assert torch.equal(rec, rec_z3)
+    assert_same_under_partition(model, N, 5, gen)

@@ -18,12 +18,7 @@ from genrec_dist.models.unger_stage1 import AdaLN, DINStage1, ModalityAdapter, i
 from tokenization.unger import concat_embeddings, modality_share, pca
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sids(n=12, emb_dim=5, seed=0):
