@@ -38,7 +38,8 @@ class StorageConfig:
 
     endpoint_url: str = ""
     region: str = ""
-    # Bounded retries so an unreachable endpoint ends in a clear error in seconds, not minutes.
+    # Bounded retries so an unreachable endpoint ends in a clear error in seconds, not minutes: tries per S3 request
+    # in all, first one included (botocore's standard retry with jittered back-off; s3fs's own retry loop is off).
     max_attempts: int = 3
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0

@@ -4,6 +4,10 @@ Outputs (datasets, semantic-ID tables, exported models) are committed atomically
 file is written to a staging location first and ``manifest.json`` is written last, so a reader that finds a
 manifest finds a complete directory, and a failed run leaves neither a manifest nor a half-written directory at
 the destination (an existing output there is untouched unless ``overwrite``).
+
+On S3, every request is tried at most ``storage.max_attempts`` times in all (botocore's standard retry is the only
+retry layer), so an endpoint that goes away ends the run with a :class:`StorageError` naming the destination and
+the endpoint after a bounded number of connection attempts.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -57,10 +62,12 @@ def endpoint_url(storage: Any | None = None) -> str:
     return opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
 
 
-def s3fs_kwargs(storage: Any | None = None) -> dict:
+def s3fs_kwargs(storage: Any | None = None, max_attempts: int | None = None) -> dict:
     """Keyword arguments for ``s3fs.S3FileSystem``: endpoint and region from the config or the environment,
-    bounded retries and timeouts. Credentials come from botocore's standard chain and are never copied here."""
+    bounded retries and timeouts. Credentials come from botocore's standard chain and are never copied here.
+    ``max_attempts`` overrides ``storage.max_attempts`` (best-effort cleanup tries once)."""
     opts = _options(storage)
+    attempts = max(1, max_attempts if max_attempts is not None else opts.max_attempts)
     client: dict[str, Any] = {}
     if url := endpoint_url(storage):
         client["endpoint_url"] = url
@@ -72,20 +79,27 @@ def s3fs_kwargs(storage: Any | None = None) -> dict:
         "config_kwargs": {
             "connect_timeout": opts.connect_timeout_s,
             "read_timeout": opts.read_timeout_s,
-            "retries": {"max_attempts": opts.max_attempts, "mode": "standard"},
+            # botocore's plain ``max_attempts`` counts *retries* (3 -> 4 tries); ``total_max_attempts`` counts tries.
+            "retries": {"total_max_attempts": attempts, "mode": "standard"},
         },
         "use_listings_cache": False,
         "skip_instance_cache": True,
     }
 
 
-def filesystem(path: str, storage: Any | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(path: str, storage: Any | None = None, max_attempts: int | None = None
+               ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``path`` and the path as that filesystem names it."""
     path = str(path)
     if path.startswith("s3://") or path.startswith("s3a://"):
         import s3fs
 
-        fs = s3fs.S3FileSystem(**s3fs_kwargs(storage))
+        fs = s3fs.S3FileSystem(**s3fs_kwargs(storage, max_attempts))
+        # s3fs wraps every botocore call in its own retry loop (class default 5 tries, not a constructor argument)
+        # that also retries dropped connections, so against a dead endpoint the tries multiplied: 5 x 4 = 20 per
+        # request and ~20 s of back-off (measured with tests/_util.FaultProxy). One retry layer only. (aiohttp
+        # still resends an idempotent request once on a dropped connection: at most 2 connections per try.)
+        fs.retries = 1
         return fs, path.split("://", 1)[1]
     if is_remote(path):
         fs, fs_path = fsspec.core.url_to_fs(path)
@@ -189,7 +203,10 @@ class StagedDir:
         return join(self.staging, name)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        write_bytes(self.path(name), data, self.storage)
+        try:
+            write_bytes(self.path(name), data, self.storage)
+        except StorageError as exc:  # name the output the caller asked for, not only the staging file
+            raise StorageError(f"{self.final}: writing {name} failed, nothing was committed: {exc}") from exc
         self.files.append(name)
 
     def write_parquet(self, name: str, df: pl.DataFrame) -> None:
@@ -210,7 +227,9 @@ def commit_dir(path: str, storage: Any | None = None, overwrite: bool = False) -
     ...     out.write_parquet("items.parquet", items)
     ...     out.manifest = {"schema_version": 1}
 
-    Refuses (before writing anything) when ``path`` already holds files and ``overwrite`` is false.
+    Refuses (before writing anything) when ``path`` already holds files and ``overwrite`` is false. A failed
+    write removes its staging area if the storage still answers; staging areas a failure could not remove (the
+    endpoint went away, the process was killed) are removed by the next successful commit to the same ``path``.
     """
     path = str(path).rstrip("/")
     fs, final = filesystem(path, storage)
@@ -233,8 +252,11 @@ def commit_dir(path: str, storage: Any | None = None, overwrite: bool = False) -
             else:
                 _commit_local(staged, final, present, token)
     except BaseException:
-        _remove_quietly(staging, storage)
+        # Best effort, one try per request: the endpoint may be the reason we are here, and leftovers are
+        # removed by the next successful commit (below).
+        _remove_quietly(staging, storage, max_attempts=1)
         raise
+    _remove_leftovers(parent, name, storage)
 
 
 def _commit_local(staged: StagedDir, final: str, present: bool, token: str) -> None:
@@ -266,10 +288,26 @@ def _commit_remote(fs: fsspec.AbstractFileSystem, staged: StagedDir, final: str,
     fs.rm(staging, recursive=True)
 
 
-def _remove_quietly(path: str, storage: Any | None) -> None:
+def _remove_quietly(path: str, storage: Any | None, max_attempts: int | None = None) -> None:
     try:
-        fs, p = filesystem(path, storage)
+        fs, p = filesystem(path, storage, max_attempts)
         if fs.exists(p):
             fs.rm(p, recursive=True)
     except Exception:  # noqa: BLE001 - cleanup of a staging area must not hide the original error
         pass
+
+
+def _remove_leftovers(parent: str, name: str, storage: Any | None) -> None:
+    """Remove staging (and local ``.old``) areas of ``name`` that earlier failed commits left in ``parent``.
+
+    Runs after a successful commit, which has just replaced the output, so no earlier writer of this output can
+    still need its staging area (concurrent writers of one output are not supported: the last commit wins)."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(staging|old)-[0-9a-f]{{12}}")
+    try:
+        fs, p = filesystem(parent, storage)
+        entries = fs.ls(p, detail=False)
+    except Exception:  # noqa: BLE001 - the output is committed; leftovers are only untidy
+        return
+    for entry in entries:
+        if pattern.fullmatch(os.path.basename(entry.rstrip("/"))):
+            _remove_quietly(join(parent, os.path.basename(entry.rstrip("/"))), storage)

@@ -46,3 +46,159 @@ def run_job(job: str, *args: str, env: dict | None = None, timeout: float = 900,
         raise AssertionError(f"jobs/{job}.py failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                              f"STDERR:\n{proc.stderr[-6000:]}")
     return proc
+
+
+class FaultProxy:
+    """A TCP forwarder on a free loopback port in front of an HTTP server (the moto S3 endpoint) that can be told to
+    go away in the middle of a run, deterministically.
+
+    Requests from each client are parsed just enough to count them (method, Content-Length or chunked body). When
+    ``fail_after_puts`` complete PUT requests have been forwarded, the next PUT is not forwarded: the proxy closes
+    every live connection and from then on accepts each new connection only to reset it (the endpoint is gone, as
+    behind a load balancer with no healthy backend). Those connections are counted in ``attempts_after_outage``,
+    so a test can bound the client's retries by counting, not by timing. ``restore()`` forwards again.
+    """
+
+    def __init__(self, upstream: str, fail_after_puts: int | None = None):
+        import threading
+        from urllib.parse import urlsplit
+
+        u = urlsplit(upstream)
+        self.upstream = (u.hostname, u.port)
+        self.fail_after_puts = fail_after_puts
+        self.puts = 0  # PUT requests forwarded whole
+        self.attempts_after_outage = 0
+        self.down = False
+        self._lock = threading.Lock()
+        self._live: set[socket.socket] = set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._closed = False
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def __enter__(self) -> "FaultProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def go_away(self) -> None:
+        """Close every live connection; new ones are reset from now on."""
+        with self._lock:
+            self.down = True
+            live, self._live = list(self._live), set()
+        for s in live:
+            _reset(s)
+
+    def restore(self) -> None:
+        with self._lock:
+            self.down = False
+            self.fail_after_puts = None
+
+    def close(self) -> None:
+        self._closed = True
+        self.go_away()
+        self._listener.close()
+
+    def _accept_loop(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                down = self.down
+                if down:
+                    self.attempts_after_outage += 1
+            if down:
+                _reset(client)
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+                server.settimeout(None)
+            except OSError:
+                _reset(client)
+                continue
+            with self._lock:
+                self._live.update((client, server))
+            threading.Thread(target=self._requests, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _reset(src)
+            _reset(dst)
+
+    def _requests(self, client: socket.socket, server: socket.socket) -> None:
+        """Forward client -> server one HTTP request at a time, counting PUTs and going away on cue."""
+        reader = client.makefile("rb")
+        try:
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline(65536)
+                    if not line:
+                        return
+                    head += line
+                method = head.split(b" ", 1)[0].upper()
+                headers = {k.strip().lower(): v.strip() for k, _, v in
+                           (ln.decode("latin-1").partition(":") for ln in head.split(b"\r\n")[1:] if ln)}
+                if method == b"PUT":
+                    with self._lock:
+                        cue = self.fail_after_puts is not None and self.puts >= self.fail_after_puts
+                    if cue:
+                        self.go_away()
+                        return
+                server.sendall(head)
+                if "chunked" in headers.get("transfer-encoding", "").lower():
+                    while True:
+                        size_line = reader.readline(65536)
+                        server.sendall(size_line)
+                        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                        server.sendall(reader.read(size + 2) if size else b"")
+                        if size == 0:  # trailers until an empty line
+                            while (t := reader.readline(65536)) not in (b"\r\n", b""):
+                                server.sendall(t)
+                            server.sendall(b"\r\n")
+                            break
+                else:
+                    length = int(headers.get("content-length", "0") or 0)
+                    while length:
+                        chunk = reader.read(min(length, 65536))
+                        if not chunk:
+                            return
+                        server.sendall(chunk)
+                        length -= len(chunk)
+                if method == b"PUT":
+                    with self._lock:
+                        self.puts += 1
+        except OSError:
+            pass
+        finally:
+            _reset(client)
+            _reset(server)
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the peer sees the connection drop, not a clean end of response."""
+    import struct
+
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        s.shutdown(socket.SHUT_RDWR)  # acts now, even while a reader thread holds a makefile() on it
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass

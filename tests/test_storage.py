@@ -1,4 +1,5 @@
-"""Storage: atomic commit on local disk and on a real S3 endpoint (moto server process)."""
+"""Storage: atomic commit on local disk and on a real S3 endpoint (moto server process), and an S3 endpoint that
+goes away in the middle of a prepare run (a TCP proxy in front of moto that resets every connection on cue)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import os
 
 import polars as pl
 import pytest
+import s3fs
 
 from genrec_dist import storage
-from genrec_dist.config import StorageConfig
+from genrec_dist.config import StorageConfig, load_config
+from genrec_dist.data.dataset import Dataset
+from genrec_dist.data.prepare import run_prepare
+
+from _util import REPO, FaultProxy
 
 
 def _write(path, storage_cfg=None, fail=False, overwrite=False, value=1):
@@ -33,9 +39,13 @@ def test_local_commit_and_refusals(tmp_path):
     with pytest.raises(RuntimeError):
         _write(path, fail=True, overwrite=True, value=3)
     assert storage.require_manifest(path) == {"value": 1}  # a failed overwrite leaves the old output intact
+    # A killed run leaves its staging area; the next commit of the same output removes it, not other outputs'.
+    (tmp_path / ".out.staging-0123456789ab").mkdir()
+    (tmp_path / ".out.staging-0123456789ab" / "a.parquet").write_bytes(b"half")
+    (tmp_path / ".other.staging-0123456789ab").mkdir()
     _write(path, overwrite=True, value=4)
     assert storage.read_parquet(storage.join(path, "a.parquet"))["x"].to_list() == [4, 2, 3]
-    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert sorted(os.listdir(tmp_path)) == [".other.staging-0123456789ab", "out"]
 
 
 def test_reader_refuses_a_directory_without_manifest(tmp_path):
@@ -71,3 +81,67 @@ def test_unreachable_endpoint_is_a_clear_error(tmp_path):
     with pytest.raises(storage.StorageError) as err:
         _write("s3://nowhere/out", cfg)
     assert "s3://nowhere/out" in str(err.value) and "127.0.0.1" in str(err.value)
+
+
+def _prepare_cfg(tmp_path, dataset, endpoint, *overrides):
+    """The tiny synthetic prepare (tiny_cfg's sizes) writing to ``dataset`` through ``endpoint``."""
+    return load_config(os.path.join(REPO, "configs", "synthetic.yaml"), [
+        f"workdir={tmp_path}", "prepare.synthetic.num_items=120", "prepare.synthetic.num_users=300",
+        "prepare.synthetic.num_categories=6", "prepare.num_shards=2", f"paths.dataset={dataset}",
+        f"storage.endpoint_url={endpoint}", *overrides])
+
+
+def _objects(fs, prefix):
+    return {p: fs.cat_file(p) for p in sorted(fs.find(prefix))}
+
+
+def test_s3_endpoint_gone_mid_write_bounded_retries_nothing_committed(s3_bucket, tmp_path):
+    moto, bucket = s3_bucket
+    direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto})  # the truth, not through the proxy
+    dest = f"{bucket}/synthetic"
+    with FaultProxy(moto, fail_after_puts=2) as proxy:
+        cfg = _prepare_cfg(tmp_path, dest, proxy.url)
+        with pytest.raises(storage.StorageError) as err:
+            run_prepare(cfg)  # items.parquet and shard 0 reach S3, then the endpoint is gone
+        msg = str(err.value)
+        assert msg.startswith(f"{dest}: writing sequences/part-00001.parquet failed, nothing was committed")
+        assert proxy.url in msg
+        assert proxy.puts == 2
+        # Bounded by the config, counted at the proxy: each of the write's max_attempts tries and the one
+        # best-effort cleanup try opens at most 2 connections (aiohttp resends an idempotent request once); the
+        # first try went out on a connection opened before the outage. s3fs's own retry loop on top (5 x) made
+        # this 10-26 connections before storage.py switched it off.
+        tries = cfg.storage.max_attempts + 1
+        assert cfg.storage.max_attempts <= proxy.attempts_after_outage <= 2 * tries - 1
+
+        # Nothing committed: no manifest and no files at the destination. The staging area the cleanup could
+        # not reach (the endpoint was gone) is what is left, without a manifest.
+        left = sorted(direct.find(bucket[5:]))
+        assert not [p for p in left if p.endswith("manifest.json") or p.startswith(f"{dest[5:]}/")]
+        assert [p.split("/", 2)[2] for p in left] == ["items.parquet", "sequences/part-00000.parquet"]
+        assert left[0].split("/")[1].startswith(".synthetic.staging-")
+        with pytest.raises(storage.StorageError, match="no manifest.json"):
+            Dataset.open(dest, StorageConfig(endpoint_url=moto))
+
+        # The endpoint is back: the same run commits, and that commit removes the earlier run's leftovers.
+        proxy.restore()
+        summary = run_prepare(cfg)
+    assert Dataset.open(dest, StorageConfig(endpoint_url=moto)).manifest["counts"]["users"] == summary["users"]
+    assert not [p for p in direct.find(bucket[5:]) if "staging" in p]
+
+
+def test_s3_endpoint_gone_mid_overwrite_keeps_the_old_dataset(s3_bucket, tmp_path):
+    moto, bucket = s3_bucket
+    direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto})
+    dest = f"{bucket}/synthetic"
+    old = run_prepare(_prepare_cfg(tmp_path, dest, moto))
+    before = _objects(direct, dest[5:])
+    with FaultProxy(moto, fail_after_puts=1) as proxy:
+        # Another seed: a different dataset would replace the old one if the write went through.
+        cfg = _prepare_cfg(tmp_path, dest, proxy.url, "seed=7", "prepare.overwrite=true")
+        with pytest.raises(storage.StorageError, match=f"^{dest}: writing .* nothing was committed"):
+            run_prepare(cfg)
+        assert proxy.puts == 1
+    assert _objects(direct, dest[5:]) == before  # byte for byte, manifest included
+    ds = Dataset.open(dest, StorageConfig(endpoint_url=moto))
+    assert ds.manifest["counts"]["interactions"] == old["interactions"] and ds.sequences().height == old["users"]
