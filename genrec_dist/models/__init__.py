@@ -48,6 +48,12 @@ def build_model(name: str, cfg: ModelConfig, num_items: int, sids: Any = None) -
     return _REGISTRY[name](cfg, num_items, sids)
 
 
+def trains_every_position(name: str, cfg: ModelConfig) -> bool:
+    """Whether model ``name``'s loss reads every history position (position t predicts item t+1), so one window of
+    H items trains H transitions (``train.examples: auto`` then uses windows, not every prefix)."""
+    return name == "car" and cfg.car.all_positions
+
+
 def _require_sids(name: str, sids: Any, what: str) -> None:
     if sids is None:
         raise ValueError(f"model '{name}' needs {what}")

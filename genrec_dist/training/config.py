@@ -46,6 +46,11 @@ class TrainConfig:
     # global: every rank reads every shard and takes its slice of one global batch order, so a global batch is the
     #         same examples at any world size (loss curves comparable step by step; small data and tests).
     data_split: Literal["shards", "global"] = "shards"
+    # prefixes: every prefix of a training sequence is an example (TIGER §4.1's protocol: each next item once as the
+    #           target of its own history). windows: non-overlapping windows of H items, for models whose loss reads
+    #           every position (CAR with all_positions): the same transitions, each once, in ~1/mean-length the steps.
+    # auto: windows for such models, else prefixes.
+    examples: Literal["auto", "prefixes", "windows"] = "auto"
 
     # ----- validation, early stopping, checkpoints -----
     eval_every: int = 200                # steps between validations (NDCG@10 on the validation split); 0 = never

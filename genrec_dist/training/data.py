@@ -2,7 +2,8 @@
 
 Examples (the leave-one-out rule of :func:`genrec_dist.data.dataset.split_user`, TIGER §4.1 / UNGER §4.1.1):
 
-- train: every prefix of a user's training sequence ``items[:-2]`` predicts its next item;
+- train: every prefix of a user's training sequence ``items[:-2]`` predicts its next item (``train.examples:
+  windows`` keeps only the non-overlapping windows, for models that train on every position);
 - valid: ``(items[:-2][-H:], items[-2])``; test: ``(items[:-1][-H:], items[-1])``;
 
 every history cut to the last ``H = manifest.split.max_history`` items (20 in the papers) and LEFT-padded with 0, so
@@ -64,13 +65,23 @@ def _left_pad(lists: pl.Series, width: int) -> np.ndarray:
     return out
 
 
-def train_examples(sequences: pl.DataFrame, max_history: int) -> Examples:
-    """Every prefix of each training sequence ``items[:-2]`` -> its next item, in (user_id, position) order."""
+def train_examples(sequences: pl.DataFrame, max_history: int, mode: str = "prefixes") -> Examples:
+    """Training examples from each training sequence ``items[:-2]``, in (user_id, position) order.
+
+    ``prefixes``: every prefix -> its next item (one example per transition). ``windows``: only the prefixes ending
+    at positions ``n-1, n-1-H, n-1-2H, ...``, for models whose loss reads every position of the history (CAR with
+    ``all_positions``): position t of a window predicts item t+1, so these windows hold every transition exactly
+    once, where ``prefixes`` would show a transition up to H times (and cost about mean-length times more steps).
+    """
+    if mode not in ("prefixes", "windows"):
+        raise ValueError(f"train.examples must be 'prefixes' or 'windows', got {mode!r}")
     seq = (sequences.filter(pl.col("items").list.len() >= 3)
            .sort("user_id")
            .select(pl.col("items").list.head(pl.col("items").list.len() - 2).alias("seq")))
-    ex = (seq.filter(pl.col("seq").list.len() >= 2)
-          .with_columns(pl.int_ranges(1, pl.col("seq").list.len()).alias("pos"))
+    n = pl.col("seq").list.len()
+    ends = pl.int_ranges(1, n) if mode == "prefixes" else pl.int_ranges(n - 1, 0, -max_history).list.reverse()
+    ex = (seq.filter(n >= 2)
+          .with_columns(ends.alias("pos"))
           .explode("pos"))
     start = pl.max_horizontal(pl.col("pos") - max_history, pl.lit(0))
     ex = ex.select(

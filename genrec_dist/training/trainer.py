@@ -33,7 +33,7 @@ from genrec_dist import reports, storage
 from genrec_dist.config import to_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
-from genrec_dist.models import build_model
+from genrec_dist.models import build_model, trains_every_position
 from genrec_dist.tracking import make_tracker
 from genrec_dist.training import checkpoint as ckpt
 from genrec_dist.training import data as D
@@ -96,7 +96,9 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     # ----- 3. data ------------------------------------------------------------------------------------------
     H = dataset.max_history
     seqs = D.rank_sequences(dataset, rank, ws, tc.data_split)
-    train_ex = D.train_examples(seqs, H)
+    examples = tc.examples if tc.examples != "auto" else (
+        "windows" if trains_every_position(tc.model, cfg.model) else "prefixes")
+    train_ex = D.train_examples(seqs, H, examples)
     valid_ex = D.eval_examples(seqs, H, "valid")
     owns_all = tc.data_split == "global" or ws == 1
     if owns_all:  # every rank holds every user: validate on this rank's share only
@@ -107,8 +109,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     spe = D.steps_per_epoch([int(usable)], mb * tc.grad_accum)
     total_steps = tc.max_steps if tc.max_steps > 0 else max(1, tc.epochs) * spe
     plan = D.BatchPlan(len(train_ex), mb, tc.grad_accum, ws, rank, cfg.seed, tc.data_split)
-    log0(f"data: {len(train_ex)} training examples on rank 0, micro batch {mb} x grad_accum {tc.grad_accum} x "
-         f"world {ws} = {tc.batch_size}; {spe} steps/epoch; {total_steps} steps")
+    log0(f"data: {len(train_ex)} training examples ({examples}) on rank 0, micro batch {mb} x grad_accum "
+         f"{tc.grad_accum} x world {ws} = {tc.batch_size}; {spe} steps/epoch; {total_steps} steps")
 
     # ----- 4. model + DeepSpeed -------------------------------------------------------------------------------
     sids, sids_dir = None, None

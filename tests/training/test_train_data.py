@@ -44,6 +44,35 @@ def test_examples_follow_split_user(seqs, H):
         assert [(_unpad(r), int(t)) for r, t in zip(ex.history, ex.target)] == [(list(h), y) for h, y in want]
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=30), min_size=1, max_size=8),
+       st.integers(1, 6))
+def test_windows_hold_every_transition_exactly_once(seqs, H):
+    """Position t of a window predicts item t+1 (CAR's every-position loss): over a user's windows, each transition
+    of the training sequence appears exactly once, and each window is one of the prefix examples."""
+    frame = _frame({i + 1: s for i, s in enumerate(seqs)})
+    windows, prefixes = D.train_examples(frame, H, "windows"), D.train_examples(frame, H, "prefixes")
+    prefix_set = {(tuple(_unpad(r)), int(t)) for r, t in zip(prefixes.history, prefixes.target)}
+    covered, want = [], []
+    for s in seqs:
+        if len(s) >= 3:
+            t = split_user(s, H)["train"]
+            want += [(tuple(t[:i]), t[i]) for i in range(1, len(t))]
+    for row, target in zip(windows.history, windows.target):
+        h = _unpad(row)
+        assert (tuple(h), int(target)) in prefix_set
+        chain = h + [int(target)]
+        covered += [(tuple(chain[:j]), chain[j]) for j in range(1, len(chain))]
+    # the transition (previous item -> next) each window position trains, keyed by the last item seen and the next
+    assert sorted((c[0][-1], c[1]) for c in covered) == sorted((w[0][-1], w[1]) for w in want)
+    assert len(covered) == len(want)
+
+
+def test_train_examples_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="train.examples"):
+        D.train_examples(_frame({1: [1, 2, 3, 4]}), 5, "every")
+
+
 def test_eval_examples_rejects_unknown_split():
     with pytest.raises(ValueError, match="split"):
         D.eval_examples(_frame({1: [1, 2, 3]}), 5, "train")
