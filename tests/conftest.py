@@ -106,7 +106,10 @@ def mlflow_server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
+    # Job execution (MLflow 3's GenAI job runner: six huey consumers) is not needed for tracking; off, the server
+    # leaves the 2 CI cores to the jobs under test and stops in ~4 s instead of ~12 s.
     env = {**os.environ, "MLFLOW_ROOT": str(root), "MLFLOW_PORT": str(port),
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(["bash", os.path.join(REPO, "cluster", "mlflow_server.sh")], env=env, stdout=log,

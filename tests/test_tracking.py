@@ -1,15 +1,32 @@
-"""Tracking against a real MLflow server, checked through the UI in headless Chromium."""
+"""Tracking against a real MLflow server: README's demo (scripts/demo.sh: prepare -> tokenize -> train -> evaluate)
+runs at toy size against it, and the four runs, their metrics and report files are checked through the REST API and
+through the MLflow UI rendered by headless Chromium (screenshots kept under $GENREC_TEST_ARTIFACTS)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from genrec_dist.config import load_config
 from genrec_dist.tracking import NullTracker, make_tracker, ui_url
+
+from _util import REPO
+
+SECRET = "s3cr3t-value-never-logged"
+# tiny_cfg's dataset; a 2-level codebook of 8; a 1+1-layer TIGER trained 20 steps (validation at 10 and 20).
+TOY = ["prepare.synthetic.num_items=120", "prepare.synthetic.num_users=300", "prepare.synthetic.num_categories=6",
+       "prepare.num_shards=2", "tokenize.levels=2", "tokenize.codebook_size=8", "tokenize.num_workers=1",
+       "model.tiger.d_model=32", "model.tiger.d_ff=64", "model.tiger.n_heads=2", "model.tiger.encoder_layers=1",
+       "model.tiger.decoder_layers=1", "model.tiger.beam_width=5", "evaluate.beam_width=5", "train.batch_size=64",
+       "train.max_steps=20", "train.warmup_steps=5", "train.eval_every=10", "train.log_every=5",
+       "train.checkpoint_every=0"]
+JOBS = ("prepare", "tokenize", "train", "evaluate")
 
 
 def test_null_tracker_off_rank_zero_and_when_disabled(tmp_path):
@@ -19,55 +36,100 @@ def test_null_tracker_off_rank_zero_and_when_disabled(tmp_path):
     assert isinstance(make_tracker(cfg, "train", rank=0), NullTracker)
 
 
+@pytest.fixture(scope="module")
+def demo(mlflow_server, tiny_dataset, tmp_path_factory):
+    """scripts/demo.sh run once against the server; returns (client, experiment id, {job: run}, demo stdout)."""
+    import mlflow
+    from tokenization.embedding_store import embedding_shards
+
+    from genrec_dist.data.dataset import Dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    # tokenize is the real job (Ray k-means, semantic-ID commit, MLflow run) but reuses stand-in embeddings of the
+    # same catalog (demo's prepare makes tiny_dataset again: same config and seed) instead of loading a sentence
+    # encoder and embedding 120 texts (~25 s here; tests/tokenization/test_tokenize_job.py covers that part).
+    n = Dataset.open(tiny_dataset).num_items
+    emb = np.random.default_rng(0).normal(size=(n, 32)).astype(np.float32)
+    for name, data in embedding_shards(np.arange(1, n + 1), emb).items():
+        os.makedirs(os.path.dirname(root / "emb" / name), exist_ok=True)
+        (root / "emb" / name).write_bytes(data)
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "demo.sh"), f"workdir={root / 'work'}",
+         f"tracking.uri={mlflow_server}", "tracking.experiment=demo-ui", *TOY,
+         f"tokenize.embeddings_path={root / 'emb' / 'embeddings'}"],
+        env={**os.environ, "PYTHON": sys.executable, "AWS_SECRET_ACCESS_KEY": SECRET},
+        capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"scripts/demo.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("demo-ui")
+    found = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["genrec.job"] for r in found) == sorted(JOBS)  # one run per stage, no more
+    return client, exp, {r.data.tags["genrec.job"]: r for r in found}, proc.stdout
+
+
+def test_demo_pipeline_reaches_the_server(demo, tmp_path):
+    client, exp, runs, stdout = demo
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    pipelines = {r.data.tags["genrec.pipeline"] for r in runs.values()}
+    assert len(pipelines) == 1 and pipelines != {""}  # the tag that links the four runs
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    train = runs["train"]
+    assert train.data.params["train.max_steps"] == "20" and train.data.params["train.model"] == "tiger"
+    assert 0 <= train.data.metrics["valid/ndcg_at_10"] <= 1
+    assert runs["tokenize"].data.metrics["embedding.dim"] == 32  # the reused embeddings, not a fresh encoder
+    assert {"reports/curves.png", "reports/metrics.md"} <= {a.path for a in client.list_artifacts(
+        train.info.run_id, "reports")}
+    assert "| most-popular |" in stdout  # the demo ends with the evaluation table
+    # secrets in the environment never reach params, tags or the logged config of any stage
+    for run in runs.values():
+        blob = repr(run.data.params) + repr(run.data.tags)
+        blob += open(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read()
+        assert SECRET not in blob, run.info.run_name
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def _render(url: str, tmp_path, screenshot: str | None = None) -> str:
+def _render(url: str, tmp_path, screenshot: str) -> str:
+    """The page's DOM after its scripts ran, and a screenshot of it (one Chromium start does both)."""
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'chrome-profile'}", "--virtual-time-budget=20000",
-             "--window-size=1400,900"]
-    if screenshot:
-        subprocess.run([_chromium(), *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
-    out = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+             "--window-size=1400,1600", f"--screenshot={screenshot}", "--dump-dom"]
+    out = subprocess.run([_chromium(), *flags, url], capture_output=True, text=True, timeout=120)
+    assert os.path.exists(screenshot) and os.path.getsize(screenshot) > 10_000, f"{screenshot}: no page drawn"
     return out.stdout
 
 
-def test_run_reaches_server_and_shows_in_the_ui(mlflow_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-never-logged")
-    cfg = load_config(None, [f"workdir={tmp_path}", f"tracking.uri={mlflow_server}", "tracking.experiment=ui-test"])
-    tracker = make_tracker(cfg, "train", run_name="ui-check-run")
-    tracker.log_config(cfg)
-    for step in range(3):
-        tracker.log({"loss": 1.0 / (step + 1), "recall@10": 0.1 * step}, step=step)
-    (tmp_path / "table.md").write_text("| metric | value |\n|---|---|\n| recall@10 | 0.2 |\n")
-    tracker.log_artifact(str(tmp_path / "table.md"))
-    tracker.close()
-
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
-    run = client.get_run(tracker.run_id)
-    assert run.data.metrics["recall_at_10"] == pytest.approx(0.2)
-    assert run.data.params["train.lr"] == str(cfg.train.lr)
-    assert run.data.tags["genrec.job"] == "train"
-    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["config.yaml", "table.md"]
-    exp = client.get_experiment(tracker.experiment_id)
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    # secrets in the environment never reach params, tags or artifacts
-    blob = repr(run.data.params) + repr(run.data.tags)
-    blob += open(client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path))).read()
-    assert "s3cr3t-value-never-logged" not in blob
-
+def test_demo_pipeline_shows_in_the_ui(demo, mlflow_server, tmp_path):
     if _chromium() is None:
         pytest.skip("no chromium (Debian package 'chromium'; .ci/run installs it)")
-    shot = os.environ.get("GENREC_TEST_ARTIFACTS", str(tmp_path))
-    os.makedirs(shot, exist_ok=True)
-    page = _render(f"{mlflow_server}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}", tmp_path,
-                   screenshot=os.path.join(shot, "mlflow_run_page.png"))
-    assert "ui-check-run" in page
-    assert "recall_at_10" in page
-    # the experiment's "Model training" view (not the GenAI overview MLflow 3 opens by default) lists the run
-    listing = _render(ui_url(mlflow_server, tracker.experiment_id), tmp_path)
-    assert "Training runs" in listing and "ui-check-run" in listing
+    client, exp, runs, _ = demo
+    shots = os.environ.get("GENREC_TEST_ARTIFACTS", str(tmp_path))
+    os.makedirs(shots, exist_ok=True)
+    train = runs["train"].info
+
+    # The experiment's "Model training" view (not the GenAI overview MLflow 3 opens by default) lists all four.
+    listing = _render(ui_url(mlflow_server, exp.experiment_id), tmp_path,
+                      screenshot=os.path.join(shots, "mlflow_demo_runs.png"))
+    assert "Training runs" in listing
+    for job in JOBS:
+        assert runs[job].info.run_name in listing, job
+
+    # The training run's page shows its name and its validation metrics.
+    page = _render(ui_url(mlflow_server, exp.experiment_id, train.run_id), tmp_path,
+                   screenshot=os.path.join(shots, "mlflow_demo_train_run.png"))
+    assert train.run_name in page
+    assert "valid/recall_at_10" in page and "valid/ndcg_at_10" in page
+
+    # The artifacts tab with reports/metrics.md open: the report files are listed and the table is rendered.
+    table = open(client.download_artifacts(train.run_id, "reports/metrics.md", str(tmp_path))).read()
+    tiger_r10 = re.search(r"^\| tiger \| [^|]+ \| [^|]+ \| ([0-9.]+) \|", table, re.M).group(1)  # the R@10 column
+    artifacts = _render(f"{ui_url(mlflow_server, exp.experiment_id, train.run_id)}/artifacts/reports/metrics.md",
+                        tmp_path, screenshot=os.path.join(shots, "mlflow_demo_train_artifacts.png"))
+    for name in ("config.yaml", "reports", "curves.png", "metrics.md", "examples.md"):
+        assert name in artifacts, name
+    assert "most-popular" in artifacts and tiger_r10 in artifacts
