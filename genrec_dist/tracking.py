@@ -6,16 +6,51 @@ which one (torchtune's ``MLFlowLogger`` shape). Only rank 0 gets a real tracker;
 
 Runs of one pipeline carry the tag ``genrec.pipeline`` (filter with ``tags.genrec.pipeline = '<name>'`` in the UI)
 and ``genrec.job`` (prepare / tokenize / train / evaluate).
+
+**A tracking server that goes away never stops or slows the job.** Starting the run (experiment, ``create_run``,
+or marking a resumed run RUNNING) needs the server: if it cannot be reached in a few seconds the job ends with a
+:class:`TrackingError` before any work is done. After that, every call only queues an item (metrics, params, tags,
+text, artifacts — artifacts as a hard link or copy, so the caller may delete its file — and the final status);
+one background thread delivers the queue in order. A delivery that fails appends the item, and every later one,
+to a spool file ``<run dir>/tracking_spool-<run id>.jsonl`` (:mod:`genrec_dist.spool`: appended and flushed line
+by line, so a killed job keeps it), logs ONE warning naming the server and the spool, and retries with a backoff
+of up to ``tracking.retry_max_s``; once the server answers, the spool is delivered in order (metrics of
+consecutive steps in one request), one more warning says so, and the spool is removed. ``close()`` waits at most
+``tracking.flush_timeout_s`` for the server; what is still undelivered stays in the spool with a warning naming
+the command that replays it::
+
+    python -m genrec_dist.tracking replay <run dir>/tracking_spool-<run id>.jsonl [--uri http://host:5000]
+
+A resumed training run (same run dir, same MLflow run) delivers a spool its killed predecessor left, first. An
+item the server answers with a client error (4xx: e.g. a param changed value) cannot succeed on retry; it is set
+aside in ``tracking_rejected-<run id>.jsonl`` beside the spool, with a warning.
+
+MLflow retries each HTTP request itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, backoff factor 2: minutes
+against a stopped server; ``MLFLOW_HTTP_REQUEST_TIMEOUT`` default 120 s) and reads these environment variables at
+every request, with no per-client setting (mlflow 3: ``mlflow/utils/rest_utils.py::http_request``). The tracker
+does its own retrying, so while its requests run it sets them small (see :func:`_quick_requests`).
 """
 
 from __future__ import annotations
 
+import argparse
+import atexit
+import contextlib
 import hashlib
+import json
+import logging
 import os
+import queue
+import shutil
 import subprocess
+import sys
 import tempfile
-from typing import Any, Protocol
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator, Protocol
 
+from genrec_dist import spool as spool_file
 from genrec_dist import storage
 from genrec_dist.config import flatten, to_dict
 
@@ -23,6 +58,15 @@ from genrec_dist.config import flatten, to_dict
 _KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
 _MAX_PARAM_CHARS = 6000
+# MLflow's caps per log_batch request (mlflow.utils.validation.MAX_METRICS_PER_BATCH / MAX_PARAMS_TAGS_PER_BATCH).
+_MAX_METRICS, _MAX_PARAMS = 1000, 100
+_RETRY_MIN_S = 0.5
+_CLOSE = object()  # queue sentinel: close() asks the delivery thread to finish
+_log = logging.getLogger("genrec_dist.tracking")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server could not be reached when the run had to start, or a replay could not finish."""
 
 
 class Tracker(Protocol):
@@ -65,52 +109,80 @@ class NullTracker:
 
 
 class MLflowTracker:
-    """One MLflow run. ``run_id`` given: continue that run (``--resume``, or evaluation of a training run)."""
+    """One MLflow run. ``run_id`` given: continue that run (``--resume``, or evaluation of a training run).
+
+    Calls return at once; a background thread delivers (module docstring). ``spool_dir``: a local folder for the
+    spool (default: the temp dir). ``flush_timeout_s``: how long ``close()`` waits for the server.
+    ``request_timeout_s``: one request's limit. ``retry_max_s``: the longest wait between retries.
+    """
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                 run_id: str | None = None, artifact_location: str | None = None):
+                 run_id: str | None = None, artifact_location: str | None = None, spool_dir: str | None = None,
+                 flush_timeout_s: float = 60.0, request_timeout_s: float = 10.0, retry_max_s: float = 30.0):
         import mlflow
 
-        self._mlflow = mlflow
         self._client = mlflow.MlflowClient(tracking_uri=uri)
         self.uri = uri
-        exp = self._client.get_experiment_by_name(experiment)
+        self.flush_timeout_s, self.request_timeout_s = flush_timeout_s, request_timeout_s
+        self.retry_max_s = max(retry_max_s, _RETRY_MIN_S)
+        try:
+            with _quick_requests(retries=2, timeout_s=request_timeout_s):
+                exp_id = self._experiment(experiment, artifact_location)
+                if run_id is None:
+                    run_id = self._client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+                    tags = None
+                else:
+                    self._client.update_run(run_id, status="RUNNING")
+        except mlflow.exceptions.MlflowException as exc:
+            if _rejected(exc):
+                raise
+            raise TrackingError(f"MLflow tracking server {uri} cannot be reached to start the run "
+                                f"({_short(exc)}). Start it (cluster/mlflow_server.sh), point tracking.uri at a "
+                                "running one, or set tracking.enabled=false.") from None
+        self.run_id, self.experiment_id = run_id, exp_id
+
+        path = os.path.join(spool_dir or os.path.join(tempfile.gettempdir(), "genrec-dist"),
+                            f"tracking_spool-{run_id}{spool_file.SUFFIX}")
+        self.spool_path = os.path.abspath(path)
+        self._spool = spool_file.Spool(self.spool_path, {"uri": uri, "run_id": run_id})
+        self._sender = _Sender(self._client, uri, run_id, self.spool_path, request_timeout_s)
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # guards the spool, _inflight and _abandoned between the two threads
+        self._inflight: list[dict[str, Any]] = []  # taken off the queue, not yet delivered nor spooled
+        self._abandoned = False  # close() gave up on the thread and took over the spool
+        self._closed = False
+        self._down_since: float | None = None
+        self._thread = threading.Thread(target=self._deliver_forever, name=f"mlflow-{run_id[:8]}", daemon=True)
+        self._thread.start()
+        atexit.register(self._at_exit)  # a job that dies of an exception still flushes what it logged
+        if tags:
+            self.set_tags(tags)
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        import mlflow
+
+        exp = self._client.get_experiment_by_name(name)
         if exp is None:
             try:
-                exp_id = self._client.create_experiment(experiment, artifact_location=artifact_location,
-                                                        tags={_KIND_TAG: _KIND})
+                return self._client.create_experiment(name, artifact_location=artifact_location,
+                                                      tags={_KIND_TAG: _KIND})
             except mlflow.exceptions.MlflowException:  # another job created it first
-                exp_id = self._client.get_experiment_by_name(experiment).experiment_id
-        else:
-            exp_id = exp.experiment_id
-            if exp.tags.get(_KIND_TAG) is None:
-                self._client.set_experiment_tag(exp_id, _KIND_TAG, _KIND)
-        if run_id is None:
-            run = self._client.create_run(exp_id, run_name=run_name, tags=tags or {})
-            self.run_id = run.info.run_id
-        else:
-            self.run_id = run_id
-            self._client.update_run(run_id, status="RUNNING")
-            if tags:
-                self.set_tags(tags)
-        self.experiment_id = exp_id
+                return self._client.get_experiment_by_name(name).experiment_id
+        if exp.tags.get(_KIND_TAG) is None:
+            self._client.set_experiment_tag(exp.experiment_id, _KIND_TAG, _KIND)
+        return exp.experiment_id
+
+    # ----- the protocol: each call queues one item -------------------------------------------------------------
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-        import time
-
         now = int(time.time() * 1000)
-        batch = [Metric(key=_metric_key(k), value=float(v), timestamp=now, step=int(step or 0))
-                 for k, v in metrics.items()]
+        batch = [[_metric_key(k), float(v), now, int(step or 0)] for k, v in metrics.items()]
         if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
+            self._put({"op": "metrics", "metrics": batch})
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self._client.log_batch(self.run_id, params=items[i:i + 100])
+        if params:
+            self._put({"op": "params", "params": {k: _param_value(v) for k, v in params.items()}})
 
     def log_config(self, cfg: Any) -> None:
         d = cfg if isinstance(cfg, dict) else to_dict(cfg)
@@ -120,20 +192,305 @@ class MLflowTracker:
         self.log_text(yaml.safe_dump(d, sort_keys=False), "config.yaml")
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        if os.path.isdir(local_path):
-            self._client.log_artifacts(self.run_id, local_path, artifact_path)
+        """A file, or a folder's contents under ``artifact_path``; linked (or copied) at once beside the spool."""
+        is_dir = os.path.isdir(local_path)
+        folder = os.path.join(spool_file.files_dir(self.spool_path), uuid.uuid4().hex[:12])
+        dest = os.path.join(folder, os.path.basename(os.path.normpath(local_path)))
+        os.makedirs(folder)
+        if is_dir:
+            shutil.copytree(local_path, dest, copy_function=_link_or_copy)
         else:
-            self._client.log_artifact(self.run_id, local_path, artifact_path)
+            _link_or_copy(local_path, dest)
+        self._put({"op": "artifact", "files": os.path.relpath(dest, os.path.dirname(self.spool_path)),
+                   "artifact_path": artifact_path, "dir": is_dir})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._client.log_text(self.run_id, text, artifact_file)
+        self._put({"op": "text", "text": text, "file": artifact_file})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self._client.set_tag(self.run_id, k, str(v))
+        if tags:
+            self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def close(self, status: str = "FINISHED") -> None:
-        self._client.set_terminated(self.run_id, status=status)
+        """Mark the run ``status`` and wait up to ``flush_timeout_s`` for everything to reach the server."""
+        if self._closed:
+            return
+        atexit.unregister(self._at_exit)
+        self._finish({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
+
+    def _put(self, item: dict[str, Any]) -> None:
+        if self._closed:
+            raise RuntimeError(f"MLflow tracker of run {self.run_id} is closed")
+        self._queue.put(item)
+
+    def _at_exit(self) -> None:
+        if not self._closed:
+            self._finish(None)
+
+    def _finish(self, last: dict[str, Any] | None) -> None:
+        if last is not None:
+            self._queue.put(last)
+        self._closed = True
+        self._queue.put(_CLOSE)
+        self._thread.join(self.flush_timeout_s + self.request_timeout_s + 5.0)
+        with self._lock:
+            # Still stuck in one request (or dead of an error): keep what it holds and what it never took.
+            self._abandoned = self._thread.is_alive()
+            self._spool.append(self._inflight + [i for i in _drain(self._queue) if i is not _CLOSE])
+            left = self._spool.pending()
+        if not left:
+            spool_file.remove(self.spool_path)  # the artifacts' (now empty) folder
+        else:
+            values = sum(len(i["metrics"]) for i in left if i["op"] == "metrics")
+            _log.warning("MLflow tracking server %s still unreachable after %.0f s at the end of run %s: %d "
+                         "tracking items (%d metric values) are kept in %s. When the server is back, deliver them "
+                         "with: python -m genrec_dist.tracking replay %s", self.uri, self.flush_timeout_s,
+                         self.run_id, len(left), values, self.spool_path, self.spool_path)
+
+    # ----- the delivery thread -----------------------------------------------------------------------------
+
+    def _deliver_forever(self) -> None:
+        try:
+            self._deliver_until_closed()
+        except Exception:  # noqa: BLE001 - e.g. the spool's disk is full; close() keeps what it can
+            _log.exception("MLflow tracking of run %s stopped delivering; undelivered items go to %s at the end",
+                           self.run_id, self.spool_path)
+
+    def _deliver_until_closed(self) -> None:
+        deadline: float | None = None  # set once close() asked to finish
+        retry_at, backoff = 0.0, _RETRY_MIN_S
+        while True:
+            now = time.monotonic()
+            wait = max(0.0, retry_at - now) if len(self._spool) else None
+            if deadline is not None:
+                wait = max(0.0, min(deadline - now, wait if wait is not None else 0.0))
+            batch = _take(self._queue, wait)
+            if batch and batch[-1] is _CLOSE:
+                batch.pop()
+                deadline = time.monotonic() + self.flush_timeout_s
+            err = self._deliver_new(batch) if batch else None
+            if err is None and len(self._spool) and (time.monotonic() >= retry_at or
+                                                     (deadline is not None and time.monotonic() >= deadline)):
+                err = self._deliver_spool()
+            if self._abandoned:
+                return
+            if err is not None:
+                self._went_down(err)
+                retry_at, backoff = time.monotonic() + backoff, min(2 * backoff, self.retry_max_s)
+            elif self._down_since is not None and not len(self._spool):
+                _log.warning("MLflow tracking server %s is reachable again after %.0f s: the tracking items of run "
+                             "%s kept meanwhile are delivered, in order.", self.uri,
+                             time.monotonic() - self._down_since, self.run_id)
+                self._down_since, backoff = None, _RETRY_MIN_S
+            if deadline is not None and self._queue.empty() and (
+                    not len(self._spool) or time.monotonic() >= deadline):
+                return
+
+    def _deliver_new(self, batch: list[dict[str, Any]]) -> Exception | None:
+        """Items fresh off the queue: straight to the server, unless older ones wait in the spool (then behind
+        them). What fails is spooled, in order."""
+        with self._lock:
+            if self._abandoned:
+                return None
+            if len(self._spool):
+                self._spool.append(batch)
+                return None
+            self._inflight = batch
+        done: set[int] = set()
+        err = self._sender.deliver(batch, lambda items: done.update(id(i) for i in items))
+        with self._lock:
+            if not self._abandoned:
+                self._inflight = []
+                if err is not None:
+                    self._spool.append([i for i in batch if id(i) not in done])
+        return err
+
+    def _deliver_spool(self) -> Exception | None:
+        with self._lock:
+            pending = self._spool.pending()
+
+        def acked(items: list[dict[str, Any]]) -> None:
+            with self._lock:
+                if not self._abandoned:
+                    self._spool.ack(i["seq"] for i in items)
+
+        return self._sender.deliver(pending, acked)
+
+    def _went_down(self, err: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            _log.warning("MLflow tracking server %s is unreachable (%s); the job goes on. Tracking items of run %s "
+                         "are kept in %s and delivered in order when the server is back.", self.uri, _short(err),
+                         self.run_id, self.spool_path)
+
+
+class _Sender:
+    """Delivers spool-format items to one run, in order; consecutive metric items go as one request."""
+
+    def __init__(self, client: Any, uri: str, run_id: str, spool_path: str, request_timeout_s: float,
+                 retries: int = 0):
+        self.client, self.uri, self.run_id, self.spool_path = client, uri, run_id, spool_path
+        self.request_timeout_s, self.retries = request_timeout_s, retries
+
+    def deliver(self, items: list[dict[str, Any]], done: Callable[[list[dict[str, Any]]], None]
+                ) -> Exception | None:
+        """Send ``items`` in order, calling ``done(group)`` after each group the server took (or that was set
+        aside as rejected). Returns the error that stopped it (the server looks unreachable), None when all went."""
+        with _quick_requests(self.retries, self.request_timeout_s):
+            for group in _groups(items):
+                try:
+                    self._send(group)
+                except Exception as exc:  # noqa: BLE001 - anything but a rejection counts as an outage
+                    if not _rejected(exc):
+                        return exc
+                    for item in group:  # one of them is bad: the others still go
+                        try:
+                            self._send([item])
+                        except Exception as one:  # noqa: BLE001
+                            if not _rejected(one):
+                                return one
+                            self._set_aside(item, one)
+                        done([item])
+                    continue
+                done(group)
+        return None
+
+    def _send(self, group: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        op, item = group[0]["op"], group[0]
+        if op == "metrics":
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for it in group
+                                                        for k, v, ts, step in it["metrics"]])
+        elif op == "params":
+            params = [Param(k, v) for k, v in item["params"].items()]
+            for i in range(0, len(params), _MAX_PARAMS):
+                self.client.log_batch(self.run_id, params=params[i:i + _MAX_PARAMS])
+        elif op == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in item["tags"].items()])
+        elif op == "text":
+            self.client.log_text(self.run_id, item["text"], item["file"])
+        elif op == "artifact":
+            path = os.path.join(os.path.dirname(self.spool_path), item["files"])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: the artifact's copy beside the spool is gone")
+            if item["dir"]:
+                self.client.log_artifacts(self.run_id, path, item["artifact_path"])
+            else:
+                self.client.log_artifact(self.run_id, path, item["artifact_path"])
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        elif op == "terminate":
+            self.client.set_terminated(self.run_id, status=item["status"], end_time=item["end_time"])
+        else:
+            raise ValueError(f"unknown tracking item {op!r}")
+
+    def _set_aside(self, item: dict[str, Any], exc: Exception) -> None:
+        path = os.path.join(os.path.dirname(self.spool_path), f"tracking_rejected-{self.run_id}.jsonl")
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({**item, "error": str(exc)[:2000]}) + "\n")
+        _log.warning("MLflow %s rejected a %r item of run %s (%s); it is kept in %s", self.uri, item["op"],
+                     self.run_id, _short(exc), path)
+
+
+def _groups(items: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive metric items joined up to MLflow's batch cap; every other item alone."""
+    group: list[dict[str, Any]] = []
+    size = 0
+    for item in items:
+        n = len(item["metrics"]) if item["op"] == "metrics" else 0
+        if group and (item["op"] != "metrics" or size + n > _MAX_METRICS):
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += n
+        if item["op"] != "metrics":
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _take(q: queue.Queue, wait: float | None) -> list[Any]:
+    """The next queued item (waiting up to ``wait`` s; None: until one comes) and whatever else is queued."""
+    try:
+        batch = [q.get(timeout=wait)]
+    except queue.Empty:
+        return []
+    while len(batch) < 10 * _MAX_METRICS and batch[-1] is not _CLOSE:
+        try:
+            batch.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return batch
+
+
+def _drain(q: queue.Queue) -> list[Any]:
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def _rejected(exc: Exception) -> bool:
+    """The server answered no (4xx other than 429), or the item itself is broken: a retry cannot help. Anything
+    else (connection refused, timeout, 5xx) counts as an outage."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        code = exc.get_http_status_code()
+        return 400 <= code < 500 and code != 429
+    code = getattr(getattr(exc, "response", None), "status_code", None)  # requests.HTTPError (artifact uploads)
+    if isinstance(code, int):
+        return 400 <= code < 500 and code != 429
+    return isinstance(exc, (FileNotFoundError, ValueError, TypeError, KeyError))
+
+
+_env_lock = threading.Lock()
+_env_users = 0
+_env_saved: dict[str, str | None] = {}
+
+
+@contextlib.contextmanager
+def _quick_requests(retries: int, timeout_s: float) -> Iterator[None]:
+    """MLflow's per-request HTTP retries and timeout set small while the block runs (module docstring: mlflow
+    reads them from the environment at each request and has no per-client setting). The environment is the
+    process's: a request another thread makes meanwhile gets the same settings. Nested or concurrent blocks share
+    the first one's values; the last to leave restores what was there."""
+    global _env_users
+    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(round(timeout_s))))}
+    with _env_lock:
+        if _env_users == 0:
+            _env_saved.update({k: os.environ.get(k) for k in values})
+            os.environ.update(values)
+        _env_users += 1
+    try:
+        yield
+    finally:
+        with _env_lock:
+            _env_users -= 1
+            if _env_users == 0:
+                for k, v in _env_saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+                _env_saved.clear()
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _metric_key(key: str) -> str:
@@ -183,8 +540,11 @@ def git_commit() -> str:
 
 
 def make_tracker(cfg: Any, job: str, rank: int = 0, run_name: str | None = None,
-                 extra_tags: dict[str, str] | None = None, run_id: str | None = None) -> Tracker:
-    """The tracker for one job of the pipeline: MLflow on rank 0 when tracking is on, else a null tracker."""
+                 extra_tags: dict[str, str] | None = None, run_id: str | None = None,
+                 spool_dir: str | None = None) -> Tracker:
+    """The tracker for one job of the pipeline: MLflow on rank 0 when tracking is on, else a null tracker.
+    ``spool_dir``: where items the server has not taken yet are kept (the job's run dir; default: workdir; a
+    remote path falls back to the local temp dir)."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     tags = {
@@ -199,8 +559,37 @@ def make_tracker(cfg: Any, job: str, rank: int = 0, run_name: str | None = None,
     artifacts = None
     if uri.startswith("sqlite:///"):
         artifacts = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
-    return MLflowTracker(uri, cfg.tracking.experiment, run_name or f"{cfg.name}-{job}", tags, run_id=run_id,
-                         artifact_location=artifacts)
+    spool_dir = spool_dir or cfg.workdir
+    if storage.is_remote(spool_dir):
+        spool_dir = os.path.join(tempfile.gettempdir(), "genrec-dist", "tracking-spool")
+    tc = cfg.tracking
+    return MLflowTracker(uri, tc.experiment, run_name or f"{cfg.name}-{job}", tags, run_id=run_id,
+                         artifact_location=artifacts, spool_dir=os.path.abspath(spool_dir),
+                         flush_timeout_s=tc.flush_timeout_s, request_timeout_s=tc.request_timeout_s,
+                         retry_max_s=tc.retry_max_s)
+
+
+def replay(path: str, uri: str | None = None, request_timeout_s: float = 30.0) -> tuple[int, str, str]:
+    """Deliver the undelivered items of the spool ``path`` to its run, in order, and remove the spool.
+    ``uri``: another address of the same server (default: the one the spool was written for).
+    Returns (items delivered, run id, uri). Raises :class:`TrackingError` if the server cannot take them all
+    (what it took is marked done; run it again)."""
+    import mlflow
+
+    header, _, _ = spool_file.read(path)
+    if "run_id" not in header:
+        raise TrackingError(f"{path} is not a tracking spool (no header line)")
+    uri = uri or header["uri"]
+    pending = spool_file.Spool(path, header)
+    items = pending.pending()
+    sender = _Sender(mlflow.MlflowClient(tracking_uri=uri), uri, header["run_id"], os.path.abspath(path),
+                     request_timeout_s, retries=2)
+    err = sender.deliver(items, lambda group: pending.ack(i["seq"] for i in group))
+    if err is not None:
+        raise TrackingError(f"MLflow tracking server {uri} unreachable ({_short(err)}): "
+                            f"{len(pending)} of {len(items)} items are still in {path}")
+    spool_file.remove(path)
+    return len(items), header["run_id"], uri
 
 
 def run_tags(cfg: Any, run_id: str) -> dict[str, str]:
@@ -212,3 +601,24 @@ def run_tags(cfg: Any, run_id: str) -> dict[str, str]:
         return dict(mlflow.MlflowClient(tracking_uri=default_uri(cfg)).get_run(run_id).data.tags)
     except mlflow.exceptions.MlflowException as exc:
         raise KeyError(f"no MLflow run {run_id} in {default_uri(cfg)}: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m genrec_dist.tracking",
+                                     description="Tracking items kept while the MLflow server was unreachable.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rp = sub.add_parser("replay", help="log a spool's undelivered items to its MLflow run, then remove the spool")
+    rp.add_argument("spool", nargs="+", help="tracking_spool-<run id>.jsonl (in the run dir)")
+    rp.add_argument("--uri", default=None, help="the tracking server (default: the one the spool was written for)")
+    args = parser.parse_args(argv)
+    for path in args.spool:
+        try:
+            n, run_id, uri = replay(path, args.uri)
+        except (TrackingError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        print(f"{path}: {n} items delivered to run {run_id} at {uri}; spool removed", flush=True)
+
+
+if __name__ == "__main__":
+    main()

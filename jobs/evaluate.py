@@ -10,6 +10,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
 from genrec_dist.storage import StorageError  # noqa: E402
+from genrec_dist.tracking import TrackingError  # noqa: E402
 from genrec_dist.training.evaluate_run import evaluate_run  # noqa: E402
 
 
@@ -20,7 +21,7 @@ def main() -> None:
     cfg = load_job_config(args, "evaluate")
     try:
         summary = evaluate_run(cfg, args.run)
-    except (StorageError, FileNotFoundError, ValueError) as exc:
+    except (StorageError, FileNotFoundError, ValueError, TrackingError) as exc:
         fail(str(exc).splitlines()[0])
     print(summary["table"], flush=True)
     print(f"metrics: {summary['metrics_path']} (MLflow run {summary['mlflow_run_id']})", flush=True)

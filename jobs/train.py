@@ -14,6 +14,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
 from genrec_dist.storage import StorageError  # noqa: E402
+from genrec_dist.tracking import TrackingError  # noqa: E402
 from genrec_dist.training import run_training  # noqa: E402
 from genrec_dist.training.ds_config import BatchSizeError  # noqa: E402
 
@@ -31,7 +32,7 @@ def main() -> None:
     cfg = load_job_config(args, "train", quiet=rank != "0")
     try:
         summary = run_training(cfg)
-    except (StorageError, FileNotFoundError, BatchSizeError) as exc:
+    except (StorageError, FileNotFoundError, BatchSizeError, TrackingError) as exc:
         fail(str(exc).splitlines()[0])
     if summary:
         print(f"run {summary['run_name']}: {summary['run_dir']} (MLflow run {summary['mlflow_run_id']})", flush=True)

@@ -116,7 +116,8 @@ def evaluate_run(cfg: Any, run: str) -> dict[str, Any]:
     storage.write_bytes(metrics_path, (json.dumps(out, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
     tracker = make_tracker(cfg, "evaluate", 0, run_name=f"{info.get('run_name', meta['model'])}-evaluate",
                            extra_tags={"genrec.train_run_id": str(info.get("mlflow_run_id")),
-                                       "genrec.run_dir": run_dir, "genrec.model": meta["model"]})
+                                       "genrec.run_dir": run_dir, "genrec.model": meta["model"]},
+                           spool_dir=run_dir)
     tracker.log_config(cfg)
     tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
                 | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()})

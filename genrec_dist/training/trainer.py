@@ -83,7 +83,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     tracker = make_tracker(cfg, "train", rank, run_name=run_name,
                            extra_tags={"genrec.dataset_manifest_sha256": manifest_sha, "genrec.run_dir": run_dir,
                                        "genrec.model": tc.model},
-                           run_id=(prior or {}).get("mlflow_run_id"))
+                           run_id=(prior or {}).get("mlflow_run_id"), spool_dir=run_dir)
     if main:
         storage.write_bytes(storage.join(run_dir, runs.RUN_FILE), json.dumps({
             "run_name": run_name, "model": tc.model, "mlflow_run_id": tracker.run_id,
