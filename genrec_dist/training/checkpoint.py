@@ -5,6 +5,8 @@ Layout under the checkpoint root (one per run)::
     step-00000120/               DeepSpeed's files (engine.save_checkpoint, every rank writes its part)
     step-00000120/rng-rank<r>.pt every rank's RNG states (torch, numpy, python)
     step-00000120/trainer.json   step, data cursor, best validation value, patience counter, MLflow run id
+    step-00000120/history.json   the rows logged so far (the state's ``history``, one compact line), so a
+                                 resumed run's history.json and curves start at step 1
     step-00000120/COMPLETE       written last, by rank 0, after every rank has written (and uploaded) its files
 
 Resume picks the newest step directory that has ``COMPLETE``; a run killed while writing leaves a directory
@@ -29,6 +31,7 @@ from genrec_dist import storage
 
 MARKER = "COMPLETE"
 STATE = "trainer.json"
+HISTORY = "history.json"
 _TAG = re.compile(r"^step-(\d{8})$")
 
 
@@ -101,6 +104,9 @@ class CheckpointStore:
         local_tag = os.path.join(self.local, tag)
         torch.save(rng_state(), os.path.join(local_tag, f"rng-rank{self.rank}.pt"))
         if self.rank == 0:
+            state = dict(state)
+            with open(os.path.join(local_tag, HISTORY), "w") as fh:
+                json.dump(state.pop("history", []), fh, separators=(",", ":"))
             with open(os.path.join(local_tag, STATE), "w") as fh:
                 json.dump(state, fh, indent=2, sort_keys=True)
         self.barrier()  # every rank's files are on disk
@@ -155,4 +161,9 @@ class CheckpointStore:
         if os.path.exists(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=True))
         with open(os.path.join(self.local, tag, STATE)) as fh:
-            return json.load(fh)
+            state = json.load(fh)
+        history = os.path.join(self.local, tag, HISTORY)
+        if os.path.exists(history):  # checkpoints written before history was kept have none
+            with open(history) as fh:
+                state["history"] = json.load(fh)
+        return state

@@ -138,16 +138,17 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
 
     # ----- 5. resume ----------------------------------------------------------------------------------------
     step, cursor, best, best_step, bad_evals = 0, D.Cursor(), float("-inf"), 0, 0
+    history_log: list[dict[str, Any]] = []  # every logged row since step 1: history.json and the curves
     if resume_step is not None:
         state = store.load(engine, resume_step)
         step, cursor = int(state["step"]), D.Cursor.from_dict(state["cursor"])
         best, best_step, bad_evals = float(state["best"]), int(state["best_step"]), int(state["bad_evals"])
+        history_log = list(state.get("history", []))
         log0(f"resumed from {ckpt_root}/{ckpt.tag_of(step)} (epoch {cursor.epoch}, step {cursor.step})")
     elif resuming:
         log0(f"no complete checkpoint under {ckpt_root}: starting {run_name} from step 0")
 
     rec_kwargs = recommend_kwargs(eval_model, cfg.evaluate.beam_width)
-    history_log: list[dict[str, Any]] = []
 
     def validate() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """All ranks: consolidated weights into the plain copy, each rank scores its users, sums all-reduced."""
@@ -217,8 +218,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
 
         if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps and not stop:
             store.save(engine, step, {"step": step, "cursor": cursor.to_dict(), "best": best,
-                                      "best_step": best_step, "bad_evals": bad_evals, "run_name": run_name},
-                       tc.keep_checkpoints)
+                                      "best_step": best_step, "bad_evals": bad_evals, "run_name": run_name,
+                                      "history": history_log}, tc.keep_checkpoints)
             log0(f"checkpoint saved: step {step} -> {ckpt_root}/{ckpt.tag_of(step)}")
 
     if best_step == 0:  # never validated: the final weights are the export

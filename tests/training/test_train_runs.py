@@ -245,3 +245,8 @@ def test_sigkill_then_resume_ends_at_the_same_metrics(tiny_cfg, real_run, s3_buc
         assert resumed["model"][k] == pytest.approx(full["model"][k], abs=1e-9), k
     # the resumed run continued the same MLflow run
     assert len(_runs_named(tiny_cfg, "real-killed")) == 1
+    # its history (history.json, the curves) covers the whole run: the rows before the kill came back with the
+    # checkpoint, the same as the uninterrupted run's
+    killed, whole = _losses(tiny_cfg, "real-killed"), _losses(tiny_cfg, real_run[0])
+    assert sorted(killed) == sorted(whole) and min(killed) == 1
+    assert all(killed[s] == pytest.approx(whole[s], abs=1e-6) for s in killed if s <= 50)
