@@ -3,7 +3,8 @@
 Outputs (datasets, semantic-ID tables, exported models) are committed atomically with :func:`commit_dir`: every
 file is written to a staging location first and ``manifest.json`` is written last, so a reader that finds a
 manifest finds a complete directory, and a failed run leaves neither a manifest nor a half-written directory at
-the destination (an existing output there is untouched unless ``overwrite``).
+the destination (an existing output there is untouched unless ``overwrite``). On S3, an overwrite first copies the
+old output aside (``.<name>.old-<token>`` beside it), so a failure while replacing it names where it is intact.
 
 On S3, every request is tried at most ``storage.max_attempts`` times in all (botocore's standard retry is the only
 retry layer), so an endpoint that goes away ends the run with a :class:`StorageError` naming the destination and
@@ -248,7 +249,7 @@ def commit_dir(path: str, storage: Any | None = None, overwrite: bool = False) -
         staged.write_json(MANIFEST, staged.manifest)
         with _guard(path, storage):
             if is_remote(path):
-                _commit_remote(fs, staged, final, present)
+                _commit_remote(fs, staged, final, present, token)
             else:
                 _commit_local(staged, final, present, token)
     except BaseException:
@@ -273,19 +274,43 @@ def _commit_local(staged: StagedDir, final: str, present: bool, token: str) -> N
         os.rename(staging, final)
 
 
-def _commit_remote(fs: fsspec.AbstractFileSystem, staged: StagedDir, final: str, present: bool) -> None:
+def _commit_remote(fs: fsspec.AbstractFileSystem, staged: StagedDir, final: str, present: bool, token: str) -> None:
     # Object stores cannot rename a prefix: invalidate the old output (manifest first), copy the new files,
     # and write the manifest last. A reader in between sees no manifest and refuses the directory.
+    # An old output is first copied aside (server-side copies, its manifest last), so an endpoint that goes away
+    # between removing it and completing the new one loses neither: the error names where the old one is intact.
     _, staging = filesystem(staged.staging, staged.storage)
+    backup = None
     if present:
+        parent, name = final.rstrip("/").rsplit("/", 1)
+        backup = f"{parent}/.{name}.old-{token}"
+        _copy_tree(fs, final, backup)
         if fs.exists(f"{final}/{MANIFEST}"):
             fs.rm(f"{final}/{MANIFEST}")
         fs.rm(final, recursive=True)
-    for name in staged.files:
-        if name != MANIFEST:
-            fs.copy(f"{staging}/{name}", f"{final}/{name}")
-    fs.copy(f"{staging}/{MANIFEST}", f"{final}/{MANIFEST}")
+    try:
+        for name in staged.files:
+            if name != MANIFEST:
+                fs.copy(f"{staging}/{name}", f"{final}/{name}")
+        fs.copy(f"{staging}/{MANIFEST}", f"{final}/{MANIFEST}")
+    except Exception as exc:
+        if backup is None:
+            raise
+        scheme = staged.final.split("://", 1)[0]
+        where = endpoint_url(staged.storage) or "the default AWS endpoint"
+        raise StorageError(f"{staged.final}: replacing the output failed at {where}, nothing new was committed; the "
+                           f"previous output is intact at {scheme}://{backup} (copy it back, or commit again): "
+                           f"{type(exc).__name__}: {exc}") from exc
+    if backup is not None:
+        fs.rm(backup, recursive=True)
     fs.rm(staging, recursive=True)
+
+
+def _copy_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Copy every object under ``src`` to ``dst`` (same relative names), the manifest last."""
+    files = sorted(fs.find(src), key=lambda p: p.endswith("/" + MANIFEST))
+    for f in files:
+        fs.copy(f, dst + f[len(src.rstrip("/")):])
 
 
 def _remove_quietly(path: str, storage: Any | None, max_attempts: int | None = None) -> None:

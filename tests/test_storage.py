@@ -145,3 +145,33 @@ def test_s3_endpoint_gone_mid_overwrite_keeps_the_old_dataset(s3_bucket, tmp_pat
     assert _objects(direct, dest[5:]) == before  # byte for byte, manifest included
     ds = Dataset.open(dest, StorageConfig(endpoint_url=moto))
     assert ds.manifest["counts"]["interactions"] == old["interactions"] and ds.sequences().height == old["users"]
+
+
+def test_s3_endpoint_gone_while_replacing_keeps_the_old_dataset_aside(s3_bucket, tmp_path):
+    """The endpoint goes away after the old output was removed and before the new one is complete (the commit's
+    copy phase): the error names where the old dataset is, intact and readable; the destination has no manifest."""
+    moto, bucket = s3_bucket
+    direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto})
+    dest = f"{bucket}/synthetic"
+    run_prepare(_prepare_cfg(tmp_path, dest, moto))
+    with FaultProxy(moto) as counting:  # an overwrite that goes through: F staging PUTs, F copies aside, F copies in
+        old = run_prepare(_prepare_cfg(tmp_path, dest, counting.url, "prepare.overwrite=true"))
+    before = _objects(direct, dest[5:])
+    files = len(before)
+    assert counting.puts == 3 * files
+    with FaultProxy(moto, fail_after_puts=2 * files + 1) as proxy:  # old copied aside and removed, 1 new file in
+        cfg = _prepare_cfg(tmp_path, dest, proxy.url, "seed=7", "prepare.overwrite=true")
+        with pytest.raises(storage.StorageError) as err:
+            run_prepare(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"{dest}: replacing the output failed") and proxy.url in msg
+    aside = msg.split("intact at ", 1)[1].split(" ", 1)[0]
+    assert aside.startswith(f"{bucket}/.synthetic.old-")
+    direct.invalidate_cache()
+    assert not direct.exists(f"{dest[5:]}/manifest.json")
+    with pytest.raises(storage.StorageError, match="no manifest.json"):
+        Dataset.open(dest, StorageConfig(endpoint_url=moto))
+    kept = _objects(direct, aside[5:])
+    assert {p[len(aside) - 5:]: v for p, v in kept.items()} == {p[len(dest) - 5:]: v for p, v in before.items()}
+    ds = Dataset.open(aside, StorageConfig(endpoint_url=moto))
+    assert ds.manifest["counts"]["interactions"] == old["interactions"]
