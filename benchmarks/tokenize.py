@@ -1,7 +1,7 @@
 """Tokenization speed and quality, side by side in one run, on one machine.
 
     python benchmarks/tokenize.py [--embed-items 1000] [--mixture-n 100000] [--dim 384] [--k 256] [--iters 10]
-                                  [--seed 0] [--out benchmarks/results/tokenize.json]
+                                  [--seed 0] [--out benchmarks/results/tokenize.json] [--embeddings DIR]
 
 1. Embedding items/s with 1 and 2 Ray Data workers (MiniLM, offline) on the first ``--embed-items`` Scientific
    item texts (the same texts for both rows), then all Scientific texts with 2 workers for the k-means rows.
@@ -12,7 +12,9 @@
    a ratio to faiss. Seeding differs by library (ours: k-means++ on a sample; faiss: random rows; sklearn:
    k-means++), so inertia ratios compare whole procedures, not identical trajectories.
 
-Skips the Scientific rows when ``../shared/data/scientific`` is absent.
+Skips the Scientific rows when ``../shared/data/scientific`` is absent. ``--embeddings DIR`` (the ``embeddings/``
+folder of an earlier tokenize run on Scientific) runs the k-means part alone: no embedding, and the embedding rows
+of the existing ``--out`` JSON are kept.
 """
 
 import os
@@ -131,6 +133,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-scientific", action="store_true", help="only the random-mixture rows")
+    ap.add_argument("--embeddings", default="", help="Scientific embeddings/ folder of an earlier tokenize run: "
+                    "k-means rows only, the embedding rows of --out are kept")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "tokenize.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,7 +146,16 @@ def main():
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "ray_cpus": ray.cluster_resources().get("CPU"), "gpus": ray.cluster_resources().get("GPU", 0)},
               "args": _portable(vars(args)), "embedding": [], "kmeans": []}
-    if os.path.isdir(SCIENTIFIC) and not args.no_scientific:
+    if args.embeddings and not args.no_scientific:
+        from tokenization.embedding_store import read_embeddings
+
+        if os.path.exists(args.out):
+            with open(args.out) as fh:
+                result["embedding"] = json.load(fh).get("embedding", [])
+        _, emb = read_embeddings(args.embeddings)
+        print(f"k-means on the Scientific embeddings of {args.embeddings}")
+        result["kmeans"] += kmeans_rows("scientific", emb, args.k, args.iters, args.seed)
+    elif os.path.isdir(SCIENTIFIC) and not args.no_scientific:
         from tokenization.ray_embed import embed_items
 
         items = scientific_items()

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from tokenization.kmeans import (KMeansError, KMeansParams, KMeansShard, Partial, dedup_level, kmeans_local,
-                                 kmeans_pp, local_call, update)
+from tokenization.kmeans import (KMeansError, KMeansParams, KMeansShard, Partial, dedup_level, f32_gap_bound,
+                                 kmeans_local, kmeans_pp, local_call, split_rows, update)
 
 
 def _mixture(n=600, d=8, c=12, seed=0):
@@ -131,3 +131,56 @@ def test_torch_on_cuda_gives_the_numpy_codes():
     ref = kmeans_local(x, 3, p, dedup=True)
     gpu = kmeans_local(x, 3, p, dedup=True, shards=2, backend="torch", device="cuda")
     np.testing.assert_array_equal(gpu.codes, ref.codes)
+
+
+def _near_ties(seed=0, k=6, d=16, n=400):
+    """Rows on (or 1e-12..1e-6 relative off) the bisector of two centroids: float32 cannot rank those, float64 can
+    (or they tie exactly: small integers, so every float64 operation is exact and the lower index must win)."""
+    rng = np.random.default_rng(seed)
+    c = rng.integers(-8, 9, size=(k, d)).astype(np.float64) * 2.0  # even, so midpoints are integers
+    rows = []
+    for i in range(n):
+        a, b = rng.choice(k, 2, replace=False)
+        mid, u = (c[a] + c[b]) / 2, c[a] - c[b]
+        off = 0.0 if i % 4 == 0 else rng.choice([-1, 1]) * 10.0 ** rng.uniform(-12, -6)
+        rows.append(mid + off * u + (rng.normal(size=d) * 5 if i % 5 == 4 else 0.0))  # some ordinary rows too
+    x = np.array(rows) + 100.0  # an offset: large norms make the float32 scores coarser still
+    return x, c + 100.0
+
+
+def test_fast_assignment_is_the_float64_assignment_on_near_ties():
+    x, c = _near_ties()
+    ref = KMeansShard(x, np.arange(len(x))).assign_f64(c)
+    # The float32 argmin alone gets some of these rows wrong, so the float64 re-check is really exercised.
+    x32, c32 = x.astype(np.float32), c.astype(np.float32)
+    assert ((c32 * c32).sum(1)[None] - 2 * x32 @ c32.T).argmin(1).tolist() != ref.tolist()
+    for backend in ("numpy", "torch"):
+        for parts in (1, 2, 3, 4):
+            got = np.concatenate([np.asarray(KMeansShard(xs, rows, backend).assign(c)) for xs, rows in
+                                  split_rows(x, parts)])
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_f32_gap_bound_covers_the_float32_score_error():
+    rng = np.random.default_rng(1)
+    for scale, offset in [(1.0, 0.0), (1e-3, 30.0), (50.0, 0.0)]:
+        x = rng.normal(size=(500, 96)) * scale + offset
+        c = rng.normal(size=(64, 96)) * scale + offset
+        x32, c32 = x.astype(np.float32), (-2.0 * c).astype(np.float32)
+        t32 = (x32 @ c32.T + (c * c).sum(1).astype(np.float32)).astype(np.float64)
+        xl, cl = x.astype(np.longdouble), c.astype(np.longdouble)
+        exact = (cl * cl).sum(1)[None] - 2 * xl @ cl.T  # extended precision: the reference for the error
+        err = np.abs(t32 - exact).max(1).astype(np.float64)
+        bound = f32_gap_bound(np.sqrt((x * x).sum(1)), float(np.sqrt((c * c).sum(1).max())), 96) / 2
+        assert (err <= bound).all() and (err > bound / 1e4).any()  # holds, and is not vacuously loose
+
+
+def test_residual_kmeans_codes_equal_the_all_float64_run(monkeypatch):
+    x = _mixture(n=3000, d=24, c=30, seed=4)
+    p = KMeansParams(k=16, seed=1)
+    fast = kmeans_local(x, 3, p, dedup=True, shards=3)
+    monkeypatch.setattr(KMeansShard, "assign", lambda self, c: self.assign_f64(c))
+    slow = kmeans_local(x, 3, p, dedup=True)
+    np.testing.assert_array_equal(fast.codes, slow.codes)
+    for a, b in zip(fast.codebooks, slow.codebooks):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
