@@ -31,3 +31,11 @@ def test_train_mode_is_restored():
     pop = MostPopular.fit([[1]], num_items=1).train()
     evaluate_model(pop, [(torch.ones(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long))], ks=[1])
     assert pop.training
+
+
+def test_format_results_gives_each_inference_mode_its_row():
+    row = {"recall@10": 0.1, "ndcg@10": 0.05, "fast/recall@10": 0.1, "fast/ndcg@10": 0.05,
+           "slow/recall@10": 0.2, "slow/ndcg@10": 0.07}
+    lines = format_results({"car": row}, ks=[10]).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| car", "| car fast", "| car slow"]
+    assert lines[4].split(" | ")[1:3] == ["0.2000", "0.0700"]
