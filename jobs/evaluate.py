@@ -17,7 +17,7 @@ from genrec_dist.training.evaluate_run import evaluate_run  # noqa: E402
 def main() -> None:
     parser = job_parser("evaluate", __doc__.strip().splitlines()[0])
     parser.add_argument("--run", required=True, help="MLflow run id of a training run, a run name or a run dir")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     cfg = load_job_config(args, "evaluate")
     try:
         summary = evaluate_run(cfg, args.run)

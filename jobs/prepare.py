@@ -16,7 +16,7 @@ from genrec_dist.tracking import make_tracker  # noqa: E402
 
 
 def main() -> None:
-    args = job_parser("prepare", __doc__.strip().splitlines()[0]).parse_args()
+    args = job_parser("prepare", __doc__.strip().splitlines()[0]).parse_intermixed_args()
     cfg = load_job_config(args, "prepare")
     try:
         summary = run_prepare(cfg)

@@ -13,7 +13,7 @@ from genrec_dist.storage import StorageError  # noqa: E402
 
 
 def main() -> None:
-    args = job_parser("tokenize", __doc__.splitlines()[0]).parse_args()
+    args = job_parser("tokenize", __doc__.splitlines()[0]).parse_intermixed_args()
     cfg = load_job_config(args, "tokenize")
     from tokenization.pipeline import run_tokenize
 

@@ -25,7 +25,7 @@ def main() -> None:
                         help="continue a run from its newest complete checkpoint (a run name/dir; default: latest)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; ignored "
                         "(the rank comes from the environment)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.resume is not None:
         args.overrides.append(f"train.resume={args.resume}")
     rank = os.environ.get("RANK", "0")

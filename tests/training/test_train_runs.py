@@ -206,8 +206,11 @@ def test_export_loads_weights_only_and_evaluates_the_same(tiny_cfg, real_run):
     assert "item_emb.weight" in state and state["item_emb.weight"].shape[1] == 32
     with open(os.path.join(run_dir, "run.json")) as fh:
         mlflow_id = json.load(fh)["mlflow_run_id"]
-    proc = run_job("evaluate", "--config", CONFIG, f"workdir={tiny_cfg.workdir}", "--run", mlflow_id)
+    # overrides on both sides of --run (argparse's intermixed parsing)
+    proc = run_job("evaluate", "--config", CONFIG, f"workdir={tiny_cfg.workdir}", "--run", mlflow_id,
+                   "evaluate.batch_size=77")
     assert "| sasrec |" in proc.stdout
+    assert "batch_size: 77" in proc.stdout  # the resolved config the job prints
     with open(os.path.join(run_dir, "eval-test.json")) as fh:
         again = json.load(fh)
     trained = _metrics(tiny_cfg, real_run[0])
