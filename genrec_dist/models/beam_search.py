@@ -2,10 +2,11 @@
 
 :class:`CodeTrie` is a prefix trie over the catalog's codes stored as one sorted key array per level: the edge from
 prefix node ``p`` (depth l) with code ``c`` exists iff ``p * K_l + c`` is in ``edges[l]``, and the child's node id
-is that key's position in the array (so node ids are compact, 0..#prefixes-1 per depth). A lookup for every beam
-and every code is one ``searchsorted`` over (beams, K_l) keys: vectorised, O(#items) memory per level (a dense
-(prefixes, K) mask would need #prefixes x K), and the same on CPU and GPU. Leaves (full codes) map to the items
-sharing that code through a padded (leaves, max collisions) table.
+is that key's position in the array (so node ids are compact, 0..#prefixes-1 per depth), and a node's edges are
+one contiguous run of it (CSR: ``first_l[p] .. first_l[p+1]``). The allowed codes of every beam are a scatter of
+its run into a (beams, K_l) mask, and the child of each kept beam one ``searchsorted`` of its key: vectorised,
+O(#items) memory per level (a dense (prefixes, K) table would need #prefixes x K), and the same on CPU and GPU.
+Leaves (full codes) map to the items sharing that code through a padded (leaves, max collisions) table.
 
 :func:`beam_search` is model-agnostic: the model supplies ``step(level, last_codes, parents) -> logits``.
 """
@@ -34,15 +35,20 @@ class CodeTrie(nn.Module):
             raise ValueError(f"codes must be (num_items + 1, {len(codebook_sizes)}) with at least one item, "
                              f"got {codes.shape[0] + 1} rows x {codes.shape[1:]}")
         self.sizes = [int(k) for k in codebook_sizes]
+        self.degrees: list[int] = []
         node = np.zeros(codes.shape[0], dtype=np.int64)  # every item starts at the root
         for level, k in enumerate(self.sizes):
             bad = np.flatnonzero((codes[:, level] < 0) | (codes[:, level] >= k))
             if len(bad):
                 raise ValueError(f"item {int(bad[0]) + 1} level {level}: code {int(codes[bad[0], level])} outside "
                                  f"[0, {k})")
+            parents = int(node.max()) + 1  # prefix nodes at this depth
             keys, node = np.unique(node * k + codes[:, level], return_inverse=True)
             node = node.reshape(-1)
+            first = np.searchsorted(keys, np.arange(parents + 1) * k)  # (parents + 1,) each node's run of edges
             self.register_buffer(f"edges_{level}", torch.from_numpy(keys), persistent=False)
+            self.register_buffer(f"first_{level}", torch.from_numpy(first), persistent=False)
+            self.degrees.append(int(np.diff(first).max()))  # most children of one node
         # node is now each item's leaf id; items of one leaf listed by item id.
         order = np.argsort(node, kind="stable")
         leaf_sorted = node[order]
@@ -60,11 +66,20 @@ class CodeTrie(nn.Module):
     def edges(self, level: int) -> torch.Tensor:
         return getattr(self, f"edges_{level}")
 
-    def lookup(self, level: int, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For prefix nodes ``node`` (N,) at depth ``level``: (allowed (N, K_l) bool, child node ids (N, K_l))."""
-        k = self.sizes[level]
+    def allowed(self, level: int, node: torch.Tensor) -> torch.Tensor:
+        """For prefix nodes ``node`` (N,) at depth ``level``: which of the K_l codes extend them, (N, K_l) bool."""
+        k, edges, first = self.sizes[level], self.edges(level), getattr(self, f"first_{level}")
+        start = first[node]  # (N,)
+        j = torch.arange(self.degrees[level], device=node.device)  # (D,)
+        e = (start[:, None] + j).clamp_(max=edges.numel() - 1)  # (N, D) the node's edges, then filler
+        code = torch.where(j < (first[node + 1] - start)[:, None], edges[e] - node[:, None] * k, k)  # filler -> k
+        return torch.zeros(node.shape[0], k + 1, dtype=torch.bool, device=node.device).scatter_(1, code, True)[:, :k]
+
+    def child(self, level: int, node: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nodes (N,) at depth ``level`` and codes (N,) -> (the edge exists (N,) bool, the child node ids (N,));
+        a missing edge gets some valid node id (its beam has score -inf and is never expanded to items)."""
         edges = self.edges(level)
-        keys = node[:, None] * k + torch.arange(k, device=node.device)  # (N, K)
+        keys = node * self.sizes[level] + code
         pos = torch.searchsorted(edges, keys).clamp_(max=edges.numel() - 1)
         return edges[pos] == keys, pos
 
@@ -73,10 +88,9 @@ class CodeTrie(nn.Module):
         node = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
         ok = torch.ones(codes.shape[0], dtype=torch.bool, device=codes.device)
         for level in range(self.num_levels):
-            allowed, child = self.lookup(level, node)
-            c = codes[:, level].clamp(0, self.sizes[level] - 1)[:, None]
-            ok &= allowed.gather(1, c).squeeze(1) & (codes[:, level] >= 0) & (codes[:, level] < self.sizes[level])
-            node = child.gather(1, c).squeeze(1)
+            c = codes[:, level]
+            exists, node = self.child(level, node, c.clamp(0, self.sizes[level] - 1))
+            ok &= exists & (c >= 0) & (c < self.sizes[level])
         return ok
 
     def items_of(self, leaves: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -128,15 +142,15 @@ def beam_search(step: Step, trie: CodeTrie, batch_size: int, beam_width: int) ->
         if node is None:
             node = torch.zeros(rows, dtype=torch.long, device=logp.device)
             score = torch.zeros(rows, device=logp.device)
-        allowed, child = trie.lookup(level, node)  # (rows, K)
-        cand = (score[:, None] + logp).masked_fill(~allowed, NEG_INF).view(b, -1)  # (B, beams * K)
+        cand = logp.add_(score[:, None]).masked_fill_(~trie.allowed(level, node), NEG_INF)  # in place, (rows, K)
+        cand = cand.view(b, -1)  # (B, beams * K)
         width = min(beam_width, cand.shape[1])
         top, idx = cand.topk(width, dim=1)  # (B, width)
         beams = rows // b
         origin = idx // k  # beam (within its user) each survivor extends
         parents = (torch.arange(b, device=idx.device)[:, None] * beams + origin).view(-1)  # (B*width,)
         last = (idx % k).view(-1)
-        node = child.view(b, -1).gather(1, idx).view(-1)
+        node = trie.child(level, node[parents], last)[1]
         score = top.view(-1)
         prev = codes[parents] if codes is not None else last.new_zeros(b * width, 0)
         codes = torch.cat([prev, last[:, None]], dim=1)  # (B*width, level+1)

@@ -16,7 +16,10 @@ outside the engine's forward (tests/models/test_zero3_access.py simulates that p
 
 Beam search support: a decoder query batch may be a multiple ``G`` of the memory batch (``G`` beams per user, rows
 user-major). Cross-attention then folds the beams into the query axis instead of copying the memory ``G`` times,
-so the memory and its cached keys/values stay at the user batch size for the whole search.
+so the memory and its cached keys/values stay at the user batch size for the whole search. Self-attention does the
+same for a *shared prefix* (:meth:`KVCache.share_prefix`: a decoder-only model's prefilled history): its keys/values
+are kept once per user and every beam attends to them through the folded queries, while only the tokens decoded
+after it are cached per beam, so a beam step copies and appends the new tokens only, never the prefix.
 """
 
 from __future__ import annotations
@@ -61,24 +64,96 @@ def attention_mask(key_valid: torch.Tensor | None, causal: int | None = None) ->
 class KVCache:
     """Per-layer keys/values for incremental decoding.
 
-    ``layers[i]["self"]`` grows by one step per decode call; ``layers[i]["cross"]`` holds the projected encoder
-    memory, computed once at the first call (static, at the user batch size). :meth:`reorder` re-indexes the self
-    entries after a beam step (``index`` (N,) = the row each new row continues; also expands B -> B*W).
+    ``layers[i]["self"]`` grows by one step per decode call, one row per query row; ``layers[i]["cross"]`` holds the
+    projected encoder memory, computed once at the first call (static, at the user batch size);
+    ``layers[i]["prefix"]`` (after :meth:`share_prefix`) holds self-attention keys (transposed, ``"kt"``) and values
+    shared by groups of rows (static, at the user batch size, with an additive key mask ``"bias"``).
+    :meth:`reorder` re-indexes the self entries after a beam step (``index`` (N,) = the row each new row continues;
+    also expands B -> B*W); shared entries are never copied, since beams stay with their user.
     """
 
     def __init__(self, num_layers: int):
-        self.layers: list[dict[str, dict[str, torch.Tensor]]] = [{"self": {}, "cross": {}} for _ in range(num_layers)]
+        self.layers: list[dict[str, dict[str, torch.Tensor]]] = [{"self": {}, "cross": {}, "prefix": {}}
+                                                                 for _ in range(num_layers)]
 
     @property
     def length(self) -> int:
-        first = self.layers[0]["self"] if self.layers else {}
-        return int(first["k"].shape[2]) if "k" in first else 0
+        """Self-attention positions cached (shared prefix + own)."""
+        first = self.layers[0] if self.layers else {"self": {}, "prefix": {}}
+        return sum(int(first[part]["v"].shape[2]) for part in ("prefix", "self") if "v" in first[part])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every cached tensor (keys, values, masks)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for part in layer.values()
+                   for t in part.values())
+
+    def share_prefix(self, key_valid: torch.Tensor | None = None) -> None:
+        """Make the self-attention keys/values cached so far a prefix shared by all later rows of the same user.
+
+        Call it after prefilling with one row per user; later calls may have ``G`` rows per user (user-major), which
+        attend to the prefix through folded queries and cache only their own new positions. ``key_valid`` (B, Tp)
+        marks the real prefix positions (None: all); a padded position is never attended to afterwards.
+        """
+        for layer in self.layers:
+            if layer["prefix"]:
+                raise ValueError("share_prefix called twice on one cache")
+            k, v = layer["self"]["k"], layer["self"]["v"]  # (B, H, Tp, hd)
+            # Keys stored transposed: the beam steps' (queries x prefix) matmul then reads them contiguously.
+            layer["prefix"] = {"kt": k.transpose(-1, -2).contiguous(), "v": v}
+            if key_valid is not None:  # additive: cheaper than a masked fill of the (B, H, G, Tp) scores
+                bias = torch.zeros(key_valid.shape, dtype=k.dtype, device=k.device).masked_fill_(~key_valid, -torch.inf)
+                layer["prefix"]["bias"] = bias[:, None, None, :]  # (B, 1, 1, Tp)
+            layer["self"] = {}
 
     def reorder(self, index: torch.Tensor) -> None:
         for layer in self.layers:
             for name in ("k", "v"):
                 if name in layer["self"]:
                     layer["self"][name] = layer["self"][name].index_select(0, index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention over keys shared by groups of query rows
+# ----------------------------------------------------------------------------------------------------------------
+
+def fold(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(n*G, H, T, d) rows user-major -> (n, H, G*T, d): the G rows of one user side by side on the T axis."""
+    b, h, t, d = x.shape
+    return x.view(n, b // n, h, t, d).transpose(1, 2).reshape(n, h, (b // n) * t, d)
+
+
+def unfold(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Inverse of :func:`fold`: (n, H, G*T, d) -> (b, H, T, d) with G = b / n."""
+    n, h, gt, d = x.shape
+    g = b // n
+    return x.view(n, h, g, gt // g, d).transpose(1, 2).reshape(b, h, gt // g, d)
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     pkt: torch.Tensor, pv: torch.Tensor, prefix_bias: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of ``q`` (B, H, Tq, hd) over [a prefix shared by groups of rows | the rows' own keys].
+
+    Prefix keys transposed ``pkt`` (Bs, H, hd, Tp) and values ``pv`` (Bs, H, Tp, hd) with B a multiple of Bs (rows
+    user-major), ``prefix_bias`` 0 / -inf broadcastable to (Bs, 1, 1, Tp); own keys/values ``k``/``v``
+    (B, H, Ts, hd), bool ``mask`` broadcastable to (B, 1, Tq, Ts). Equals one softmax over the concatenated keys
+    (the prefix repeated per row) without materialising the repeat: the prefix scores are taken with the rows'
+    queries folded into the query axis, and the two parts share one max and one normaliser. Every query must see
+    at least one own key (itself), so the max is finite even when the whole prefix is padding.
+    """
+    b, bs = q.shape[0], pkt.shape[0]
+    q = q * q.shape[-1] ** -0.5
+    sp = fold(q, bs) @ pkt  # (Bs, H, G*Tq, Tp)
+    if prefix_bias is not None:
+        sp.add_(prefix_bias)
+    so = q @ k.transpose(-1, -2)  # (B, H, Tq, Ts)
+    if mask is not None:
+        so.masked_fill_(~mask, float("-inf"))
+    top = torch.maximum(unfold(sp.amax(-1, keepdim=True), b), so.amax(-1, keepdim=True))  # (B, H, Tq, 1)
+    # In place: the prefix scores are the one large tensor of a beam step.
+    ep, eo = sp.sub_(fold(top, bs)).exp_(), so.sub_(top).exp_()
+    num = unfold(ep @ pv, b) + eo @ v  # (B, H, Tq, hd)
+    return num / (unfold(ep.sum(-1, keepdim=True), b) + eo.sum(-1, keepdim=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,11 +182,14 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
 
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: dict[str, torch.Tensor] | None = None, static: bool = False) -> torch.Tensor:
+                cache: dict[str, torch.Tensor] | None = None, static: bool = False,
+                prefix: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, Tq, D); source (Bs, Ts, D) with B a multiple of Bs; mask bool broadcastable to (Bs or B, 1, Tq, Tk).
 
         ``cache``: a dict this call reads and fills. Self-attention appends the new keys/values; ``static`` (cross-
         attention) projects ``source`` once and reuses it (``source`` may then be None on later calls).
+        ``prefix``: shared self-attention keys/values (:meth:`KVCache.share_prefix`) attended before the row's
+        own; ``mask`` then covers only the own (cached + new) keys. Inference only (no attention dropout).
         """
         q = self._split(self.q(x))  # (B, H, Tq, hd)
         if static and cache is not None and "k" in cache:
@@ -125,13 +203,14 @@ class MultiHeadAttention(nn.Module):
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
         b, h, tq, hd = q.shape
-        groups = b // k.shape[0]
-        if groups > 1:  # beams of one user share its keys: fold the beams into the query axis
-            q = q.view(k.shape[0], groups, h, tq, hd).transpose(1, 2).reshape(k.shape[0], h, groups * tq, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        if groups > 1:
-            y = y.view(k.shape[0], h, groups, tq, hd).transpose(1, 2).reshape(b, h, tq, hd)
+        if prefix:
+            y = prefix_attention(q, k, v, mask, prefix["kt"], prefix["v"], prefix.get("bias"))
+        elif k.shape[0] < b:  # beams of one user share its keys: fold the beams into the query axis
+            y = unfold(F.scaled_dot_product_attention(fold(q, k.shape[0]), k, v, attn_mask=mask,
+                                                      dropout_p=self.dropout if self.training else 0.0), b)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, tq, h * hd))  # (B, Tq, D)
 
 
@@ -167,7 +246,8 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
-        x = x + self.drop(self.self_attn(self.norm1(x), mask=mask, cache=cache["self"] if cache else None))
+        x = x + self.drop(self.self_attn(self.norm1(x), mask=mask, cache=cache["self"] if cache else None,
+                                         prefix=cache.get("prefix") if cache else None))
         if self.cross_attention:
             x = x + self.drop(self.cross_attn(self.norm2(x), source=memory, mask=memory_mask,
                                               cache=cache["cross"] if cache else None, static=True))
@@ -194,7 +274,8 @@ class TransformerStack(nn.Module):
         """x (B, T, D) embeddings -> (B, T, D) normed output; with ``return_hidden`` also every layer's output.
 
         With a ``cache`` (incremental decoding), ``x`` holds only the new positions and ``mask`` covers them
-        against all cached + new keys (None for one new step: it may see everything before it).
+        against all cached + new keys (None for one new step: it may see everything before it); after
+        :meth:`KVCache.share_prefix`, against the keys cached since (the prefix's own mask covers the prefix).
         """
         hidden = []
         for i, layer in enumerate(self.layers):
@@ -259,5 +340,5 @@ def num_parameters(module: nn.Module) -> int:
 __all__ = [
     "KVCache", "MultiHeadAttention", "FeedForward", "TransformerLayer", "TransformerStack", "PositionalEmbedding",
     "TiedEmbedding",
-    "attention_mask", "causal_mask", "init_weights", "num_parameters",
+    "attention_mask", "causal_mask", "fold", "init_weights", "num_parameters", "prefix_attention", "unfold",
 ]

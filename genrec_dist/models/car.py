@@ -41,7 +41,8 @@ Choices the paper's recoverable text leaves open (CAR-notes.md "Left open"), eac
   with a beam search over the next chunk's L SID tokens and then its uid, constrained to paths that exist: the
   shared :func:`~genrec_dist.models.beam_search.beam_search` over a :class:`~genrec_dist.models.beam_search.CodeTrie`
   of ``[c_1 .. c_L, item id]`` (the item id is the trie's last level), with the history prefilled once into a KV
-  cache and one token per beam fed per step. Its cost grows with the beam width; CAR's does not.
+  cache shared by the user's beams and one token per beam fed per step. Its cost grows with the beam width; CAR's
+  does not.
 
 Semantic IDs need not be unique (the uid disambiguates); a de-duplication level appended by the tokenizer for
 TIGER is dropped (``drop_dedup_level``), and ``levels`` truncates the table for the SID-depth study.
@@ -165,6 +166,11 @@ class CAR(nn.Module):
         emb = emb * (items != 0)[:, :, None, None]
         return emb.reshape(b, t * self.chunk, -1)
 
+    def inputs(self, items: torch.Tensor, first_slot: int) -> torch.Tensor:
+        """Chunks of ``items`` (B, T) at chunk slots first_slot.. -> the stack's input (B, T*(L+1), D)."""
+        n = items.shape[1] * self.chunk
+        return self.drop(self.embed(items) + self.pos_emb(n, first_slot * self.chunk))
+
     def encode(self, items: torch.Tensor, first_slot: int, cache: KVCache | None = None) -> torch.Tensor:
         """Chunks of ``items`` (B, T) at chunk slots first_slot.. -> hidden states (B, T, L+1, D).
 
@@ -173,7 +179,7 @@ class CAR(nn.Module):
         """
         b, t = items.shape
         n = t * self.chunk
-        x = self.drop(self.embed(items) + self.pos_emb(n, first_slot * self.chunk))  # (B, n, D)
+        x = self.inputs(items, first_slot)  # (B, n, D)
         valid = (items != 0).repeat_interleave(self.chunk, dim=1)  # (B, n)
         h = self.blocks(x, mask=attention_mask(valid, causal=n), cache=cache)  # (B, n, D)
         return h.view(b, t, self.chunk, -1)
@@ -311,25 +317,37 @@ class CAR(nn.Module):
         return F.pad(top, (0, k - top.shape[1])) if top.shape[1] < k else top
 
     @torch.no_grad()
-    def beam_search(self, history: torch.Tensor, beam_width: int) -> BeamResult:
-        """The AR ablation's decoding: prefill the history chunks once (KV cache), then a beam over the next chunk's
-        L SID tokens and its uid, constrained to [codes, item] paths that exist (the shared
-        :func:`~genrec_dist.models.beam_search.beam_search` over a trie whose last level is the item id)."""
+    def beam_search(self, history: torch.Tensor, beam_width: int, use_cache: bool = True) -> BeamResult:
+        """The AR ablation's decoding: a beam over the next chunk's L SID tokens and its uid, constrained to
+        [codes, item] paths that exist (the shared :func:`~genrec_dist.models.beam_search.beam_search` over a trie
+        whose last level is the item id).
+
+        The history chunks are prefilled once into a KV cache kept as a prefix shared by the user's beams
+        (:meth:`~genrec_dist.models.blocks.KVCache.share_prefix`), so a step projects, caches and re-indexes only
+        the beams' own new tokens. ``use_cache=False`` re-runs the stack over [history, partial chunk] for every
+        beam at every step (the reference the cached path is tested against).
+        """
         history = self._history(history)
         b, t = history.shape
-        cache = self.blocks.new_cache()
-        prefill = self.encode(history, self.cfg.max_history - t, cache)  # (B, T, L+1, D)
-        key_valid = (history != 0).repeat_interleave(self.chunk, dim=1)  # (B, P)
-        think_sum: torch.Tensor | None = None  # (rows, D) sum of the beam's think embeddings so far
+        first_slot = self.cfg.max_history - t
         base = self.cfg.max_history * self.chunk  # position of the next chunk's first token
+        key_valid = (history != 0).repeat_interleave(self.chunk, dim=1)  # (B, P)
+        cache = self.blocks.new_cache() if use_cache else None
+        last_state = self.encode(history, first_slot, cache)[:, -1, -1]  # (B, D) the last history chunk's uid token
+        if cache is not None:
+            cache.share_prefix(key_valid)
+        else:
+            hist_x = self.inputs(history, first_slot)  # (B, P, D)
+        think_sum: torch.Tensor | None = None  # (rows, D) sum of the beam's think embeddings so far
+        chosen: torch.Tensor | None = None  # (rows, level) the beam's SID tokens so far (no-cache path)
+        user = torch.arange(b, device=history.device)  # (rows,) each row's user (no-cache path)
 
         def step(level: int, last: torch.Tensor | None, parents: torch.Tensor | None) -> torch.Tensor:
-            nonlocal think_sum, key_valid
+            nonlocal think_sum, chosen, user
             if level == 0:
-                h = prefill[:, -1, -1]  # (B, D) the last history chunk's uid token
-            else:
+                h = last_state
+            elif cache is not None:
                 cache.reorder(parents)
-                key_valid = key_valid[parents]
                 e = self.sid_emb(last + self.offsets[level - 1])  # (rows, D) the SID chosen at level-1
                 own = e
                 if self.cfg.fusion != "none" and think_sum is not None:
@@ -338,8 +356,15 @@ class CAR(nn.Module):
                         own = own / level
                 think_sum = e if think_sum is None else think_sum[parents] + e
                 x = own[:, None] + self.pos_emb(1, base + level - 1)  # (rows, 1, D)
-                key_valid = torch.cat([key_valid, torch.ones_like(key_valid[:, :1])], dim=1)
-                h = self.blocks(x, mask=attention_mask(key_valid), cache=cache)[:, -1]  # (rows, D)
+                h = self.blocks(x, cache=cache)[:, -1]  # (rows, D)
+            else:
+                tok = (last + self.offsets[level - 1])[:, None]
+                chosen = tok if chosen is None else torch.cat([chosen[parents], tok], dim=1)  # (rows, level)
+                user = user[parents]
+                part = fuse_chunks(self.sid_emb(chosen)[:, None], self.cfg.fusion)[:, 0]  # (rows, level, D)
+                x = torch.cat([hist_x[user], part + self.pos_emb(level, base)], dim=1)  # (rows, P + level, D)
+                valid = torch.cat([key_valid[user], torch.ones_like(chosen, dtype=torch.bool)], dim=1)
+                h = self.blocks(x, mask=attention_mask(valid, causal=x.shape[1]))[:, -1]  # (rows, D)
             return self.uid_logits(h) if level == self.num_levels else self.sid_logits(h, level)
 
         return beam_search(step, self.trie, b, beam_width)

@@ -28,17 +28,23 @@ def test_trie_contains_exactly_the_existing_codes():
 def test_trie_children_match_the_prefix_set():
     codes = random_codes(12, 1)
     trie = CodeTrie(make_sids(codes, SIZES).codes, SIZES)
-    node = torch.zeros(1, dtype=torch.long)
-    # Walk every existing prefix: allowed children == the codes that follow it in the table.
-    frontier = [((), node)]
-    for level in range(len(SIZES)):
-        nxt = []
-        for prefix, n in frontier:
-            allowed, child = trie.lookup(level, n)
+    # Walk every existing prefix, all nodes of one depth in one call (as the beam search does): allowed children ==
+    # the codes that follow the prefix in the table, and only those have a child.
+    frontier = [()]
+    nodes = torch.zeros(1, dtype=torch.long)
+    for level, k in enumerate(SIZES):
+        allowed = trie.allowed(level, nodes)  # (prefixes, K)
+        nxt, nxt_nodes = [], []
+        for row, prefix in enumerate(frontier):
             expected = {c[level] for c in codes.tolist() if tuple(c[:level]) == prefix}
-            assert set(torch.nonzero(allowed[0]).view(-1).tolist()) == expected
-            nxt += [(prefix + (c,), child[0, c].view(1)) for c in sorted(expected)]
-        frontier = nxt
+            assert set(torch.nonzero(allowed[row]).view(-1).tolist()) == expected
+            exists, child = trie.child(level, nodes[row].repeat(k), torch.arange(k))
+            assert set(torch.nonzero(exists).view(-1).tolist()) == expected
+            nxt += [prefix + (c,) for c in sorted(expected)]
+            nxt_nodes += [child[c] for c in sorted(expected)]
+        frontier, nodes = nxt, torch.stack(nxt_nodes)
+    assert sorted(frontier) == sorted({tuple(c) for c in codes.tolist()})
+    assert sorted(nodes.tolist()) == list(range(len(frontier)))  # leaf ids are compact
 
 
 def test_collisions_expand_to_distinct_items():
@@ -50,8 +56,7 @@ def test_collisions_expand_to_distinct_items():
     node = torch.zeros(4, dtype=torch.long)
     path = torch.tensor([[0, 1, 1], [1, 3, 0], [2, 0, 0], [2, 0, 0]])
     for level in range(3):
-        _, child = trie.lookup(level, node)
-        node = child.gather(1, path[:, level: level + 1]).view(-1)
+        node = trie.child(level, node, path[:, level])[1]
     valid = torch.tensor([[True, True, True, False]])
     assert trie.items_of(node[None], valid, 6).tolist() == [[1, 3, 5, 4, 2, 0]]
     assert trie.items_of(node[None], valid, 2).tolist() == [[1, 3]]

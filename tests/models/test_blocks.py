@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from genrec_dist.models import available_models, build_model
-from genrec_dist.models.blocks import TransformerStack, attention_mask
+from genrec_dist.models.blocks import TransformerStack, attention_mask, prefix_attention
 from genrec_dist.models.config import ModelConfig
 
 
@@ -29,6 +30,53 @@ def test_beams_folded_into_queries_equal_a_repeated_memory():
     repeated = dec(x, mask=causal, memory=memory.repeat_interleave(3, 0),
                    memory_mask=attention_mask(valid.repeat_interleave(3, 0)))
     torch.testing.assert_close(folded, repeated)
+
+
+@pytest.mark.parametrize("tq", [1, 3])
+def test_prefix_attention_equals_one_softmax_over_the_repeated_prefix(tq):
+    torch.manual_seed(0)
+    bs, g, h, tp, ts, hd = 3, 4, 2, 6, 3, 8
+    q = torch.randn(bs * g, h, tq, hd)
+    k, v = torch.randn(bs * g, h, ts, hd), torch.randn(bs * g, h, ts, hd)
+    pk, pv = torch.randn(bs, h, tp, hd) * 3, torch.randn(bs, h, tp, hd)  # * 3: scores far from uniform
+    valid = torch.tensor([[True] * 6, [False] * 4 + [True] * 2, [False] * 6])  # full, short, fully padded history
+    own = torch.ones(tq, ts, dtype=torch.bool).tril(ts - tq)  # new position i sees own keys up to itself
+    bias = torch.zeros(bs, tp).masked_fill(~valid, float("-inf"))[:, None, None]
+    got = prefix_attention(q, k, v, own, pk.transpose(-1, -2).contiguous(), pv, bias)
+    mask = torch.cat([valid[:, None, None, :].expand(bs, 1, tq, tp).repeat_interleave(g, 0),
+                      own.expand(bs * g, 1, tq, ts)], dim=-1)
+    want = F.scaled_dot_product_attention(q, torch.cat([pk.repeat_interleave(g, 0), k], 2),
+                                          torch.cat([pv.repeat_interleave(g, 0), v], 2), attn_mask=mask)
+    torch.testing.assert_close(got, want)
+
+
+def test_beams_decoding_after_a_shared_prefix_equal_the_full_pass():
+    """Prefill a padded history per user, share it, then step 3 beams per user with beam reordering: every step
+    equals the full causal pass over [history, that beam's tokens] with the history repeated per beam."""
+    torch.manual_seed(0)
+    stack = TransformerStack(2, 16, 2, 32).eval()
+    b, g, tp = 2, 3, 5
+    hist = torch.randn(b, tp, 16)
+    valid = torch.tensor([[True] * 5, [False, False, False, True, True]])
+    cache = stack.new_cache()
+    stack(hist, mask=attention_mask(valid, causal=tp), cache=cache)
+    cache.share_prefix(valid)
+    nbytes = cache.nbytes
+    new = torch.randn(b * g, 3, 16)  # the beams' tokens, before reordering
+    order = [torch.arange(b).repeat_interleave(g), torch.tensor([2, 0, 0, 4, 5, 3]), torch.tensor([1, 1, 2, 3, 5, 4])]
+    seq = torch.zeros(b * g, 0, 16)  # each row's tokens so far (reference)
+    row_user = torch.arange(b)
+    for step, parents in enumerate(order):
+        cache.reorder(parents)
+        seq, row_user = torch.cat([seq[parents] if step else seq, new[:, step: step + 1]], 1), row_user[parents]
+        got = stack(new[:, step: step + 1], cache=cache)[:, -1]
+        full_valid = torch.cat([valid[row_user], torch.ones(b * g, step + 1, dtype=torch.bool)], 1)
+        full = stack(torch.cat([hist[row_user], seq], 1), mask=attention_mask(full_valid, causal=tp + step + 1))
+        torch.testing.assert_close(got, full[:, -1])
+    assert cache.length == tp + 3
+    # The prefix stays at the user batch size; only the beams' own 3 positions are held per beam.
+    assert cache.layers[0]["prefix"]["v"].shape[0] == b and cache.layers[0]["self"]["v"].shape[:3] == (b * g, 2, 3)
+    assert cache.nbytes == nbytes + 2 * 2 * (b * g) * 16 * 3 * 4  # layers x (k, v) x rows x width x steps x fp32
 
 
 def test_fully_padded_keys_stay_finite():
