@@ -8,7 +8,10 @@ Same hardware, same process, same users: the test split of the config's dataset 
 ``--dataset`` is not given; the synthetic catalog by default), each model built from the config's ``model.*``
 section (``key=value`` overrides apply, e.g. ``model.car.n_layers=2``). Every row is
 :func:`genrec_dist.evaluation.evaluate.evaluate_model` (users/s = users / total ``recommend`` time; ms/user = mean
-over batches of batch time / batch size) after one untimed warm-up batch, the median of ``--repeats`` rounds.
+over batches of batch time / batch size) after one untimed warm-up batch, the median of ``--repeats`` rounds. The
+KV cache column is what a beam search holds at its end (keys, values and masks of every layer; KB per user, for the
+first batch): the history prefilled once per user for CAR's AR ablation, the encoder's projected memory once per user
+for TIGER, plus each beam's own decoded tokens.
 
 Models are **untrained** by default (``--train-steps 0``): the cost of a forward pass or of a trie-constrained beam
 does not depend on the weights, so speed needs no training; recall columns are shown only with ``--train-steps``.
@@ -37,6 +40,7 @@ from genrec_dist.data.dataset import Dataset  # noqa: E402
 from genrec_dist.data.semantic_ids import SemanticIds, read_semantic_ids  # noqa: E402
 from genrec_dist.evaluation.evaluate import evaluate_model  # noqa: E402
 from genrec_dist.models import build_model  # noqa: E402
+from genrec_dist.models.blocks import TransformerStack  # noqa: E402
 from genrec_dist.training import data as D  # noqa: E402
 from tokenization.kmeans import dedup_level  # noqa: E402
 
@@ -79,6 +83,21 @@ def measure(model, batches, k: int, **kwargs) -> dict:
     with torch.no_grad():
         model.recommend(batches[0][0], k, **kwargs)  # warm-up (allocator, first-call overheads)
     return evaluate_model(model, batches, ks=(k,), device="cpu", **kwargs)
+
+
+def kv_cache_kb_per_user(model, history: torch.Tensor, k: int, **kwargs) -> float | None:
+    """KB per user of the KV caches one ``recommend`` call holds at its end; None for a model that keeps none."""
+    caches = []
+    stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
+    for stack in stacks:  # catch every cache the stacks hand out (an instance attribute shadows the method)
+        stack.new_cache = lambda make=stack.new_cache: caches.append(make()) or caches[-1]
+    try:
+        with torch.no_grad():
+            model.recommend(history, k, **kwargs)
+    finally:
+        for stack in stacks:
+            del stack.new_cache
+    return sum(c.nbytes for c in caches) / history.shape[0] / 1024 if caches else None
 
 
 def main() -> None:
@@ -147,22 +166,25 @@ def main() -> None:
                 print(f"  round {rnd + 1}/{args.repeats} {label:12s} width {width:4d}: {m['users_per_s']:9.1f} "
                       f"users/s {m['latency_ms_per_user']:8.3f} ms/user", flush=True)
         rows = []
-        for i, (label, name, width, _) in enumerate(cases):
+        for i, (label, name, width, kwargs) in enumerate(cases):
             med = {key: float(np.median([m[key] for m in runs[i]]))
                    for key in ("users_per_s", "latency_ms_per_user", "latency_ms_per_user_p95")}
             m = runs[i][0]
+            cache_kb = kv_cache_kb_per_user(models[name], batches[0][0], args.k, **kwargs)
             rows.append({"model": label, "beam_width": width, "users": int(m["users"]), **med,
+                         "kv_cache_kb_per_user": cache_kb,
                          "users_per_s_rounds": [m2["users_per_s"] for m2 in runs[i]],
                          f"recall@{args.k}": m[f"recall@{args.k}"], f"ndcg@{args.k}": m[f"ndcg@{args.k}"]})
 
     fast = {r["beam_width"]: r["users_per_s"] for r in rows if r["model"] == "CAR fast"}
-    head = ["model", "beam width", "users/s", "ms/user", "ms/user p95", "CAR fast speed-up"]
+    head = ["model", "beam width", "users/s", "ms/user", "ms/user p95", "CAR fast speed-up", "KV cache KB/user"]
     if args.train_steps:
         head += [f"R@{args.k}", f"N@{args.k}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], str(r["beam_width"]), f"{r['users_per_s']:.1f}", f"{r['latency_ms_per_user']:.3f}",
-                 f"{r['latency_ms_per_user_p95']:.3f}", f"{fast[r['beam_width']] / r['users_per_s']:.1f}x"]
+                 f"{r['latency_ms_per_user_p95']:.3f}", f"{fast[r['beam_width']] / r['users_per_s']:.1f}x",
+                 "-" if r["kv_cache_kb_per_user"] is None else f"{r['kv_cache_kb_per_user']:.0f}"]
         if args.train_steps:
             cells += [f"{r[f'recall@{args.k}']:.4f}", f"{r[f'ndcg@{args.k}']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
