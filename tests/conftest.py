@@ -102,27 +102,14 @@ def tiny_dataset(tiny_cfg):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (cluster/mlflow_server.sh: SQLite store, served artifacts) on a free loopback port."""
-    from _util import REPO
+    from _util import MlflowServer
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    # Job execution (MLflow 3's GenAI job runner: six huey consumers) is not needed for tracking; off, the server
-    # leaves the 2 CI cores to the jobs under test and stops in ~4 s instead of ~12 s.
-    env = {**os.environ, "MLFLOW_ROOT": str(root), "MLFLOW_PORT": str(port),
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(["bash", os.path.join(REPO, "cluster", "mlflow_server.sh")], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
     try:
-        wait_http(url + "/health", timeout=120, proc=proc)
-        yield url
+        yield server.url
     finally:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,6 @@ import glob
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import time
 
 import pytest
 
-from _util import REPO, free_port, wait_http
+from _util import REPO, MlflowServer
 from genrec_dist import spool
 from genrec_dist.config import load_config
 from genrec_dist.tracking import make_tracker
@@ -33,36 +32,6 @@ from genrec_dist.tracking import make_tracker
 # steps are done first, while the job waits in close() (tracking.flush_timeout_s): either way nothing may be lost.
 TRAIN_STEPS = 2000
 UNREACHABLE, BACK = "is unreachable", "is reachable again"
-
-
-class Server:
-    """A real `mlflow server` that can be stopped and started again on the same port and SQLite store."""
-
-    def __init__(self, root):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        # No job-runner processes (huey consumers, for GenAI jobs): they take minutes of CPU on a 2-core box.
-        env = {**os.environ, "MLFLOW_ROOT": str(self.root), "MLFLOW_PORT": str(self.port),
-               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-        with open(self.root / "server.log", "a") as log:
-            self.proc = subprocess.Popen(["bash", os.path.join(REPO, "cluster", "mlflow_server.sh")], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_http(self.url + "/health", timeout=120, proc=self.proc)
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=60)
-        _until(lambda: not _listening(self.port), 60, f"port {self.port} still answers after SIGTERM")
-        self.proc = None
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _until(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -78,7 +47,7 @@ def _until(cond, timeout: float, what: str, proc: subprocess.Popen | None = None
 
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(tmp_path / "mlflow-server")
+    srv = MlflowServer(tmp_path / "mlflow-server")
     srv.root.mkdir()
     srv.start()
     yield srv
