@@ -1,6 +1,7 @@
 """Stage 4: evaluate an exported model (leave-one-out over the full catalog) and the most-popular baseline.
 
     python jobs/evaluate.py --config configs/synthetic.yaml --run <MLflow run id | run name | run dir> [split=valid]
+        [model.car.slow_weight=0.5 ...]   # inference-time fields of the exported model (models/config.py)
 """
 
 import os
@@ -20,7 +21,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     cfg = load_job_config(args, "evaluate")
     try:
-        summary = evaluate_run(cfg, args.run)
+        summary = evaluate_run(cfg, args.run, args.overrides)
     except (StorageError, FileNotFoundError, ValueError, TrackingError) as exc:
         fail(str(exc).splitlines()[0])
     print(summary["table"], flush=True)

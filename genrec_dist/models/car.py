@@ -27,8 +27,10 @@ Choices the paper's recoverable text leaves open (CAR-notes.md "Left open"), eac
   the "w/o T" ablation.
 - **Inference**: ``fast`` ranks items by the uid head alone (one forward pass, one matmul); ``slow`` ranks by the
   chunk's log-likelihood under the factorisation above, log P(UID=i | H) + w * sum_l log P(S_l = c_l(i) | H) with
-  w = ``slow_weight`` (1 = the model's own joint probability of the chunk). Neither needs beam search, so their cost
-  does not depend on a beam width.
+  w = ``slow_weight`` (1 = the model's own joint probability of the chunk). The paper's exact rule is not
+  recoverable, so w is chosen on the validation split at the end of training among ``slow_weight_grid``
+  (:attr:`CAR.validation_choices`) and kept in the exported model. Neither needs beam search, so their cost does
+  not depend on a beam width.
 - **Large catalogs** (``uid_loss``): ``full`` (default) is an exact softmax over all N items. Its logits cost
   M x N floats with M = B*T training positions (B=256, T=20: M=5120): 0.25 GB at N=12k (Amazon Beauty), 2 GB at
   100k and 20 GB at 1M, before the softmax's gradient doubles it. Switch to ``sampled`` (``num_negatives`` uniform
@@ -286,6 +288,14 @@ class CAR(nn.Module):
     def inference_modes(self) -> tuple[str, ...]:
         """The ``recommend(inference=...)`` values evaluation reports separately (none for the AR ablation)."""
         return () if self.cfg.mode == "ar" else _INFERENCES
+
+    @property
+    def validation_choices(self) -> dict[str, tuple[str, list[float]]]:
+        """Inference settings chosen on the validation split after training: ``{cfg field: (the inference mode it
+        changes, candidates)}``, i.e. slow inference's ``slow_weight`` over ``slow_weight_grid`` (none for AR)."""
+        if self.cfg.mode == "ar" or not self.cfg.slow_weight_grid:
+            return {}
+        return {"slow_weight": ("slow", [float(w) for w in self.cfg.slow_weight_grid])}
 
     @torch.no_grad()
     def scores(self, history: torch.Tensor, inference: str | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,11 +20,11 @@ from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.evaluation.popular import MostPopular
 from genrec_dist.models import build_model
-from genrec_dist.models.config import ModelConfig
+from genrec_dist.models.config import INFERENCE_FIELDS, ModelConfig
 from genrec_dist.tracking import make_tracker, run_tags
 from genrec_dist.training import data as D
 from genrec_dist.training import runs
-from genrec_dist.training.export import read_model
+from genrec_dist.training.export import read_meta, read_model
 
 
 def recommend_kwargs(model: torch.nn.Module, beam_width: int) -> dict[str, Any]:
@@ -34,8 +34,10 @@ def recommend_kwargs(model: torch.nn.Module, beam_width: int) -> dict[str, Any]:
     return {"beam_width": beam_width} if beam_width > 0 and "beam_width" in params else {}
 
 
-def load_exported(run_dir: str, storage_cfg: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The exported model of a run, rebuilt from its own saved model config (not today's YAML)."""
+def load_exported(run_dir: str, storage_cfg: Any = None,
+                  inference: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The exported model of a run, rebuilt from its own saved model config (not today's YAML); ``inference``
+    replaces inference-time fields of that config (:func:`inference_overrides`)."""
     state, meta = read_model(storage.join(run_dir, "model"), storage_cfg)
     sids = None
     if meta.get("semantic_ids"):
@@ -43,17 +45,68 @@ def load_exported(run_dir: str, storage_cfg: Any = None) -> tuple[torch.nn.Modul
 
         sids = read_semantic_ids(meta["semantic_ids"], storage_cfg)
     model_cfg = _build(ModelConfig, meta["model_config"], f"{run_dir}/model/model.json", "model.")
+    for key, value in (inference or {}).items():
+        setattr(getattr(model_cfg, meta["model"]), key, value)
     model = build_model(meta["model"], model_cfg, int(meta["num_items"]), sids)
     model.load_state_dict(state)
     return model.eval(), meta
+
+
+def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir: str) -> dict[str, Any]:
+    """The command line's ``model.<model>.<field>=value`` overrides as ``{field: parsed value}``. Only inference-time
+    fields (:data:`~genrec_dist.models.config.INFERENCE_FIELDS`) may change for a trained model; any other
+    ``model.`` override is an error naming it, not silently ignored."""
+    allowed = INFERENCE_FIELDS.get(model, ())
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("model."):
+            continue
+        parts = key.split(".")
+        if len(parts) != 3 or parts[1] != model:
+            raise ValueError(f"{key}: the run {run_dir} is a '{model}' model; evaluate can change only "
+                             f"{', '.join(f'model.{model}.{f}' for f in allowed) or 'nothing of it'}")
+        if parts[2] not in allowed:
+            raise ValueError(f"{key}: fixed by the trained weights of {run_dir}; evaluate can change only "
+                             f"{', '.join(f'model.{model}.{f}' for f in allowed) or 'nothing of it'}")
+        out[parts[2]] = getattr(getattr(cfg.model, model), parts[2])
+    return out
+
+
+def _split_batches(dataset: Dataset, cfg: Any, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ex = D.eval_examples(dataset.sequences(), dataset.max_history, split)
+    return [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(ex, cfg.evaluate.batch_size)]
+
+
+def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
+                    device: torch.device) -> dict[str, dict[str, Any]]:
+    """Set each of the model's ``validation_choices`` (CAR: ``slow_weight``) to its best candidate on the validation
+    split by ``train.early_stop_metric`` (the first candidate on ties), in ``model.cfg``.
+
+    Returns ``{field: {"chosen": value, "metric": name, "valid": {str(candidate): metric value}}}``; ``{}`` when the
+    model has nothing to choose."""
+    choices = getattr(model, "validation_choices", {})
+    if not choices:
+        return {}
+    batches = _split_batches(dataset, cfg, "valid")
+    metric = cfg.train.early_stop_metric
+    chosen: dict[str, dict[str, Any]] = {}
+    for name, (mode, candidates) in choices.items():
+        scores = []
+        for value in candidates:
+            setattr(model.cfg, name, value)
+            scores.append(evaluate_model(model, batches, cfg.evaluate.ks, device, inference=mode)[metric])
+        best = candidates[int(np.argmax(scores))]
+        setattr(model.cfg, name, best)
+        chosen[name] = {"chosen": best, "metric": metric, "valid": {str(v): s for v, s in zip(candidates, scores)}}
+    return chosen
 
 
 def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: str,
                    device: torch.device) -> dict[str, dict[str, float]]:
     """``model`` and most-popular on ``split`` for every user of ``dataset``."""
     seqs = dataset.sequences()
-    ex = D.eval_examples(seqs, dataset.max_history, split)
-    batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(ex, cfg.evaluate.batch_size)]
+    batches = _split_batches(dataset, cfg, split)
     model_m = evaluate_model(model, batches, cfg.evaluate.ks, device,
                              **recommend_kwargs(model, cfg.evaluate.beam_width))
     for mode in getattr(model, "inference_modes", ()):  # CAR: fast and slow, logged separately as "<mode>/<metric>"
@@ -102,16 +155,21 @@ def find_run_dir(cfg: Any, run: str) -> str:
     return tags["genrec.run_dir"]
 
 
-def evaluate_run(cfg: Any, run: str) -> dict[str, Any]:
+def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate run ``run`` on ``cfg.evaluate.split``; ``overrides`` (the command line's) may change the exported
+    model's inference-time fields (``model.car.slow_weight=0.1``), nothing else of it."""
     run_dir = find_run_dir(cfg, run)
     info = runs.read_run(run_dir, cfg.storage) or {}
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    model, meta = load_exported(run_dir, cfg.storage)
+    name = read_meta(storage.join(run_dir, "model"), cfg.storage)["model"]
+    inference = inference_overrides(cfg, overrides, name, run_dir)
+    model, meta = load_exported(run_dir, cfg.storage, inference)
     model.to(device)
     dataset = Dataset.open(info.get("dataset") or cfg.dataset_dir, cfg.storage)
     split = cfg.evaluate.split
     results = evaluate_split(model, dataset, cfg, split, device)
-    out = {**results, "split": split, "run_dir": run_dir, "model_step": meta.get("step"), "model_name": meta["model"]}
+    out = {**results, "split": split, "run_dir": run_dir, "model_step": meta.get("step"), "model_name": meta["model"],
+           "inference_overrides": inference}
     metrics_path = storage.join(run_dir, f"eval-{split}.json")
     storage.write_bytes(metrics_path, (json.dumps(out, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
     tracker = make_tracker(cfg, "evaluate", 0, run_name=f"{info.get('run_name', meta['model'])}-evaluate",
@@ -127,5 +185,6 @@ def evaluate_run(cfg: Any, run: str) -> dict[str, Any]:
     tracker.close()
     table = format_results({meta["model"]: results["model"], "most-popular": results["most_popular"]},
                            cfg.evaluate.ks)
+    changed = "".join(f", {k}={v}" for k, v in inference.items())
     return {**out, "metrics_path": metrics_path, "mlflow_run_id": tracker.run_id,
-            "table": f"# {split} split, {meta['model']} of step {meta.get('step')}\n{table}"}
+            "table": f"# {split} split, {meta['model']} of step {meta.get('step')}{changed}\n{table}"}

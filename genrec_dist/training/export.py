@@ -54,6 +54,12 @@ def read_model(path: str, storage_cfg: Any = None) -> tuple[dict[str, torch.Tens
     return state, storage.read_json(storage.join(path, META_FILE), storage_cfg)
 
 
+def read_meta(path: str, storage_cfg: Any = None) -> dict[str, Any]:
+    """``model.json`` of an exported model alone (what it is, without loading the weights)."""
+    storage.require_manifest(path, storage_cfg)
+    return storage.read_json(storage.join(path, META_FILE), storage_cfg)
+
+
 def model_meta(name: str, model_cfg: Any, num_items: int, sids_dir: str | None, step: int,
                metrics: dict[str, float]) -> dict[str, Any]:
     return {"model": name, "model_config": asdict(model_cfg), "num_items": num_items, "semantic_ids": sids_dir,

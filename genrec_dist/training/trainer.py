@@ -40,7 +40,8 @@ from genrec_dist.training import data as D
 from genrec_dist.training import runs
 from genrec_dist.training.dist import world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
-from genrec_dist.training.evaluate_run import evaluate_split, load_exported, log_reports, recommend_kwargs
+from genrec_dist.training.evaluate_run import (choose_on_valid, evaluate_split, load_exported, log_reports,
+                                               recommend_kwargs)
 from genrec_dist.training.export import consolidated_state_dict, model_meta, write_model
 
 # Models that read semantic IDs (cfg.semantic_ids_dir); SASRec works on item ids alone.
@@ -243,9 +244,22 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
     """Rank 0: test metrics of the exported model and of most-popular, metrics.json, MLflow artifacts, table."""
     tc = cfg.train
     model, meta = load_exported(run_dir, cfg.storage)
-    results = evaluate_split(model.to(device), dataset, cfg, cfg.evaluate.split, device)
+    model.to(device)
+    chosen = choose_on_valid(model, dataset, cfg, device)
+    if chosen:  # kept in the export, so jobs/evaluate.py ranks the same way
+        meta["model_config"][tc.model].update({k: c["chosen"] for k, c in chosen.items()})
+        write_model(storage.join(run_dir, "model"), {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    {**meta, "chosen_on_valid": chosen}, cfg.storage)
+        tracker.log({f"valid/{k}_chosen": float(c["chosen"]) for k, c in chosen.items()}
+                    | {f"valid/{k}_{v}/{c['metric']}": m for k, c in chosen.items() for v, m in c["valid"].items()},
+                    best_step)
+        for k, c in chosen.items():
+            print(f"{k} chosen on the validation split: {c['chosen']} ({c['metric']} "
+                  + ", ".join(f"{v}: {m:.5f}" for v, m in c["valid"].items()) + ")", flush=True)
+    results = evaluate_split(model, dataset, cfg, cfg.evaluate.split, device)
     results = {"model": results["model"], "most_popular": results["most_popular"],
-               "split": cfg.evaluate.split, "best_step": best_step, "best_valid": best, "run_name": run_name}
+               "split": cfg.evaluate.split, "best_step": best_step, "best_valid": best, "run_name": run_name,
+               "chosen_on_valid": chosen}
     storage.write_bytes(storage.join(run_dir, "metrics.json"),
                         (json.dumps(results, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
     storage.write_bytes(storage.join(run_dir, "history.json"), json.dumps(history_log).encode(), cfg.storage)

@@ -7,11 +7,13 @@ test does not depend on the tokenizer. The launch helpers are test_train_runs.py
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
 import numpy as np
 import polars as pl
+import pytest
 
 from _util import free_port
 from genrec_dist.data.semantic_ids import write_semantic_ids
@@ -55,3 +57,27 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     losses = [h for h in history if "train/loss" in h]
     assert {"train/act_loss", "train/think_loss"} <= set(losses[-1])
     assert losses[-1]["train/loss"] < losses[0]["train/loss"] - 0.3
+
+    # slow inference's weight was chosen on the validation split, kept in the export and logged
+    chosen = m["chosen_on_valid"]["slow_weight"]
+    grid = [float(w) for w in tiny_cfg.model.car.slow_weight_grid]
+    assert [float(v) for v in chosen["valid"]] == grid
+    assert chosen["valid"][str(chosen["chosen"])] == max(chosen["valid"].values())
+    with open(os.path.join(run_dir, "model", "model.json")) as fh:
+        assert json.load(fh)["model_config"]["car"]["slow_weight"] == chosen["chosen"]
+    assert run.data.metrics["valid/slow_weight_chosen"] == chosen["chosen"]
+
+    # evaluate may change inference-time fields of the exported model, and nothing else of it
+    from genrec_dist.training.evaluate_run import evaluate_run
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.car.slow_weight = 0.0  # slow with weight 0 ranks by the uid head alone: it must equal fast
+    out = evaluate_run(cfg, run_dir, ["model.car.slow_weight=0.0"])
+    assert out["inference_overrides"] == {"slow_weight": 0.0}
+    assert out["model"]["slow/recall@10"] == out["model"]["fast/recall@10"] == model["fast/recall@10"]
+    assert out["model"]["slow/ndcg@10"] == out["model"]["fast/ndcg@10"]
+    assert "slow_weight=0.0" in out["table"]
+    with pytest.raises(ValueError, match=r"model\.car\.n_layers: fixed by the trained weights"):
+        evaluate_run(tiny_cfg, run_dir, ["model.car.n_layers=3"])
+    with pytest.raises(ValueError, match=r"model\.tiger\.beam_width: the run .* is a 'car' model"):
+        evaluate_run(tiny_cfg, run_dir, ["model.tiger.beam_width=3"])
