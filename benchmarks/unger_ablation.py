@@ -20,9 +20,11 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
+from benchmarks._jobs import REPO, run_metrics, train_launcher  # noqa: E402
+from benchmarks._jobs import run as _run  # noqa: E402
+
 PAPER = {  # UNGER Tables 7 and 8, Beauty: R@10, R@20, N@10, N@20
     "semantic": (0.0791, 0.1077, 0.0462, 0.0535), "collab": (0.0744, 0.0997, 0.0469, 0.0532),
     "concat": (0.0759, 0.1071, 0.0452, 0.0530), "cka": (0.0827, 0.1122, 0.0509, 0.0583),
@@ -30,13 +32,6 @@ PAPER = {  # UNGER Tables 7 and 8, Beauty: R@10, R@20, N@10, N@20
 }
 ROWS = [("semantic", "semantic", 0.0), ("collab", "collab", 0.0), ("concat", "concat", 0.0),
         ("cka", "unified", 0.0), ("unger", "unified", 1.0)]
-
-
-def _run(cmd: list[str]) -> None:
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
 
 
 def main() -> None:
@@ -48,7 +43,6 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    sys.path.insert(0, REPO)
     from genrec_dist.config import load_config
 
     cfg = load_config(os.path.join(REPO, args.config), args.overrides)
@@ -73,13 +67,10 @@ def main() -> None:
     results = {}
     for row, source, ikd in ROWS:
         run = f"unger-ablation-{row}"
-        launcher = ([py] if args.ranks == 1 else
-                    [os.path.join(os.path.dirname(py), "deepspeed"), "--num_gpus", str(args.ranks)])
-        _run([*launcher, "jobs/train.py", *base, "train.model=unger", f"model.unger.ikd_weight={ikd}",
+        _run([*train_launcher(args.ranks), "jobs/train.py", *base, "train.model=unger", f"model.unger.ikd_weight={ikd}",
               f"paths.semantic_ids={os.path.join(sids_root, f'unger-{source}')}", f"max_steps={args.steps}",
               f"run_name={run}"])
-        with open(os.path.join(cfg.runs_dir, run, "metrics.json")) as fh:
-            results[row] = json.load(fh)
+        results[row] = run_metrics(cfg.runs_dir, run)
     keys = ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
     lines = [f"UNGER ablation on {cfg.name} ({args.config}; Stage I {args.stage1_steps} steps, Stage II {args.steps})",
              "| row | " + " | ".join(keys) + " | paper (Beauty) R@10 / R@20 / N@10 / N@20 |",

@@ -1,0 +1,112 @@
+"""CAR's table (CAR-notes.md; issue 4): CAR fast and slow, the AR ablation, w/o fusion, w/o think, SID depth, and
+TIGER from the same pipeline (same dataset, same semantic IDs), test Recall/NDCG@5/10/20 side by side.
+JSON in benchmarks/results/car_ablation_<dataset>.json.
+
+    python benchmarks/car_ablation.py --config configs/scientific/car.yaml [--tiger-config configs/scientific.yaml]
+        [--rows car,ar,no_fusion,no_think,depth1,depth2,depth3,tiger] [--ranks 1] [--prefix car-ablation]
+        [--car key=value ...] [--tiger key=value ...] [key=value ...]
+
+Each row is one real ``jobs/train.py`` run (``deepspeed --num_gpus <ranks>`` when ranks > 1) whose best model on
+the validation split is evaluated on the test split at the end of training. Trailing ``key=value`` overrides go to
+every row (``workdir=...``, ``train.max_steps=...``); ``--car`` / ``--tiger`` overrides to that model's rows only
+(sizes for a CPU budget). TIGER runs from ``--tiger-config`` (default ``configs/<dataset>.yaml``), since CAR's
+configs count warm-up and validation in CAR's training windows. A row whose run already has its ``metrics.json``
+is read, not trained again, so an interrupted table resumes where it stopped.
+
+    car        CAR as configured (fast and slow inference; slow_weight chosen on validation)
+    ar         model.car.mode=ar: token-level autoregression over the same chunks + beam search (evaluate.beam_width)
+    no_fusion  model.car.fusion=none  ("w/o F")
+    no_think   model.car.alpha=0      ("w/o T")
+    depth<k>   model.car.levels=k     (SID depth k; the car row is the full depth)
+    tiger      train.model=tiger      (beam search, evaluate.beam_width)
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+from benchmarks._jobs import REPO, run, run_metrics, train_launcher  # noqa: E402
+
+ROWS = {"car": [], "ar": ["model.car.mode=ar"], "no_fusion": ["model.car.fusion=none"],
+        "no_think": ["model.car.alpha=0"]}
+LABELS = {"car": "CAR", "ar": "AR", "no_fusion": "CAR w/o F", "no_think": "CAR w/o T", "tiger": "TIGER"}
+KEYS = ["recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20"]
+
+
+def row_overrides(row: str) -> list[str]:
+    if row in ROWS:
+        return ROWS[row]
+    if row.startswith("depth") and row[5:].isdigit():
+        return [f"model.car.levels={int(row[5:])}"]
+    raise SystemExit(f"--rows: unknown row {row!r} (car, ar, no_fusion, no_think, depth<k>, tiger)")
+
+
+def table_lines(results: dict, beam: dict) -> list[str]:
+    """One line per inference of each row (CAR rows: fast and slow), then most-popular."""
+    head = "| row | steps (best) | " + " | ".join(k.replace("recall", "R").replace("ndcg", "N") for k in KEYS) + " |"
+    lines = [head, "|---|---|" + "---|" * len(KEYS)]
+    for row, res in results.items():
+        m, label = res["model"], LABELS.get(row, f"CAR depth {row[5:]}" if row.startswith("depth") else row)
+        variants = [("", m)]
+        if "fast/recall@10" in m:  # CAR: fast and slow from the same model
+            w = (res.get("chosen_on_valid") or {}).get("slow_weight", {}).get("chosen")
+            variants = [(" fast", {k: m[f"fast/{k}"] for k in KEYS}),
+                        (f" slow (w={w})" if w is not None else " slow", {k: m[f"slow/{k}"] for k in KEYS})]
+        elif row in beam:
+            label += f" (beam {beam[row]})"
+        for suffix, vals in variants:
+            lines.append(f"| {label}{suffix} | {res.get('best_step')} | " + " | ".join(f"{vals[k]:.4f}" for k in KEYS)
+                         + " |")
+    pop = next(iter(results.values()))["most_popular"]
+    lines.append("| most-popular | | " + " | ".join(f"{pop[k]:.4f}" for k in KEYS) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--config", default="configs/scientific/car.yaml")
+    parser.add_argument("--tiger-config", default=None, help="default: configs/<dataset name>.yaml")
+    parser.add_argument("--rows", default="car,ar,no_fusion,no_think,depth1,depth2,depth3,tiger")
+    parser.add_argument("--ranks", type=int, default=1)
+    parser.add_argument("--prefix", default="car-ablation", help="run names are <prefix>-<row>")
+    parser.add_argument("--car", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the CAR rows only")
+    parser.add_argument("--tiger", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the TIGER row only")
+    parser.add_argument("overrides", nargs="*", help="overrides of every row")
+    args = parser.parse_intermixed_args()
+
+    from genrec_dist.config import load_config
+
+    cfg = load_config(os.path.join(REPO, args.config), args.overrides)
+    tiger_config = args.tiger_config or os.path.join("configs", f"{cfg.name}.yaml")
+    rows = [r for r in args.rows.split(",") if r]
+    results, beam = {}, {}
+    for row in rows:
+        name = f"{args.prefix}-{row}"
+        if row == "tiger":
+            config, extra = tiger_config, ["train.model=tiger", *args.tiger]
+            beam[row] = load_config(os.path.join(REPO, config), args.overrides + extra).evaluate.beam_width
+        else:
+            config, extra = args.config, [*row_overrides(row), *args.car]
+            if row == "ar":
+                beam[row] = load_config(os.path.join(REPO, config), args.overrides + extra).evaluate.beam_width
+        if not os.path.exists(os.path.join(cfg.runs_dir, name, "metrics.json")):
+            run([*train_launcher(args.ranks), "jobs/train.py", "--config", config, *args.overrides, *extra,
+                 f"train.run_name={name}"])
+        results[row] = run_metrics(cfg.runs_dir, name)
+    title = f"CAR table on {cfg.name} ({args.config}; test split, best model on validation)"
+    print("\n".join([title, *table_lines(results, beam)]), flush=True)
+    path = os.path.join(REPO, "benchmarks", "results", f"car_ablation_{cfg.name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump({"config": args.config, "tiger_config": tiger_config, "overrides": args.overrides,
+                   "car_overrides": args.car, "tiger_overrides": args.tiger, "results": results}, fh, indent=2)
+    print(f"-> {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
