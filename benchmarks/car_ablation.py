@@ -10,8 +10,8 @@ Each row is one real ``jobs/train.py`` run (``deepspeed --num_gpus <ranks>`` whe
 the validation split is evaluated on the test split at the end of training. Trailing ``key=value`` overrides go to
 every row (``workdir=...``, ``train.max_steps=...``); ``--car`` / ``--tiger`` overrides to that model's rows only
 (sizes for a CPU budget). TIGER runs from ``--tiger-config`` (default ``configs/<dataset>.yaml``), since CAR's
-configs count warm-up and validation in CAR's training windows. A row whose run already has its ``metrics.json``
-is read, not trained again, so an interrupted table resumes where it stopped.
+configs count warm-up and validation in CAR's training windows. A row whose run already finished is read, not
+trained again, and an interrupted one continues (``--resume``), so the table picks up where it stopped.
 
     car        CAR as configured (fast and slow inference; slow_weight chosen on validation)
     ar         model.car.mode=ar: token-level autoregression over the same chunks + beam search (evaluate.beam_width)
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from benchmarks._jobs import REPO, run, run_metrics, train_launcher  # noqa: E402
+from benchmarks._jobs import REPO, train_launcher, train_once  # noqa: E402
 
 ROWS = {"car": [], "ar": ["model.car.mode=ar"], "no_fusion": ["model.car.fusion=none"],
         "no_think": ["model.car.alpha=0"]}
@@ -94,10 +94,8 @@ def main() -> None:
             config, extra = args.config, [*row_overrides(row), *args.car]
             if row == "ar":
                 beam[row] = load_config(os.path.join(REPO, config), args.overrides + extra).evaluate.beam_width
-        if not os.path.exists(os.path.join(cfg.runs_dir, name, "metrics.json")):
-            run([*train_launcher(args.ranks), "jobs/train.py", "--config", config, *args.overrides, *extra,
-                 f"train.run_name={name}"])
-        results[row] = run_metrics(cfg.runs_dir, name)
+        results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", "--config", config, *args.overrides,
+                                   *extra], cfg.runs_dir, name)
     title = f"CAR table on {cfg.name} ({args.config}; test split, best model on validation)"
     print("\n".join([title, *table_lines(results, beam)]), flush=True)
     path = os.path.join(REPO, "benchmarks", "results", f"car_ablation_{cfg.name}.json")

@@ -22,7 +22,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
-from benchmarks._jobs import REPO, run_metrics, train_launcher  # noqa: E402
+from benchmarks._jobs import REPO, train_launcher, train_once  # noqa: E402
 from benchmarks._jobs import run as _run  # noqa: E402
 
 PAPER = {  # UNGER Tables 7 and 8, Beauty: R@10, R@20, N@10, N@20
@@ -67,10 +67,10 @@ def main() -> None:
     results = {}
     for row, source, ikd in ROWS:
         run = f"unger-ablation-{row}"
-        _run([*train_launcher(args.ranks), "jobs/train.py", *base, "train.model=unger", f"model.unger.ikd_weight={ikd}",
-              f"paths.semantic_ids={os.path.join(sids_root, f'unger-{source}')}", f"max_steps={args.steps}",
-              f"run_name={run}"])
-        results[row] = run_metrics(cfg.runs_dir, run)
+        results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", *base, "train.model=unger",
+                                   f"model.unger.ikd_weight={ikd}",
+                                   f"paths.semantic_ids={os.path.join(sids_root, f'unger-{source}')}",
+                                   f"max_steps={args.steps}"], cfg.runs_dir, run)
     keys = ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
     lines = [f"UNGER ablation on {cfg.name} ({args.config}; Stage I {args.stage1_steps} steps, Stage II {args.steps})",
              "| row | " + " | ".join(keys) + " | paper (Beauty) R@10 / R@20 / N@10 / N@20 |",

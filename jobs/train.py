@@ -32,7 +32,7 @@ def main() -> None:
     cfg = load_job_config(args, "train", quiet=rank != "0")
     try:
         summary = run_training(cfg)
-    except (StorageError, FileNotFoundError, BatchSizeError, TrackingError) as exc:
+    except (StorageError, FileNotFoundError, FileExistsError, BatchSizeError, TrackingError) as exc:
         fail(str(exc).splitlines()[0])
     if summary:
         print(f"run {summary['run_name']}: {summary['run_dir']} (MLflow run {summary['mlflow_run_id']})", flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import secrets
 import tempfile
 from typing import Any
 
@@ -22,7 +23,8 @@ RUN_FILE = "run.json"
 
 
 def new_run_name(model: str) -> str:
-    return f"{model}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    """``<model>-<UTC time>-<6 hex>``: the suffix keeps runs of a sweep launched in the same second apart."""
+    return f"{model}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def run_dir(cfg: Any, run_name: str) -> str:
@@ -73,7 +75,12 @@ def resolve_run_name(cfg: Any) -> tuple[str, bool]:
     """``(run name, resuming)`` for a config (decided once, by rank 0 or the Ray driver)."""
     if cfg.train.resume:
         return resolve_resume(cfg), True
-    return cfg.train.run_name or new_run_name(cfg.train.model), False
+    name = cfg.train.run_name
+    if name and read_run(run_dir(cfg, name), cfg.storage) is not None:
+        # A second run in the same dir would mix its export, metrics and history with the first one's.
+        raise FileExistsError(f"train.run_name={name}: a run of that name exists under {cfg.runs_dir} ({RUN_FILE}); "
+                              f"continue it with --resume {name} or choose another name")
+    return name or new_run_name(cfg.train.model), False
 
 
 def created_now() -> str:

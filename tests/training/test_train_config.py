@@ -113,3 +113,17 @@ def test_jobs_help_and_bad_run(tmp_path):
     assert proc.returncode == 1 and "no-such-run" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_job("train", f"workdir={tmp_path}", "--resume", check=False)
     assert proc.returncode == 1 and "no tiger run under" in proc.stderr and "Traceback" not in proc.stderr
+    # a new run may not take the name of an existing one (its export, metrics and history would mix)
+    taken = tmp_path / "runs" / "taken" / "run.json"
+    taken.parent.mkdir(parents=True)
+    taken.write_text('{"run_name": "taken", "model": "tiger"}')
+    proc = run_job("train", f"workdir={tmp_path}", "run_name=taken", check=False)
+    assert proc.returncode == 1 and "--resume taken" in proc.stderr and "Traceback" not in proc.stderr
+    assert taken.read_text() == '{"run_name": "taken", "model": "tiger"}'
+
+
+def test_new_run_names_differ_within_a_second():
+    from genrec_dist.training.runs import new_run_name
+
+    names = {new_run_name("car") for _ in range(5)}
+    assert len(names) == 5 and all(n.startswith("car-") for n in names)
