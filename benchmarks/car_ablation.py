@@ -84,6 +84,12 @@ def main() -> None:
     cfg = load_config(os.path.join(REPO, args.config), args.overrides)
     tiger_config = args.tiger_config or os.path.join("configs", f"{cfg.name}.yaml")
     rows = [r for r in args.rows.split(",") if r]
+    if "tiger" in rows:  # "from the same pipeline": TIGER must read CAR's semantic IDs and dataset
+        tcfg = load_config(os.path.join(REPO, tiger_config), args.overrides + ["train.model=tiger", *args.tiger])
+        for what in ("semantic_ids_dir", "dataset_dir"):
+            if getattr(tcfg, what) != getattr(cfg, what):
+                raise SystemExit(f"{tiger_config} reads {what} {getattr(tcfg, what)}, {args.config} reads "
+                                 f"{getattr(cfg, what)}: pass the same paths to both (e.g. paths.semantic_ids=...)")
     results, beam = {}, {}
     for row in rows:
         name = f"{args.prefix}-{row}"
