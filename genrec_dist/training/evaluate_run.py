@@ -52,24 +52,25 @@ def load_exported(run_dir: str, storage_cfg: Any = None,
     return model.eval(), meta
 
 
-def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir: str) -> dict[str, Any]:
-    """The command line's ``model.<model>.<field>=value`` overrides as ``{field: parsed value}``. Only inference-time
-    fields (:data:`~genrec_dist.models.config.INFERENCE_FIELDS`) may change for a trained model; any other
-    ``model.`` override is an error naming it, not silently ignored."""
+def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir: str,
+                        exported: dict[str, Any]) -> dict[str, Any]:
+    """The command line's ``model.<model>.<field>=value`` overrides as ``{field: parsed value}``. Inference-time
+    fields (:data:`~genrec_dist.models.config.INFERENCE_FIELDS`) may change for a trained model; another field may
+    be given only with the value the model was trained with (so the same overrides can go to every job, as
+    scripts/demo.sh does), else it is an error naming it. Other models' sections do not concern this run."""
     allowed = INFERENCE_FIELDS.get(model, ())
     out: dict[str, Any] = {}
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if not key.startswith("model."):
+        parts = item.split("=", 1)[0].strip().split(".")
+        if len(parts) != 3 or parts[0] != "model" or parts[1] != model:
             continue
-        parts = key.split(".")
-        if len(parts) != 3 or parts[1] != model:
-            raise ValueError(f"{key}: the run {run_dir} is a '{model}' model; evaluate can change only "
+        value = getattr(getattr(cfg.model, model), parts[2])
+        if parts[2] in allowed:
+            out[parts[2]] = value
+        elif exported.get(parts[2]) != value:
+            raise ValueError(f"model.{model}.{parts[2]}={value}: {run_dir} was trained with {exported.get(parts[2])} "
+                             f"and its weights fix it; evaluate can change only "
                              f"{', '.join(f'model.{model}.{f}' for f in allowed) or 'nothing of it'}")
-        if parts[2] not in allowed:
-            raise ValueError(f"{key}: fixed by the trained weights of {run_dir}; evaluate can change only "
-                             f"{', '.join(f'model.{model}.{f}' for f in allowed) or 'nothing of it'}")
-        out[parts[2]] = getattr(getattr(cfg.model, model), parts[2])
     return out
 
 
@@ -161,8 +162,8 @@ def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = ()) -> dict[str,
     run_dir = find_run_dir(cfg, run)
     info = runs.read_run(run_dir, cfg.storage) or {}
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    name = read_meta(storage.join(run_dir, "model"), cfg.storage)["model"]
-    inference = inference_overrides(cfg, overrides, name, run_dir)
+    meta = read_meta(storage.join(run_dir, "model"), cfg.storage)
+    inference = inference_overrides(cfg, overrides, meta["model"], run_dir, meta["model_config"][meta["model"]])
     model, meta = load_exported(run_dir, cfg.storage, inference)
     model.to(device)
     dataset = Dataset.open(info.get("dataset") or cfg.dataset_dir, cfg.storage)

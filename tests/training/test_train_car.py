@@ -77,7 +77,13 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     assert out["model"]["slow/recall@10"] == out["model"]["fast/recall@10"] == model["fast/recall@10"]
     assert out["model"]["slow/ndcg@10"] == out["model"]["fast/ndcg@10"]
     assert "slow_weight=0.0" in out["table"]
-    with pytest.raises(ValueError, match=r"model\.car\.n_layers: fixed by the trained weights"):
-        evaluate_run(tiny_cfg, run_dir, ["model.car.n_layers=3"])
-    with pytest.raises(ValueError, match=r"model\.tiger\.beam_width: the run .* is a 'car' model"):
-        evaluate_run(tiny_cfg, run_dir, ["model.tiger.beam_width=3"])
+    with pytest.raises(ValueError, match=r"model\.car\.n_layers=3: .* was trained with 1 and its weights fix it"):
+        cfg3 = copy.deepcopy(tiny_cfg)
+        cfg3.model.car.n_layers = 3
+        evaluate_run(cfg3, run_dir, ["model.car.n_layers=3"])
+    # the overrides the run was trained with may be given again (one override list for every job), and other
+    # models' sections do not concern a CAR run
+    cfg1 = copy.deepcopy(tiny_cfg)
+    cfg1.model.car.n_layers = 1
+    again = evaluate_run(cfg1, run_dir, ["model.car.n_layers=1", "model.tiger.beam_width=3"])
+    assert again["inference_overrides"] == {} and again["model"]["fast/recall@10"] == model["fast/recall@10"]
