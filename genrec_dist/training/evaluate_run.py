@@ -74,8 +74,9 @@ def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir:
     return out
 
 
-def _split_batches(dataset: Dataset, cfg: Any, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    ex = D.eval_examples(dataset.sequences(), dataset.max_history, split)
+def _split_batches(seqs: Any, dataset: Dataset, cfg: Any, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Evaluation batches of ``split`` from ``seqs`` (``dataset.sequences()``, read once by the caller)."""
+    ex = D.eval_examples(seqs, dataset.max_history, split)
     return [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(ex, cfg.evaluate.batch_size)]
 
 
@@ -89,7 +90,7 @@ def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
     choices = getattr(model, "validation_choices", {})
     if not choices:
         return {}
-    batches = _split_batches(dataset, cfg, "valid")
+    batches = _split_batches(dataset.sequences(), dataset, cfg, "valid")
     metric = cfg.train.early_stop_metric
     chosen: dict[str, dict[str, Any]] = {}
     for name, (mode, candidates) in choices.items():
@@ -107,7 +108,7 @@ def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: st
                    device: torch.device) -> dict[str, dict[str, float]]:
     """``model`` and most-popular on ``split`` for every user of ``dataset``."""
     seqs = dataset.sequences()
-    batches = _split_batches(dataset, cfg, split)
+    batches = _split_batches(seqs, dataset, cfg, split)
     model_m = evaluate_model(model, batches, cfg.evaluate.ks, device,
                              **recommend_kwargs(model, cfg.evaluate.beam_width))
     for mode in getattr(model, "inference_modes", ()):  # CAR: fast and slow, logged separately as "<mode>/<metric>"
