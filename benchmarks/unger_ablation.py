@@ -2,11 +2,15 @@
 the paper's Beauty numbers. JSON in benchmarks/results/unger_ablation_<name>.json.
 
     python benchmarks/unger_ablation.py --config configs/scientific/unger.yaml [--stage1-steps 20000]
-        [--steps 20000] [--ranks 1] [key=value ...]
+        [--steps 20000] [--ranks 1] [--rows semantic,collab,concat,cka,unger] [key=value ...]
 
-Runs the real jobs as subprocesses: prepare (when the dataset is missing), tokenize once per code source
-(``tokenize.unger.source`` unified / semantic / collab / concat; the text embeddings of the first run are reused),
-then train + test evaluation per row (``jobs/train.py``; ``deepspeed --num_gpus <ranks>`` when ranks > 1):
+Runs the real jobs as subprocesses: prepare (when the dataset is missing), tokenize once per code source the rows
+need (``tokenize.unger.source`` unified / semantic / collab / concat, in ``<workdir>/sids/unger-<source>``; the text
+embeddings of the first run are reused, and collab / concat reuse the DIN-only model unified trained for its
+modality share, ``tokenize.unger.reference_path``), then train + test evaluation per row (``jobs/train.py``;
+``deepspeed --num_gpus <ranks>`` when ranks > 1). Finished code sources and rows are read back, not redone, and an
+interrupted row continues, so the script can be stopped and started again, and two invocations with disjoint
+``--rows`` can share a machine once the codes exist; delete a directory to redo it.
 
     semantic only / collaborative only / concat ("\\")  -> model.unger.ikd_weight=0  (Table 7, Table 8 col. 1)
     CKA only                                          -> unified codes, ikd_weight=0 (Table 8)
@@ -34,38 +38,71 @@ ROWS = [("semantic", "semantic", 0.0), ("collab", "collab", 0.0), ("concat", "co
         ("cka", "unified", 0.0), ("unger", "unified", 1.0)]
 
 
+def tokenize_source(py: str, base: list[str], sids_root: str, source: str, stage1_steps: int, emb_dir: str,
+                    reference: str) -> str:
+    """``<sids_root>/unger-<source>``, tokenized unless a finished one is there (refused if it holds another
+    source). ``emb_dir``: text embeddings to reuse; ``reference``: a unified run's dir whose DIN-only model to reuse."""
+    out = os.path.join(sids_root, f"unger-{source}")
+    manifest = os.path.join(out, "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as fh:
+            got = json.load(fh).get("unger_source")
+        if got != source:
+            raise SystemExit(f"{out} holds unger_source {got!r} codes, not {source!r}; move it away")
+        print(f"reusing the {source} codes in {out} (delete it to tokenize again)", flush=True)
+        return out
+    over = [f"tokenize.unger.source={source}", f"tokenize.unger.steps={stage1_steps}", f"paths.semantic_ids={out}",
+            "tokenize.overwrite=true"]
+    over += [f"tokenize.embeddings_path={emb_dir}"] if emb_dir else []
+    over += [f"tokenize.unger.reference_path={reference}"] if reference and source in ("collab", "concat") else []
+    _run([py, "jobs/tokenize.py", *base, *over])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--config", default="configs/scientific/unger.yaml")
     parser.add_argument("--stage1-steps", type=int, default=20000)
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--ranks", type=int, default=1)
+    parser.add_argument("--rows", default=",".join(r for r, _, _ in ROWS))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     from genrec_dist.config import load_config
 
+    known = {r: (src, ikd) for r, src, ikd in ROWS}
+    rows = [r for r in args.rows.split(",") if r]
+    for r in rows:
+        if r not in known:
+            raise SystemExit(f"--rows: unknown row {r!r} ({', '.join(known)})")
     cfg = load_config(os.path.join(REPO, args.config), args.overrides)
     base = ["--config", args.config, *args.overrides]
     py = sys.executable
     if not os.path.exists(os.path.join(cfg.dataset_dir, "manifest.json")):
         _run([py, "jobs/prepare.py", *base])
     sids_root = os.path.join(cfg.workdir, "sids")
-    emb_dir, shares = "", {}
-    for source in ("unified", "semantic", "collab", "concat"):
-        out = os.path.join(sids_root, f"unger-{source}")
-        over = [f"tokenize.unger.source={source}", f"tokenize.unger.steps={args.stage1_steps}",
-                f"paths.semantic_ids={out}", "tokenize.overwrite=true"] + ([f"tokenize.embeddings_path={emb_dir}"]
-                                                                           if emb_dir else [])
-        _run([py, "jobs/tokenize.py", *base, *over])
+    # unified first: it trains the DIN-only model that collab and concat reuse (and the references of Table 6)
+    sources = [s for s in ("unified", "semantic", "collab", "concat")
+               if any(known[r][0] == s for r in rows)]
+    if any(s in sources for s in ("collab", "concat")) and "unified" not in sources:
+        if os.path.exists(os.path.join(sids_root, "unger-unified", "manifest.json")):
+            sources.insert(0, "unified")  # already there: its DIN-only model is reused
+    emb_dir, reference, shares = "", "", {}
+    for source in sources:
+        out = tokenize_source(py, base, sids_root, source, args.stage1_steps, emb_dir, reference)
         emb_dir = emb_dir or os.path.join(out, "embeddings")
+        if source == "unified":
+            with open(os.path.join(out, "manifest.json")) as fh:
+                reference = out if json.load(fh).get("din_reference") else ""
         with open(os.path.join(out, "stats.json")) as fh:
             stats = json.load(fh)
         for key, name in (("unger.modality_share", source), ("unger.modality_share_concat", "concat")):
             if f"{key}.share_semantic" in stats:
                 shares[name] = (stats[f"{key}.share_semantic"], stats[f"{key}.share_collab"])
     results = {}
-    for row, source, ikd in ROWS:
+    for row in rows:
+        source, ikd = known[row]
         run = f"unger-ablation-{row}"
         results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", *base, "train.model=unger",
                                    f"model.unger.ikd_weight={ikd}",
@@ -75,11 +112,11 @@ def main() -> None:
     lines = [f"UNGER ablation on {cfg.name} ({args.config}; Stage I {args.stage1_steps} steps, Stage II {args.steps})",
              "| row | " + " | ".join(keys) + " | paper (Beauty) R@10 / R@20 / N@10 / N@20 |",
              "|---|" + "---|" * (len(keys) + 1)]
-    for row, _, _ in ROWS:
+    for row in rows:
         m = results[row]["model"]
         lines.append(f"| {row} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " | "
                      + " / ".join(f"{v:.4f}" for v in PAPER[row]) + " |")
-    pop = results["unger"]["most_popular"]
+    pop = results[rows[-1]]["most_popular"]
     lines.append("| most-popular | " + " | ".join(f"{pop[k]:.4f}" for k in keys) + " | |")
     lines.append("\nmodality share (semantic / collaborative); paper Table 6: concat 97.33% / 2.67%, UNGER 59.89% / "
                  "40.11%")

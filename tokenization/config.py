@@ -31,6 +31,10 @@ class UngerStage1Config:
     # §4.3 modality share (Eq. 18-19) of the final embeddings; for unified it trains a DIN-only reference as well.
     modality_share: bool = True
     share_sample: int = 2048  # items the similarity distributions are computed over
+    # Semantic-ID directory of an earlier unger run (any source but semantic) whose DIN-only model this run reuses
+    # instead of training it again: the collab/concat sources and unified's modality-share reference are the same
+    # DIN. Refused, naming the field, unless that run's DIN settings and dataset equal this run's.
+    reference_path: str = ""
 
 
 @dataclass

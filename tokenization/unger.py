@@ -11,12 +11,17 @@ the GPU of the process when there is one; data parallelism would only add a proc
 dominated by embedding the catalog.
 
 Saved next to the codes (for Stage II's IKD, :mod:`genrec_dist.models.unger`): ``integrated_embeddings.npy``
-(N+1, D) float32, row i = item i (row 0 zeros), named by ``manifest["item_embeddings"]``.
+(N+1, D) float32, row i = item i (row 0 zeros), named by ``manifest["item_embeddings"]``. A run that trains the
+DIN-only model (sources collab and concat, and unified's modality-share reference) also saves its item embeddings,
+``din_reference.npy``, with the settings that determine them in ``manifest["din_reference"]``; a later run given
+``tokenize.unger.reference_path`` reuses them instead of training the same DIN again (Table 7 needs it four times).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,10 +29,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from genrec_dist import storage
 from genrec_dist.models.unger_stage1 import DINStage1
 from genrec_dist.training.data import train_examples
 
 ITEM_EMBEDDINGS_FILE = "integrated_embeddings.npy"
+REFERENCE_FILE = "din_reference.npy"
 Log = Callable[[str], None]
 
 
@@ -138,6 +145,35 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def din_settings(cfg: Any, dataset: Any, semantic_dim: int, device: torch.device) -> dict[str, Any]:
+    """Everything the DIN-only model's embeddings depend on: its hyper-parameters, the seed, the training data (the
+    dataset manifest's hash) and what changes its random stream (the width of the unused adapter, the device type)."""
+    uc = cfg.tokenize.unger
+    keys = ("dim", "num_negatives", "next_weight", "steps", "batch_size", "lr", "weight_decay")
+    return {**{k: getattr(uc, k) for k in keys}, "seed": cfg.seed, "semantic_dim": int(semantic_dim),
+            "device": device.type, "num_items": int(dataset.num_items), "max_history": int(dataset.max_history),
+            "dataset": hashlib.sha1(json.dumps(dataset.manifest, sort_keys=True).encode()).hexdigest()}
+
+
+def read_reference(path: str, want: dict[str, Any], storage_cfg: Any = None) -> np.ndarray:
+    """The DIN-only embeddings (N+1, D) saved by the unger run at ``path``, refused unless saved with ``want``."""
+    where = f"tokenize.unger.reference_path={path}"
+    manifest = storage.require_manifest(path, storage_cfg)
+    ref = manifest.get("din_reference")
+    if not ref:
+        raise ValueError(f"{where}: that run saved no DIN-only model (it was source=semantic, or unified with "
+                         f"modality_share=false)")
+    diff = [f"{k}: {ref['settings'].get(k)!r} there, {v!r} here" for k, v in want.items()
+            if ref["settings"].get(k) != v]
+    if diff:
+        raise ValueError(f"{where}: its DIN was trained with other settings, so it is not this run's DIN ("
+                         + "; ".join(diff) + ")")
+    emb = np.load(io.BytesIO(storage.read_bytes(storage.join(path, ref["file"]), storage_cfg)))
+    if emb.shape != (want["num_items"] + 1, want["dim"]):
+        raise ValueError(f"{path}/{ref['file']}: shape {emb.shape}, need {(want['num_items'] + 1, want['dim'])}")
+    return emb
+
+
 def _npy(x: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(x, dtype=np.float32))
@@ -172,6 +208,21 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
         stats.update({f"{'din' if cka_weight == 0 else 'stage1'}.{k}": v for k, v in final.items()})
         return model
 
+    settings = din_settings(cfg, dataset, semantic.shape[1], device)
+    files: dict[str, bytes] = {}
+    manifest: dict[str, Any] = {}
+
+    def reference() -> np.ndarray:
+        """The DIN-only item embeddings: read from ``reference_path``, or trained here and saved."""
+        if uc.reference_path:
+            log(f"unger stage I: DIN-only model reused from {uc.reference_path}")
+            stats["din_reference"] = uc.reference_path
+            return read_reference(uc.reference_path, settings, cfg.storage)
+        emb = din(0.0).embeddings("collab").cpu().numpy()
+        files[REFERENCE_FILE] = _npy(emb)
+        manifest["din_reference"] = {"file": REFERENCE_FILE, "settings": settings}
+        return emb
+
     collab = None
     if uc.source == "semantic":
         full = sem.copy()
@@ -179,9 +230,9 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
         model = din(uc.cka_weight)
         full = model.embeddings(uc.integrated).cpu().numpy()
         if uc.modality_share:
-            collab = din(0.0).embeddings("collab").cpu().numpy()
+            collab = reference()
     else:  # collab, concat: DIN alone
-        collab = din(0.0).embeddings("collab").cpu().numpy()
+        collab = reference()
         full = collab if uc.source == "collab" else np.concatenate(
             [np.zeros((1, 2 * uc.dim), np.float32), concat_embeddings(sem[1:], collab[1:])])
     full = np.asarray(full, dtype=np.float32)
@@ -201,9 +252,9 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
     return Stage1Result(
         embeddings=full[item_ids],
         stats=stats,
-        files={ITEM_EMBEDDINGS_FILE: _npy(full)},
+        files={ITEM_EMBEDDINGS_FILE: _npy(full), **files},
         manifest={"item_embeddings": ITEM_EMBEDDINGS_FILE, "unger_source": uc.source, "item_embeddings_dim":
-                  int(full.shape[1])},
+                  int(full.shape[1]), **manifest},
     )
 
 

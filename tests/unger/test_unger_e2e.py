@@ -136,6 +136,35 @@ def test_ablation_sources(unified, tiny_dataset, tmp_path):
     assert 0 < cat["stats"]["unger.modality_share.share_semantic"] < 1
 
 
+def test_collab_and_concat_reuse_the_unified_runs_din_reference(unified, tiny_dataset, tmp_path):
+    """The DIN-only model unified trains for the modality share is the collab source: saved once, reused by the other
+    sources through tokenize.unger.reference_path, and refused when trained with other settings."""
+    from tokenization.pipeline import run_tokenize
+    from tokenization.unger import REFERENCE_FILE
+
+    cfg0, summary, _ = unified
+    ref = summary["manifest"]["din_reference"]
+    assert ref["file"] == REFERENCE_FILE and ref["settings"]["steps"] == 300 and ref["settings"]["dim"] == 32
+    saved = np.load(f"{cfg0.semantic_ids_dir}/{REFERENCE_FILE}")
+    emb_dir = f"{cfg0.semantic_ids_dir}/embeddings"
+    common = (f"tokenize.embeddings_path={emb_dir}", f"tokenize.unger.reference_path={cfg0.semantic_ids_dir}",
+              "tracking.enabled=false")
+    logs: list[str] = []
+    col = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/col", "tokenize.unger.source=collab", *common),
+                       log=logs.append)
+    assert not any("stage I step" in m for m in logs), "the reference was trained again"
+    c = read_semantic_ids(col["path"])
+    assert np.array_equal(c.item_embeddings[1:], saved[1:]) and "din_reference" not in c.manifest
+    with pytest.raises(ValueError, match=r"reference_path=.*steps: 300 there, 30 here"):
+        run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad", "tokenize.unger.source=concat",
+                          "tokenize.unger.steps=30", *common), log=lambda m: None)
+    assert not os.path.exists(f"{tmp_path}/bad/manifest.json")
+    with pytest.raises(ValueError, match="saved no DIN-only model"):
+        run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad2", "tokenize.unger.source=collab",
+                          f"tokenize.embeddings_path={emb_dir}", f"tokenize.unger.reference_path={col['path']}",
+                          "tracking.enabled=false"), log=lambda m: None)
+
+
 def test_stage2_on_two_deepspeed_ranks(unified, tiny_dataset, tmp_path):
     """jobs/train.py model=unger under the deepspeed launcher: 2 CPU ranks (gloo), ZeRO-2, the trainer's own
     validation, export and test evaluation. A short run (CPU budget): it must learn far above chance and log a
