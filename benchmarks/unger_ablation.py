@@ -125,7 +125,8 @@ def main() -> None:
     path = os.path.join(REPO, "benchmarks", "results", f"unger_ablation_{cfg.name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
-        json.dump({"config": args.config, "results": results, "modality_share": shares}, fh, indent=2)
+        json.dump({"config": args.config, "overrides": args.overrides, "stage1_steps": args.stage1_steps,
+                   "steps": args.steps, "ranks": args.ranks, "results": results, "modality_share": shares}, fh, indent=2)
 
 
 if __name__ == "__main__":
