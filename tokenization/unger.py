@@ -212,12 +212,16 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
     files: dict[str, bytes] = {}
     manifest: dict[str, Any] = {}
 
+    reused = None  # read before any training, so a mismatched reference fails in seconds, not after Stage I
+    if uc.reference_path and (uc.source in ("collab", "concat") or (uc.source == "unified" and uc.modality_share)):
+        reused = read_reference(uc.reference_path, settings, cfg.storage)
+
     def reference() -> np.ndarray:
         """The DIN-only item embeddings: read from ``reference_path``, or trained here and saved."""
-        if uc.reference_path:
+        if reused is not None:
             log(f"unger stage I: DIN-only model reused from {uc.reference_path}")
             stats["din_reference"] = uc.reference_path
-            return read_reference(uc.reference_path, settings, cfg.storage)
+            return reused
         emb = din(0.0).embeddings("collab").cpu().numpy()
         files[REFERENCE_FILE] = _npy(emb)
         manifest["din_reference"] = {"file": REFERENCE_FILE, "settings": settings}
