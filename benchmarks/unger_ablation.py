@@ -126,7 +126,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump({"config": args.config, "overrides": args.overrides, "stage1_steps": args.stage1_steps,
-                   "steps": args.steps, "ranks": args.ranks, "results": results, "modality_share": shares}, fh, indent=2)
+                   "steps": args.steps, "ranks": args.ranks, "results": results, "modality_share": shares}, fh,
+                  indent=2)
 
 
 if __name__ == "__main__":
