@@ -17,7 +17,6 @@ integrated embeddings are quantised and saved as ``integrated_embeddings.npy``).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -116,7 +115,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
     items = dataset.items(["item_id", "item", "title", "text"])
     t0 = time.time()
     tracker = make_tracker(cfg, "tokenize", extra_tags={
-        "genrec.dataset_manifest": hashlib.sha1(json.dumps(dataset.manifest, sort_keys=True).encode()).hexdigest()})
+        "genrec.dataset_manifest": dataset.fingerprint})
     try:
         tracker.log_config(cfg)
         files: dict[str, bytes] = {}

@@ -19,9 +19,7 @@ DIN-only model (sources collab and concat, and unified's modality-share referenc
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -152,7 +150,7 @@ def din_settings(cfg: Any, dataset: Any, semantic_dim: int, device: torch.device
     keys = ("dim", "num_negatives", "next_weight", "steps", "batch_size", "lr", "weight_decay")
     return {**{k: getattr(uc, k) for k in keys}, "seed": cfg.seed, "semantic_dim": int(semantic_dim),
             "device": device.type, "num_items": int(dataset.num_items), "max_history": int(dataset.max_history),
-            "dataset": hashlib.sha1(json.dumps(dataset.manifest, sort_keys=True).encode()).hexdigest()}
+            "dataset": dataset.fingerprint}
 
 
 def read_reference(path: str, want: dict[str, Any], storage_cfg: Any = None) -> np.ndarray:

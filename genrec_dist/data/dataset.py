@@ -15,6 +15,8 @@ UNGER §4.1.1), every history cut to the last ``max_history`` items (20 in the p
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -104,6 +106,11 @@ class Dataset:
     @property
     def max_history(self) -> int:
         return int(self.manifest["split"]["max_history"])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha1 of the manifest as canonical JSON: names this exact prepared dataset (counts, split, files)."""
+        return hashlib.sha1(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
 
     @property
     def shard_files(self) -> list[str]:
