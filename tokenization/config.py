@@ -35,6 +35,10 @@ class UngerStage1Config:
     # instead of training it again: the collab/concat sources and unified's modality-share reference are the same
     # DIN. Refused, naming the field, unless that run's DIN settings and dataset equal this run's.
     reference_path: str = ""
+    # Semantic-ID directory of an earlier source=unified run whose CKA-trained model (its DIN item table and adapted
+    # semantics, saved by every unified run) this unified run reuses: nothing is trained, so the ``integrated``
+    # readings can be compared on one Stage I. Refused, naming the field, unless the settings and dataset match.
+    stage1_path: str = ""
 
 
 @dataclass

@@ -15,6 +15,10 @@ Saved next to the codes (for Stage II's IKD, :mod:`genrec_dist.models.unger`): `
 DIN-only model (sources collab and concat, and unified's modality-share reference) also saves its item embeddings,
 ``din_reference.npy``, with the settings that determine them in ``manifest["din_reference"]``; a later run given
 ``tokenize.unger.reference_path`` reuses them instead of training the same DIN again (Table 7 needs it four times).
+A unified run also saves its CKA-trained model's two item tables, ``stage1_collab.npy`` (the DIN item embeddings)
+and ``stage1_adapted.npy`` (MAL of the text embeddings), settings in ``manifest["stage1_model"]``; a later unified
+run given ``tokenize.unger.stage1_path`` reads them back, so every ``integrated`` reading can be quantised from one
+trained Stage I.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ import numpy as np
 import torch
 
 from genrec_dist import storage
-from genrec_dist.models.unger_stage1 import DINStage1
+from genrec_dist.models.unger_stage1 import DINStage1, integrate
 from genrec_dist.training.data import train_examples
 
 ITEM_EMBEDDINGS_FILE = "integrated_embeddings.npy"
 REFERENCE_FILE = "din_reference.npy"
+STAGE1_FILES = {"collab": "stage1_collab.npy", "adapted": "stage1_adapted.npy"}  # the CKA model's item tables
 Log = Callable[[str], None]
 
 
@@ -153,23 +158,48 @@ def din_settings(cfg: Any, dataset: Any, semantic_dim: int, device: torch.device
             "dataset": dataset.fingerprint}
 
 
+def stage1_settings(cfg: Any, dataset: Any, semantic_dim: int, device: torch.device) -> dict[str, Any]:
+    """:func:`din_settings` plus what the CKA term adds (Eq. 3, 5): everything the unified model's tables depend on.
+    ``integrated`` is not among them: it only reads the trained tables."""
+    uc = cfg.tokenize.unger
+    return {**din_settings(cfg, dataset, semantic_dim, device), "cka_weight": uc.cka_weight,
+            "temperature": uc.temperature, "similarity": uc.similarity}
+
+
+def _read_saved(option: str, path: str, key: str, missing: str, want: dict[str, Any], storage_cfg: Any
+                ) -> dict[str, np.ndarray]:
+    """The tables (N+1, D) an earlier unger run at ``path`` saved under ``manifest[key]``, refused, naming each
+    differing field, unless saved with the settings ``want``."""
+    where = f"tokenize.unger.{option}={path}"
+    manifest = storage.require_manifest(path, storage_cfg)
+    saved = manifest.get(key)
+    if not saved:
+        raise ValueError(f"{where}: {missing}")
+    diff = [f"{k}: {saved['settings'].get(k)!r} there, {v!r} here" for k, v in want.items()
+            if saved["settings"].get(k) != v]
+    if diff:
+        raise ValueError(f"{where}: that model was trained with other settings, so it is not this run's ("
+                         + "; ".join(diff) + ")")
+    files = saved["files"] if "files" in saved else {"collab": saved["file"]}
+    out = {}
+    for name, file in files.items():
+        emb = np.load(io.BytesIO(storage.read_bytes(storage.join(path, file), storage_cfg)))
+        if emb.shape != (want["num_items"] + 1, want["dim"]):
+            raise ValueError(f"{path}/{file}: shape {emb.shape}, need {(want['num_items'] + 1, want['dim'])}")
+        out[name] = emb
+    return out
+
+
 def read_reference(path: str, want: dict[str, Any], storage_cfg: Any = None) -> np.ndarray:
     """The DIN-only embeddings (N+1, D) saved by the unger run at ``path``, refused unless saved with ``want``."""
-    where = f"tokenize.unger.reference_path={path}"
-    manifest = storage.require_manifest(path, storage_cfg)
-    ref = manifest.get("din_reference")
-    if not ref:
-        raise ValueError(f"{where}: that run saved no DIN-only model (it was source=semantic, or unified with "
-                         f"modality_share=false)")
-    diff = [f"{k}: {ref['settings'].get(k)!r} there, {v!r} here" for k, v in want.items()
-            if ref["settings"].get(k) != v]
-    if diff:
-        raise ValueError(f"{where}: its DIN was trained with other settings, so it is not this run's DIN ("
-                         + "; ".join(diff) + ")")
-    emb = np.load(io.BytesIO(storage.read_bytes(storage.join(path, ref["file"]), storage_cfg)))
-    if emb.shape != (want["num_items"] + 1, want["dim"]):
-        raise ValueError(f"{path}/{ref['file']}: shape {emb.shape}, need {(want['num_items'] + 1, want['dim'])}")
-    return emb
+    return _read_saved("reference_path", path, "din_reference", "that run saved no DIN-only model (it was "
+                       "source=semantic, or unified with modality_share=false)", want, storage_cfg)["collab"]
+
+
+def read_stage1(path: str, want: dict[str, Any], storage_cfg: Any = None) -> dict[str, np.ndarray]:
+    """The CKA-trained model's ``collab`` and ``adapted`` tables saved by the unified run at ``path``."""
+    return _read_saved("stage1_path", path, "stage1_model", "that run saved no CKA-trained Stage I model (only "
+                       "source=unified runs do)", want, storage_cfg)
 
 
 def _npy(x: np.ndarray) -> bytes:
@@ -213,6 +243,12 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
     reused = None  # read before any training, so a mismatched reference fails in seconds, not after Stage I
     if uc.reference_path and (uc.source in ("collab", "concat") or (uc.source == "unified" and uc.modality_share)):
         reused = read_reference(uc.reference_path, settings, cfg.storage)
+    tables = None
+    if uc.stage1_path:
+        if uc.source != "unified":
+            raise ValueError(f"tokenize.unger.stage1_path: only source=unified reads a Stage I model, not "
+                             f"{uc.source!r}")
+        tables = read_stage1(uc.stage1_path, stage1_settings(cfg, dataset, semantic.shape[1], device), cfg.storage)
 
     def reference() -> np.ndarray:
         """The DIN-only item embeddings: read from ``reference_path``, or trained here and saved."""
@@ -229,8 +265,16 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
     if uc.source == "semantic":
         full = sem.copy()
     elif uc.source == "unified":
-        model = din(uc.cka_weight)
-        full = model.embeddings(uc.integrated).cpu().numpy()
+        if tables is not None:
+            log(f"unger stage I: CKA-trained model reused from {uc.stage1_path}")
+            stats["stage1_model"] = uc.stage1_path
+        else:
+            model = din(uc.cka_weight)
+            tables = {k: model.embeddings(k).cpu().numpy() for k in STAGE1_FILES}
+            files.update({STAGE1_FILES[k]: _npy(v) for k, v in tables.items()})
+            manifest["stage1_model"] = {"files": STAGE1_FILES,
+                                        "settings": stage1_settings(cfg, dataset, semantic.shape[1], device)}
+        full = integrate(*(torch.from_numpy(tables[k]) for k in ("collab", "adapted")), uc.integrated).numpy()
         if uc.modality_share:
             collab = reference()
     else:  # collab, concat: DIN alone
@@ -256,7 +300,8 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
         stats=stats,
         files={ITEM_EMBEDDINGS_FILE: _npy(full), **files},
         manifest={"item_embeddings": ITEM_EMBEDDINGS_FILE, "unger_source": uc.source, "item_embeddings_dim":
-                  int(full.shape[1]), **manifest},
+                  int(full.shape[1]), **({"unger_integrated": uc.integrated} if uc.source == "unified" else {}),
+                  **manifest},
     )
 
 

@@ -138,12 +138,16 @@ class DINStage1(nn.Module):
     def embeddings(self, kind: str = "collab") -> torch.Tensor:
         """Item embeddings (N+1, D) after training: ``collab`` = e_i (integrated by the CKA pull towards the item's
         adapted semantics), ``adapted`` = MAL(s_i), ``mean`` = the mean of the two L2-normalised."""
-        e = self.item.weight.detach()
-        if kind == "collab":
-            return e.clone()
-        a = self.adapter(self.semantic)
-        if kind == "adapted":
-            return a
-        if kind == "mean":
-            return (F.normalize(e, dim=-1) + F.normalize(a, dim=-1)) / 2
-        raise ValueError(f"unknown integrated embedding kind {kind!r} (collab, adapted, mean)")
+        return integrate(self.item.weight.detach().clone(), self.adapter(self.semantic), kind)
+
+
+def integrate(collab: torch.Tensor, adapted: torch.Tensor, kind: str) -> torch.Tensor:
+    """One reading of the integrated embedding from a trained Stage I model's two item tables (N+1, D) each: the
+    DIN item embeddings ``collab`` and the adapted semantics ``adapted`` (see :meth:`DINStage1.embeddings`)."""
+    if kind == "collab":
+        return collab
+    if kind == "adapted":
+        return adapted
+    if kind == "mean":
+        return (F.normalize(collab, dim=-1) + F.normalize(adapted, dim=-1)) / 2
+    raise ValueError(f"unknown integrated embedding kind {kind!r} (collab, adapted, mean)")

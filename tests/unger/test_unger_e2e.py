@@ -165,6 +165,40 @@ def test_collab_and_concat_reuse_the_unified_runs_din_reference(unified, tiny_da
                           "tracking.enabled=false"), log=lambda m: None)
 
 
+def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unified, tiny_dataset, tmp_path):
+    """Every unified run saves its CKA-trained model's two item tables; tokenize.unger.stage1_path quantises another
+    reading of the integrated embedding from them without training, and is refused for other settings."""
+    from genrec_dist.models.unger_stage1 import integrate
+    from tokenization.pipeline import run_tokenize
+    from tokenization.unger import STAGE1_FILES
+
+    cfg0, summary, _ = unified
+    saved = {k: np.load(f"{cfg0.semantic_ids_dir}/{f}") for k, f in STAGE1_FILES.items()}
+    assert summary["manifest"]["stage1_model"]["settings"]["cka_weight"] == 1.0
+    first = read_semantic_ids(cfg0.semantic_ids_dir)
+    assert first.manifest["unger_integrated"] == "collab"
+    assert np.array_equal(first.item_embeddings[1:], saved["collab"][1:])
+    common = (f"tokenize.embeddings_path={cfg0.semantic_ids_dir}/embeddings", "tracking.enabled=false",
+              f"tokenize.unger.stage1_path={cfg0.semantic_ids_dir}",
+              f"tokenize.unger.reference_path={cfg0.semantic_ids_dir}")
+    logs: list[str] = []
+    out = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/mean", "tokenize.unger.integrated=mean", *common),
+                       log=logs.append)
+    assert not any("stage I step" in m for m in logs), "Stage I was trained again"
+    mean = read_semantic_ids(out["path"])
+    want = integrate(torch.from_numpy(saved["collab"]), torch.from_numpy(saved["adapted"]), "mean").numpy()
+    assert mean.manifest["unger_integrated"] == "mean" and np.allclose(mean.item_embeddings[1:], want[1:])
+    assert not np.allclose(mean.item_embeddings[1:], saved["collab"][1:])
+    assert 0 < out["stats"]["unger.modality_share.share_semantic"] < 1  # the DIN-only reference came along
+    with pytest.raises(ValueError, match=r"stage1_path=.*cka_weight: 1.0 there, 0.5 here"):
+        run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad", "tokenize.unger.cka_weight=0.5", *common),
+                     log=lambda m: None)
+    with pytest.raises(ValueError, match="only source=unified reads"):
+        run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad2", "tokenize.unger.source=collab", *common),
+                     log=lambda m: None)
+    assert not os.path.exists(f"{tmp_path}/bad/manifest.json") and not os.path.exists(f"{tmp_path}/bad2/manifest.json")
+
+
 def test_stage2_on_two_deepspeed_ranks(unified, tiny_dataset, tmp_path):
     """jobs/train.py model=unger under the deepspeed launcher: 2 CPU ranks (gloo), ZeRO-2, the trainer's own
     validation, export and test evaluation. A short run (CPU budget): it must learn far above chance and log a
