@@ -2,7 +2,7 @@
 the paper's Beauty numbers. JSON in benchmarks/results/unger_ablation_<name>.json.
 
     python benchmarks/unger_ablation.py --config configs/scientific/unger.yaml [--stage1-steps 20000]
-        [--steps 20000] [--ranks 1] [--rows semantic,collab,concat,cka,unger] [key=value ...]
+        [--steps 20000] [--ranks 1] [--rows semantic,collab,concat,cka,unger] [--integrated collab] [key=value ...]
 
 Runs the real jobs as subprocesses: prepare (when the dataset is missing), tokenize once per code source the rows
 need (``tokenize.unger.source`` unified / semantic / collab / concat, in ``<workdir>/sids/unger-<source>``; the text
@@ -11,6 +11,11 @@ modality share, ``tokenize.unger.reference_path``), then train + test evaluation
 ``deepspeed --num_gpus <ranks>`` when ranks > 1). Finished code sources and rows are read back, not redone, and an
 interrupted row continues, so the script can be stopped and started again, and two invocations with disjoint
 ``--rows`` can share a machine once the codes exist; delete a directory to redo it.
+
+``--integrated adapted|mean`` tries another reading of Stage I's integrated embedding (``tokenize.unger.integrated``)
+for the unified rows: codes in ``unger-unified-<reading>``, runs ``unger-ablation-<row>-<reading>``, JSON
+``unger_ablation_<name>-<reading>.json``; the CKA-trained model of an earlier unified run with the same Stage I steps
+is read back (``tokenize.unger.stage1_path``), not trained again.
 
     semantic only / collaborative only / concat ("\\")  -> model.unger.ikd_weight=0  (Table 7, Table 8 col. 1)
     CKA only                                          -> unified codes, ikd_weight=0 (Table 8)
@@ -38,23 +43,51 @@ ROWS = [("semantic", "semantic", 0.0), ("collab", "collab", 0.0), ("concat", "co
         ("cka", "unified", 0.0), ("unger", "unified", 1.0)]
 
 
+def _manifest(path: str) -> dict:
+    with open(os.path.join(path, "manifest.json")) as fh:
+        return json.load(fh)
+
+
+def sids_dir(sids_root: str, source: str, integrated: str) -> str:
+    """Where a source's codes live: ``unger-<source>``, and ``unger-unified-<reading>`` for another reading."""
+    suffix = f"-{integrated}" if source == "unified" and integrated != "collab" else ""
+    return os.path.join(sids_root, f"unger-{source}{suffix}")
+
+
+def saved_stage1(sids_root: str, stage1_steps: int) -> str:
+    """A unified run's dir whose saved CKA-trained model has ``stage1_steps`` steps, or ""."""
+    for name in sorted(os.listdir(sids_root)) if os.path.isdir(sids_root) else []:
+        path = os.path.join(sids_root, name)
+        if name.startswith("unger-unified") and os.path.exists(os.path.join(path, "manifest.json")):
+            saved = _manifest(path).get("stage1_model")
+            if saved and saved["settings"].get("steps") == stage1_steps:
+                return path
+    return ""
+
+
 def tokenize_source(py: str, base: list[str], sids_root: str, source: str, stage1_steps: int, emb_dir: str,
-                    reference: str) -> str:
-    """``<sids_root>/unger-<source>``, tokenized unless a finished one is there (refused if it holds another
-    source). ``emb_dir``: text embeddings to reuse; ``reference``: a unified run's dir whose DIN-only model to reuse."""
-    out = os.path.join(sids_root, f"unger-{source}")
-    manifest = os.path.join(out, "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as fh:
-            got = json.load(fh).get("unger_source")
-        if got != source:
-            raise SystemExit(f"{out} holds unger_source {got!r} codes, not {source!r}; move it away")
+                    reference: str, integrated: str = "collab") -> str:
+    """The source's codes (:func:`sids_dir`), tokenized unless a finished run is there (refused if it holds another
+    source or reading). ``emb_dir``: text embeddings to reuse; ``reference``: a unified run's dir whose DIN-only model
+    to reuse; ``integrated``: the unified source's reading of the integrated embedding."""
+    out = sids_dir(sids_root, source, integrated)
+    if os.path.exists(os.path.join(out, "manifest.json")):
+        got = _manifest(out)
+        got = (got.get("unger_source"), got.get("unger_integrated", "collab") if source == "unified" else None)
+        want = (source, integrated if source == "unified" else None)
+        if got != want:
+            raise SystemExit(f"{out} holds (source, integrated) {got!r} codes, not {want!r}; move it away")
         print(f"reusing the {source} codes in {out} (delete it to tokenize again)", flush=True)
         return out
     over = [f"tokenize.unger.source={source}", f"tokenize.unger.steps={stage1_steps}", f"paths.semantic_ids={out}",
             "tokenize.overwrite=true"]
     over += [f"tokenize.embeddings_path={emb_dir}"] if emb_dir else []
-    over += [f"tokenize.unger.reference_path={reference}"] if reference and source in ("collab", "concat") else []
+    reuse = reference and (source in ("collab", "concat") or integrated != "collab")
+    over += [f"tokenize.unger.reference_path={reference}"] if reuse else []
+    if source == "unified":
+        over += [f"tokenize.unger.integrated={integrated}"]
+        stage1 = saved_stage1(sids_root, stage1_steps)
+        over += [f"tokenize.unger.stage1_path={stage1}"] if stage1 else []
     _run([py, "jobs/tokenize.py", *base, *over])
     return out
 
@@ -66,6 +99,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--rows", default=",".join(r for r, _, _ in ROWS))
+    parser.add_argument("--integrated", default="collab", choices=["collab", "adapted", "mean"],
+                        help="the unified rows' reading of the integrated embedding (tokenize.unger.integrated)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -85,31 +120,37 @@ def main() -> None:
     # unified first: it trains the DIN-only model that collab and concat reuse (and the references of Table 6)
     sources = [s for s in ("unified", "semantic", "collab", "concat")
                if any(known[r][0] == s for r in rows)]
-    if any(s in sources for s in ("collab", "concat")) and "unified" not in sources:
-        if os.path.exists(os.path.join(sids_root, "unger-unified", "manifest.json")):
-            sources.insert(0, "unified")  # already there: its DIN-only model is reused
+    first = os.path.join(sids_root, "unger-unified")  # the default reading's run: its DIN-only model is reused
+    if (any(s in sources for s in ("collab", "concat")) and "unified" not in sources and args.integrated == "collab"
+            and os.path.exists(os.path.join(first, "manifest.json"))):
+        sources.insert(0, "unified")  # already there: read back for its modality shares
     emb_dir, reference, shares = "", "", {}
+    if os.path.exists(os.path.join(first, "manifest.json")) and (
+            args.integrated != "collab" or any(s in sources for s in ("collab", "concat"))):
+        emb_dir = os.path.join(first, "embeddings")
+        reference = first if _manifest(first).get("din_reference") else ""
     for source in sources:
-        out = tokenize_source(py, base, sids_root, source, args.stage1_steps, emb_dir, reference)
+        out = tokenize_source(py, base, sids_root, source, args.stage1_steps, emb_dir, reference, args.integrated)
         emb_dir = emb_dir or os.path.join(out, "embeddings")
-        if source == "unified":
-            with open(os.path.join(out, "manifest.json")) as fh:
-                reference = out if json.load(fh).get("din_reference") else ""
+        if source == "unified" and not reference:
+            reference = out if _manifest(out).get("din_reference") else ""
         with open(os.path.join(out, "stats.json")) as fh:
             stats = json.load(fh)
         for key, name in (("unger.modality_share", source), ("unger.modality_share_concat", "concat")):
             if f"{key}.share_semantic" in stats:
                 shares[name] = (stats[f"{key}.share_semantic"], stats[f"{key}.share_collab"])
     results = {}
+    variant = f"-{args.integrated}" if args.integrated != "collab" else ""
     for row in rows:
         source, ikd = known[row]
-        run = f"unger-ablation-{row}"
+        run = f"unger-ablation-{row}{variant if source == 'unified' else ''}"
         results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", *base, "train.model=unger",
                                    f"model.unger.ikd_weight={ikd}",
-                                   f"paths.semantic_ids={os.path.join(sids_root, f'unger-{source}')}",
+                                   f"paths.semantic_ids={sids_dir(sids_root, source, args.integrated)}",
                                    f"max_steps={args.steps}"], cfg.runs_dir, run)
     keys = ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
-    lines = [f"UNGER ablation on {cfg.name} ({args.config}; Stage I {args.stage1_steps} steps, Stage II {args.steps})",
+    lines = [f"UNGER ablation on {cfg.name} ({args.config}; Stage I {args.stage1_steps} steps, Stage II {args.steps}, "
+             f"integrated embedding: {args.integrated})",
              "| row | " + " | ".join(keys) + " | paper (Beauty) R@10 / R@20 / N@10 / N@20 |",
              "|---|" + "---|" * (len(keys) + 1)]
     for row in rows:
@@ -122,11 +163,12 @@ def main() -> None:
                  "40.11%")
     lines += [f"- {name}: {s:.2%} / {c:.2%}" for name, (s, c) in shares.items()]
     print("\n".join(lines))
-    path = os.path.join(REPO, "benchmarks", "results", f"unger_ablation_{cfg.name}.json")
+    path = os.path.join(REPO, "benchmarks", "results", f"unger_ablation_{cfg.name}{variant}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump({"config": args.config, "overrides": args.overrides, "stage1_steps": args.stage1_steps,
-                   "steps": args.steps, "ranks": args.ranks, "results": results, "modality_share": shares}, fh,
+                   "steps": args.steps, "ranks": args.ranks, "integrated": args.integrated, "results": results,
+                   "modality_share": shares}, fh,
                   indent=2)
 
 
