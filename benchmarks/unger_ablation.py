@@ -2,20 +2,21 @@
 the paper's Beauty numbers. JSON in benchmarks/results/unger_ablation_<name>.json.
 
     python benchmarks/unger_ablation.py --config configs/scientific/unger.yaml [--stage1-steps 20000]
-        [--steps 20000] [--ranks 1] [--rows semantic,collab,concat,cka,unger] [--integrated collab] [key=value ...]
+        [--steps 20000] [--ranks 1] [--rows semantic,collab,concat,cka,unger] [--integrated adapted] [key=value ...]
 
 Runs the real jobs as subprocesses: prepare (when the dataset is missing), tokenize once per code source the rows
-need (``tokenize.unger.source`` unified / semantic / collab / concat, in ``<workdir>/sids/unger-<source>``; the text
-embeddings of the first run are reused, and collab / concat reuse the DIN-only model unified trained for its
-modality share, ``tokenize.unger.reference_path``), then train + test evaluation per row (``jobs/train.py``;
-``deepspeed --num_gpus <ranks>`` when ranks > 1). Finished code sources and rows are read back, not redone, and an
-interrupted row continues, so the script can be stopped and started again, and two invocations with disjoint
-``--rows`` can share a machine once the codes exist; delete a directory to redo it.
+need (``tokenize.unger.source`` unified / semantic / collab / concat, in ``<workdir>/sids/unger-<source>``, the
+unified codes in ``unger-unified-<reading>``; the text embeddings of the first run are reused, and collab / concat
+reuse the DIN-only model a unified run trained for its modality share, ``tokenize.unger.reference_path``), then train
++ test evaluation per row (``jobs/train.py``; ``deepspeed --num_gpus <ranks>`` when ranks > 1). Finished code
+sources and rows are read back, not redone, and an interrupted row continues, so the script can be stopped and
+started again, and two invocations with disjoint ``--rows`` can share a machine once the codes exist; delete a
+directory to redo it.
 
-``--integrated adapted|mean`` tries another reading of Stage I's integrated embedding (``tokenize.unger.integrated``)
-for the unified rows: codes in ``unger-unified-<reading>``, runs ``unger-ablation-<row>-<reading>``, JSON
-``unger_ablation_<name>-<reading>.json``; the CKA-trained model of an earlier unified run with the same Stage I steps
-is read back (``tokenize.unger.stage1_path``), not trained again.
+``--integrated collab|adapted|mean`` is the unified rows' reading of Stage I's integrated embedding
+(``tokenize.unger.integrated``, default the config's): their runs are ``unger-ablation-<row>-<reading>`` and the JSON
+``unger_ablation_<name>-<reading>.json``. Once one unified run saved its trained Stage I model, the other readings
+read it back (``tokenize.unger.stage1_path``) instead of training it again.
 
     semantic only / collaborative only / concat ("\\")  -> model.unger.ikd_weight=0  (Table 7, Table 8 col. 1)
     CKA only                                          -> unified codes, ikd_weight=0 (Table 8)
@@ -49,24 +50,24 @@ def _manifest(path: str) -> dict:
 
 
 def sids_dir(sids_root: str, source: str, integrated: str) -> str:
-    """Where a source's codes live: ``unger-<source>``, and ``unger-unified-<reading>`` for another reading."""
-    suffix = f"-{integrated}" if source == "unified" and integrated != "collab" else ""
-    return os.path.join(sids_root, f"unger-{source}{suffix}")
+    """Where a source's codes live: ``unger-<source>``, and ``unger-unified-<reading>`` for the unified ones."""
+    return os.path.join(sids_root, f"unger-{source}" + (f"-{integrated}" if source == "unified" else ""))
 
 
-def saved_stage1(sids_root: str, stage1_steps: int) -> str:
-    """A unified run's dir whose saved CKA-trained model has ``stage1_steps`` steps, or ""."""
+def saved_model(sids_root: str, key: str, stage1_steps: int) -> str:
+    """A unified run's dir whose manifest saved a Stage I model under ``key`` (``din_reference``: the DIN-only
+    model; ``stage1_model``: the CKA-trained one) trained for ``stage1_steps`` steps, or ""."""
     for name in sorted(os.listdir(sids_root)) if os.path.isdir(sids_root) else []:
         path = os.path.join(sids_root, name)
         if name.startswith("unger-unified") and os.path.exists(os.path.join(path, "manifest.json")):
-            saved = _manifest(path).get("stage1_model")
+            saved = _manifest(path).get(key)
             if saved and saved["settings"].get("steps") == stage1_steps:
                 return path
     return ""
 
 
 def tokenize_source(py: str, base: list[str], sids_root: str, source: str, stage1_steps: int, emb_dir: str,
-                    reference: str, integrated: str = "collab") -> str:
+                    reference: str, integrated: str) -> str:
     """The source's codes (:func:`sids_dir`), tokenized unless a finished run is there (refused if it holds another
     source or reading). ``emb_dir``: text embeddings to reuse; ``reference``: a unified run's dir whose DIN-only model
     to reuse; ``integrated``: the unified source's reading of the integrated embedding."""
@@ -82,11 +83,10 @@ def tokenize_source(py: str, base: list[str], sids_root: str, source: str, stage
     over = [f"tokenize.unger.source={source}", f"tokenize.unger.steps={stage1_steps}", f"paths.semantic_ids={out}",
             "tokenize.overwrite=true"]
     over += [f"tokenize.embeddings_path={emb_dir}"] if emb_dir else []
-    reuse = reference and (source in ("collab", "concat") or integrated != "collab")
-    over += [f"tokenize.unger.reference_path={reference}"] if reuse else []
+    over += [f"tokenize.unger.reference_path={reference}"] if reference and source != "semantic" else []
     if source == "unified":
         over += [f"tokenize.unger.integrated={integrated}"]
-        stage1 = saved_stage1(sids_root, stage1_steps)
+        stage1 = saved_model(sids_root, "stage1_model", stage1_steps)
         over += [f"tokenize.unger.stage1_path={stage1}"] if stage1 else []
     _run([py, "jobs/tokenize.py", *base, *over])
     return out
@@ -99,8 +99,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--rows", default=",".join(r for r, _, _ in ROWS))
-    parser.add_argument("--integrated", default="collab", choices=["collab", "adapted", "mean"],
-                        help="the unified rows' reading of the integrated embedding (tokenize.unger.integrated)")
+    parser.add_argument("--integrated", choices=["collab", "adapted", "mean"],
+                        help="the unified rows' reading of the integrated embedding (default: the config's "
+                             "tokenize.unger.integrated)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -120,17 +121,15 @@ def main() -> None:
     # unified first: it trains the DIN-only model that collab and concat reuse (and the references of Table 6)
     sources = [s for s in ("unified", "semantic", "collab", "concat")
                if any(known[r][0] == s for r in rows)]
-    first = os.path.join(sids_root, "unger-unified")  # the default reading's run: its DIN-only model is reused
-    if (any(s in sources for s in ("collab", "concat")) and "unified" not in sources and args.integrated == "collab"
-            and os.path.exists(os.path.join(first, "manifest.json"))):
-        sources.insert(0, "unified")  # already there: read back for its modality shares
-    emb_dir, reference, shares = "", "", {}
-    if os.path.exists(os.path.join(first, "manifest.json")) and (
-            args.integrated != "collab" or any(s in sources for s in ("collab", "concat"))):
-        emb_dir = os.path.join(first, "embeddings")
-        reference = first if _manifest(first).get("din_reference") else ""
+    integrated = args.integrated or cfg.tokenize.unger.integrated
+    # a DIN-only model saved by any unified run is reused (collab, concat, and the unified run's Table 6 reference)
+    reference = saved_model(sids_root, "din_reference", args.stage1_steps)
+    unified = os.path.join(sids_dir(sids_root, "unified", integrated), "manifest.json")
+    if any(s in sources for s in ("collab", "concat")) and "unified" not in sources and os.path.exists(unified):
+        sources.insert(0, "unified")  # read back for its modality shares
+    emb_dir, shares = (os.path.join(reference, "embeddings") if reference else ""), {}
     for source in sources:
-        out = tokenize_source(py, base, sids_root, source, args.stage1_steps, emb_dir, reference, args.integrated)
+        out = tokenize_source(py, base, sids_root, source, args.stage1_steps, emb_dir, reference, integrated)
         emb_dir = emb_dir or os.path.join(out, "embeddings")
         if source == "unified" and not reference:
             reference = out if _manifest(out).get("din_reference") else ""
@@ -140,17 +139,16 @@ def main() -> None:
             if f"{key}.share_semantic" in stats:
                 shares[name] = (stats[f"{key}.share_semantic"], stats[f"{key}.share_collab"])
     results = {}
-    variant = f"-{args.integrated}" if args.integrated != "collab" else ""
     for row in rows:
         source, ikd = known[row]
-        run = f"unger-ablation-{row}{variant if source == 'unified' else ''}"
+        run = f"unger-ablation-{row}" + (f"-{integrated}" if source == "unified" else "")
         results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", *base, "train.model=unger",
                                    f"model.unger.ikd_weight={ikd}",
-                                   f"paths.semantic_ids={sids_dir(sids_root, source, args.integrated)}",
+                                   f"paths.semantic_ids={sids_dir(sids_root, source, integrated)}",
                                    f"max_steps={args.steps}"], cfg.runs_dir, run)
     keys = ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
     lines = [f"UNGER ablation on {cfg.name} ({args.config}; Stage I {args.stage1_steps} steps, Stage II {args.steps}, "
-             f"integrated embedding: {args.integrated})",
+             f"integrated embedding: {integrated})",
              "| row | " + " | ".join(keys) + " | paper (Beauty) R@10 / R@20 / N@10 / N@20 |",
              "|---|" + "---|" * (len(keys) + 1)]
     for row in rows:
@@ -163,11 +161,11 @@ def main() -> None:
                  "40.11%")
     lines += [f"- {name}: {s:.2%} / {c:.2%}" for name, (s, c) in shares.items()]
     print("\n".join(lines))
-    path = os.path.join(REPO, "benchmarks", "results", f"unger_ablation_{cfg.name}{variant}.json")
+    path = os.path.join(REPO, "benchmarks", "results", f"unger_ablation_{cfg.name}-{integrated}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump({"config": args.config, "overrides": args.overrides, "stage1_steps": args.stage1_steps,
-                   "steps": args.steps, "ranks": args.ranks, "integrated": args.integrated, "results": results,
+                   "steps": args.steps, "ranks": args.ranks, "integrated": integrated, "results": results,
                    "modality_share": shares}, fh,
                   indent=2)
 

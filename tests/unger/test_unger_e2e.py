@@ -176,7 +176,7 @@ def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unif
     saved = {k: np.load(f"{cfg0.semantic_ids_dir}/{f}") for k, f in STAGE1_FILES.items()}
     assert summary["manifest"]["stage1_model"]["settings"]["cka_weight"] == 1.0
     first = read_semantic_ids(cfg0.semantic_ids_dir)
-    assert first.manifest["unger_integrated"] == "collab"
+    assert first.manifest["unger_integrated"] == "collab"  # the default reading
     assert np.array_equal(first.item_embeddings[1:], saved["collab"][1:])
     common = (f"tokenize.embeddings_path={cfg0.semantic_ids_dir}/embeddings", "tracking.enabled=false",
               f"tokenize.unger.stage1_path={cfg0.semantic_ids_dir}",
