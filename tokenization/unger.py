@@ -237,6 +237,7 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
         return model
 
     settings = din_settings(cfg, dataset, semantic.shape[1], device)
+    cka_settings = stage1_settings(cfg, dataset, semantic.shape[1], device)
     files: dict[str, bytes] = {}
     manifest: dict[str, Any] = {}
 
@@ -248,7 +249,7 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
         if uc.source != "unified":
             raise ValueError(f"tokenize.unger.stage1_path: only source=unified reads a Stage I model, not "
                              f"{uc.source!r}")
-        tables = read_stage1(uc.stage1_path, stage1_settings(cfg, dataset, semantic.shape[1], device), cfg.storage)
+        tables = read_stage1(uc.stage1_path, cka_settings, cfg.storage)
 
     def reference() -> np.ndarray:
         """The DIN-only item embeddings: read from ``reference_path``, or trained here and saved."""
@@ -272,8 +273,7 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
             model = din(uc.cka_weight)
             tables = {k: model.embeddings(k).cpu().numpy() for k in STAGE1_FILES}
             files.update({STAGE1_FILES[k]: _npy(v) for k, v in tables.items()})
-            manifest["stage1_model"] = {"files": STAGE1_FILES,
-                                        "settings": stage1_settings(cfg, dataset, semantic.shape[1], device)}
+            manifest["stage1_model"] = {"files": STAGE1_FILES, "settings": cka_settings}
         full = integrate(*(torch.from_numpy(tables[k]) for k in ("collab", "adapted")), uc.integrated).numpy()
         if uc.modality_share:
             collab = reference()
