@@ -21,11 +21,11 @@ class UngerStage1Config:
     cka_weight: float = 1.0  # Eq. 5 lambda (UNGER Table 4: 1.0; 0 with source=unified = DIN only)
     # Which embedding is the integrated one (a reading: the paper's equations are lost, see tokenization/unger.py).
     # collab = the DIN item embedding pulled to its adapted semantics by CKA (§3.3.2: "bring its collaborative
-    # embedding closer to its semantic embedding"); adapted = MAL(s), a function of the text alone; mean = the mean of
-    # the two normalised. Measured (README; CPU budget, one seed): on Scientific's validation split adapted 0.0634 >
-    # mean 0.0609 > collab 0.0586 Stage II N@10, but on the synthetic catalog adapted loses to most-popular on
-    # NDCG@10 where collab beats it, so the default stays until a paper-size run on more than one dataset decides.
-    integrated: Literal["collab", "adapted", "mean"] = "collab"
+    # embedding closer to its semantic embedding"); adapted = MAL(s), a function of the text alone (§1: a "fusion
+    # module ... to learn an integrated representation"); mean = the mean of the two normalised. mean is the default:
+    # on Scientific (README; CPU budget) its Stage II beat collab's on validation and test, and on the synthetic
+    # catalog it beats most-popular where adapted loses on NDCG@10. A paper-size run on more datasets may move it.
+    integrated: Literal["collab", "adapted", "mean"] = "mean"
     steps: int = 20000  # optimizer steps (EAGER's Beauty DIN used ~28k batches of 128, ANCHORS.md B)
     batch_size: int = 128  # EAGER train_din.py
     lr: float = 1e-3  # EAGER train_din.py (Adam, amsgrad) = UNGER Table 4

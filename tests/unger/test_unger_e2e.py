@@ -176,19 +176,20 @@ def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unif
     saved = {k: np.load(f"{cfg0.semantic_ids_dir}/{f}") for k, f in STAGE1_FILES.items()}
     assert summary["manifest"]["stage1_model"]["settings"]["cka_weight"] == 1.0
     first = read_semantic_ids(cfg0.semantic_ids_dir)
-    assert first.manifest["unger_integrated"] == "collab"  # the default reading
-    assert np.array_equal(first.item_embeddings[1:], saved["collab"][1:])
+    mean = integrate(torch.from_numpy(saved["collab"]), torch.from_numpy(saved["adapted"]), "mean").numpy()
+    assert first.manifest["unger_integrated"] == "mean"  # the default reading
+    assert np.allclose(first.item_embeddings[1:], mean[1:])
     common = (f"tokenize.embeddings_path={cfg0.semantic_ids_dir}/embeddings", "tracking.enabled=false",
               f"tokenize.unger.stage1_path={cfg0.semantic_ids_dir}",
               f"tokenize.unger.reference_path={cfg0.semantic_ids_dir}")
     logs: list[str] = []
-    out = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/mean", "tokenize.unger.integrated=mean", *common),
+    out = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/collab", "tokenize.unger.integrated=collab", *common),
                        log=logs.append)
     assert not any("stage I step" in m for m in logs), "Stage I was trained again"
-    mean = read_semantic_ids(out["path"])
-    want = integrate(torch.from_numpy(saved["collab"]), torch.from_numpy(saved["adapted"]), "mean").numpy()
-    assert mean.manifest["unger_integrated"] == "mean" and np.allclose(mean.item_embeddings[1:], want[1:])
-    assert not np.allclose(mean.item_embeddings[1:], saved["collab"][1:])
+    collab = read_semantic_ids(out["path"])
+    assert collab.manifest["unger_integrated"] == "collab"
+    assert np.array_equal(collab.item_embeddings[1:], saved["collab"][1:])
+    assert not np.allclose(collab.item_embeddings[1:], first.item_embeddings[1:])
     assert 0 < out["stats"]["unger.modality_share.share_semantic"] < 1  # the DIN-only reference came along
     with pytest.raises(ValueError, match=r"stage1_path=.*cka_weight: 1.0 there, 0.5 here"):
         run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad", "tokenize.unger.cka_weight=0.5", *common),
