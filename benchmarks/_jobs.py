@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 
+from genrec_dist.config import load_config
+from genrec_dist.training.runs import CONFIG_FILE, config_differences, read_run_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,7 +35,34 @@ def train_once(cmd: list[str], runs_dir: str, run_name: str) -> dict:
     if not os.path.exists(os.path.join(run_dir, "metrics.json")):
         started = os.path.exists(os.path.join(run_dir, "run.json"))
         run([*cmd, *(["--resume", run_name] if started else [f"train.run_name={run_name}"])])
+    else:  # a resumed run is checked by jobs/train.py itself; a finished one is checked here before it is read
+        check_finished_run(cmd, run_dir, run_name)
     return run_metrics(runs_dir, run_name)
+
+
+def check_finished_run(cmd: list[str], run_dir: str, run_name: str) -> None:
+    """End the script when the finished run ``run_name`` was trained with other settings than ``cmd`` gives (a run
+    of an earlier table under the same name would otherwise be read as this one's row)."""
+    saved = read_run_config(run_dir)
+    if saved is None:
+        print(f"note: {run_dir} has no {CONFIG_FILE} (trained before runs saved one): read back unchecked", flush=True)
+        return
+    diff = config_differences(saved, command_config(cmd, run_name))
+    if diff:
+        raise SystemExit(f"{run_dir} was trained with other settings than this table's ({'; '.join(diff)}): "
+                         "give the table another --prefix, or move the run away")
+
+
+def command_config(cmd: list[str], run_name: str):
+    """The config a ``jobs/train.py`` command line trains run ``run_name`` with (paths relative to the repo root)."""
+    args = cmd[[os.path.basename(a) for a in cmd].index("train.py") + 1:]
+    path, overrides, it = None, [], iter(args)
+    for arg in it:
+        if arg == "--config":
+            path = os.path.join(REPO, next(it))
+        else:
+            overrides.append(arg)
+    return load_config(path, [*overrides, f"train.run_name={run_name}"], default_section="train")
 
 
 def run_metrics(runs_dir: str, run_name: str) -> dict:

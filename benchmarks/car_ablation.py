@@ -4,14 +4,17 @@ JSON in benchmarks/results/car_ablation_<dataset>.json.
 
     python benchmarks/car_ablation.py --config configs/scientific/car.yaml [--tiger-config configs/scientific.yaml]
         [--rows car,ar,no_fusion,no_think,depth1,depth2,depth3,tiger] [--ranks 1] [--prefix car-ablation]
-        [--car key=value ...] [--tiger key=value ...] [key=value ...]
+        [--car key=value ...] [--ar key=value ...] [--tiger key=value ...] [key=value ...]
 
 Each row is one real ``jobs/train.py`` run (``deepspeed --num_gpus <ranks>`` when ranks > 1) whose best model on
 the validation split is evaluated on the test split at the end of training. Trailing ``key=value`` overrides go to
 every row (``workdir=...``, ``train.max_steps=...``); ``--car`` / ``--tiger`` overrides to that model's rows only
-(sizes for a CPU budget). TIGER runs from ``--tiger-config`` (default ``configs/<dataset>.yaml``), since CAR's
-configs count warm-up and validation in CAR's training windows. A row whose run already finished is read, not
-trained again, and an interrupted one continues (``--resume``), so the table picks up where it stopped.
+(sizes for a CPU budget); ``--ar`` overrides to the AR row only, after ``--car`` (its validation decodes with beam
+search, so a CPU budget validates it less often). TIGER runs from ``--tiger-config`` (default
+``configs/<dataset>.yaml``), since CAR's configs count warm-up and validation in CAR's training windows. A row whose
+run already finished is read, not trained again, once its saved config is checked against the row's command (a
+stale run under the same name ends the script, naming the fields that differ); an interrupted one continues
+(``--resume``), so the table picks up where it stopped.
 
     car        CAR as configured (fast and slow inference; slow_weight chosen on validation)
     ar         model.car.mode=ar: token-level autoregression over the same chunks + beam search (evaluate.beam_width)
@@ -75,6 +78,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--prefix", default="car-ablation", help="run names are <prefix>-<row>")
     parser.add_argument("--car", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the CAR rows only")
+    parser.add_argument("--ar", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of the AR row only (after --car)")
     parser.add_argument("--tiger", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the TIGER row only")
     parser.add_argument("overrides", nargs="*", help="overrides of every row")
     args = parser.parse_intermixed_args()
@@ -97,7 +102,7 @@ def main() -> None:
             config, extra = tiger_config, ["train.model=tiger", *args.tiger]
             beam[row] = load_config(os.path.join(REPO, config), args.overrides + extra).evaluate.beam_width
         else:
-            config, extra = args.config, [*row_overrides(row), *args.car]
+            config, extra = args.config, [*row_overrides(row), *args.car, *(args.ar if row == "ar" else [])]
             if row == "ar":
                 beam[row] = load_config(os.path.join(REPO, config), args.overrides + extra).evaluate.beam_width
         results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", "--config", config, *args.overrides,
@@ -108,7 +113,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump({"config": args.config, "tiger_config": tiger_config, "overrides": args.overrides,
-                   "car_overrides": args.car, "tiger_overrides": args.tiger, "results": results}, fh, indent=2)
+                   "car_overrides": args.car, "ar_overrides": args.ar, "tiger_overrides": args.tiger,
+                   "results": results}, fh, indent=2)
     print(f"-> {path}", flush=True)
 
 

@@ -17,6 +17,7 @@ from genrec_dist.storage import StorageError  # noqa: E402
 from genrec_dist.tracking import TrackingError  # noqa: E402
 from genrec_dist.training import run_training  # noqa: E402
 from genrec_dist.training.ds_config import BatchSizeError  # noqa: E402
+from genrec_dist.training.runs import RunConfigError  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     cfg = load_job_config(args, "train", quiet=rank != "0")
     try:
         summary = run_training(cfg)
-    except (StorageError, FileNotFoundError, FileExistsError, BatchSizeError, TrackingError) as exc:
+    except (StorageError, FileNotFoundError, FileExistsError, BatchSizeError, TrackingError, RunConfigError) as exc:
         fail(str(exc).splitlines()[0])
     if summary:
         print(f"run {summary['run_name']}: {summary['run_dir']} (MLflow run {summary['mlflow_run_id']})", flush=True)

@@ -3,6 +3,8 @@
 A run lives in ``<runs dir>/<run name>/`` (local or ``s3://``)::
 
     run.json        run name, model, MLflow run id, creation time (written when the run starts)
+    config.yaml     the whole config the run started with: ``--resume`` and the table scripts' read-backs check a
+                    command against it (:func:`config_differences`)
     checkpoints/    (unless train.checkpoint_dir points elsewhere; see checkpoint.py)
     model/          the exported best-on-validation model (export.py)
     metrics.json    test metrics of the model and of the most-popular baseline (written at the end)
@@ -11,15 +13,29 @@ A run lives in ``<runs dir>/<run name>/`` (local or ``s3://``)::
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import os
 import secrets
 import tempfile
 from typing import Any
 
+import yaml
+
 from genrec_dist import storage
+from genrec_dist.config import flatten, to_dict
 
 RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+# Fields a training run does not depend on: its name, how storage and MLflow are reached, and the prepare and
+# tokenize jobs' own sections (training reads their outputs at paths.dataset / paths.semantic_ids, which are compared
+# resolved, so workdir and paths.runs may move). A resumed or read-back run may differ in these.
+NOT_COMPARED = ("train.resume", "train.run_name", "storage.", "tracking.", "prepare.", "tokenize.", "workdir",
+                "paths.runs")
+
+
+class RunConfigError(ValueError):
+    """A command names an existing run but configures it differently (one line naming every field)."""
 
 
 def new_run_name(model: str) -> str:
@@ -71,10 +87,53 @@ def resolve_resume(cfg: Any) -> str:
     return name
 
 
+def with_resolved_paths(cfg: Any) -> Any:
+    """A copy of ``cfg`` whose ``paths.*`` name the locations it derives from ``workdir`` (same meaning, explicit)."""
+    out = copy.deepcopy(cfg)
+    out.paths.dataset, out.paths.semantic_ids, out.paths.runs = cfg.dataset_dir, cfg.semantic_ids_dir, cfg.runs_dir
+    return out
+
+
+def config_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
+    """``field: <in the run> in the run, <now> now`` for every field of ``cfg`` (paths resolved) whose value differs
+    from the run's saved config (``NOT_COMPARED`` fields aside). Only fields both have are compared, so a run saved
+    before a field was added (or after one was removed) still compares on the rest."""
+    was, now = flatten(saved), flatten(to_dict(with_resolved_paths(cfg)))
+    return [f"{k}: {was[k]!r} in the run, {now[k]!r} now" for k in sorted(was.keys() & now.keys())
+            if not k.startswith(NOT_COMPARED) and was[k] != now[k]]
+
+
+def read_run_config(path: str, storage_cfg: Any = None) -> dict[str, Any] | None:
+    """The config a run saved when it started, as a nested dict; ``None`` for a run from before runs saved one."""
+    p = storage.join(path, CONFIG_FILE)
+    return yaml.safe_load(storage.read_bytes(p, storage_cfg)) if storage.exists(p, storage_cfg) else None
+
+
+def write_run_config(cfg: Any, run_name: str) -> None:
+    """Save the config a new run starts with, paths resolved (``config.yaml`` in its run dir; ``jobs/train.py
+    --config`` reads it)."""
+    storage.write_bytes(storage.join(run_dir(cfg, run_name), CONFIG_FILE),
+                        yaml.safe_dump(to_dict(with_resolved_paths(cfg)), sort_keys=False).encode(), cfg.storage)
+
+
+def check_same_config(cfg: Any, run_name: str) -> None:
+    """Raise :class:`RunConfigError` when ``cfg`` would continue run ``run_name`` with other settings than it started
+    with: its checkpoints, MLflow params and metrics would then describe a run nobody configured."""
+    saved = read_run_config(run_dir(cfg, run_name), cfg.storage)
+    diff = config_differences(saved, cfg) if saved is not None else []
+    if diff:
+        raise RunConfigError(f"--resume {run_name}: run {run_dir(cfg, run_name)} started with other settings ("
+                             f"{'; '.join(diff)}); resume with its own ({CONFIG_FILE} in the run dir) or start a "
+                             "new run")
+
+
 def resolve_run_name(cfg: Any) -> tuple[str, bool]:
-    """``(run name, resuming)`` for a config (decided once, by rank 0 or the Ray driver)."""
+    """``(run name, resuming)`` for a config (decided once, by rank 0 or the Ray driver). A resumed run must be
+    configured as it started (:func:`check_same_config`)."""
     if cfg.train.resume:
-        return resolve_resume(cfg), True
+        name = resolve_resume(cfg)
+        check_same_config(cfg, name)
+        return name, True
     name = cfg.train.run_name
     if name and read_run(run_dir(cfg, name), cfg.storage) is not None:
         # A second run in the same dir would mix its export, metrics and history with the first one's.

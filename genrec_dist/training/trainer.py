@@ -86,6 +86,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
                                        "genrec.model": tc.model},
                            run_id=(prior or {}).get("mlflow_run_id"), spool_dir=run_dir)
     if main:
+        if not resuming:
+            runs.write_run_config(cfg, run_name)
         storage.write_bytes(storage.join(run_dir, runs.RUN_FILE), json.dumps({
             "run_name": run_name, "model": tc.model, "mlflow_run_id": tracker.run_id,
             "created": (prior or {}).get("created") or runs.created_now(), "dataset": cfg.dataset_dir,

@@ -1,13 +1,18 @@
-"""The DeepSpeed config dict, the launcher environment and checkpoint bookkeeping as plain values (no process group)."""
+"""The DeepSpeed config dict, the launcher environment, checkpoint and run bookkeeping as plain values (no process
+group), and the jobs' errors for a bad run."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 
+from _util import REPO
 from genrec_dist.config import load_config
 from genrec_dist.training import checkpoint as ckpt
+from genrec_dist.training import runs
 from genrec_dist.training.dist import world_from_env
 from genrec_dist.training.ds_config import BatchSizeError, client_optimizer, deepspeed_config, micro_batch
 
@@ -120,6 +125,60 @@ def test_jobs_help_and_bad_run(tmp_path):
     proc = run_job("train", f"workdir={tmp_path}", "run_name=taken", check=False)
     assert proc.returncode == 1 and "--resume taken" in proc.stderr and "Traceback" not in proc.stderr
     assert taken.read_text() == '{"run_name": "taken", "model": "tiger"}'
+    # --resume with other settings than the run started with: refused, naming each field, before anything is written
+    runs.write_run_config(load_config(None, [f"workdir={tmp_path}", "run_name=taken"], default_section="train"),
+                          "taken")
+    before = sorted(os.listdir(taken.parent))
+    proc = run_job("train", f"workdir={tmp_path}", "--resume", "taken", "lr=0.0123", "seed=7",
+                   "storage.max_attempts=5", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "train.lr:" in proc.stderr and "0.0123 now" in proc.stderr and "seed: 42 in the run, 7 now" in proc.stderr
+    assert "max_attempts" not in proc.stderr  # how storage is reached does not define the run
+    assert sorted(os.listdir(taken.parent)) == before
+
+
+def test_run_config_differences_name_what_defines_a_run(tmp_path):
+    cfg = load_config(None, [f"workdir={tmp_path}", "run_name=a"], default_section="train")
+    runs.write_run_config(cfg, "a")
+    saved = runs.read_run_config(os.path.join(tmp_path, "runs", "a"))
+    assert runs.config_differences(saved, cfg) == []
+    assert saved["paths"]["semantic_ids"] == f"{tmp_path}/sids/rkmeans"  # saved resolved: a config train.py reads
+    # the run's name, how storage and MLflow are reached, the tokenize job's own fields and where workdir lies (the
+    # dataset and codes named explicitly at their old places) do not define the run
+    moved = tmp_path / "moved"
+    other = load_config(None, [f"workdir={moved}", f"paths.dataset={tmp_path}/dataset", "run_name=b", "resume=a",
+                               f"paths.semantic_ids={tmp_path}/sids/rkmeans", "tracking.uri=http://x:5000",
+                               "storage.region=eu-west-1", "tokenize.levels=3", "model.car.levels=2"],
+                        default_section="train")
+    assert runs.config_differences(saved, other) == ["model.car.levels: 0 in the run, 2 now"]
+    # the codes the run reads do, also when only tokenize.method derives their place
+    codes = load_config(None, [f"workdir={tmp_path}", "tokenize.method=unger"], default_section="train")
+    assert runs.config_differences(saved, codes) == [
+        f"paths.semantic_ids: '{tmp_path}/sids/rkmeans' in the run, '{tmp_path}/sids/unger' now"]
+    # a config saved by an older or newer version compares on the fields both have
+    saved["train"]["no_longer_a_field"] = 1
+    del saved["train"]["patience"]
+    assert runs.config_differences(saved, other) == ["model.car.levels: 0 in the run, 2 now"]
+    assert runs.read_run_config(os.path.join(tmp_path, "runs", "never-saved")) is None
+
+
+def test_table_read_back_checks_the_finished_runs_config(tmp_path, capsys):
+    """benchmarks/_jobs.train_once reads a finished run only when the row's command would train it as it was."""
+    sys.path.insert(0, REPO)
+    from benchmarks._jobs import train_once
+
+    never = ["/nonexistent/python"]  # a read-back must not launch anything: launching this would fail
+    cmd = [*never, "jobs/train.py", "--config", "configs/synthetic.yaml", f"workdir={tmp_path}", "lr=0.002"]
+    cfg = load_config(os.path.join(REPO, "configs", "synthetic.yaml"),
+                      [f"workdir={tmp_path}", "lr=0.002", "run_name=row"], default_section="train")
+    runs.write_run_config(cfg, "row")
+    (tmp_path / "runs" / "row" / "metrics.json").write_text('{"model": {"recall@10": 0.5}}')
+    assert train_once(cmd, str(tmp_path / "runs"), "row")["model"]["recall@10"] == 0.5
+    with pytest.raises(SystemExit, match=r"train\.lr: 0\.002 in the run, 0\.003 now"):
+        train_once([*cmd, "lr=0.003"], str(tmp_path / "runs"), "row")
+    os.remove(tmp_path / "runs" / "row" / runs.CONFIG_FILE)  # a run from before runs saved their config
+    assert train_once([*cmd, "lr=0.003"], str(tmp_path / "runs"), "row")["model"]["recall@10"] == 0.5
+    assert "read back unchecked" in capsys.readouterr().out
 
 
 def test_new_run_names_differ_within_a_second():

@@ -239,6 +239,8 @@ def test_sigkill_then_resume_ends_at_the_same_metrics(tiny_cfg, real_run, s3_buc
     root = f"{bucket[len('s3://'):]}/ckpt/real-killed"
     assert fs.exists(f"{root}/step-00000050/COMPLETE")
     fs.pipe(f"{root}/step-00000075/trainer.json", b"{}")  # died while writing: no COMPLETE marker
+    # the resume is checked against the config the run saved when it started (same settings here: it goes on)
+    assert os.path.exists(os.path.join(_run_dir(tiny_cfg, "real-killed"), "config.yaml"))
     out = run_job("train", *args, "--resume", "real-killed").stdout
     assert f"resumed from {bucket}/ckpt/real-killed/step-00000050" in out
     assert "step 55/100" in out and "step 45/100" not in out
