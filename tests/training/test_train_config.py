@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -162,9 +161,9 @@ def test_run_config_differences_name_what_defines_a_run(tmp_path):
     assert runs.read_run_config(os.path.join(tmp_path, "runs", "never-saved")) is None
 
 
-def test_table_read_back_checks_the_finished_runs_config(tmp_path, capsys):
+def test_table_read_back_checks_the_finished_runs_config(tmp_path, capsys, monkeypatch):
     """benchmarks/_jobs.train_once reads a finished run only when the row's command would train it as it was."""
-    sys.path.insert(0, REPO)
+    monkeypatch.syspath_prepend(REPO)
     from benchmarks._jobs import train_once
 
     never = ["/nonexistent/python"]  # a read-back must not launch anything: launching this would fail
