@@ -127,6 +127,17 @@ def load_config(
     if path is not None:
         source = str(path)
         data = _read_yaml_with_base(str(path), seen=())
+    return config_from_dict(data, source, overrides, default_section, cls)
+
+
+def config_from_dict(
+    data: dict,
+    source: str,
+    overrides: list[str] | None = None,
+    default_section: str | None = None,
+    cls: type = Config,
+) -> Any:
+    """:func:`load_config` of YAML already read (``source`` names it in errors), e.g. a run's saved config."""
     cfg = _build(cls, data, source, prefix="")
     for item in overrides or []:
         _apply_override(cfg, item, default_section)

@@ -144,12 +144,24 @@ def read_bytes(path: str, storage: Any | None = None) -> bytes:
 
 
 def write_bytes(path: str, data: bytes, storage: Any | None = None) -> None:
+    """Write one file whole or not at all: locally to a temporary name beside it, then renamed over it (a crash
+    leaves the old file or none, never half of one); on S3 one PUT, which is atomic per object."""
     fs, p = filesystem(path, storage)
     with _guard(path, storage):
-        if not is_remote(path):
-            fs.makedirs(os.path.dirname(p), exist_ok=True)
-        with fs.open(p, "wb") as fh:
-            fh.write(data)
+        if is_remote(path):
+            with fs.open(p, "wb") as fh:
+                fh.write(data)
+            return
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 
 def read_json(path: str, storage: Any | None = None) -> Any:

@@ -48,6 +48,31 @@ def test_local_commit_and_refusals(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".other.staging-0123456789ab", "out"]
 
 
+def test_a_failed_local_write_leaves_the_old_file_whole(tmp_path):
+    """A write that fails half-way (the file-size limit, as a full disk would) keeps the previous content and leaves
+    no temporary file; a process writing the file in place would have truncated it to the limit."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "run" / "config.yaml"
+    target.parent.mkdir()
+    target.write_bytes(b"old: 1\n")
+    code = ("import resource, signal, sys\n"
+            "from genrec_dist import storage\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "try:\n"
+            f"    storage.write_bytes({str(target)!r}, b'new: 2\\n' * 10000)\n"
+            "except OSError as exc:\n"
+            "    print('failed', exc.errno); sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert target.read_bytes() == b"old: 1\n"
+    assert os.listdir(target.parent) == ["config.yaml"]
+    storage.write_bytes(str(target), b"new: 2\n")  # and a write that succeeds replaces it
+    assert target.read_bytes() == b"new: 2\n" and os.listdir(target.parent) == ["config.yaml"]
+
+
 def test_reader_refuses_a_directory_without_manifest(tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "items.parquet").write_bytes(b"x")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from genrec_dist import reports, storage
-from genrec_dist.config import _build
+from genrec_dist.config import _build, config_from_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.evaluation.popular import MostPopular
@@ -155,6 +155,19 @@ def find_run_dir(cfg: Any, run: str) -> str:
     if "genrec.run_dir" not in tags:
         raise FileNotFoundError(f"--run {run}: MLflow run has no 'genrec.run_dir' tag (not a training run)")
     return tags["genrec.run_dir"]
+
+
+def run_own_config(cfg: Any, run: str, overrides: Sequence[str] = ()) -> tuple[Any, str, str | None]:
+    """``jobs/evaluate.py --run`` without ``--config``: ``(config, run dir, source)`` where the config is the one the
+    run saved when it started (``config.yaml``) with the command's ``overrides`` on top, so the evaluation logs to the
+    training run's MLflow store and uses its ``evaluate.*`` settings; ``cfg`` (defaults + overrides, which located
+    the run) and source ``None`` for a run from before runs saved their config."""
+    run_dir = find_run_dir(cfg, run)
+    saved = runs.read_run_config(run_dir, cfg.storage)
+    if saved is None:
+        return cfg, run_dir, None
+    source = storage.join(run_dir, runs.CONFIG_FILE)
+    return config_from_dict(saved, source, list(overrides), "evaluate"), run_dir, source
 
 
 def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = ()) -> dict[str, Any]:

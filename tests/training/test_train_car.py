@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from _util import free_port
+from _util import free_port, run_job
 from genrec_dist.data.semantic_ids import write_semantic_ids
 from test_train_runs import _base, _deepspeed, _runs_named
 from test_train_tiger import _category_codes
@@ -87,3 +87,17 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     cfg1.model.car.n_layers = 1
     again = evaluate_run(cfg1, run_dir, ["model.car.n_layers=1", "model.tiger.beam_width=3"])
     assert again["inference_overrides"] == {} and again["model"]["fast/recall@10"] == model["fast/recall@10"]
+
+    # the job without --config evaluates with the run's own saved config: it logs to the training run's MLflow store
+    # (the defaults would write a store under outputs/ of the working dir, here an empty temp dir), and its
+    # validation reading of the exported slow weight is the one training chose it by
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = run_job("evaluate", "--run", run_dir, "split=valid", cwd=str(cwd))
+    assert f"from {os.path.join(run_dir, 'config.yaml')}" in proc.stdout
+    assert os.listdir(cwd) == []
+    with open(os.path.join(run_dir, "eval-valid.json")) as fh:
+        valid = json.load(fh)["model"]
+    assert valid[f"slow/{chosen['metric']}"] == pytest.approx(chosen["valid"][str(chosen["chosen"])], abs=1e-9)
+    (ev,) = [r for r in _runs_named(tiny_cfg, "car-zero2-evaluate") if "valid/slow/recall_at_10" in r.data.metrics]
+    assert ev.data.tags["genrec.train_run_id"] == run.info.run_id
