@@ -21,6 +21,16 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
 
 
+def write_result(path: str, obj: dict) -> None:
+    """A table's JSON, whole or not at all (temp name, then rename): an interrupted write keeps the previous one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+    print(f"-> {path}", flush=True)
+
+
 def train_launcher(ranks: int) -> list[str]:
     """``python`` for one process, ``deepspeed --num_gpus <ranks>`` for more (this interpreter's environment)."""
     py = sys.executable

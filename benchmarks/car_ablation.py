@@ -1,9 +1,9 @@
 """CAR's table (CAR-notes.md; issue 4): CAR fast and slow, the AR ablation, w/o fusion, w/o think, SID depth, and
 TIGER from the same pipeline (same dataset, same semantic IDs), test Recall/NDCG@5/10/20 side by side.
-JSON in benchmarks/results/car_ablation_<dataset>.json.
+JSON in benchmarks/results/car_ablation_<dataset>.json (``--out`` names another).
 
     python benchmarks/car_ablation.py --config configs/scientific/car.yaml [--tiger-config configs/scientific.yaml]
-        [--rows car,ar,no_fusion,no_think,depth1,depth2,depth3,tiger] [--ranks 1] [--prefix car-ablation]
+        [--rows car,ar,no_fusion,no_think,depth1,depth2,depth3,tiger] [--ranks 1] [--prefix car-ablation] [--out F]
         [--car key=value ...] [--ar key=value ...] [--tiger key=value ...] [key=value ...]
 
 Each row is one real ``jobs/train.py`` run (``deepspeed --num_gpus <ranks>`` when ranks > 1) whose best model on
@@ -31,9 +31,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 
-from benchmarks._jobs import REPO, train_launcher, train_once  # noqa: E402
+from benchmarks._jobs import REPO, train_launcher, train_once, write_result  # noqa: E402
 
 ROWS = {"car": [], "ar": ["model.car.mode=ar"], "no_fusion": ["model.car.fusion=none"],
         "no_think": ["model.car.alpha=0"]}
@@ -77,6 +76,8 @@ def main() -> None:
     parser.add_argument("--rows", default="car,ar,no_fusion,no_think,depth1,depth2,depth3,tiger")
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--prefix", default="car-ablation", help="run names are <prefix>-<row>")
+    parser.add_argument("--out", help="the JSON (default benchmarks/results/car_ablation_<dataset>.json; give "
+                                      "another for a subset of rows or another budget, so the whole table stays)")
     parser.add_argument("--car", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the CAR rows only")
     parser.add_argument("--ar", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of the AR row only (after --car)")
@@ -109,13 +110,10 @@ def main() -> None:
                                    *extra], cfg.runs_dir, name)
     title = f"CAR table on {cfg.name} ({args.config}; test split, best model on validation)"
     print("\n".join([title, *table_lines(results, beam)]), flush=True)
-    path = os.path.join(REPO, "benchmarks", "results", f"car_ablation_{cfg.name}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump({"config": args.config, "tiger_config": tiger_config, "overrides": args.overrides,
-                   "car_overrides": args.car, "ar_overrides": args.ar, "tiger_overrides": args.tiger,
-                   "results": results}, fh, indent=2)
-    print(f"-> {path}", flush=True)
+    write_result(args.out or os.path.join(REPO, "benchmarks", "results", f"car_ablation_{cfg.name}.json"),
+                 {"config": args.config, "tiger_config": tiger_config, "overrides": args.overrides,
+                  "car_overrides": args.car, "ar_overrides": args.ar, "tiger_overrides": args.tiger,
+                  "rows": rows, "prefix": args.prefix, "results": results})
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
-from benchmarks._jobs import REPO, train_launcher, train_once  # noqa: E402
+from benchmarks._jobs import REPO, train_launcher, train_once, write_result  # noqa: E402
 from benchmarks._jobs import run as _run  # noqa: E402
 
 PAPER = {  # UNGER Tables 7 and 8, Beauty: R@10, R@20, N@10, N@20
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--integrated", choices=["collab", "adapted", "mean"],
                         help="the unified rows' reading of the integrated embedding (default: the config's "
                              "tokenize.unger.integrated)")
+    parser.add_argument("--out", help="the JSON (default benchmarks/results/unger_ablation_<dataset>-<reading>.json)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -161,13 +162,11 @@ def main() -> None:
                  "40.11%")
     lines += [f"- {name}: {s:.2%} / {c:.2%}" for name, (s, c) in shares.items()]
     print("\n".join(lines))
-    path = os.path.join(REPO, "benchmarks", "results", f"unger_ablation_{cfg.name}-{integrated}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump({"config": args.config, "overrides": args.overrides, "stage1_steps": args.stage1_steps,
-                   "steps": args.steps, "ranks": args.ranks, "integrated": integrated, "results": results,
-                   "modality_share": shares}, fh,
-                  indent=2)
+    default = os.path.join(REPO, "benchmarks", "results", f"unger_ablation_{cfg.name}-{integrated}.json")
+    write_result(args.out or default,
+                 {"config": args.config, "overrides": args.overrides, "stage1_steps": args.stage1_steps,
+                  "steps": args.steps, "ranks": args.ranks, "integrated": integrated, "results": results,
+                  "modality_share": shares})
 
 
 if __name__ == "__main__":

@@ -180,6 +180,33 @@ def test_table_read_back_checks_the_finished_runs_config(tmp_path, capsys, monke
     assert "read back unchecked" in capsys.readouterr().out
 
 
+def test_car_table_of_some_rows_writes_its_own_json(tmp_path):
+    """benchmarks/car_ablation.py reads back a finished row and writes the table to --out, not over the whole table's
+    default JSON (a subset of rows used to replace car_ablation_<dataset>.json)."""
+    import subprocess
+    import sys
+
+    cfg = load_config(os.path.join(REPO, "configs", "synthetic.yaml"),
+                      [f"workdir={tmp_path}", "model.car.levels=2", "run_name=sub-depth2"], default_section="train")
+    runs.write_run_config(cfg, "sub-depth2")
+    metrics = {k: 0.25 for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")}
+    (tmp_path / "runs" / "sub-depth2" / "metrics.json").write_text(json.dumps(
+        {"model": {**{f"fast/{k}": v for k, v in metrics.items()}, **{f"slow/{k}": v for k, v in metrics.items()}},
+         "most_popular": metrics, "best_step": 7}))
+    out = tmp_path / "depth2.json"
+    default = os.path.join(REPO, "benchmarks", "results", f"car_ablation_{cfg.name}.json")
+    existed = os.path.exists(default)
+    proc = subprocess.run([sys.executable, "benchmarks/car_ablation.py", "--config", "configs/synthetic.yaml",
+                           "--rows", "depth2", "--prefix", "sub", "--out", str(out), f"workdir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| CAR depth 2 fast | 7 | 0.2500" in proc.stdout
+    table = json.loads(out.read_text())
+    assert table["rows"] == ["depth2"] and table["results"]["depth2"]["best_step"] == 7
+    assert os.path.exists(default) == existed
+    assert sorted(os.listdir(tmp_path)) == ["depth2.json", "runs"]  # no temporary file left beside it
+
+
 def test_new_run_names_differ_within_a_second():
     from genrec_dist.training.runs import new_run_name
 
