@@ -1,4 +1,5 @@
-"""What the table scripts share: run a real job as a subprocess from the repo root, and read a run's metrics."""
+"""What the benchmark scripts share: run a real job as a subprocess from the repo root, read a run's metrics, and
+write a result JSON whole."""
 
 from __future__ import annotations
 

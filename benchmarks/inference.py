@@ -24,10 +24,10 @@ import os
 import sys
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -35,6 +35,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._jobs import write_result  # noqa: E402
 from genrec_dist.config import load_config, to_dict  # noqa: E402
 from genrec_dist.data.dataset import Dataset  # noqa: E402
 from genrec_dist.data.semantic_ids import SemanticIds, read_semantic_ids  # noqa: E402
@@ -197,15 +198,9 @@ def main() -> None:
           f"{args.batch_size}, k={args.k}, codes: {codes_desc}; "
           f"{'untrained' if not args.train_steps else f'{args.train_steps} training steps'}; params {params}; "
           f"{env['processor']} x{env['torch_threads']} threads\n{table}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env, "rows": rows,
-              "args": _portable(vars(args)), "num_items": n, "codes": codes_desc, "parameters": params,
-              "model_config": to_dict(cfg.model), "table": table}
-    tmp_out = args.out + ".tmp"
-    with open(tmp_out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(tmp_out, args.out)  # never a half-written result file
-    print(f"\nwrote {args.out}")
+    write_result(args.out, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env, "rows": rows,
+                            "args": _portable(vars(args)), "num_items": n, "codes": codes_desc, "parameters": params,
+                            "model_config": to_dict(cfg.model), "table": table})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import sys
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
 
 import argparse  # noqa: E402
 import gzip  # noqa: E402
@@ -25,6 +26,8 @@ import resource  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+
+from benchmarks._jobs import write_result  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -112,11 +115,8 @@ def main() -> None:
         print(f"{r['case']:<14}{r['users']:>9,}{r['items']:>9,}{r['interactions']:>11,}{r['seconds']:>9.2f}"
               f"{r['read_s']:>7.2f}{r['clean_s']:>7.2f}{r['write_s']:>7.2f}"
               f"{r['rss_base_mib']:>7.0f}MiB{r['rss_peak_mib']:>7.0f}MiB{r['load_avg_1m']:>6.1f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                   "results": results}, fh, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                            "results": results})
 
 
 if __name__ == "__main__":

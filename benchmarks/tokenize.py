@@ -21,6 +21,7 @@ import os
 import sys
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -29,6 +30,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from benchmarks._jobs import write_result  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCIENTIFIC = os.path.join(os.path.dirname(REPO), "shared", "data", "scientific")
@@ -178,10 +181,7 @@ def main():
     for r in result["kmeans"]:
         print(f"| {r['data']} | {r['n']} x {r['dim']} | {r['k']} | {r['iters']} | {r['method']} | {r['seconds']:.2f} "
               f"| {r['time_vs_faiss']:.2f} | {r['inertia_vs_faiss']:.4f} |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"\nwritten {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

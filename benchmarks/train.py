@@ -14,12 +14,15 @@ import os
 import sys
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+
+from benchmarks._jobs import write_result  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["train.model=sasrec", "model.sasrec.d_model=512", "model.sasrec.n_heads=8", "model.sasrec.n_layers=4",
@@ -70,10 +73,8 @@ def main() -> None:
     lines += [f"| {r['zero_stage']} | {r['samples_per_s']:.1f} | {r['peak_mem_mb']:.0f} | {r['final_loss']:.4f} |"
               for r in rows]
     print("\n".join(lines))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"device": device, "python": platform.python_version(), "torch": torch.__version__,
-                   "rows": rows}, fh, indent=2)
+    write_result(args.out, {"device": device, "python": platform.python_version(), "torch": torch.__version__,
+                            "rows": rows})
 
 
 if __name__ == "__main__":
