@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+from genrec_dist import storage
 from genrec_dist.config import load_config
 from genrec_dist.training.runs import CONFIG_FILE, config_differences, read_run_config
 
@@ -23,12 +24,9 @@ def run(cmd: list[str]) -> None:
 
 
 def write_result(path: str, obj: dict) -> None:
-    """A table's JSON, whole or not at all (temp name, then rename): an interrupted write keeps the previous one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    """A benchmark's JSON, whole or not at all (:func:`genrec_dist.storage.write_bytes`): an interrupted write keeps
+    the previous one."""
+    storage.write_bytes(path, json.dumps(obj, indent=2).encode("utf-8"))
     print(f"-> {path}", flush=True)
 
 
