@@ -144,21 +144,31 @@ def config_from_dict(
     return cfg
 
 
+def read_yaml_mapping(text: str | bytes, source: str) -> dict:
+    """The mapping a YAML config text holds (empty text = ``{}``); :class:`ConfigError` naming ``source`` when the
+    text is not YAML or its top level is not a mapping."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
 def _read_yaml_with_base(path: str, seen: tuple[str, ...]) -> dict:
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(seen + (path,))}")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = read_yaml_mapping(fh.read(), path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data

@@ -13,6 +13,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
+from genrec_dist.config import ConfigError  # noqa: E402
 from genrec_dist.storage import StorageError  # noqa: E402
 from genrec_dist.tracking import TrackingError  # noqa: E402
 from genrec_dist.training import run_training  # noqa: E402
@@ -35,6 +36,8 @@ def main() -> None:
         summary = run_training(cfg)
     except (StorageError, FileNotFoundError, FileExistsError, BatchSizeError, TrackingError, RunConfigError) as exc:
         fail(str(exc).splitlines()[0])
+    except ConfigError as exc:  # a resumed run's saved config.yaml that no longer reads
+        fail(f"config error: {exc}", code=2)
     if summary:
         print(f"run {summary['run_name']}: {summary['run_dir']} (MLflow run {summary['mlflow_run_id']})", flush=True)
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from genrec_dist import storage
-from genrec_dist.config import flatten, to_dict
+from genrec_dist.config import flatten, read_yaml_mapping, to_dict
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -106,7 +106,7 @@ def config_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
 def read_run_config(path: str, storage_cfg: Any = None) -> dict[str, Any] | None:
     """The config a run saved when it started, as a nested dict; ``None`` for a run from before runs saved one."""
     p = storage.join(path, CONFIG_FILE)
-    return yaml.safe_load(storage.read_bytes(p, storage_cfg)) if storage.exists(p, storage_cfg) else None
+    return read_yaml_mapping(storage.read_bytes(p, storage_cfg), p) if storage.exists(p, storage_cfg) else None
 
 
 def write_run_config(cfg: Any, run_name: str) -> None:

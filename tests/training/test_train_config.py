@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -134,6 +135,17 @@ def test_jobs_help_and_bad_run(tmp_path):
     assert "train.lr:" in proc.stderr and "0.0123 now" in proc.stderr and "seed: 42 in the run, 7 now" in proc.stderr
     assert "max_attempts" not in proc.stderr  # how storage is reached does not define the run
     assert sorted(os.listdir(taken.parent)) == before
+    # a saved config.yaml broken by a hand edit: a config error naming the file and line, not a YAML traceback
+    saved = taken.parent / "config.yaml"
+    saved.write_text(saved.read_text().replace("train:", "train: [", 1))
+    broken = saved.read_text()
+    edited = broken.splitlines().index("train: [") + 1
+    for job, args in (("train", ("--resume", "taken")), ("evaluate", ("--run", "taken"))):
+        proc = run_job(job, f"workdir={tmp_path}", *args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        where = re.search(rf"config error: {re.escape(str(saved))}, line (\d+), column \d+: not valid YAML", proc.stderr)
+        assert where and edited <= int(where.group(1)) <= edited + 3, proc.stderr  # where the parser gave up
+        assert sorted(os.listdir(taken.parent)) == before and saved.read_text() == broken
 
 
 def test_run_config_differences_name_what_defines_a_run(tmp_path):
