@@ -9,6 +9,11 @@ from typing import Any
 from genrec_dist.config import Config, ConfigError, load_config, to_yaml
 
 
+# The one setting that picks what a job does, also as a flag (SPEC: ``jobs/train.py ... --model car``,
+# ``jobs/tokenize.py ... --method unger``): the same as the override ``model=car``.
+SHORTHANDS = {"train": ("model", "train.model"), "tokenize": ("method", "tokenize.method")}
+
+
 def job_parser(job: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"jobs/{job}.py",
@@ -17,11 +22,17 @@ def job_parser(job: str, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults only when omitted")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    if job in SHORTHANDS:
+        flag, key = SHORTHANDS[job]
+        parser.add_argument(f"--{flag}", dest="shorthand", default=None, help=f"the same as the override {key}=...")
     return parser
 
 
 def load_job_config(args: argparse.Namespace, job: str, quiet: bool = False) -> Config:
-    """Load and print the resolved config; a config error exits with its message, not a stack trace."""
+    """Load and print the resolved config; a config error exits with its message, not a stack trace. A shorthand
+    flag (``--model car``) joins ``args.overrides`` as its override, last, so it wins over a ``model=`` beside it."""
+    if getattr(args, "shorthand", None) is not None:
+        args.overrides.append(f"{SHORTHANDS[job][1]}={args.shorthand}")
     try:
         cfg = load_config(args.config, args.overrides, default_section=job)
     except ConfigError as exc:

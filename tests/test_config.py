@@ -70,3 +70,33 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     params = flatten(to_dict(cfg))
     assert params["name"] == cfg.name and "prepare.source" in params
+
+
+def test_beauty_configs_read_the_codes_their_tokenize_command_writes():
+    """Until Beauty's item text is in ../shared/data its codes are the shared index, imported: the header commands
+    (tokenize, then train, same config) must meet in one directory without a paths override."""
+    for name in ("beauty.yaml", "beauty/car.yaml"):
+        cfg = load_config(os.path.join(REPO, "configs", name))
+        assert cfg.tokenize.method == "import" and cfg.semantic_ids_dir.endswith("sids/import")
+        index = os.path.join(REPO, cfg.tokenize.index_path)  # relative to the repository root, as input_dir
+        assert os.path.normpath(index).startswith(os.path.normpath(os.path.join(REPO, "..", "shared", "data")))
+        assert os.path.normpath(os.path.join(REPO, cfg.prepare.input_dir)) == os.path.dirname(
+            os.path.dirname(os.path.dirname(os.path.normpath(index))))
+
+
+def test_a_jobs_deciding_setting_is_also_a_flag(capsys):
+    """SPEC's commands: ``jobs/train.py --config ... --model car``, ``jobs/tokenize.py ... --method unger``."""
+    from genrec_dist.cli import job_parser, load_job_config
+
+    config = os.path.join(REPO, "configs", "synthetic.yaml")
+    args = job_parser("train", "t").parse_intermixed_args(["--config", config, "--model", "car", "lr=0.01"])
+    cfg = load_job_config(args, "train", quiet=True)
+    assert (cfg.train.model, cfg.train.lr) == ("car", 0.01) and args.overrides == ["lr=0.01", "train.model=car"]
+    args = job_parser("tokenize", "t").parse_intermixed_args(["model=sasrec", "--method", "unger"])
+    assert load_job_config(args, "tokenize", quiet=True).tokenize.method == "unger"
+    args = job_parser("train", "t").parse_intermixed_args(["--model", "gpt5"])
+    with pytest.raises(SystemExit):
+        load_job_config(args, "train", quiet=True)
+    assert "train.model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        job_parser("prepare", "t").parse_intermixed_args(["--model", "car"])  # prepare has no such setting
