@@ -1,7 +1,8 @@
 """Tokenize: item text -> embeddings (Ray Data) -> distributed residual k-means (Ray actors) -> semantic IDs.
 
     python jobs/tokenize.py --config configs/scientific.yaml                 # starts a local Ray
-    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/tokenize.py --config configs/beauty.yaml
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/tokenize.py --config configs/beauty.yaml \
+        workdir=/shared/genrec/beauty          # a Ray job runs in a copy of --working-dir: absolute or s3:// outputs
     python jobs/tokenize.py --config configs/beauty.yaml method=import \\
         index_path=../shared/data/beauty/indexes/rkmeans_native/Beauty.index.json.gz
 """
@@ -10,6 +11,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
 from genrec_dist.storage import StorageError  # noqa: E402
+from genrec_dist.tracking import TrackingError  # noqa: E402
 
 
 def main() -> None:
@@ -21,6 +23,8 @@ def main() -> None:
         summary = run_tokenize(cfg, log=lambda msg: print(msg, flush=True))
     except (StorageError, ValueError, NotImplementedError) as exc:  # bad input: one clear line
         fail(f"{type(exc).__name__}: {exc}")
+    except TrackingError as exc:  # the MLflow server is unreachable when the run starts (before any work)
+        fail(str(exc).splitlines()[0])
     st = summary["stats"]
     recon = f"  reconstruction rel {st['reconstruction_rel']:.4f}" if "reconstruction_rel" in st else ""
     print(f"done: {summary['num_items']} items -> {summary['path']}  codebook sizes {summary['codebook_sizes']}  "

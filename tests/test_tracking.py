@@ -4,8 +4,10 @@ through the MLflow UI rendered by headless Chromium (screenshots kept under $GEN
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import socket
 import shutil
 import subprocess
 import sys
@@ -14,9 +16,10 @@ import numpy as np
 import pytest
 
 from genrec_dist.config import load_config
+from genrec_dist.data.dataset import MANIFEST_TAG
 from genrec_dist.tracking import NullTracker, make_tracker, ui_url
 
-from _util import REPO
+from _util import REPO, run_job
 
 SECRET = "s3cr3t-value-never-logged"
 # tiny_cfg's dataset; a 2-level codebook of 8; a 1+1-layer TIGER trained 20 steps (validation at 10 and 20).
@@ -82,11 +85,32 @@ def test_demo_pipeline_reaches_the_server(demo, tmp_path):
     assert {"reports/curves.png", "reports/metrics.md"} <= {a.path for a in client.list_artifacts(
         train.info.run_id, "reports")}
     assert "| most-popular |" in stdout  # the demo ends with the evaluation table
+    # every stage's run names the one dataset the same way (path and manifest sha256), so they can be matched by tag
+    (path,) = {r.data.tags["genrec.dataset_path"] for r in runs.values()}
+    with open(os.path.join(path, "manifest.json"), "rb") as fh:
+        sha = hashlib.sha256(fh.read()).hexdigest()
+    assert {r.data.tags.get(MANIFEST_TAG) for r in runs.values()} == {sha}
     # secrets in the environment never reach params, tags or the logged config of any stage
     for run in runs.values():
         blob = repr(run.data.params) + repr(run.data.tags)
         blob += open(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read()
         assert SECRET not in blob, run.info.run_name
+
+
+def test_prepare_and_tokenize_end_in_one_line_when_the_server_is_down_and_write_nothing(tmp_path, tiny_dataset):
+    """The MLflow run starts before the work: an unreachable server ends the job with its address, no traceback, and
+    no dataset or codes half-made."""
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = [f"tracking.uri=http://127.0.0.1:{port}", "tracking.request_timeout_s=2", "tracking.retry_max_s=1"]
+    config = os.path.join(REPO, "configs", "synthetic.yaml")
+    for job, args in (("prepare", [f"workdir={tmp_path}"]),
+                      ("tokenize", [f"workdir={tmp_path}", f"paths.dataset={tiny_dataset}"])):
+        proc = run_job(job, "--config", config, *args, *down, check=False, timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"127.0.0.1:{port}" in proc.stderr and "cannot be reached" in proc.stderr, proc.stderr
+        assert not os.path.exists(tmp_path / "dataset") and not os.path.exists(tmp_path / "sids"), job
 
 
 def _chromium() -> str | None:

@@ -28,6 +28,7 @@ from genrec_dist import storage
 SCHEMA_VERSION = 1
 ITEMS_FILE = "items.parquet"
 SEQUENCES_DIR = "sequences"
+MANIFEST_TAG = "genrec.dataset_manifest_sha256"  # the tag every job's MLflow run carries (Dataset.tags)
 PAD = 0
 
 
@@ -106,6 +107,12 @@ class Dataset:
     @property
     def max_history(self) -> int:
         return int(self.manifest["split"]["max_history"])
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags naming this exact dataset, the same in every job's run (prepare, tokenize, train, evaluate):
+        its path and the sha256 of its ``manifest.json`` bytes (what ``sha256sum manifest.json`` prints)."""
+        raw = storage.read_bytes(storage.join(self.path, storage.MANIFEST), self.storage_cfg)
+        return {"genrec.dataset_path": self.path, MANIFEST_TAG: hashlib.sha256(raw).hexdigest()}
 
     @property
     def fingerprint(self) -> str:
