@@ -27,8 +27,9 @@ from typing import Any, Callable
 import numpy as np
 
 from genrec_dist import storage
+from genrec_dist.config import to_dict
 from genrec_dist.data.dataset import Dataset
-from genrec_dist.data.semantic_ids import (CODEBOOKS_FILE, SIDS_FILE, STATS_FILE, SemanticIds, code_stats,
+from genrec_dist.data.semantic_ids import (CODEBOOKS_FILE, STATS_FILE, SemanticIds, code_stats,
                                           read_lcrec_index, write_lcrec_index, write_semantic_ids)
 from genrec_dist.reports import plot_codebook_utilisation
 from genrec_dist.tracking import make_tracker
@@ -114,8 +115,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
         raise ValueError("tokenize.method=import needs tokenize.index_path (an LC-Rec <Name>.index.json[.gz])")
     items = dataset.items(["item_id", "item", "title", "text"])
     t0 = time.time()
-    tracker = make_tracker(cfg, "tokenize", extra_tags={
-        "genrec.dataset_manifest": dataset.fingerprint})
+    tracker = make_tracker(cfg, "tokenize", extra_tags=dataset.tags())
     try:
         tracker.log_config(cfg)
         files: dict[str, bytes] = {}
@@ -158,7 +158,8 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
                 files[index_name] = open(os.path.join(tmp, index_name), "rb").read()
         manifest = write_semantic_ids(
             out_dir, item_ids, codes, sizes,
-            {"method": tc.method, "dedup": bool(tc.dedup), "seed": cfg.seed, "dataset": cfg.dataset_dir, **source},
+            {"method": tc.method, "dedup": bool(tc.dedup), "seed": cfg.seed, "dataset": cfg.dataset_dir, **source,
+             "config": to_dict(cfg)},  # the resolved config, as prepare's manifest keeps it
             storage_cfg=cfg.storage, overwrite=tc.overwrite, extra_files=files)
         tracker.log(_metrics(stats))
         with tempfile.TemporaryDirectory() as tmp:  # artifacts from the committed output (local or s3)

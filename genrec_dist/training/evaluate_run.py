@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from genrec_dist import reports, storage
-from genrec_dist.config import _build, config_from_dict
+from genrec_dist.config import _build, config_from_dict, to_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.evaluation.popular import MostPopular
 from genrec_dist.models import build_model
 from genrec_dist.models.config import INFERENCE_FIELDS, ModelConfig
-from genrec_dist.tracking import make_tracker, run_tags
+from genrec_dist.tracking import default_uri, make_tracker, run_tags
 from genrec_dist.training import data as D
 from genrec_dist.training import runs
-from genrec_dist.training.export import read_meta, read_model
+from genrec_dist.training.export import model_semantic_ids, read_meta, read_model
 
 
 def recommend_kwargs(model: torch.nn.Module, beam_width: int) -> dict[str, Any]:
@@ -40,10 +39,11 @@ def load_exported(run_dir: str, storage_cfg: Any = None,
     replaces inference-time fields of that config (:func:`inference_overrides`)."""
     state, meta = read_model(storage.join(run_dir, "model"), storage_cfg)
     sids = None
-    if meta.get("semantic_ids"):
+    sids_dir = model_semantic_ids(storage.join(run_dir, "model"), meta, storage_cfg)
+    if sids_dir:
         from genrec_dist.data.semantic_ids import read_semantic_ids
 
-        sids = read_semantic_ids(meta["semantic_ids"], storage_cfg)
+        sids = read_semantic_ids(sids_dir, storage_cfg)
     model_cfg = _build(ModelConfig, meta["model_config"], f"{run_dir}/model/model.json", "model.")
     for key, value in (inference or {}).items():
         setattr(getattr(model_cfg, meta["model"]), key, value)
@@ -151,7 +151,8 @@ def find_run_dir(cfg: Any, run: str) -> str:
         tags = run_tags(cfg, run)
     except KeyError:
         raise FileNotFoundError(f"--run {run}: not a run dir, not a run under {cfg.runs_dir}, not an MLflow run id "
-                                f"in the tracking store") from None
+                                f"in {default_uri(cfg)} (a name or id is looked up with the config's workdir and "
+                                "tracking.uri: pass the run's --config, or workdir=...)") from None
     if "genrec.run_dir" not in tags:
         raise FileNotFoundError(f"--run {run}: MLflow run has no 'genrec.run_dir' tag (not a training run)")
     return tags["genrec.run_dir"]
@@ -184,18 +185,19 @@ def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = ()) -> dict[str,
     split = cfg.evaluate.split
     results = evaluate_split(model, dataset, cfg, split, device)
     out = {**results, "split": split, "run_dir": run_dir, "model_step": meta.get("step"), "model_name": meta["model"],
-           "inference_overrides": inference}
+           "inference_overrides": inference, "config": to_dict(cfg)}
     metrics_path = storage.join(run_dir, f"eval-{split}.json")
     storage.write_bytes(metrics_path, (json.dumps(out, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
     tracker = make_tracker(cfg, "evaluate", 0, run_name=f"{info.get('run_name', meta['model'])}-evaluate",
-                           extra_tags={"genrec.train_run_id": str(info.get("mlflow_run_id")),
+                           extra_tags={**dataset.tags(), "genrec.train_run_id": str(info.get("mlflow_run_id")),
                                        "genrec.run_dir": run_dir, "genrec.model": meta["model"]},
                            spool_dir=run_dir)
     tracker.log_config(cfg)
     tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
                 | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()})
     tracker.log_text(json.dumps(out, indent=2, sort_keys=True), f"eval-{split}.json")
-    log_reports(tracker, model, dataset, cfg, results, meta["model"], meta.get("semantic_ids"), device,
+    log_reports(tracker, model, dataset, cfg, results, meta["model"],
+                model_semantic_ids(storage.join(run_dir, "model"), meta, cfg.storage), device,
                 f"{split} split, {meta['model']} of step {meta.get('step')}")
     tracker.close()
     table = format_results({meta["model"]: results["model"], "most-popular": results["most_popular"]},

@@ -3,8 +3,11 @@
 An exported model is a committed directory (``storage.commit_dir``, manifest last)::
 
     model.pt        torch.save of a plain fp32 state_dict (loads with torch.load(weights_only=True))
-    model.json      what rebuilds it: model name, the model config section, num_items, semantic-ID dir, step,
-                    validation metrics
+    model.json      what rebuilds it: model name, the model config section, num_items, the semantic-ID dir it was
+                    trained on (where the codes came from), step, validation metrics
+    semantic_ids/   SID models: the model's own copy of those codes (manifest, table, stats, UNGER's item
+                    embeddings), so the export alone rebuilds it, also from MLflow, and a later ``tokenize`` with
+                    ``overwrite=true`` cannot change the codes an old model is evaluated with
     manifest.json
 
 Under ZeRO-3 every rank holds only a slice of each parameter; ``deepspeed.zero.GatheredParameters`` gathers the full
@@ -23,6 +26,7 @@ from genrec_dist import storage
 
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"
+SIDS_DIR = "semantic_ids"
 
 
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
@@ -36,14 +40,40 @@ def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def write_model(path: str, state: dict[str, torch.Tensor], meta: dict[str, Any], storage_cfg: Any = None) -> None:
-    """Commit an exported model to ``path`` (replacing an older export there)."""
+def write_model(path: str, state: dict[str, torch.Tensor], meta: dict[str, Any], storage_cfg: Any = None,
+                sids_files: dict[str, bytes] | None = None) -> None:
+    """Commit an exported model to ``path`` (replacing an older export there); ``sids_files``
+    (:func:`semantic_id_files`) go to its ``semantic_ids/``."""
     buf = io.BytesIO()
     torch.save(state, buf)
     with storage.commit_dir(path, storage_cfg, overwrite=True) as out:
         out.write_bytes(MODEL_FILE, buf.getvalue())
         out.write_json(META_FILE, meta)
-        out.manifest = {"kind": "genrec-dist model", "model": meta.get("model"), "step": meta.get("step")}
+        for name, data in (sids_files or {}).items():
+            out.write_bytes(f"{SIDS_DIR}/{name}", data)
+        out.manifest = {"kind": "genrec-dist model", "model": meta.get("model"), "step": meta.get("step"),
+                        **({"semantic_ids": SIDS_DIR} if sids_files else {})}
+
+
+def semantic_id_files(sids_dir: str, storage_cfg: Any = None) -> dict[str, bytes]:
+    """What an export keeps of a committed semantic-ID dir: the files :func:`read_semantic_ids` reads (manifest,
+    table, UNGER's item embeddings) and the stats; not the embeddings shards, codebooks or LC-Rec index."""
+    from genrec_dist.data.semantic_ids import SIDS_FILE, STATS_FILE
+
+    manifest = storage.require_manifest(sids_dir, storage_cfg)
+    names = [storage.MANIFEST, SIDS_FILE, STATS_FILE, *([manifest["item_embeddings"]]
+                                                        if manifest.get("item_embeddings") else [])]
+    return {name: storage.read_bytes(storage.join(sids_dir, name), storage_cfg) for name in names
+            if name != STATS_FILE or storage.exists(storage.join(sids_dir, name), storage_cfg)}
+
+
+def model_semantic_ids(path: str, meta: dict[str, Any], storage_cfg: Any = None) -> str | None:
+    """The semantic-ID dir the exported model at ``path`` reads: its own copy, or (an export from before models kept
+    one) the dir it was trained on; ``None`` for a model without codes."""
+    own = storage.join(path, SIDS_DIR)
+    if storage.exists(storage.join(own, storage.MANIFEST), storage_cfg):
+        return own
+    return meta.get("semantic_ids")
 
 
 def read_model(path: str, storage_cfg: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -18,7 +18,6 @@ launcher only decides the environment it reads (:mod:`genrec_dist.training.dist`
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import tempfile
@@ -30,7 +29,6 @@ import torch
 import torch.distributed as tdist
 
 from genrec_dist import reports, storage
-from genrec_dist.config import to_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.models import build_model, trains_every_position
@@ -42,7 +40,8 @@ from genrec_dist.training.dist import world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
 from genrec_dist.training.evaluate_run import (choose_on_valid, evaluate_split, load_exported, log_reports,
                                                recommend_kwargs)
-from genrec_dist.training.export import consolidated_state_dict, model_meta, write_model
+from genrec_dist.training.export import (consolidated_state_dict, model_meta, model_semantic_ids, semantic_id_files,
+                                         write_model)
 
 # Models that read semantic IDs (cfg.semantic_ids_dir); SASRec works on item ids alone.
 SID_MODELS = {"tiger", "car", "unger"}
@@ -79,11 +78,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     prior = runs.read_run(run_dir, cfg.storage) if resuming and main else None
 
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
-    manifest_sha = hashlib.sha256(
-        storage.read_bytes(storage.join(cfg.dataset_dir, "manifest.json"), cfg.storage)).hexdigest()
     tracker = make_tracker(cfg, "train", rank, run_name=run_name,
-                           extra_tags={"genrec.dataset_manifest_sha256": manifest_sha, "genrec.run_dir": run_dir,
-                                       "genrec.model": tc.model},
+                           extra_tags={**dataset.tags(), "genrec.run_dir": run_dir, "genrec.model": tc.model},
                            run_id=(prior or {}).get("mlflow_run_id"), spool_dir=run_dir)
     if main:
         if not resuming:
@@ -122,6 +118,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
 
         sids_dir = cfg.semantic_ids_dir
         sids = read_semantic_ids(sids_dir, cfg.storage)
+    # the codes every export of this run carries (read once, now: the ones this model trains on)
+    sids_files = semantic_id_files(sids_dir, cfg.storage) if sids_dir and main else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = build_model(tc.model, cfg.model, dataset.num_items, sids)
     eval_model = copy.deepcopy(model).to(device).eval()  # plain copy that validation loads weights into
@@ -209,7 +207,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
                 best, best_step, bad_evals = value, step, 0
                 if main:
                     write_model(storage.join(run_dir, "model"), state,
-                                model_meta(tc.model, cfg.model, dataset.num_items, sids_dir, step, vm), cfg.storage)
+                                model_meta(tc.model, cfg.model, dataset.num_items, sids_dir, step, vm), cfg.storage,
+                                sids_files)
             else:
                 bad_evals += 1
             tracker.log({f"valid/{k}": v for k, v in vm.items()} | {"valid/best": best}, step)
@@ -229,7 +228,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
         state = consolidated_state_dict(engine)
         if main:
             write_model(storage.join(run_dir, "model"), state,
-                        model_meta(tc.model, cfg.model, dataset.num_items, sids_dir, step, {}), cfg.storage)
+                        model_meta(tc.model, cfg.model, dataset.num_items, sids_dir, step, {}), cfg.storage,
+                        sids_files)
             best_step = step
     tdist.barrier()
 
@@ -247,11 +247,15 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
     tc = cfg.train
     model, meta = load_exported(run_dir, cfg.storage)
     model.to(device)
+    model_dir = storage.join(run_dir, "model")
+    sids_dir = model_semantic_ids(model_dir, meta, cfg.storage)
     chosen = choose_on_valid(model, dataset, cfg, device)
     if chosen:  # kept in the export, so jobs/evaluate.py ranks the same way
         meta["model_config"][tc.model].update({k: c["chosen"] for k, c in chosen.items()})
-        write_model(storage.join(run_dir, "model"), {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    {**meta, "chosen_on_valid": chosen}, cfg.storage)
+        write_model(model_dir, {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    {**meta, "chosen_on_valid": chosen}, cfg.storage,
+                    semantic_id_files(sids_dir, cfg.storage) if sids_dir else None)
+        sids_dir = model_semantic_ids(model_dir, meta, cfg.storage)
         tracker.log({f"valid/{k}_chosen": float(c["chosen"]) for k, c in chosen.items()}
                     | {f"valid/{k}_{v}/{c['metric']}": m for k, c in chosen.items() for v, m in c["valid"].items()},
                     best_step)
@@ -279,7 +283,7 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
             model_path = os.path.join(tmp, "model")
         tracker.log_artifact(model_path, "model")
         tracker.log_artifact(reports.plot_curves(history_log, os.path.join(tmp, "curves.png")), "reports")
-    log_reports(tracker, model, dataset, cfg, results, tc.model, meta.get("semantic_ids"), device,
+    log_reports(tracker, model, dataset, cfg, results, tc.model, sids_dir, device,
                 f"{split} split, best model of step {best_step}")
     table = format_results({tc.model: results["model"], "most-popular": results["most_popular"]},
                            cfg.evaluate.ks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 import polars as pl
@@ -17,7 +18,7 @@ import pytest
 
 from _util import free_port, run_job
 from genrec_dist.data.semantic_ids import write_semantic_ids
-from test_train_runs import _base, _deepspeed, _runs_named
+from test_train_runs import _base, _client, _deepspeed, _runs_named
 from test_train_tiger import _category_codes
 
 TINY_CAR = ["train.model=car", "model.car.d_model=32", "model.car.n_heads=2", "model.car.n_layers=1",
@@ -88,6 +89,14 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     again = evaluate_run(cfg1, run_dir, ["model.car.n_layers=1", "model.tiger.beam_width=3"])
     assert again["inference_overrides"] == {} and again["model"]["fast/recall@10"] == model["fast/recall@10"]
 
+    # the export carries the codes it was trained on (in MLflow too): with the tokenize output gone (or overwritten
+    # by a later tokenize), the run is still evaluated with its own codes
+    assert sorted(os.listdir(os.path.join(run_dir, "model", "semantic_ids"))) == [
+        "manifest.json", "semantic_ids.parquet"]  # (these test codes have no stats.json)
+    client = _client(tiny_cfg)
+    assert "model/semantic_ids/semantic_ids.parquet" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "model/semantic_ids")}
+    shutil.rmtree(sids_dir)
     # the job without --config evaluates with the run's own saved config: it logs to the training run's MLflow store
     # (the defaults would write a store under outputs/ of the working dir, here an empty temp dir), and its
     # validation reading of the exported slow weight is the one training chose it by
