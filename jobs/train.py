@@ -17,6 +17,7 @@ from genrec_dist.config import ConfigError  # noqa: E402
 from genrec_dist.storage import StorageError  # noqa: E402
 from genrec_dist.tracking import TrackingError  # noqa: E402
 from genrec_dist.training import run_training  # noqa: E402
+from genrec_dist.training.dist import is_rank_zero  # noqa: E402
 from genrec_dist.training.ds_config import BatchSizeError  # noqa: E402
 from genrec_dist.training.runs import RunConfigError  # noqa: E402
 
@@ -30,8 +31,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     if args.resume is not None:
         args.overrides.append(f"train.resume={args.resume}")
-    rank = os.environ.get("RANK", "0")
-    cfg = load_job_config(args, "train", quiet=rank != "0")
+    cfg = load_job_config(args, "train", quiet=not is_rank_zero())
     try:
         summary = run_training(cfg)
     except (StorageError, FileNotFoundError, FileExistsError, BatchSizeError, TrackingError, RunConfigError) as exc:

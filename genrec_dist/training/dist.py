@@ -32,6 +32,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def is_rank_zero(env: dict | None = None) -> bool:
+    """Whether this process is rank 0 (or a lone process), without filling anything in: what a job's entrypoint asks
+    before the process group exists (only rank 0 prints the resolved config)."""
+    return (os.environ if env is None else env).get("RANK", "0") == "0"
+
+
 def world_from_env(env: dict | None = None) -> WorldInfo:
     """Who this process is, from the launcher's variables; a lone process is rank 0 of 1 (variables filled in)."""
     env = os.environ if env is None else env

@@ -36,8 +36,9 @@ def run_ray(cfg: Any) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.train.ray_address or None)
+    from tokenization.ray_runtime import ensure_ray
+
+    ensure_ray(cfg.train.ray_address)  # the named cluster or RAY_ADDRESS's, else a new local Ray (not a stray one)
     use_gpu = cfg.train.device == "cuda" or (
         cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     cfg = copy.deepcopy(cfg)

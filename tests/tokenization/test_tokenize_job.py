@@ -193,6 +193,17 @@ def test_ray_job_submit_to_a_real_head(job_run, tiny_dataset, tmp_path):
         client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
         (run,) = client.search_runs([client.get_experiment_by_name("genrec-dist").experiment_id])
         assert run.info.status == "FINISHED" and "collision_rate" in run.data.metrics
+        # the config's own relative workdir would be written into Ray's temporary copy of --working-dir: refused
+        proc = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--submission-id", "tokenize-relative",
+             "--working-dir", REPO, "--runtime-env-json", json.dumps(runtime_env), "--",
+             sys.executable, "jobs/tokenize.py", "--config", "configs/synthetic.yaml", f"paths.dataset={tiny_dataset}"],
+            env=env, capture_output=True, text=True, timeout=600)
+        logs = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "config error: running as a Ray job" in logs, logs[-4000:]
+        assert "workdir=outputs/synthetic" in logs and "paths.semantic_ids=outputs/synthetic/sids/rkmeans" in logs
+        assert "paths.dataset" not in logs.split("config error", 1)[1].split("\n", 1)[0]  # absolute: not named
+        assert "Traceback" not in logs
     finally:
         subprocess.run(["bash", os.path.join(REPO, "cluster", "stop_ray.sh")], env=env, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
