@@ -2,7 +2,8 @@
 
 A run lives in ``<runs dir>/<run name>/`` (local or ``s3://``)::
 
-    run.json        run name, model, MLflow run id, creation time (written when the run starts)
+    run.json        run name, model, MLflow run id, creation time, and what it trains on by content (``inputs``:
+                    :func:`input_fingerprints`), written when the run starts
     config.yaml     the whole config the run started with: ``--resume`` and the table scripts' read-backs check a
                     command against it (:func:`config_differences`)
     checkpoints/    (unless train.checkpoint_dir points elsewhere; see checkpoint.py)
@@ -15,15 +16,20 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
+import json
 import os
 import secrets
 import tempfile
 from typing import Any
 
+import numpy as np
 import yaml
 
 from genrec_dist import storage
 from genrec_dist.config import flatten, read_yaml_mapping, to_dict
+from genrec_dist.data.dataset import MANIFEST_TAG, Dataset
+from genrec_dist.data.semantic_ids import read_semantic_ids
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -116,15 +122,40 @@ def write_run_config(cfg: Any, run_name: str) -> None:
                         yaml.safe_dump(to_dict(with_resolved_paths(cfg)), sort_keys=False).encode(), cfg.storage)
 
 
+def input_fingerprints(cfg: Any, uses_codes: bool) -> dict[str, str]:
+    """What a run trains on, by content: the sha256 of its dataset's ``manifest.json`` and, for a model that reads
+    semantic IDs, of the codes themselves (codebook sizes and every item's codes). A dataset prepared again or codes
+    tokenized again with ``overwrite=true`` at the same path change these where the config does not."""
+    out = {"dataset_manifest_sha256": Dataset.open(cfg.dataset_dir, cfg.storage).tags()[MANIFEST_TAG]}
+    if uses_codes:
+        sids = read_semantic_ids(cfg.semantic_ids_dir, cfg.storage)
+        digest = hashlib.sha256(json.dumps([int(k) for k in sids.codebook_sizes]).encode())
+        digest.update(np.ascontiguousarray(sids.codes, dtype=np.int64).tobytes())
+        out["semantic_ids_sha256"] = digest.hexdigest()
+    return out
+
+
 def check_same_config(cfg: Any, run_name: str) -> None:
     """Raise :class:`RunConfigError` when ``cfg`` would continue run ``run_name`` with other settings than it started
-    with: its checkpoints, MLflow params and metrics would then describe a run nobody configured."""
+    with, or on other data or codes at the same paths: its checkpoints, MLflow params and metrics would then describe
+    a run nobody configured."""
     saved = read_run_config(run_dir(cfg, run_name), cfg.storage)
     diff = config_differences(saved, cfg) if saved is not None else []
     if diff:
         raise RunConfigError(f"--resume {run_name}: run {run_dir(cfg, run_name)} started with other settings ("
                              f"{'; '.join(diff)}); resume with its own ({CONFIG_FILE} in the run dir) or start a "
                              "new run")
+    was = (read_run(run_dir(cfg, run_name), cfg.storage) or {}).get("inputs") or {}
+    if was:
+        now = input_fingerprints(cfg, "semantic_ids_sha256" in was)
+        where = {"dataset_manifest_sha256": f"the dataset at {cfg.dataset_dir}",
+                 "semantic_ids_sha256": f"the semantic IDs at {cfg.semantic_ids_dir}"}
+        changed = [f"{where[k]} (sha256 {was[k][:12]}... then, {now[k][:12]}... now)" for k in sorted(was)
+                   if k in now and was[k] != now[k]]
+        if changed:
+            raise RunConfigError(f"--resume {run_name}: {'; '.join(changed)} changed since the run started (prepared "
+                                 "or tokenized again); its checkpoints were trained on the old ones: restore them or "
+                                 "start a new run")
 
 
 def resolve_run_name(cfg: Any) -> tuple[str, bool]:

@@ -87,6 +87,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
         storage.write_bytes(storage.join(run_dir, runs.RUN_FILE), json.dumps({
             "run_name": run_name, "model": tc.model, "mlflow_run_id": tracker.run_id,
             "created": (prior or {}).get("created") or runs.created_now(), "dataset": cfg.dataset_dir,
+            "inputs": runs.input_fingerprints(cfg, tc.model in SID_MODELS),  # --resume compares them
         }, indent=2).encode(), cfg.storage)
         if not resuming:
             tracker.log_config(cfg)

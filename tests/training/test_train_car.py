@@ -92,7 +92,7 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     # the export carries the codes it was trained on (in MLflow too): with the tokenize output gone (or overwritten
     # by a later tokenize), the run is still evaluated with its own codes
     assert sorted(os.listdir(os.path.join(run_dir, "model", "semantic_ids"))) == [
-        "manifest.json", "semantic_ids.parquet"]  # (these test codes have no stats.json)
+        "manifest.json", "semantic_ids.parquet", "stats.json"]
     client = _client(tiny_cfg)
     assert "model/semantic_ids/semantic_ids.parquet" in {
         a.path for a in client.list_artifacts(run.info.run_id, "model/semantic_ids")}

@@ -173,6 +173,50 @@ def test_run_config_differences_name_what_defines_a_run(tmp_path):
     assert runs.read_run_config(os.path.join(tmp_path, "runs", "never-saved")) is None
 
 
+def test_resume_refuses_a_dataset_or_codes_changed_under_the_run(tmp_path, tiny_dataset):
+    """Prepared or tokenized again at the same paths (overwrite=true), the config is the same but the data is not:
+    a resumed run would continue checkpoints trained on the old data."""
+    import shutil
+
+    import numpy as np
+    import polars as pl
+
+    from genrec_dist.data.semantic_ids import write_semantic_ids
+
+    dataset, sids = str(tmp_path / "dataset"), str(tmp_path / "sids")
+    shutil.copytree(tiny_dataset, dataset)
+    items = pl.read_parquet(os.path.join(dataset, "items.parquet"))
+    item_ids = items["item_id"].to_numpy()
+    codes = np.stack([item_ids % 7, item_ids % 5], axis=1)
+    write_semantic_ids(sids, item_ids, codes, [7, 5], {"source": "test"})
+    cfg = load_config(None, [f"workdir={tmp_path}", "run_name=a", f"paths.dataset={dataset}",
+                             f"paths.semantic_ids={sids}"], default_section="train")
+    runs.write_run_config(cfg, "a")
+    inputs = runs.input_fingerprints(cfg, uses_codes=True)
+    with open(os.path.join(tmp_path, "runs", "a", "run.json"), "w") as fh:
+        json.dump({"run_name": "a", "model": "tiger", "inputs": inputs}, fh)
+    runs.check_same_config(cfg, "a")  # the same inputs: resumable
+    assert runs.input_fingerprints(cfg, uses_codes=False) == {"dataset_manifest_sha256": inputs[
+        "dataset_manifest_sha256"]}
+    # the same codes written again (another file, same content) are the same codes
+    write_semantic_ids(sids, item_ids[::-1], codes[::-1], [7, 5], {"source": "test"}, overwrite=True)
+    runs.check_same_config(cfg, "a")
+    # tokenized again with other codes: refused, naming the codes' place
+    write_semantic_ids(sids, item_ids, codes[:, ::-1] % 5, [5, 5], {"source": "test"}, overwrite=True)
+    with pytest.raises(runs.RunConfigError, match=f"the semantic IDs at {re.escape(sids)} .* changed since the run"):
+        runs.check_same_config(cfg, "a")
+    # prepared again (another manifest): refused, naming the dataset
+    write_semantic_ids(sids, item_ids, codes, [7, 5], {"source": "test"}, overwrite=True)
+    manifest = os.path.join(dataset, "manifest.json")
+    with open(manifest) as fh:
+        m = json.load(fh)
+    with open(manifest, "w") as fh:
+        json.dump({**m, "prepared_again": True}, fh)
+    with pytest.raises(runs.RunConfigError, match=f"the dataset at {re.escape(dataset)} .* changed") as err:
+        runs.check_same_config(cfg, "a")
+    assert "semantic IDs" not in str(err.value)
+
+
 def test_table_read_back_checks_the_finished_runs_config(tmp_path, capsys, monkeypatch):
     """benchmarks/_jobs.train_once reads a finished run only when the row's command would train it as it was."""
     monkeypatch.syspath_prepend(REPO)
