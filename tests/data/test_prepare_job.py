@@ -50,6 +50,13 @@ def test_bad_input_is_a_one_line_error_naming_file_and_line(tmp_path):
     proc = run_job("prepare", "--config", "configs/synthetic.yaml", f"workdir={tmp_path}", "prepare.source=lcrec",
                    f"prepare.input_dir={raw}", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {raw}/X.inter.json:") and "not valid JSON" in lines[0]
+    # one error line, the last (MLflow may log its store's creation before it: the run starts before the work)
+    errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert errors == proc.stderr.strip().splitlines()[-1:], proc.stderr
+    assert errors[0].startswith(f"error: {raw}/X.inter.json:") and "not valid JSON" in errors[0]
     assert not os.path.exists(tmp_path / "dataset")
+    import mlflow  # the job's MLflow run says it failed
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("genrec-dist").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["genrec.job"] == "prepare"
