@@ -26,7 +26,8 @@ def job_parser(job: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     if job in SHORTHANDS:
         flag, key = SHORTHANDS[job]
-        parser.add_argument(f"--{flag}", dest="shorthand", default=None, help=f"the same as the override {key}=...")
+        parser.add_argument(f"--{flag}", dest="shorthand", metavar=flag.upper(), default=None,
+                            help=f"the same as the override {key}=...")
     return parser
 
 

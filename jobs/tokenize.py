@@ -1,10 +1,10 @@
 """Tokenize: item text -> embeddings (Ray Data) -> distributed residual k-means (Ray actors) -> semantic IDs.
 
     python jobs/tokenize.py --config configs/scientific.yaml                 # starts a local Ray
-    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/tokenize.py --config configs/beauty.yaml \
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/tokenize.py --config configs/beauty.yaml \\
         workdir=/shared/genrec/beauty          # a Ray job runs in a copy of --working-dir: absolute or s3:// outputs
-    python jobs/tokenize.py --config configs/beauty.yaml method=import \\
-        index_path=../shared/data/beauty/indexes/rkmeans_native/Beauty.index.json.gz
+    python jobs/tokenize.py --config configs/scientific.yaml method=import \\
+        index_path=<an LC-Rec/LETTER Name.index.json[.gz]>     # bring a peer pipeline's codes (configs/beauty.yaml does)
 """
 import os, sys  # noqa: E401 - must run first: this file would shadow the stdlib `tokenize` module
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
