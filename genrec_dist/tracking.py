@@ -597,8 +597,11 @@ def run_tags(cfg: Any, run_id: str) -> dict[str, str]:
     ``genrec.run_dir``). Raises ``KeyError`` when the store has no such run."""
     import mlflow
 
+    uri = default_uri(cfg)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        raise KeyError(f"no MLflow store at {uri}")  # (asking MLflow would create an empty one there)
     try:
-        return dict(mlflow.MlflowClient(tracking_uri=default_uri(cfg)).get_run(run_id).data.tags)
+        return dict(mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).data.tags)
     except mlflow.exceptions.MlflowException as exc:
         raise KeyError(f"no MLflow run {run_id} in {default_uri(cfg)}: {exc}") from None
 

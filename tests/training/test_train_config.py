@@ -116,6 +116,7 @@ def test_jobs_help_and_bad_run(tmp_path):
     assert "--run" in run_job("evaluate", "--help").stdout
     proc = run_job("evaluate", f"workdir={tmp_path}", "--run", "no-such-run", check=False)
     assert proc.returncode == 1 and "no-such-run" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "mlflow.db")  # looking a name up does not create a tracking store
     proc = run_job("train", f"workdir={tmp_path}", "--resume", check=False)
     assert proc.returncode == 1 and "no tiger run under" in proc.stderr and "Traceback" not in proc.stderr
     # a new run may not take the name of an existing one (its export, metrics and history would mix)
