@@ -87,7 +87,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
         storage.write_bytes(storage.join(run_dir, runs.RUN_FILE), json.dumps({
             "run_name": run_name, "model": tc.model, "mlflow_run_id": tracker.run_id,
             "created": (prior or {}).get("created") or runs.created_now(), "dataset": cfg.dataset_dir,
-            "inputs": runs.input_fingerprints(cfg, tc.model in SID_MODELS),  # --resume compares them
+            # --resume compares them (a resumed run got here only with the ones it started with)
+            "inputs": (prior or {}).get("inputs") or runs.input_fingerprints(cfg, tc.model in SID_MODELS),
         }, indent=2).encode(), cfg.storage)
         if not resuming:
             tracker.log_config(cfg)
@@ -256,7 +257,6 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
         write_model(model_dir, {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     {**meta, "chosen_on_valid": chosen}, cfg.storage,
                     semantic_id_files(sids_dir, cfg.storage) if sids_dir else None)
-        sids_dir = model_semantic_ids(model_dir, meta, cfg.storage)
         tracker.log({f"valid/{k}_chosen": float(c["chosen"]) for k, c in chosen.items()}
                     | {f"valid/{k}_{v}/{c['metric']}": m for k, c in chosen.items() for v, m in c["valid"].items()},
                     best_step)
