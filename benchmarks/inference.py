@@ -131,10 +131,13 @@ def main() -> None:
             run_prepare(cfg)
         dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
         seqs = dataset.sequences()
-        test = D.eval_examples(seqs, dataset.max_history, "test")
+        # CAR and TIGER share one history length here (both model.<name>.max_history default to 20)
+        hist = dataset.history_for("model.car.max_history", cfg.model.car.max_history)
+        dataset.history_for("model.tiger.max_history", cfg.model.tiger.max_history)
+        test = D.eval_examples(seqs, hist, "test")
         test = test.take(np.arange(min(args.users, len(test))))
         batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(test, args.batch_size)]
-        train = D.train_examples(seqs, dataset.max_history) if args.train_steps else None
+        train = D.train_examples(seqs, hist) if args.train_steps else None
         n = dataset.num_items
         if args.sids:
             car_sids = tiger_sids = read_semantic_ids(args.sids, cfg.storage)  # CAR drops a de-dup level itself

@@ -148,13 +148,19 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def stage1_history(cfg: Any, dataset: Any) -> int:
+    """Stage I's DIN reads the histories Stage II will (``model.unger.max_history``, 20: UNGER §4.1.1), checked
+    against what the dataset keeps."""
+    return dataset.history_for("model.unger.max_history", int(cfg.model.unger.max_history))
+
+
 def din_settings(cfg: Any, dataset: Any, semantic_dim: int, device: torch.device) -> dict[str, Any]:
     """Everything the DIN-only model's embeddings depend on: its hyper-parameters, the seed, the training data (the
     dataset manifest's hash) and what changes its random stream (the width of the unused adapter, the device type)."""
     uc = cfg.tokenize.unger
     keys = ("dim", "num_negatives", "next_weight", "steps", "batch_size", "lr", "weight_decay")
     return {**{k: getattr(uc, k) for k in keys}, "seed": cfg.seed, "semantic_dim": int(semantic_dim),
-            "device": device.type, "num_items": int(dataset.num_items), "max_history": int(dataset.max_history),
+            "device": device.type, "num_items": int(dataset.num_items), "max_history": stage1_history(cfg, dataset),
             "dataset": dataset.fingerprint}
 
 
@@ -224,7 +230,7 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
     device = _device(uc.device)
 
     def din(cka_weight: float) -> DINStage1:
-        ex = train_examples(dataset.sequences(), dataset.max_history)
+        ex = train_examples(dataset.sequences(), stage1_history(cfg, dataset))
         torch.manual_seed(cfg.seed)
         model = DINStage1(n, torch.from_numpy(sem), uc.dim, num_negatives=uc.num_negatives,
                           temperature=uc.temperature, similarity=uc.similarity, next_weight=uc.next_weight,

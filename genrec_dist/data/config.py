@@ -50,7 +50,10 @@ class PrepareConfig:
     text_template: str = "{title}. Brand: {brand}. Categories: {categories}. {description}"
     max_text_chars: int = 2000
     # Leave-one-out split: last item test, second to last valid (TIGER §4.1; UNGER §4.1.1; CAR, ANCHORS A.3).
-    max_history: int = 20
+    # The longest history (items) this dataset promises its models: sequences are stored whole, and each model cuts
+    # its examples to its own ``model.<name>.max_history``; a model asking for more is a config error. 50 so that
+    # SASRec runs at its paper's n=50 on Amazon (SASRec §IV-B, implementation details); TIGER/UNGER/CAR use 20.
+    max_history: int = 50
     num_shards: int = 4
     overwrite: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

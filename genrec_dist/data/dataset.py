@@ -10,7 +10,8 @@ A dataset directory (local or ``s3://``) holds::
 Shards are partitioned by a stable hash of ``user_id`` so each rank/worker can read only its own shards
 (:func:`shards_for`). The leave-one-out split is a rule over ``items`` (:func:`split_user`), not stored
 copies: test target = last item, validation target = second to last, training = the rest (TIGER §4.1,
-UNGER §4.1.1), every history cut to the last ``max_history`` items (20 in the papers).
+UNGER §4.1.1). Each model cuts histories to its own ``max_history`` (20 in TIGER/UNGER/CAR, 50 in SASRec); the
+manifest's ``split.max_history`` is the longest any model may ask for (:meth:`Dataset.history_for`).
 """
 
 from __future__ import annotations
@@ -106,7 +107,21 @@ class Dataset:
 
     @property
     def max_history(self) -> int:
+        """The longest history this dataset promises (``prepare.max_history``); sequences are stored whole."""
         return int(self.manifest["split"]["max_history"])
+
+    def history_for(self, field: str, wanted: int) -> int:
+        """``wanted`` (a model's ``max_history``, named by ``field``) when this dataset keeps that much history, else
+        a :class:`~genrec_dist.config.ConfigError` naming both settings, their values and the dataset: a model never
+        gets a silently shorter history than it was configured for."""
+        if wanted > self.max_history:
+            from genrec_dist.config import ConfigError
+
+            raise ConfigError(
+                f"{field}={wanted} asks for more history than the dataset keeps: prepare.max_history="
+                f"{self.max_history} in {self.path}/manifest.json; prepare it again with prepare.max_history>={wanted}"
+                f" (and prepare.overwrite=true), or lower {field}")
+        return wanted
 
     def tags(self) -> dict[str, str]:
         """MLflow tags naming this exact dataset, the same in every job's run (prepare, tokenize, train, evaluate):

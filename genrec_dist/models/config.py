@@ -38,7 +38,7 @@ class SASRecConfig:
     n_layers: int = 2  # SASRec: b=2 self-attention blocks
     d_ff: int = 64  # SASRec §III: the point-wise FFN's W1, W2 are d x d
     dropout: float = 0.5  # SASRec: 0.5 on the sparse Amazon sets (0.2 on MovieLens-1M)
-    max_history: int = 50  # SASRec: n=50 on Amazon; our datasets cut histories to 20 anyway
+    max_history: int = 50  # SASRec §IV-B (implementation details): n=50 on the Amazon sets (prepare.max_history keeps 50)
     # Full-softmax CE over the catalog is far stronger than the paper's BCE with one negative (Beauty R@10 0.0859
     # CE vs 0.0539 BCE in one study, ANCHORS.md C.3); 'sampled' (uniform negatives, accidental hits masked) is for
     # catalogs too large for a (B, num_items) logit matrix.

@@ -74,9 +74,22 @@ def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir:
     return out
 
 
-def _split_batches(seqs: Any, dataset: Dataset, cfg: Any, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Evaluation batches of ``split`` from ``seqs`` (``dataset.sequences()``, read once by the caller)."""
-    ex = D.eval_examples(seqs, dataset.max_history, split)
+def model_history(cfg: Any, model: str, dataset: Dataset) -> int:
+    """The history length model ``model`` is configured for (``model.<model>.max_history``), checked against what
+    ``dataset`` keeps (a config error naming both when the model asks for more)."""
+    return dataset.history_for(f"model.{model}.max_history", int(getattr(cfg.model, model).max_history))
+
+
+def _history(model: torch.nn.Module, dataset: Dataset) -> int:
+    """An exported model's own history length (its saved config), checked against ``dataset``."""
+    return dataset.history_for(f"model.{type(model).__name__.lower()}.max_history", int(model.cfg.max_history))
+
+
+def _split_batches(seqs: Any, dataset: Dataset, cfg: Any, split: str,
+                   model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Evaluation batches of ``split`` from ``seqs`` (``dataset.sequences()``, read once by the caller), each history
+    cut to ``model``'s own ``max_history``."""
+    ex = D.eval_examples(seqs, _history(model, dataset), split)
     return [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(ex, cfg.evaluate.batch_size)]
 
 
@@ -90,7 +103,7 @@ def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
     choices = getattr(model, "validation_choices", {})
     if not choices:
         return {}
-    batches = _split_batches(dataset.sequences(), dataset, cfg, "valid")
+    batches = _split_batches(dataset.sequences(), dataset, cfg, "valid", model)
     metric = cfg.train.early_stop_metric
     chosen: dict[str, dict[str, Any]] = {}
     for name, (mode, candidates) in choices.items():
@@ -108,7 +121,7 @@ def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: st
                    device: torch.device) -> dict[str, dict[str, float]]:
     """``model`` and most-popular on ``split`` for every user of ``dataset``."""
     seqs = dataset.sequences()
-    batches = _split_batches(seqs, dataset, cfg, split)
+    batches = _split_batches(seqs, dataset, cfg, split, model)
     model_m = evaluate_model(model, batches, cfg.evaluate.ks, device,
                              **recommend_kwargs(model, cfg.evaluate.beam_width))
     for mode in getattr(model, "inference_modes", ()):  # CAR: fast and slow, logged separately as "<mode>/<metric>"
@@ -125,7 +138,7 @@ def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any
     split, ks = cfg.evaluate.split, cfg.evaluate.ks
     tracker.log_text(reports.metrics_table({name: results["model"], "most-popular": results["most_popular"]}, ks,
                                            title), "reports/metrics.md")
-    ex = D.eval_examples(dataset.sequences(), dataset.max_history, split)
+    ex = D.eval_examples(dataset.sequences(), _history(model, dataset), split)
     ex = ex.take(np.arange(min(users, len(ex))))
     with torch.no_grad():
         ranked = model.recommend(torch.from_numpy(ex.history).to(device), max(ks),

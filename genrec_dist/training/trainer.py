@@ -39,7 +39,7 @@ from genrec_dist.training import runs
 from genrec_dist.training.dist import world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
 from genrec_dist.training.evaluate_run import (choose_on_valid, evaluate_split, load_exported, log_reports,
-                                               recommend_kwargs)
+                                               model_history, recommend_kwargs)
 from genrec_dist.training.export import (consolidated_state_dict, model_meta, model_semantic_ids, semantic_id_files,
                                          write_model)
 
@@ -78,6 +78,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     prior = runs.read_run(run_dir, cfg.storage) if resuming and main else None
 
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
+    H = model_history(cfg, tc.model, dataset)  # the model's own history length (SASRec 50, the SID models 20)
     tracker = make_tracker(cfg, "train", rank, run_name=run_name,
                            extra_tags={**dataset.tags(), "genrec.run_dir": run_dir, "genrec.model": tc.model},
                            run_id=(prior or {}).get("mlflow_run_id"), spool_dir=run_dir)
@@ -95,7 +96,6 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     log0(f"run {run_name} ({'resuming' if resuming else 'new'}) in {run_dir}; world {ws}; device {device}")
 
     # ----- 3. data ------------------------------------------------------------------------------------------
-    H = dataset.max_history
     seqs = D.rank_sequences(dataset, rank, ws, tc.data_split)
     examples = tc.examples if tc.examples != "auto" else (
         "windows" if trains_every_position(tc.model, cfg.model) else "prefixes")

@@ -95,11 +95,11 @@ def test_template_missing_field_and_cut():
 
 def test_split_rule_on_a_prepared_dataset(tiny_dataset):
     ds = Dataset.open(tiny_dataset)
-    assert ds.manifest["split"]["rule"] == "leave-one-out" and ds.max_history == 20
+    assert ds.manifest["split"]["rule"] == "leave-one-out" and ds.max_history == 50  # SASRec §IV-B: n=50
     seqs = ds.sequences()
     assert seqs["user_id"].to_list() == list(range(1, ds.num_users + 1))
     long = seqs.filter(pl.col("items").list.len() > 25)["items"][0].to_list()
-    sp = split_user(long, ds.max_history)
+    sp = split_user(long, 20)  # the SID models' history (TIGER §4.1)
     assert sp["test"] == (long[:-1][-20:], long[-1]) and sp["valid"] == (long[:-2][-20:], long[-2])
     assert len(sp["test"][0]) == 20 and sp["train"] == long[:-2]
     # every id is contiguous and padding-free
