@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from genrec_dist.evaluation.evaluate import format_results  # noqa: E402
 
 # Training scalars that say nothing about learning (throughput, memory, epoch counter) are left off the curves.
-_SKIP = ("samples_per_s", "peak_mem_mb", "epoch")
+_SKIP = ("samples_per_s", "peak_mem_mb", "epoch", "elapsed_s")
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str) -> str:

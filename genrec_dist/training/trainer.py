@@ -141,12 +141,14 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
 
     # ----- 5. resume ----------------------------------------------------------------------------------------
     step, cursor, best, best_step, bad_evals = 0, D.Cursor(), float("-inf"), 0, 0
+    elapsed0 = 0.0  # loop seconds before this process (a resumed run keeps counting its budget)
     history_log: list[dict[str, Any]] = []  # every logged row since step 1: history.json and the curves
     if resume_step is not None:
         state = store.load(engine, resume_step)
         step, cursor = int(state["step"]), D.Cursor.from_dict(state["cursor"])
         best, best_step, bad_evals = float(state["best"]), int(state["best_step"]), int(state["bad_evals"])
         history_log = list(state.get("history", []))
+        elapsed0 = float(state.get("elapsed_s", 0.0))
         log0(f"resumed from {ckpt_root}/{ckpt.tag_of(step)} (epoch {cursor.epoch}, step {cursor.step})")
     elif resuming:
         log0(f"no complete checkpoint under {ckpt_root}: starting {run_name} from step 0")
@@ -165,6 +167,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     engine.train()
     batches = D.iterate(train_ex, plan, cursor, spe)
     t_last, steps_since = time.perf_counter(), 0
+    t_start, step0 = t_last - elapsed0, step
+    t_valid, valid_s, stopped_by = t_last, 0.0, "max_steps"
     stop = False
     while step < total_steps and not stop:
         _, micro = next(batches)
@@ -184,8 +188,10 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
         step += 1
         steps_since += 1
         cursor = cursor.advance(spe)
+        over_budget, eval_due = _clock(tc, t_start, t_valid, device if use_cuda else torch.device("cpu"))
+        last = step == total_steps or over_budget
 
-        if step % tc.log_every == 0 or step == 1 or step == total_steps:
+        if step % tc.log_every == 0 or step == 1 or last:
             means = _allreduce_means(parts, torch.device("cpu"))
             now = time.perf_counter()
             metrics = {f"train/{k}": v for k, v in means.items()}
@@ -196,13 +202,15 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
             metrics["train/samples_per_s"] = tc.batch_size * steps_since / max(now - t_last, 1e-9)
             metrics["train/epoch"] = cursor.epoch
             metrics["train/peak_mem_mb"] = _peak_memory_mb(device)
+            metrics["train/elapsed_s"] = now - t_start
             t_last, steps_since = now, 0
             tracker.log(metrics, step)
             history_log.append({"step": step, **metrics})
             log0(f"step {step}/{total_steps} loss {metrics['train/loss']:.5f} lr {metrics['train/lr']:.2e} "
                  f"{metrics['train/samples_per_s']:.0f} samples/s")
 
-        if tc.eval_every and (step % tc.eval_every == 0 or step == total_steps):
+        if (tc.eval_every or tc.eval_every_s) and ((tc.eval_every and step % tc.eval_every == 0) or eval_due or last):
+            t0 = time.perf_counter()
             vm, state = validate()
             value = vm[tc.early_stop_metric]
             if value > best:
@@ -214,16 +222,23 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
             else:
                 bad_evals += 1
             tracker.log({f"valid/{k}": v for k, v in vm.items()} | {"valid/best": best}, step)
-            history_log.append({"step": step, **{f"valid/{k}": v for k, v in vm.items()}})
+            t_valid = time.perf_counter()
+            valid_s += t_valid - t0
+            history_log.append({"step": step, "elapsed_s": t_valid - t_start,
+                                **{f"valid/{k}": v for k, v in vm.items()}})
             log0(f"valid step {step}: {tc.early_stop_metric} {value:.5f} (best {best:.5f} at step {best_step})")
             if tc.patience and bad_evals >= tc.patience:
                 log0(f"early stop: no better {tc.early_stop_metric} in {bad_evals} validations")
-                stop = True
+                stop, stopped_by = True, "patience"
+        if over_budget and not stop:
+            log0(f"budget: {tc.budget_s:.0f} s of loop time crossed at step {step}")
+            stop, stopped_by = True, "budget"
 
         if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps and not stop:
             store.save(engine, step, {"step": step, "cursor": cursor.to_dict(), "best": best,
                                       "best_step": best_step, "bad_evals": bad_evals, "run_name": run_name,
-                                      "history": history_log}, tc.keep_checkpoints)
+                                      "history": history_log, "elapsed_s": time.perf_counter() - t_start},
+                       tc.keep_checkpoints)
             log0(f"checkpoint saved: step {step} -> {ckpt_root}/{ckpt.tag_of(step)}")
 
     if best_step == 0:  # never validated: the final weights are the export
@@ -238,14 +253,19 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     # ----- 7. the end: test evaluation on rank 0 ------------------------------------------------------------
     if not main:
         return None
-    summary = finish(cfg, dataset, run_name, run_dir, tracker, history_log, best_step, best, device)
+    elapsed = time.perf_counter() - t_start
+    summary = finish(cfg, dataset, run_name, run_dir, tracker, history_log, best_step, best, device,
+                     {"steps": step, "stopped_by": stopped_by, "budget_s": tc.budget_s, "elapsed_s": elapsed,
+                      "valid_s": valid_s, "samples_per_s": tc.batch_size * (step - step0) /
+                      max(elapsed - elapsed0 - valid_s, 1e-9), "history_length": H})
     tracker.close("FINISHED")
     return summary
 
 
 def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any, history_log: list,
-           best_step: int, best: float, device: torch.device) -> dict[str, Any]:
-    """Rank 0: test metrics of the exported model and of most-popular, metrics.json, MLflow artifacts, table."""
+           best_step: int, best: float, device: torch.device, loop: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rank 0: test metrics of the exported model and of most-popular, metrics.json, MLflow artifacts, table.
+    ``loop``: how the loop ran (steps, what stopped it, seconds, samples/s), kept in metrics.json."""
     tc = cfg.train
     model, meta = load_exported(run_dir, cfg.storage)
     model.to(device)
@@ -266,7 +286,7 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
     results = evaluate_split(model, dataset, cfg, cfg.evaluate.split, device)
     results = {"model": results["model"], "most_popular": results["most_popular"],
                "split": cfg.evaluate.split, "best_step": best_step, "best_valid": best, "run_name": run_name,
-               "chosen_on_valid": chosen}
+               "chosen_on_valid": chosen, **({"loop": loop} if loop else {})}
     storage.write_bytes(storage.join(run_dir, "metrics.json"),
                         (json.dumps(results, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
     storage.write_bytes(storage.join(run_dir, "history.json"), json.dumps(history_log).encode(), cfg.storage)
@@ -290,6 +310,18 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
                            cfg.evaluate.ks)
     print(f"\n# {split} split, best model of step {best_step}\n{table}", flush=True)
     return {"run_name": run_name, "run_dir": run_dir, "mlflow_run_id": tracker.run_id, **results}
+
+
+def _clock(tc: Any, t_start: float, t_valid: float, device: torch.device) -> tuple[bool, bool]:
+    """``(over budget, validation due by time)`` as rank 0's clock says (broadcast, so every rank stops and validates
+    at the same step); no collective when neither ``train.budget_s`` nor ``train.eval_every_s`` is set."""
+    if not tc.budget_s and not tc.eval_every_s:
+        return False, False
+    now = time.perf_counter()
+    flags = torch.tensor([float(bool(tc.budget_s) and now - t_start >= tc.budget_s),
+                          float(bool(tc.eval_every_s) and now - t_valid >= tc.eval_every_s)], device=device)
+    tdist.broadcast(flags, src=0)
+    return bool(flags[0]), bool(flags[1])
 
 
 def _peak_memory_mb(device: torch.device) -> float:
