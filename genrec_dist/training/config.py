@@ -40,9 +40,10 @@ class TrainConfig:
     # ----- length -----
     max_steps: int = 1000                # optimizer steps; 0 = run `epochs` epochs
     epochs: int = 0
-    # Wall-clock budget of the loop (seconds, validations included; 0 = none): the loop stops after the step that
-    # crosses it, validates there as at the last step, and the best model on validation is tested as usual.
-    # Compares models at the same compute (benchmarks/leaderboard.py).
+    # Wall-clock training budget (seconds; 0 = none): the loop stops after the step that crosses it, validates there
+    # as at the last step, and the best model on validation is tested as usual. Counts training only (validations
+    # and checkpoints are paused), so every model gets the same compute whatever the validation cadence or decoder
+    # (benchmarks/leaderboard.py).
     budget_s: float = 0.0
 
     # ----- data -----
@@ -58,7 +59,7 @@ class TrainConfig:
 
     # ----- validation, early stopping, checkpoints -----
     eval_every: int = 200                # steps between validations (NDCG@10 on the validation split); 0 = never
-    # Also validate once this many seconds of loop time passed since the last validation (0 = steps only), so a model
+    # Also validate once this many training seconds passed since the last validation (0 = steps only), so a model
     # under a wall-clock budget gets several validations whatever its speed.
     eval_every_s: float = 0.0
     eval_batch_size: int = 256

@@ -17,6 +17,7 @@ launcher only decides the environment it reads (:mod:`genrec_dist.training.dist`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -141,14 +142,14 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
 
     # ----- 5. resume ----------------------------------------------------------------------------------------
     step, cursor, best, best_step, bad_evals = 0, D.Cursor(), float("-inf"), 0, 0
-    elapsed0 = 0.0  # loop seconds before this process (a resumed run keeps counting its budget)
+    trained_s = 0.0  # training seconds before this process (a resumed run keeps counting its budget)
     history_log: list[dict[str, Any]] = []  # every logged row since step 1: history.json and the curves
     if resume_step is not None:
         state = store.load(engine, resume_step)
         step, cursor = int(state["step"]), D.Cursor.from_dict(state["cursor"])
         best, best_step, bad_evals = float(state["best"]), int(state["best_step"]), int(state["bad_evals"])
         history_log = list(state.get("history", []))
-        elapsed0 = float(state.get("elapsed_s", 0.0))
+        trained_s = float(state.get("train_s", 0.0))
         log0(f"resumed from {ckpt_root}/{ckpt.tag_of(step)} (epoch {cursor.epoch}, step {cursor.step})")
     elif resuming:
         log0(f"no complete checkpoint under {ckpt_root}: starting {run_name} from step 0")
@@ -167,8 +168,8 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     engine.train()
     batches = D.iterate(train_ex, plan, cursor, spe)
     t_last, steps_since = time.perf_counter(), 0
-    t_start, step0 = t_last - elapsed0, step
-    t_valid, valid_s, stopped_by = t_last, 0.0, "max_steps"
+    clock, step0, stopped_by, CPU = _TrainClock(trained_s), step, "max_steps", torch.device("cpu")
+    valid_at = clock.seconds()  # training seconds at the last validation (train.eval_every_s)
     stop = False
     while step < total_steps and not stop:
         _, micro = next(batches)
@@ -188,7 +189,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
         step += 1
         steps_since += 1
         cursor = cursor.advance(spe)
-        over_budget, eval_due = _clock(tc, t_start, t_valid, device if use_cuda else torch.device("cpu"))
+        over_budget, eval_due = _budget_flags(tc, clock.seconds(), valid_at, device if use_cuda else CPU)
         last = step == total_steps or over_budget
 
         if step % tc.log_every == 0 or step == 1 or last:
@@ -202,7 +203,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
             metrics["train/samples_per_s"] = tc.batch_size * steps_since / max(now - t_last, 1e-9)
             metrics["train/epoch"] = cursor.epoch
             metrics["train/peak_mem_mb"] = _peak_memory_mb(device)
-            metrics["train/elapsed_s"] = now - t_start
+            metrics["train/elapsed_s"] = clock.seconds()
             t_last, steps_since = now, 0
             tracker.log(metrics, step)
             history_log.append({"step": step, **metrics})
@@ -210,35 +211,35 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
                  f"{metrics['train/samples_per_s']:.0f} samples/s")
 
         if (tc.eval_every or tc.eval_every_s) and ((tc.eval_every and step % tc.eval_every == 0) or eval_due or last):
-            t0 = time.perf_counter()
-            vm, state = validate()
+            with clock.paused():
+                vm, state = validate()
             value = vm[tc.early_stop_metric]
             if value > best:
                 best, best_step, bad_evals = value, step, 0
                 if main:
-                    write_model(storage.join(run_dir, "model"), state,
-                                model_meta(tc.model, cfg.model, dataset.num_items, sids_dir, step, vm), cfg.storage,
-                                sids_files)
+                    with clock.paused():
+                        write_model(storage.join(run_dir, "model"), state,
+                                    model_meta(tc.model, cfg.model, dataset.num_items, sids_dir, step, vm),
+                                    cfg.storage, sids_files)
             else:
                 bad_evals += 1
             tracker.log({f"valid/{k}": v for k, v in vm.items()} | {"valid/best": best}, step)
-            t_valid = time.perf_counter()
-            valid_s += t_valid - t0
-            history_log.append({"step": step, "elapsed_s": t_valid - t_start,
+            valid_at = clock.seconds()
+            history_log.append({"step": step, "elapsed_s": valid_at,
                                 **{f"valid/{k}": v for k, v in vm.items()}})
             log0(f"valid step {step}: {tc.early_stop_metric} {value:.5f} (best {best:.5f} at step {best_step})")
             if tc.patience and bad_evals >= tc.patience:
                 log0(f"early stop: no better {tc.early_stop_metric} in {bad_evals} validations")
                 stop, stopped_by = True, "patience"
         if over_budget and not stop:
-            log0(f"budget: {tc.budget_s:.0f} s of loop time crossed at step {step}")
+            log0(f"budget: {tc.budget_s:.0f} s of training crossed at step {step}")
             stop, stopped_by = True, "budget"
 
         if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps and not stop:
-            store.save(engine, step, {"step": step, "cursor": cursor.to_dict(), "best": best,
-                                      "best_step": best_step, "bad_evals": bad_evals, "run_name": run_name,
-                                      "history": history_log, "elapsed_s": time.perf_counter() - t_start},
-                       tc.keep_checkpoints)
+            with clock.paused():
+                store.save(engine, step, {"step": step, "cursor": cursor.to_dict(), "best": best,
+                                          "best_step": best_step, "bad_evals": bad_evals, "run_name": run_name,
+                                          "history": history_log, "train_s": clock.seconds()}, tc.keep_checkpoints)
             log0(f"checkpoint saved: step {step} -> {ckpt_root}/{ckpt.tag_of(step)}")
 
     if best_step == 0:  # never validated: the final weights are the export
@@ -253,11 +254,10 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     # ----- 7. the end: test evaluation on rank 0 ------------------------------------------------------------
     if not main:
         return None
-    elapsed = time.perf_counter() - t_start
     summary = finish(cfg, dataset, run_name, run_dir, tracker, history_log, best_step, best, device,
-                     {"steps": step, "stopped_by": stopped_by, "budget_s": tc.budget_s, "elapsed_s": elapsed,
-                      "valid_s": valid_s, "samples_per_s": tc.batch_size * (step - step0) /
-                      max(elapsed - elapsed0 - valid_s, 1e-9), "history_length": H})
+                     {"steps": step, "stopped_by": stopped_by, "budget_s": tc.budget_s, "train_s": clock.seconds(),
+                      "paused_s": clock.paused_s, "history_length": H, "threads": torch.get_num_threads(),
+                      "samples_per_s": tc.batch_size * (step - step0) / max(clock.seconds() - trained_s, 1e-9)})
     tracker.close("FINISHED")
     return summary
 
@@ -312,14 +312,32 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
     return {"run_name": run_name, "run_dir": run_dir, "mlflow_run_id": tracker.run_id, **results}
 
 
-def _clock(tc: Any, t_start: float, t_valid: float, device: torch.device) -> tuple[bool, bool]:
-    """``(over budget, validation due by time)`` as rank 0's clock says (broadcast, so every rank stops and validates
-    at the same step); no collective when neither ``train.budget_s`` nor ``train.eval_every_s`` is set."""
+class _TrainClock:
+    """Training seconds of the loop: wall time less validations and checkpoints (:meth:`paused` around them), so a
+    budget measures the model's training, not how often the harness validates it."""
+
+    def __init__(self, before: float = 0.0):
+        self.before, self.start, self.paused_s = before, time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start - self.paused_s
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
+
+
+def _budget_flags(tc: Any, trained: float, valid_at: float, device: torch.device) -> tuple[bool, bool]:
+    """``(over train.budget_s, validation due by train.eval_every_s)`` at ``trained`` training seconds, as rank 0's
+    clock says (broadcast, so every rank stops and validates at the same step); no collective when neither is set."""
     if not tc.budget_s and not tc.eval_every_s:
         return False, False
-    now = time.perf_counter()
-    flags = torch.tensor([float(bool(tc.budget_s) and now - t_start >= tc.budget_s),
-                          float(bool(tc.eval_every_s) and now - t_valid >= tc.eval_every_s)], device=device)
+    flags = torch.tensor([float(bool(tc.budget_s) and trained >= tc.budget_s),
+                          float(bool(tc.eval_every_s) and trained - valid_at >= tc.eval_every_s)], device=device)
     tdist.broadcast(flags, src=0)
     return bool(flags[0]), bool(flags[1])
 

@@ -1,0 +1,270 @@
+"""Every model under the same compute: a wall-clock training budget per model, the best model on validation tested.
+
+    python benchmarks/leaderboard.py --config configs/beauty.yaml --budget-min 30 [--threads 2]
+        [--models sasrec,car,tiger,unger] [--sizes auto|cpu|paper] [--valid-every-min M] [--prefix leaderboard]
+        [--out F] [--plot F] [--sasrec k=v ...] [--car k=v ...] [--tiger k=v ...] [--unger k=v ...]
+        [--stage1 k=v ...] [key=value ...]
+
+Each model is one real ``jobs/train.py`` run with ``train.budget_s`` = the budget: the loop stops after the step that
+crosses it (training seconds: validations and checkpoints are not counted, so a beam-search model is not charged for
+its slower validation), validates there, and the best model on validation is evaluated on the test split exactly as
+at the end of any run. Validation runs every ``--valid-every-min`` training minutes (default budget / 6, so every
+model gets about six points on the curve). Every run gets the same threads (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``
+= ``--threads``, recorded with torch's own count in each row).
+
+Rows: SASRec (full softmax over items, its paper's 50-item history), CAR fast and CAR slow (one trained model, two
+inference rules; the slow weight chosen on validation), TIGER, and UNGER. UNGER's Stage I (``jobs/tokenize.py``,
+method unger) runs first and its seconds count in UNGER's budget: Stage II gets the budget less Stage I's time, and
+UNGER's curve starts at Stage I's minutes. CAR and UNGER read ``configs/<dataset>/{car,unger}.yaml`` when present
+(their tuned warm-up and Stage I settings), the others the ``--config`` file. SASRec, CAR and TIGER share the
+dataset config's semantic IDs (our own codes); a missing dataset or codes are made first (prepare, tokenize).
+
+Sizes: ``paper`` runs every model at its config's sizes (the papers'); ``cpu`` shrinks CAR and TIGER to what trains
+usefully on a few cores (README's small CAR: d 64, 2 layers; TIGER at UNGER's size) and decodes beams of 20;
+``auto`` = paper when CUDA is present, else cpu.
+
+Report: test R/N@5/10/20, parameters, samples/s, steps done, and the training minutes each model needed to reach
+SASRec's best validation NDCG@10 (the one its tested model has); one picture of validation NDCG@10 against training
+minutes, every model on one axis. Prints the table, writes ``benchmarks/results/leaderboard_<dataset>.json`` and the
+PNG beside it, and logs one MLflow parent run (picture, table and JSON as artifacts) with a child run per row. A
+finished run of the same name is read back, not trained again (``benchmarks/_jobs.py``).
+"""
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from benchmarks._jobs import REPO, run, train_once, write_result  # noqa: E402
+
+MODELS = ("sasrec", "car", "tiger", "unger")
+LABELS = {"sasrec": "SASRec (full softmax)", "car_fast": "CAR fast", "car_slow": "CAR slow", "tiger": "TIGER",
+          "unger": "UNGER (Stage I + II)"}
+KEYS = ["recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20"]
+# What trains usefully on a few CPU cores within minutes; the papers' sizes (the configs') need a GPU.
+CPU_SIZES = {
+    # README's small CAR row (Beauty): d 64, 2 layers, batch 128
+    "car": ["model.car.d_model=64", "model.car.n_heads=4", "model.car.n_layers=2", "model.car.d_ff=256",
+            "train.batch_size=128"],
+    # TIGER at UNGER's Stage II size (UNGER Table 4: d 96, 6 heads, d_ff 256, 1 + 4 layers), beam 20 on CPU
+    "tiger": ["model.tiger.d_model=96", "model.tiger.n_heads=6", "model.tiger.head_dim=16", "model.tiger.d_ff=256",
+              "model.tiger.encoder_layers=1", "model.tiger.decoder_layers=4", "model.tiger.dropout=0.0",
+              "evaluate.beam_width=20"],
+    "unger": ["evaluate.beam_width=20"],
+    "sasrec": [],
+}
+
+
+def model_config(config: str, model: str) -> str:
+    """``configs/<dataset>/<model>.yaml`` beside ``configs/<dataset>.yaml`` when it exists, else the dataset's."""
+    stem = os.path.splitext(config)[0]
+    own = os.path.join(stem, f"{model}.yaml")
+    return own if model in ("car", "unger") and os.path.exists(os.path.join(REPO, own)) else config
+
+
+def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Training minutes of the first validation at or above ``target`` (``None`` when none is)."""
+    return next((m for m, v in curve if v >= target), None)
+
+
+def curve_of(history: list[dict], offset_min: float = 0.0) -> list[tuple[float, float]]:
+    """``(training minutes, validation NDCG@10)`` of every validation of a run's history."""
+    return [(offset_min + row["elapsed_s"] / 60, row["valid/ndcg@10"]) for row in history
+            if "valid/ndcg@10" in row and "elapsed_s" in row]
+
+
+def table_lines(rows: dict) -> list[str]:
+    head = ("| model | " + " | ".join(k.replace("recall", "R").replace("ndcg", "N") for k in KEYS)
+            + " | params | samples/s | steps | stopped by | train min | min to SASRec's valid N@10 |")
+    lines = [head, "|---|" + "---|" * (len(KEYS) + 6)]
+    for name, r in rows.items():
+        reach = "-" if r["minutes_to_sasrec"] is None else f"{r['minutes_to_sasrec']:.2f}"
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(f"{r['test'][k]:.4f}" for k in KEYS)
+                     + f" | {r['parameters']:,} | {r['samples_per_s']:.0f} | {r['steps']} | {r['stopped_by']} | "
+                       f"{r['train_minutes']:.2f} | {reach} |")
+    return lines
+
+
+def plot(rows: dict, path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in rows.items():
+        if name == "car_slow":  # the same training as CAR fast (validation ranks with the fast rule)
+            continue
+        xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot(xs, ys, marker="o", markersize=3, label=LABELS.get(name, name).replace("CAR fast", "CAR"))
+    ax.set_xlabel("training minutes (validation not counted)")
+    ax.set_ylabel("validation NDCG@10")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_mlflow(cfg, title: str, rows: dict, settings: dict, files: list[str]) -> str | None:
+    """One parent run (settings, picture, table, JSON) with a child run per row; returns the parent's id."""
+    if not cfg.tracking.enabled:
+        return None
+    import mlflow
+
+    from genrec_dist.tracking import _metric_key, default_uri  # the trainer's naming: "recall@10" -> "recall_at_10"
+
+    mlflow.set_tracking_uri(default_uri(cfg))
+    mlflow.set_experiment(cfg.tracking.experiment)
+    with mlflow.start_run(run_name=f"leaderboard-{cfg.name}",
+                          tags={"genrec.job": "leaderboard", "genrec.dataset": cfg.name}) as parent:
+        mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()})
+        for name, r in rows.items():
+            with mlflow.start_run(run_name=LABELS.get(name, name), nested=True,
+                                  tags={"genrec.train_run": r["run_name"], "genrec.train_run_id": str(r["mlflow_run_id"])}):
+                mlflow.log_params({"model": name, "parameters": r["parameters"], "steps": r["steps"],
+                                   "stopped_by": r["stopped_by"], "threads": r["threads"]})
+                mlflow.log_metrics({_metric_key(f"test/{k}"): v for k, v in r["test"].items()}
+                                   | {"samples_per_s": r["samples_per_s"], "train_minutes": r["train_minutes"]}
+                                   | ({"minutes_to_sasrec": r["minutes_to_sasrec"]}
+                                      if r["minutes_to_sasrec"] is not None else {}))
+                for minutes, value in r["curve"]:  # step = training seconds
+                    mlflow.log_metric(_metric_key("valid/ndcg@10"), value, step=int(round(minutes * 60)))
+        for f in files:
+            mlflow.log_artifact(f)
+        return parent.info.run_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--config", default="configs/beauty.yaml")
+    parser.add_argument("--budget-min", type=float, default=30.0, help="training minutes per model")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of every run")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--sizes", choices=("auto", "cpu", "paper"), default="auto")
+    parser.add_argument("--valid-every-min", type=float, default=None, help="default: budget / 6")
+    parser.add_argument("--prefix", default="leaderboard", help="run names are <prefix>-<model>")
+    parser.add_argument("--out", help="default benchmarks/results/leaderboard_<dataset>.json (the PNG beside it)")
+    for m in (*MODELS, "stage1"):
+        parser.add_argument(f"--{m}", nargs="*", default=[], metavar="KEY=VALUE",
+                            help=f"overrides of the {m} run only" if m != "stage1" else "overrides of UNGER Stage I")
+    parser.add_argument("overrides", nargs="*", help="overrides of every run")
+    args = parser.parse_intermixed_args()
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown} (choose from {', '.join(MODELS)})")
+
+    import torch
+
+    from genrec_dist.config import load_config
+    from genrec_dist.training.evaluate_run import load_exported
+
+    os.chdir(REPO)  # configs' relative paths are relative to the repository root, as for the jobs
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    sizes = args.sizes if args.sizes != "auto" else ("paper" if torch.cuda.is_available() else "cpu")
+    budget_s = args.budget_min * 60
+    valid_s = (args.valid_every_min * 60) if args.valid_every_min else budget_s / 6
+    cfg = load_config(args.config, args.overrides)
+    py = sys.executable
+
+    # inputs every row shares: the dataset and our codes
+    if not os.path.exists(os.path.join(cfg.dataset_dir, "manifest.json")):
+        run([py, "jobs/prepare.py", "--config", args.config, *args.overrides])
+    if {"car", "tiger"} & set(models) and not os.path.exists(os.path.join(cfg.semantic_ids_dir, "manifest.json")):
+        run([py, "jobs/tokenize.py", "--config", args.config, *args.overrides])
+
+    common = [f"train.budget_s={budget_s}", "train.max_steps=1000000000", "train.eval_every=0",
+              f"train.eval_every_s={valid_s}", "train.patience=0", "train.checkpoint_every=0", "train.log_every=50"]
+    rows: dict[str, dict] = {}
+    for model in models:
+        config, extra, offset_s, stage1 = model_config(args.config, model), [], 0.0, None
+        if model == "unger":  # Stage I first; its seconds count in UNGER's budget
+            sids = f"{cfg.workdir}/sids/{args.prefix}-unger"
+            extra = [f"paths.semantic_ids={sids}"]
+            t0 = time.perf_counter()
+            if not os.path.exists(os.path.join(sids, "manifest.json")):
+                emb = os.path.join(load_config(args.config, args.overrides).semantic_ids_dir, "embeddings")
+                reuse = [f"tokenize.embeddings_path={emb}"] if os.path.exists(emb) else []
+                run([py, "jobs/tokenize.py", "--config", config, "tokenize.method=unger",
+                     "tokenize.unger.modality_share=false", *reuse, *args.overrides, *extra, *args.stage1])
+            stage1_file = os.path.join(sids, "leaderboard_stage1_s.json")
+            if not os.path.exists(stage1_file):  # measured once, kept with the codes for a rerun of the table
+                with open(stage1_file, "w") as fh:
+                    json.dump({"seconds": time.perf_counter() - t0}, fh)
+            with open(stage1_file) as fh:
+                offset_s = stage1 = float(json.load(fh)["seconds"])
+            if offset_s >= budget_s * 0.9:
+                raise SystemExit(f"UNGER Stage I took {offset_s / 60:.1f} min of the {args.budget_min} min budget: "
+                                 "lower tokenize.unger.steps (--stage1 tokenize.unger.steps=N)")
+        cmd = [py, "jobs/train.py", "--config", config, *args.overrides, f"train.model={model}",
+               *CPU_SIZES[model] * (sizes == "cpu"), *common, *extra,
+               *([f"train.budget_s={budget_s - offset_s}"] if offset_s else []), *getattr(args, model)]
+        res = train_once(cmd, cfg.runs_dir, f"{args.prefix}-{model}")
+        run_dir = res.get("run_dir") or os.path.join(cfg.runs_dir, res["run_name"])
+        with open(os.path.join(run_dir, "history.json")) as fh:
+            history = json.load(fh)
+        exported, meta = load_exported(run_dir)
+        loop = res.get("loop", {})
+        base = {"run_name": res["run_name"], "run_dir": run_dir, "best_step": res["best_step"],
+                "best_valid_ndcg@10": res["best_valid"], "export_step": meta.get("step"),
+                "parameters": sum(p.numel() for p in exported.parameters()), "steps": loop.get("steps"),
+                "stopped_by": loop.get("stopped_by"), "budget_s": loop.get("budget_s"),
+                "train_minutes": (loop.get("train_s", 0.0) + offset_s) / 60, "stage1_s": stage1,
+                "samples_per_s": loop.get("samples_per_s", 0.0), "threads": loop.get("threads"),
+                "history_length": loop.get("history_length"), "mlflow_run_id": _train_run_id(run_dir),
+                "curve": curve_of(history, offset_s / 60), "config": config, "command": cmd[1:]}
+        m = res["model"]
+        if model == "car":
+            w = (res.get("chosen_on_valid") or {}).get("slow_weight", {}).get("chosen")
+            rows["car_fast"] = {**base, "test": {k: m[f"fast/{k}"] for k in KEYS}}
+            rows["car_slow"] = {**base, "test": {k: m[f"slow/{k}"] for k in KEYS}, "slow_weight": w}
+        else:
+            rows[model] = {**base, "test": {k: m[k] for k in KEYS}}
+        pop = res["most_popular"]
+
+    target = rows["sasrec"]["best_valid_ndcg@10"] if "sasrec" in rows else None
+    for r in rows.values():
+        r["minutes_to_sasrec"] = first_reach(r["curve"], target) if target is not None else None
+    title = (f"{cfg.name}: {args.budget_min:g} training min per model, {args.threads} threads, sizes {sizes} "
+             f"(test split, best model on validation)")
+    lines = [title, *table_lines(rows),
+             "| most-popular | " + " | ".join(f"{pop[k]:.4f}" for k in KEYS) + " |" + " |" * 6]
+    print("\n".join(lines), flush=True)
+    out = args.out or os.path.join(REPO, "benchmarks", "results", f"leaderboard_{cfg.name}.json")
+    png = plot(rows, os.path.splitext(out)[0] + ".png", title)
+    settings = {"config": args.config, "budget_min": args.budget_min, "threads": args.threads, "sizes": sizes,
+                "valid_every_min": valid_s / 60, "models": models, "prefix": args.prefix,
+                "overrides": args.overrides, "cuda": torch.cuda.is_available(),
+                "unger_stage1": "counted in UNGER's budget (Stage II gets the rest; its curve starts after Stage I)"}
+    result = {**settings, "sasrec_best_valid_ndcg@10": target, "rows": rows, "most_popular": pop, "plot": png}
+    write_result(out, result)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = os.path.join(tmp, "leaderboard.md")
+        with open(table, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        parent = log_mlflow(cfg, title, rows, settings, [png, table, out])
+    if parent:
+        result["mlflow_parent_run_id"] = parent
+        write_result(out, result)
+
+
+def _train_run_id(run_dir: str) -> str | None:
+    """The MLflow run id the training job recorded in its ``run.json``."""
+    try:
+        with open(os.path.join(run_dir, "run.json")) as fh:
+            return json.load(fh).get("mlflow_run_id")
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

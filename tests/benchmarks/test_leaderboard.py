@@ -1,0 +1,130 @@
+"""benchmarks/leaderboard.py at toy size: every model stops on its wall-clock budget, and the reported test metrics are
+those of the export of its best validation step. Real jobs (prepare/train subprocesses), real DeepSpeed, real MLflow
+(SQLite store under the workdir); semantic IDs are a deterministic assignment in the real format (category, rank in
+category), so the test does not depend on the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from _util import REPO
+from genrec_dist.config import load_config
+from genrec_dist.data.dataset import Dataset
+from genrec_dist.data.semantic_ids import write_semantic_ids
+from genrec_dist.training.evaluate_run import evaluate_split, load_exported
+
+BUDGET_MIN = 0.08  # 4.8 s of training per model
+TINY = {
+    "sasrec": ["model.sasrec.d_model=32", "model.sasrec.d_ff=32", "model.sasrec.n_layers=1"],
+    "car": ["model.car.d_model=32", "model.car.n_heads=2", "model.car.n_layers=1", "model.car.d_ff=64"],
+    "tiger": ["model.tiger.d_model=32", "model.tiger.n_heads=2", "model.tiger.head_dim=16", "model.tiger.d_ff=64",
+              "model.tiger.encoder_layers=1", "model.tiger.decoder_layers=1", "evaluate.beam_width=10"],
+}
+
+
+def _category_codes(items: pl.DataFrame, sids_dir: str) -> None:
+    cats = items["categories"].to_list()
+    cat_id = {c: i for i, c in enumerate(sorted(set(cats)))}
+    level0 = np.array([cat_id[c] for c in cats])
+    level1 = np.zeros(len(cats), dtype=np.int64)
+    for c in set(level0):
+        idx = np.flatnonzero(level0 == c)
+        level1[idx] = np.arange(len(idx))
+    codes = np.stack([level0, level1], axis=1)
+    write_semantic_ids(sids_dir, items["item_id"].to_numpy(), codes, [len(cat_id), int(level1.max()) + 1],
+                       {"source": "test: category + rank in category"})
+
+
+@pytest.fixture(scope="module")
+def board(tiny_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("board")
+    sids = str(root / "sids")
+    _category_codes(pl.read_parquet(os.path.join(tiny_dataset, "items.parquet")), sids)
+    out = str(root / "leaderboard.json")
+    overrides = [f"workdir={root}", f"paths.dataset={tiny_dataset}", f"paths.semantic_ids={sids}",
+                 "train.batch_size=64", "train.lr=0.003", "train.warmup_steps=10"]
+    cmd = [sys.executable, "benchmarks/leaderboard.py", "--config", "configs/synthetic.yaml",
+           "--budget-min", str(BUDGET_MIN), "--valid-every-min", str(BUDGET_MIN / 4), "--threads", "1",
+           "--models", "sasrec,car,tiger", "--sizes", "paper", "--out", out,
+           *[a for m, ov in TINY.items() for a in (f"--{m}", *ov)], "--", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    with open(out) as fh:
+        return json.load(fh), proc.stdout, overrides
+
+
+def _cfg(overrides: list[str], model: str):
+    """The config a row's run was trained and tested with (the evaluation beam width included)."""
+    return load_config(os.path.join(REPO, "configs", "synthetic.yaml"), [*overrides, *TINY[model]])
+
+
+def test_every_model_stops_on_its_budget(board):
+    result, stdout, _ = board
+    rows = result["rows"]
+    assert set(rows) == {"sasrec", "car_fast", "car_slow", "tiger"}
+    assert result["threads"] == 1
+    for name, r in rows.items():
+        with open(os.path.join(r["run_dir"], "metrics.json")) as fh:
+            loop = json.load(fh)["loop"]
+        assert loop["stopped_by"] == "budget", (name, loop)
+        assert loop["budget_s"] == pytest.approx(BUDGET_MIN * 60)
+        # the step that crossed the budget was the last: training time is past it, and not by much more than a step
+        assert BUDGET_MIN * 60 <= loop["train_s"] < BUDGET_MIN * 60 + 5, (name, loop)
+        assert r["steps"] == loop["steps"] > 0 and r["threads"] == 1
+        assert r["samples_per_s"] > 0 and r["parameters"] > 0
+        # validations at about every budget/4 of training, the last at the step that crossed the budget
+        assert len(r["curve"]) >= 3, (name, r["curve"])
+        with open(os.path.join(r["run_dir"], "history.json")) as fh:
+            valid = [h for h in json.load(fh) if "valid/ndcg@10" in h]
+        assert valid[-1]["step"] == loop["steps"]
+    assert rows["sasrec"]["history_length"] == 50 and rows["car_fast"]["history_length"] == 20
+    # one table row per model and the picture beside the JSON
+    for label in ("SASRec", "CAR fast", "CAR slow", "TIGER", "most-popular"):
+        assert f"| {label}" in stdout
+    assert os.path.getsize(result["plot"]) > 1000
+
+
+def test_reported_metrics_are_the_best_validation_export(board):
+    result, _, overrides = board
+    for name in ("sasrec", "car_fast", "tiger"):
+        cfg = _cfg(overrides, name.split("_")[0])
+        dataset = Dataset.open(cfg.dataset_dir)
+        r = result["rows"][name]
+        with open(os.path.join(r["run_dir"], "history.json")) as fh:
+            valid = [h for h in json.load(fh) if "valid/ndcg@10" in h]
+        best = max(valid, key=lambda h: h["valid/ndcg@10"])  # the first of ties, as the trainer keeps it
+        assert r["best_step"] == r["export_step"] == best["step"], name
+        assert r["best_valid_ndcg@10"] == pytest.approx(best["valid/ndcg@10"])
+        model, _ = load_exported(r["run_dir"])
+        again = evaluate_split(model, dataset, cfg, "test", torch.device("cpu"))["model"]
+        prefix = "fast/" if name == "car_fast" else ""
+        for k, v in r["test"].items():
+            assert again[prefix + k] == pytest.approx(v, abs=1e-9), (name, k)
+            if name == "car_fast":
+                assert result["rows"]["car_slow"]["test"][k] == pytest.approx(again[f"slow/{k}"], abs=1e-9)
+
+
+def test_one_mlflow_parent_run_with_a_child_per_row(board):
+    import mlflow
+
+    result, _, overrides = board
+    cfg = _cfg(overrides, "sasrec")
+    client = mlflow.MlflowClient(f"sqlite:///{os.path.join(os.path.abspath(cfg.workdir), 'mlflow.db')}")
+    parent = client.get_run(result["mlflow_parent_run_id"])
+    assert parent.data.params["budget_min"] == str(BUDGET_MIN)
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["CAR fast", "CAR slow", "SASRec (full softmax)", "TIGER"]
+    for c in children:
+        row = next(r for n, r in result["rows"].items() if c.data.tags["genrec.train_run"] == r["run_name"])
+        assert c.data.params["steps"] == str(row["steps"])
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.png", "leaderboard.md", "leaderboard.json"} <= names
