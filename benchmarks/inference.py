@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._jobs import write_result  # noqa: E402
-from genrec_dist.config import load_config, to_dict  # noqa: E402
+from genrec_dist.config import load_config, model_history, to_dict  # noqa: E402
 from genrec_dist.data.dataset import Dataset  # noqa: E402
 from genrec_dist.data.semantic_ids import SemanticIds, read_semantic_ids  # noqa: E402
 from genrec_dist.evaluation.evaluate import evaluate_model  # noqa: E402
@@ -132,8 +132,8 @@ def main() -> None:
         dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
         seqs = dataset.sequences()
         # CAR and TIGER share one history length here (both model.<name>.max_history default to 20)
-        hist = dataset.history_for("model.car.max_history", cfg.model.car.max_history)
-        dataset.history_for("model.tiger.max_history", cfg.model.tiger.max_history)
+        hist = model_history("model.car.max_history", cfg.model.car.max_history, dataset)
+        model_history("model.tiger.max_history", cfg.model.tiger.max_history, dataset)
         test = D.eval_examples(seqs, hist, "test")
         test = test.take(np.arange(min(args.users, len(test))))
         batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(test, args.batch_size)]

@@ -166,7 +166,7 @@ def main() -> None:
     import torch
 
     from genrec_dist.config import load_config
-    from genrec_dist.training.evaluate_run import load_exported
+    from genrec_dist.evaluation.run import load_exported
 
     os.chdir(REPO)  # configs' relative paths are relative to the repository root, as for the jobs
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)

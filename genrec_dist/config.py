@@ -23,7 +23,7 @@ import yaml
 from genrec_dist.data.config import PrepareConfig
 from genrec_dist.models.config import ModelConfig
 from genrec_dist.training.config import EvaluateConfig, TrainConfig
-from tokenization.config import TokenizeConfig
+from genrec_dist.tokenize_config import TokenizeConfig
 
 
 class ConfigError(ValueError):
@@ -142,6 +142,12 @@ def config_from_dict(
     for item in overrides or []:
         _apply_override(cfg, item, default_section)
     return cfg
+
+
+def section_from_dict(cls: type, data: Any, source: str, key: str) -> Any:
+    """One section (dataclass ``cls``) built from its mapping, as strictly as a whole config; errors name ``source``
+    and the dotted ``key`` of the section (e.g. a run's saved ``model`` section: ``key="model"``)."""
+    return _build(cls, data, source, prefix=f"{key}." if key else "")
 
 
 def read_yaml_mapping(text: str | bytes, source: str) -> dict:
@@ -308,3 +314,15 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def model_history(field: str, wanted: int, dataset: Any) -> int:
+    """``wanted`` (a model's ``max_history``, named by ``field``) when ``dataset`` (a prepared
+    :class:`~genrec_dist.data.dataset.Dataset`) keeps that much history, else a :class:`ConfigError` naming both
+    settings, their values and the dataset: a model never gets a silently shorter history than it was configured for."""
+    if wanted > dataset.max_history:
+        raise ConfigError(
+            f"{field}={wanted} asks for more history than the dataset keeps: prepare.max_history={dataset.max_history}"
+            f" in {dataset.path}/manifest.json; prepare it again with prepare.max_history>={wanted} (and "
+            f"prepare.overwrite=true), or lower {field}")
+    return wanted

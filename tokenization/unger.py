@@ -151,7 +151,9 @@ def _device(name: str) -> torch.device:
 def stage1_history(cfg: Any, dataset: Any) -> int:
     """Stage I's DIN reads the histories Stage II will (``model.unger.max_history``, 20: UNGER §4.1.1), checked
     against what the dataset keeps."""
-    return dataset.history_for("model.unger.max_history", int(cfg.model.unger.max_history))
+    from genrec_dist.config import model_history
+
+    return model_history("model.unger.max_history", int(cfg.model.unger.max_history), dataset)
 
 
 def din_settings(cfg: Any, dataset: Any, semantic_dim: int, device: torch.device) -> dict[str, Any]:

@@ -110,19 +110,6 @@ class Dataset:
         """The longest history this dataset promises (``prepare.max_history``); sequences are stored whole."""
         return int(self.manifest["split"]["max_history"])
 
-    def history_for(self, field: str, wanted: int) -> int:
-        """``wanted`` (a model's ``max_history``, named by ``field``) when this dataset keeps that much history, else
-        a :class:`~genrec_dist.config.ConfigError` naming both settings, their values and the dataset: a model never
-        gets a silently shorter history than it was configured for."""
-        if wanted > self.max_history:
-            from genrec_dist.config import ConfigError
-
-            raise ConfigError(
-                f"{field}={wanted} asks for more history than the dataset keeps: prepare.max_history="
-                f"{self.max_history} in {self.path}/manifest.json; prepare it again with prepare.max_history>={wanted}"
-                f" (and prepare.overwrite=true), or lower {field}")
-        return wanted
-
     def tags(self) -> dict[str, str]:
         """MLflow tags naming this exact dataset, the same in every job's run (prepare, tokenize, train, evaluate):
         its path and the sha256 of its ``manifest.json`` bytes (what ``sha256sum manifest.json`` prints)."""

@@ -19,7 +19,7 @@ from _util import REPO
 from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import write_semantic_ids
-from genrec_dist.training.evaluate_run import evaluate_split, load_exported
+from genrec_dist.evaluation.run import evaluate_split, load_exported
 
 BUDGET_MIN = 0.08  # 4.8 s of training per model
 TINY = {

@@ -9,7 +9,7 @@ from _util import run_job
 from genrec_dist.config import ConfigError, load_config
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.training import data as D
-from genrec_dist.training.evaluate_run import model_history
+from genrec_dist.evaluation.run import model_history
 
 
 def test_default_dataset_keeps_sasrec_paper_history():

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from genrec_dist import reports, storage
-from genrec_dist.config import _build, config_from_dict, to_dict
+from genrec_dist.config import config_from_dict, section_from_dict, to_dict
+from genrec_dist.config import model_history as check_history  # (the name model_history is this module's)
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.evaluation.popular import MostPopular
@@ -44,7 +45,7 @@ def load_exported(run_dir: str, storage_cfg: Any = None,
         from genrec_dist.data.semantic_ids import read_semantic_ids
 
         sids = read_semantic_ids(sids_dir, storage_cfg)
-    model_cfg = _build(ModelConfig, meta["model_config"], f"{run_dir}/model/model.json", "model.")
+    model_cfg = section_from_dict(ModelConfig, meta["model_config"], f"{run_dir}/model/model.json", "model")
     for key, value in (inference or {}).items():
         setattr(getattr(model_cfg, meta["model"]), key, value)
     model = build_model(meta["model"], model_cfg, int(meta["num_items"]), sids)
@@ -77,12 +78,12 @@ def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir:
 def model_history(cfg: Any, model: str, dataset: Dataset) -> int:
     """The history length model ``model`` is configured for (``model.<model>.max_history``), checked against what
     ``dataset`` keeps (a config error naming both when the model asks for more)."""
-    return dataset.history_for(f"model.{model}.max_history", int(getattr(cfg.model, model).max_history))
+    return check_history(f"model.{model}.max_history", int(getattr(cfg.model, model).max_history), dataset)
 
 
 def _history(model: torch.nn.Module, dataset: Dataset) -> int:
     """An exported model's own history length (its saved config), checked against ``dataset``."""
-    return dataset.history_for(f"model.{type(model).__name__.lower()}.max_history", int(model.cfg.max_history))
+    return check_history(f"model.{type(model).__name__.lower()}.max_history", int(model.cfg.max_history), dataset)
 
 
 def _split_batches(seqs: Any, dataset: Dataset, cfg: Any, split: str,
