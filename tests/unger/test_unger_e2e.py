@@ -87,7 +87,8 @@ def _train_and_eval(sids, ds, steps=600, ikd=1.0, seed=0):
     torch.manual_seed(seed)
     model = build_model("unger", cfg, ds.num_items, sids)
     seqs = ds.sequences()
-    tr, te = train_examples(seqs, ds.max_history), eval_examples(seqs, ds.max_history, "test")
+    h = cfg.unger.max_history  # the model's own history (20), not the longest the dataset keeps
+    tr, te = train_examples(seqs, h), eval_examples(seqs, h, "test")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(seed)
     model.train()
