@@ -73,15 +73,17 @@ def test_every_shipped_config_loads(path):
 
 
 def test_beauty_configs_read_the_codes_their_tokenize_command_writes():
-    """Until Beauty's item text is in ../shared/data its codes are the shared index, imported: the header commands
-    (tokenize, then train, same config) must meet in one directory without a paths override."""
+    """Beauty is read from the published Amazon 2014 files and tokenized by our own pipeline: the header commands
+    (tokenize, then train, same config) must meet in one directory without a paths override, and the files exist."""
     for name in ("beauty.yaml", "beauty/car.yaml"):
         cfg = load_config(os.path.join(REPO, "configs", name))
-        assert cfg.tokenize.method == "import" and cfg.semantic_ids_dir.endswith("sids/import")
-        index = os.path.join(REPO, cfg.tokenize.index_path)  # relative to the repository root, as input_dir
-        assert os.path.normpath(index).startswith(os.path.normpath(os.path.join(REPO, "..", "shared", "data")))
-        assert os.path.normpath(os.path.join(REPO, cfg.prepare.input_dir)) == os.path.dirname(
-            os.path.dirname(os.path.dirname(os.path.normpath(index))))
+        assert cfg.prepare.source == "amazon2014" and cfg.prepare.name == "Beauty"
+        assert cfg.tokenize.method == "rkmeans" and cfg.semantic_ids_dir.endswith("sids/rkmeans")
+        data = os.path.normpath(os.path.join(REPO, cfg.prepare.input_dir))  # relative to the repository root
+        assert data == os.path.normpath(os.path.join(REPO, "..", "shared", "data", "beauty"))
+        if os.path.isdir(data):  # the shared data is there on the development machines and in CI
+            assert {"reviews_Beauty_5.json.gz", "meta_Beauty.json.gz"} <= set(os.listdir(data))
+    assert load_config(os.path.join(REPO, "configs", "beauty", "unger.yaml")).semantic_ids_dir.endswith("sids/unger")
 
 
 def test_a_jobs_deciding_setting_is_also_a_flag(capsys):
