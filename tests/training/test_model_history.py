@@ -49,7 +49,7 @@ def test_train_job_refuses_a_short_dataset(tmp_path):
     cfg = ["--config", "configs/synthetic.yaml", f"workdir={tmp_path}", "prepare.synthetic.num_items=60",
            "prepare.synthetic.num_users=80", "prepare.num_shards=1", "tracking.enabled=false"]
     run_job("prepare", *cfg, "prepare.max_history=20")
-    proc = run_job("train", *cfg, "train.model=sasrec", "train.max_steps=2", check=False, timeout=300)
+    proc = run_job("train", *cfg, "train.model=sasrec", "train.max_steps=2", check=False, timeout=900)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "model.sasrec.max_history=50" in last and "prepare.max_history=20" in last
