@@ -47,6 +47,12 @@ MODELS = ("sasrec", "car", "tiger", "unger")
 LABELS = {"sasrec": "SASRec (full softmax)", "car_fast": "CAR fast", "car_slow": "CAR slow", "tiger": "TIGER",
           "unger": "UNGER (Stage I + II)"}
 KEYS = ["recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20"]
+# Optimizer settings of a model's own paper where the dataset config carries another model's (the configs' train
+# section is TIGER/UNGER's: 2000 warm-up steps, UNGER Table 4, which would spend much of a short budget warming up).
+PAPER_TRAIN = {
+    # SASRec §IV-B (implementation details): Adam, lr 0.001, batch 128, no warm-up
+    "sasrec": ["train.batch_size=128", "train.lr=0.001", "train.warmup_steps=0"],
+}
 # What trains usefully on a few CPU cores within minutes; the papers' sizes (the configs') need a GPU.
 CPU_SIZES = {
     # README's small CAR row (Beauty): d 64, 2 layers, batch 128
@@ -128,8 +134,8 @@ def log_mlflow(cfg, title: str, rows: dict, settings: dict, files: list[str]) ->
                           tags={"genrec.job": "leaderboard", "genrec.dataset": cfg.name}) as parent:
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()})
         for name, r in rows.items():
-            with mlflow.start_run(run_name=LABELS.get(name, name), nested=True,
-                                  tags={"genrec.train_run": r["run_name"], "genrec.train_run_id": str(r["mlflow_run_id"])}):
+            tags = {"genrec.train_run": r["run_name"], "genrec.train_run_id": str(r["mlflow_run_id"])}
+            with mlflow.start_run(run_name=LABELS.get(name, name), nested=True, tags=tags):
                 mlflow.log_params({"model": name, "parameters": r["parameters"], "steps": r["steps"],
                                    "stopped_by": r["stopped_by"], "threads": r["threads"]})
                 mlflow.log_metrics({_metric_key(f"test/{k}"): v for k, v in r["test"].items()}
@@ -172,7 +178,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     sizes = args.sizes if args.sizes != "auto" else ("paper" if torch.cuda.is_available() else "cpu")
     budget_s = args.budget_min * 60
-    valid_s = (args.valid_every_min * 60) if args.valid_every_min else budget_s / 6
+    valid_s = round((args.valid_every_min * 60) if args.valid_every_min else budget_s / 6, 1)
     cfg = load_config(args.config, args.overrides)
     py = sys.executable
 
@@ -202,8 +208,8 @@ def main() -> None:
             if offset_s >= budget_s * 0.9:
                 raise SystemExit(f"UNGER Stage I took {offset_s / 60:.1f} min of the {args.budget_min} min budget: "
                                  "lower tokenize.unger.steps (--stage1 tokenize.unger.steps=N)")
-        cmd = [py, "jobs/train.py", "--config", config, *args.overrides, f"train.model={model}",
-               *CPU_SIZES[model] * (sizes == "cpu"), *common, *extra,
+        cmd = [py, "jobs/train.py", "--config", config, f"train.model={model}", *PAPER_TRAIN.get(model, []),
+               *args.overrides, *CPU_SIZES[model] * (sizes == "cpu"), *common, *extra,
                *([f"train.budget_s={budget_s - offset_s}"] if offset_s else []), *getattr(args, model)]
         res = train_once(cmd, cfg.runs_dir, f"{args.prefix}-{model}")
         run_dir = res.get("run_dir") or os.path.join(cfg.runs_dir, res["run_name"])
