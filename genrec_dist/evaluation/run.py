@@ -18,8 +18,7 @@ from genrec_dist.config import config_from_dict, section_from_dict, to_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.evaluation.popular import MostPopular
-from genrec_dist.models import build_model
-from genrec_dist.models.config import INFERENCE_FIELDS, ModelConfig
+from genrec_dist.models import ModelConfig, build_model, inference_fields
 from genrec_dist.tracking import default_uri, make_tracker, run_tags
 from genrec_dist.training import data as D
 from genrec_dist.training import runs
@@ -55,10 +54,10 @@ def load_exported(run_dir: str, storage_cfg: Any = None,
 def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir: str,
                         exported: dict[str, Any]) -> dict[str, Any]:
     """The command line's ``model.<model>.<field>=value`` overrides as ``{field: parsed value}``. Inference-time
-    fields (:data:`~genrec_dist.models.config.INFERENCE_FIELDS`) may change for a trained model; another field may
+    fields (``INFERENCE`` in the model config's field metadata) may change for a trained model; another field may
     be given only with the value the model was trained with (so the same overrides can go to every job, as
     scripts/demo.sh does), else it is an error naming it. Other models' sections do not concern this run."""
-    allowed = INFERENCE_FIELDS.get(model, ())
+    allowed = inference_fields(model)
     out: dict[str, Any] = {}
     for item in overrides:
         parts = item.split("=", 1)[0].strip().split(".")

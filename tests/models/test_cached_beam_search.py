@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from genrec_dist.data.semantic_ids import SemanticIds
-from genrec_dist.models import build_model
+from genrec_dist.models import ModelConfig, build_model
 from genrec_dist.models.beam_search import BeamResult
 from genrec_dist.models.blocks import TransformerStack
-from genrec_dist.models.config import CARConfig, ModelConfig, TigerConfig, UngerConfig
+from genrec_dist.models.config import CARConfig, TigerConfig, UngerConfig
 
 from toys import make_sids, successor_batch
 

@@ -21,8 +21,7 @@ from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import read_semantic_ids
 from genrec_dist.evaluation.evaluate import evaluate_model
 from genrec_dist.evaluation.popular import MostPopular
-from genrec_dist.models import build_model
-from genrec_dist.models.config import ModelConfig
+from genrec_dist.models import ModelConfig, build_model
 from genrec_dist.training.data import eval_examples, train_examples
 from tokenization.embedding_store import read_embeddings
 
