@@ -10,9 +10,10 @@ from typing import Literal
 
 @dataclass
 class UngerStage1Config:
-    """UNGER Stage I (tokenize.method=unger; run by tokenization/unger.py). ``source`` picks the embeddings quantised into
-    codes, the ablations of UNGER Table 7: unified (DIN + MAL + CKA, the paper), semantic (text embeddings only),
-    collab (DIN only), concat (PCA of the text embeddings to ``dim``, both L2-normalised, concatenated, §4.3)."""
+    """UNGER Stage I (tokenize.method=unger, run by tokenization/unger.py). ``source`` picks the embeddings
+    quantised into codes, the ablations of UNGER Table 7: unified (DIN + MAL + CKA, the paper), semantic (text
+    embeddings only), collab (DIN only), concat (PCA of the text embeddings to ``dim``, both L2-normalised,
+    concatenated, §4.3)."""
 
     source: Literal["unified", "semantic", "collab", "concat"] = "unified"
     dim: int = 96  # UNGER Table 4: embedding dimension 96 (= EAGER's DIN emb_dim, ANCHORS.md B)

@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterator, Protocol
 from genrec_dist import spool as spool_file
 from genrec_dist import storage
 from genrec_dist.config import flatten, to_dict
+from genrec_dist.errors import GenrecError
 
 # MLflow 3 opens an experiment in its GenAI view unless the experiment says it holds model training runs.
 _KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
@@ -65,7 +66,7 @@ _CLOSE = object()  # queue sentinel: close() asks the delivery thread to finish
 _log = logging.getLogger("genrec_dist.tracking")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(GenrecError, RuntimeError):
     """The tracking server could not be reached when the run had to start, or a replay could not finish."""
 
 

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:  # the annotation only: the semantic-ID format pulls in storage, fsspec and Polars
     from genrec_dist.data.semantic_ids import SemanticIds
+from genrec_dist.errors import ConfigError
 from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
 from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
                                        attention_mask, init_weights)
@@ -127,7 +128,7 @@ class CAR(nn.Module):
             codes, sizes = codes[:, :-1], sizes[:-1]  # CAR's uid disambiguates (SPEC stage 2)
         if cfg.levels:
             if not 1 <= cfg.levels <= len(sizes):
-                raise ValueError(f"model.car.levels={cfg.levels} but the semantic IDs have {len(sizes)} levels")
+                raise ConfigError(f"model.car.levels={cfg.levels} but the semantic IDs have {len(sizes)} levels")
             codes, sizes = codes[:, : cfg.levels], sizes[: cfg.levels]
         self.cfg = cfg
         self.num_items = int(codes.shape[0]) - 1

@@ -29,6 +29,7 @@ from genrec_dist import storage
 from genrec_dist.config import Config, flatten, marked_fields, read_yaml_mapping, to_dict, with_resolved_paths
 from genrec_dist.data.dataset import MANIFEST_TAG, Dataset
 from genrec_dist.data.semantic_ids import read_semantic_ids
+from genrec_dist.errors import GenrecError
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -37,8 +38,16 @@ CONFIG_FILE = "config.yaml"
 NOT_COMPARED = tuple(marked_fields(Config, "identifies_run", False))
 
 
-class RunConfigError(ValueError):
+class RunConfigError(GenrecError, ValueError):
     """A command names an existing run but configures it differently (one line naming every field)."""
+
+
+class RunNotFoundError(GenrecError, FileNotFoundError):
+    """``--resume`` / ``--run`` names no run there is."""
+
+
+class RunExistsError(GenrecError, FileExistsError):
+    """A new run would take the name of an existing one."""
 
 
 def new_run_name(model: str) -> str:
@@ -82,11 +91,11 @@ def resolve_resume(cfg: Any) -> str:
                 if meta and meta.get("model") == cfg.train.model:
                     runs.append((meta.get("created", ""), base))
         if not runs:
-            raise FileNotFoundError(f"--resume latest: no {cfg.train.model} run under {cfg.runs_dir}")
+            raise RunNotFoundError(f"--resume latest: no {cfg.train.model} run under {cfg.runs_dir}")
         return max(runs)[1]
     name = want.rstrip("/").rsplit("/", 1)[-1]
     if read_run(run_dir(cfg, name), cfg.storage) is None:
-        raise FileNotFoundError(f"--resume {want}: no run '{name}' under {cfg.runs_dir} (no {RUN_FILE})")
+        raise RunNotFoundError(f"--resume {want}: no run '{name}' under {cfg.runs_dir} (no {RUN_FILE})")
     return name
 
 
@@ -162,7 +171,7 @@ def resolve_run_name(cfg: Any) -> tuple[str, bool]:
     name = cfg.train.run_name
     if name and read_run(run_dir(cfg, name), cfg.storage) is not None:
         # A second run in the same dir would mix its export, metrics and history with the first one's.
-        raise FileExistsError(f"train.run_name={name}: a run of that name exists under {cfg.runs_dir} ({RUN_FILE}); "
+        raise RunExistsError(f"train.run_name={name}: a run of that name exists under {cfg.runs_dir} ({RUN_FILE}); "
                               f"continue it with --resume {name} or choose another name")
     return name or new_run_name(cfg.train.model), False
 

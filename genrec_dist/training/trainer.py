@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,7 +32,6 @@ from genrec_dist import reports, storage
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.models import build_model, needs_semantic_ids, trains_every_position
-from genrec_dist.tracking import make_tracker
 from genrec_dist.training import checkpoint as ckpt
 from genrec_dist.training import data as D
 from genrec_dist.training import runs
@@ -44,8 +43,10 @@ from genrec_dist.training.export import (consolidated_state_dict, model_meta, mo
                                          write_model)
 
 
-def train_worker(cfg: Any) -> dict[str, Any] | None:
-    """Train ``cfg.train.model`` as this process's rank. Returns the run summary on rank 0, None elsewhere."""
+def train_worker(cfg: Any, tracking: Callable) -> dict[str, Any] | None:
+    """Train ``cfg.train.model`` as this process's rank. Returns the run summary on rank 0, None elsewhere.
+    ``tracking`` (the job's, e.g. ``genrec_dist.tracking.make_tracker``) makes this rank's tracker once the run is
+    known (MLflow on rank 0, a null tracker elsewhere)."""
     import deepspeed
 
     tc = cfg.train
@@ -75,7 +76,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     prior = runs.read_run(run_dir, cfg.storage) if resuming and main else None
 
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
-    tracker = make_tracker(cfg, "train", rank, run_name=run_name,
+    tracker = tracking(cfg, "train", rank, run_name=run_name,
                            extra_tags={**dataset.tags(), "genrec.run_dir": run_dir, "genrec.model": tc.model},
                            run_id=(prior or {}).get("mlflow_run_id"), spool_dir=run_dir)
     if main:
