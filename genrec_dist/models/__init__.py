@@ -51,7 +51,9 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "tiger": ModelSpec(TigerConfig, "genrec_dist.models.tiger:Tiger", codes=SEMANTIC_IDS),
     "sasrec": ModelSpec(SASRecConfig, "genrec_dist.models.sasrec:SASRec"),
-    "car": ModelSpec(CARConfig, "genrec_dist.models.car:CAR", codes=SEMANTIC_IDS,
+    "car": ModelSpec(CARConfig, lambda section: {"car": "genrec_dist.models.car:CAR",
+                                                 "ar": "genrec_dist.models.car_ar:CARAR"}[section.mode],
+                     codes=SEMANTIC_IDS,
                      every_position=lambda section: section.all_positions),
     "unger": ModelSpec(UngerConfig, "genrec_dist.models.unger:Unger", codes=UNIFIED_CODES),
 }
