@@ -56,7 +56,7 @@ class TrackingConfig:
     # Groups the runs of one pipeline (prepare/tokenize/train/evaluate) in the UI; empty: derived from workdir.
     pipeline: str = ""
     # An unreachable server never stops the job: items wait in <run dir>/tracking_spool-<run id>.jsonl and are
-    # delivered in order once it answers (genrec_dist/tracking.py). At the end the job waits this long for it;
+    # delivered in order once it answers (genrec_dist/tracking/). At the end the job waits this long for it;
     # what is left stays in the spool (python -m genrec_dist.tracking replay <spool>).
     flush_timeout_s: float = 60.0
     # One request's limit (MLflow's own default is 120 s, retried 7 times); then the item waits in the spool.
