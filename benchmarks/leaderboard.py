@@ -126,7 +126,8 @@ def log_mlflow(cfg, title: str, rows: dict, settings: dict, files: list[str]) ->
         return None
     import mlflow
 
-    from genrec_dist.tracking import _metric_key, default_uri  # the trainer's naming: "recall@10" -> "recall_at_10"
+    from genrec_dist.tracking import default_uri
+    from genrec_dist.tracking.mlflow_client import _metric_key  # the trainer's naming: "recall@10" -> "recall_at_10"
 
     mlflow.set_tracking_uri(default_uri(cfg))
     mlflow.set_experiment(cfg.tracking.experiment)

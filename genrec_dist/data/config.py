@@ -49,7 +49,7 @@ class PrepareConfig:
     # Sentence-T5 in TIGER/UNGER/CAR embeds title, brand, categories (and description, UNGER §4.1.3).
     text_template: str = "{title}. Brand: {brand}. Categories: {categories}. {description}"
     max_text_chars: int = 2000
-    # Leave-one-out split: last item test, second to last valid (TIGER §4.1; UNGER §4.1.1; CAR, ANCHORS A.3).
+    # Leave-one-out split: last item test, second to last valid (TIGER §4.1; UNGER §4.1.1; CAR's setup follows TIGER).
     # The longest history (items) this dataset promises its models: sequences are stored whole, and each model cuts
     # its examples to its own ``model.<name>.max_history``; a model asking for more is a config error. 50 so that
     # SASRec runs at its paper's n=50 on Amazon (SASRec §IV-B, implementation details); TIGER/UNGER/CAR use 20.
