@@ -44,7 +44,7 @@ class SASRecConfig:
     n_layers: int = 2  # SASRec: b=2 self-attention blocks
     d_ff: int = 64  # SASRec §III: the point-wise FFN's W1, W2 are d x d
     dropout: float = 0.5  # SASRec: 0.5 on the sparse Amazon sets (0.2 on MovieLens-1M)
-    max_history: int = 50  # SASRec §IV-B (implementation details): n=50 on the Amazon sets (prepare.max_history keeps 50)
+    max_history: int = 50  # SASRec §IV-B: n=50 on Amazon (prepare.max_history keeps 50 for it)
     # Full-softmax CE over the catalog is far stronger than the paper's BCE with one negative (numbers:
     # docs/results.md); 'sampled' (uniform negatives, accidental hits masked) is for
     # catalogs too large for a (B, num_items) logit matrix.
