@@ -62,6 +62,7 @@ from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
 from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
                                        attention_mask, init_weights)
 from genrec_dist.models.config import CARConfig
+from genrec_dist.models.ranking import blockwise_topk, logsumexp_blocks
 
 NEG_INF = float("-inf")
 
@@ -316,15 +317,43 @@ class CAR(nn.Module):
         return score
 
     @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int, inference: str | None = None,
-                  beam_width: int | None = None) -> torch.Tensor:
-        """The k best distinct items (B, k), best first; 0 where fewer exist."""
+    def topk(self, history: torch.Tensor, k: int, inference: str | None = None, beam_width: int | None = None,
+             block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best distinct items (B, k) and their scores (B, k), best first; 0 / -inf where fewer exist.
+
+        CAR: the scores of :meth:`scores` (log-probs), computed ``block`` items at a time with a running top-k merge
+        (:func:`~genrec_dist.models.ranking.blockwise_topk`), so no (B, N) matrix is built. Items are ranked by the
+        unnormalised score (uid logit + slow_weight x SID log-probs); the log-partition of the uid softmax, summed
+        from each block's logsumexp, is subtracted from the k winners only. ``mode: ar``: the beam's items and their
+        beam log-probs."""
         if self.cfg.mode == "ar":
             width = max(beam_width or self.cfg.beam_width, k)
             result = self.beam_search(history, width)
-            return self.trie.items_of(result.leaves, result.valid, k)
-        top = self.scores(history, inference).topk(min(k, self.num_items), dim=1).indices  # (B, min(k, N))
-        return F.pad(top, (0, k - top.shape[1])) if top.shape[1] < k else top
+            return self.trie.items_and_scores(result.leaves, result.scores, k)
+        inference = inference or self.cfg.inference
+        if inference not in _INFERENCES:
+            raise ValueError(f"inference must be one of {'|'.join(_INFERENCES)}, got {inference!r}")
+        history = self._history(history)
+        h = self.encode(history, self.cfg.max_history - history.shape[1])[:, -1, -1]  # (B, D)
+        sid_logp = ([logits.float().log_softmax(dim=-1) for logits in self.sid_logits_all(h)]  # L x (B, K_l)
+                    if inference == "slow" else [])
+        lses: list[torch.Tensor] = []  # (B,) per block; the padding column (-inf) adds nothing
+
+        def score_block(lo: int, hi: int) -> torch.Tensor:
+            logits = self._uid_out().scores(h, lo, hi).float()  # (B, hi - lo)
+            lses.append(logits.logsumexp(dim=-1))
+            for level, logp in enumerate(sid_logp):
+                logits = logits + self.cfg.slow_weight * logp[:, self.codes[lo:hi, level]]
+            return logits
+
+        items, keys = blockwise_topk(score_block, self.num_items, k, h.shape[0], h.device, block)
+        return items, keys - logsumexp_blocks(lses)[:, None]
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int, inference: str | None = None,
+                  beam_width: int | None = None, block: int | None = None) -> torch.Tensor:
+        """The k best distinct items (B, k), best first; 0 where fewer exist."""
+        return self.topk(history, k, inference, beam_width, block)[0]
 
     @torch.no_grad()
     def beam_search(self, history: torch.Tensor, beam_width: int, use_cache: bool = True) -> BeamResult:

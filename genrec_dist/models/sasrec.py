@@ -17,10 +17,12 @@ from torch import nn
 from genrec_dist.models.blocks import (PositionalEmbedding, TiedEmbedding, TransformerStack, attention_mask,
                                        init_weights)
 from genrec_dist.models.config import SASRecConfig
+from genrec_dist.models.ranking import blockwise_topk
 
 
 class SASRec(nn.Module):
-    """``forward(history (B, T), target (B,)) -> {"loss"}``; ``recommend(history, k) -> (B, k)`` item ids.
+    """``forward(history (B, T), target (B,)) -> {"loss"}``; ``topk(history, k) -> (items, scores)`` and
+    ``recommend(history, k) -> (B, k)`` item ids.
 
     ``history`` holds item ids 1..num_items, left-padded with 0, most recent last; histories longer than
     ``cfg.max_history`` keep their last ``max_history`` items.
@@ -71,10 +73,15 @@ class SASRec(nn.Module):
         return {"loss": F.cross_entropy(logits.float(), torch.zeros_like(target))}
 
     @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:
+    def topk(self, history: torch.Tensor, k: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k highest-scoring items (B, k) and their logits (B, k), best first (lower id first on ties); 0 / -inf
+        where the catalog has fewer than k items. The catalog is scored ``block`` items at a time
+        (:func:`~genrec_dist.models.ranking.blockwise_topk`), never as one (B, N) matrix."""
+        h = self.hidden(history)  # (B, D)
+        return blockwise_topk(lambda lo, hi: self.item_emb.scores(h, lo, hi), self.num_items, k, h.shape[0],
+                              h.device, block)
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
         """The k highest-scoring items (B, k), best first; 0 where the catalog has fewer than k items."""
-        scores = self.scores(history)
-        top = scores.topk(min(k, self.num_items), dim=1).indices  # (B, min(k, N))
-        if top.shape[1] < k:
-            top = F.pad(top, (0, k - top.shape[1]))
-        return top
+        return self.topk(history, k, block)[0]

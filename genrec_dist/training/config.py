@@ -76,3 +76,6 @@ class EvaluateConfig:
     beam_width: int = 0
     batch_size: int = 256
     split: Literal["test", "valid"] = "test"
+    # Full-catalog ranking scores this many items at a time with a running top-k merge, so memory is one
+    # (batch_size, score_block) float32 matrix (256 x 65536 = 64 MiB) whatever the catalog size; 0 = one block.
+    score_block: int = 65536

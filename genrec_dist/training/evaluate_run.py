@@ -26,11 +26,15 @@ from genrec_dist.training import runs
 from genrec_dist.training.export import model_semantic_ids, read_meta, read_model
 
 
-def recommend_kwargs(model: torch.nn.Module, beam_width: int) -> dict[str, Any]:
-    """``beam_width`` for models whose ``recommend`` takes it (beam search) when the evaluation sets one (> 0);
-    otherwise nothing, so the model uses its own configured width."""
+def recommend_kwargs(model: torch.nn.Module, beam_width: int, score_block: int | None = None) -> dict[str, Any]:
+    """``beam_width`` for models whose ``recommend`` takes it (beam search) when the evaluation sets one (> 0),
+    ``block`` for models that rank the catalog block-wise when ``score_block`` is set; otherwise nothing, so the
+    model uses its own configured width and the default block."""
     params = inspect.signature(model.recommend).parameters
-    return {"beam_width": beam_width} if beam_width > 0 and "beam_width" in params else {}
+    out: dict[str, Any] = {"beam_width": beam_width} if beam_width > 0 and "beam_width" in params else {}
+    if "block" in params and score_block is not None:
+        out["block"] = score_block if score_block > 0 else max(1, getattr(model, "num_items", 1))
+    return out
 
 
 def load_exported(run_dir: str, storage_cfg: Any = None,
@@ -110,7 +114,7 @@ def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: st
     seqs = dataset.sequences()
     batches = _split_batches(seqs, dataset, cfg, split)
     model_m = evaluate_model(model, batches, cfg.evaluate.ks, device,
-                             **recommend_kwargs(model, cfg.evaluate.beam_width))
+                             **recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block))
     for mode in getattr(model, "inference_modes", ()):  # CAR: fast and slow, logged separately as "<mode>/<metric>"
         mode_m = evaluate_model(model, batches, cfg.evaluate.ks, device, inference=mode)
         model_m.update({f"{mode}/{k}": v for k, v in mode_m.items()})
@@ -128,8 +132,8 @@ def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any
     ex = D.eval_examples(dataset.sequences(), dataset.max_history, split)
     ex = ex.take(np.arange(min(users, len(ex))))
     with torch.no_grad():
-        ranked = model.recommend(torch.from_numpy(ex.history).to(device), max(ks),
-                                 **recommend_kwargs(model, cfg.evaluate.beam_width)).cpu().numpy()  # (N, k)
+        kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
+        ranked = model.recommend(torch.from_numpy(ex.history).to(device), max(ks), **kwargs).cpu().numpy()  # (N, k)
     items = dataset.items(["item_id", "title"])
     titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
     codes = None

@@ -151,7 +151,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     elif resuming:
         log0(f"no complete checkpoint under {ckpt_root}: starting {run_name} from step 0")
 
-    rec_kwargs = recommend_kwargs(eval_model, cfg.evaluate.beam_width)
+    rec_kwargs = recommend_kwargs(eval_model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
 
     def validate() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """All ranks: consolidated weights into the plain copy, each rank scores its users, sums all-reduced."""
