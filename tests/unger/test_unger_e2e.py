@@ -23,7 +23,7 @@ from genrec_dist.evaluation.evaluate import evaluate_model
 from genrec_dist.evaluation.popular import MostPopular
 from genrec_dist.models import build_model
 from genrec_dist.models.config import ModelConfig
-from genrec_dist.training.data import eval_examples, train_examples
+from genrec_dist.data.examples import eval_examples, train_examples
 from tokenization.embedding_store import read_embeddings
 
 from _util import REPO, free_port
