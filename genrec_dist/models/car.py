@@ -31,7 +31,8 @@ Choices the paper's recoverable text leaves open (CAR-notes.md "Left open"), eac
   recoverable, so w is chosen on the validation split at the end of training among ``slow_weight_grid``
   (:attr:`CAR.validation_choices`) and kept in the exported model. Neither needs beam search, so their cost does
   not depend on a beam width.
-- **Large catalogs** (``uid_loss``): ``full`` (default) is an exact softmax over all N items. Its logits cost
+- **Large catalogs** (``uid_loss``): ``auto`` (default) is ``full`` up to ``full_softmax_max_items`` (100k) items
+  and ``sampled`` above. ``full`` is an exact softmax over all N items. Its logits cost
   M x N floats with M = B*T training positions (B=256, T=20: M=5120): 0.25 GB at N=12k (Amazon Beauty), 2 GB at
   100k and 20 GB at 1M, before the softmax's gradient doubles it. Switch to ``sampled`` (``num_negatives`` uniform
   negatives shared by the batch; uniform sampling needs no logQ correction) or ``in_batch`` (the other positions'
@@ -62,7 +63,7 @@ from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
 from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
                                        attention_mask, init_weights)
 from genrec_dist.models.config import CARConfig
-from genrec_dist.models.ranking import blockwise_topk, logsumexp_blocks
+from genrec_dist.models.ranking import blockwise_topk, full_or_sampled, logsumexp_blocks
 
 NEG_INF = float("-inf")
 
@@ -133,6 +134,7 @@ class CAR(nn.Module):
                 raise ValueError(f"model.car.{name} must be one of {'|'.join(allowed)}, got {value!r}")
         self.cfg = cfg
         self.num_items = int(codes.shape[0]) - 1
+        self.uid_loss = full_or_sampled(cfg.uid_loss, self.num_items, cfg.full_softmax_max_items)
         self.num_levels = len(sizes)
         self.sizes = sizes
         self.chunk = self.num_levels + 1  # tokens per item
@@ -220,9 +222,9 @@ class CAR(nn.Module):
     # ----- losses -----
     def _uid_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Act loss of states ``h`` (M, D) for target items ``y`` (M,): full, sampled or in-batch softmax."""
-        if self.cfg.uid_loss == "full":
+        if self.uid_loss == "full":
             return F.cross_entropy(self.uid_logits(h), y)
-        if self.cfg.uid_loss == "sampled":
+        if self.uid_loss == "sampled":
             neg = torch.randint(1, self.num_items + 1, (self.cfg.num_negatives,), device=h.device)  # (S,)
             rows = self._uid_out()(torch.cat([y, neg]))  # (M + S, D) output rows of the targets and negatives
             pos_logit = (h * rows[: y.numel()]).sum(-1, keepdim=True)  # (M, 1)
@@ -417,4 +419,4 @@ def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 _FUSIONS = ("none", "sum", "mean")
 _INFERENCES = ("fast", "slow")
 _MODES = ("car", "ar")
-_UID_LOSSES = ("full", "sampled", "in_batch")
+_UID_LOSSES = ("auto", "full", "sampled", "in_batch")

@@ -41,9 +41,13 @@ class SASRecConfig:
     max_history: int = 50  # SASRec: n=50 on Amazon; our datasets cut histories to 20 anyway
     # Full-softmax CE over the catalog is far stronger than the paper's BCE with one negative (Beauty R@10 0.0859
     # CE vs 0.0539 BCE in one study, ANCHORS.md C.3); 'sampled' (uniform negatives, accidental hits masked) is for
-    # catalogs too large for a (B, num_items) logit matrix.
-    loss: Literal["softmax", "sampled"] = "softmax"
+    # catalogs too large for a (B, num_items) logit matrix; 'auto' = softmax up to full_softmax_max_items, sampled
+    # above.
+    loss: Literal["auto", "softmax", "sampled"] = "auto"
     num_negatives: int = 256
+    # The softmax's logits and their gradient are 2 x B x N float32 per rank: at B = 256 and N = 1M that is 2 GiB,
+    # half of a 4 GB training rank; above it the logits alone would outgrow the model, so 'auto' samples.
+    full_softmax_max_items: int = 1_000_000
 
 
 @dataclass
@@ -65,9 +69,13 @@ class CARConfig:
     alpha: float = 1.0  # loss = act + alpha * think; TeX-derived loss is L_think + L_act (ANCHORS.md 0.3); 0 = "w/o T"
     all_positions: bool = True  # every history chunk predicts the next one (T signals per example), not only the last
     tie_embeddings: bool = True  # heads share the input tables (GPT-2)
-    # full softmax over items; sampled / in_batch from ~100k items (memory of M x N logits, see car.py)
-    uid_loss: Literal["full", "sampled", "in_batch"] = "full"
+    # full softmax over items; sampled / in_batch from ~100k items (memory of M x N logits, see car.py);
+    # auto = full up to full_softmax_max_items, sampled above.
+    uid_loss: Literal["auto", "full", "sampled", "in_batch"] = "auto"
     num_negatives: int = 1024  # uniform negatives shared by the batch (uid_loss=sampled)
+    # Every chunk trains, so the uid softmax has M = B x T = 256 x 20 = 5120 rows: its logits and their gradient are
+    # 2 x 5120 x N float32, 4 GiB at N = 100k, a whole 4 GB rank; above it 'auto' samples.
+    full_softmax_max_items: int = 100_000
     inference: Literal["fast", "slow"] = "fast"  # fast: uid head; slow: + slow_weight x SID-path log-probs
     slow_weight: float = 1.0  # 1 = the chunk's joint log-prob under CAR's factorisation
     # The paper's exact slow rule is not recoverable (ANCHORS.md A): at the end of training slow_weight is chosen

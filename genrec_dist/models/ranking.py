@@ -82,3 +82,11 @@ def _pad(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor,
 def logsumexp_blocks(lses: list[torch.Tensor]) -> torch.Tensor:
     """The log-partition of a softmax over all items from each block's ``logsumexp`` (B,) -> (B,)."""
     return torch.logsumexp(torch.stack(lses, dim=1), dim=1)
+
+
+def full_or_sampled(choice: str, num_items: int, max_full: int, full: str = "full") -> str:
+    """Resolve a loss setting ``auto``: the full softmax (named ``full``) up to ``max_full`` items, ``sampled`` above
+    (the (rows, N) logits of a full softmax grow with the catalog, a sampled one's do not)."""
+    if choice != "auto":
+        return choice
+    return full if num_items <= max_full else "sampled"

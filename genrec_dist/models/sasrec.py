@@ -5,7 +5,8 @@ Loss: full-softmax cross-entropy over the catalog by default. The paper trains w
 sampled negative per position, which is what TIGER's table quotes (Beauty R@10 0.0605); CE over all items is much
 stronger on the same data (ANCHORS.md C.3: 0.0859 vs 0.0539 in one study), because every item is pushed down at
 every step instead of one random item. ``loss: sampled`` (uniform negatives shared across the batch, accidental
-hits masked) keeps the cost independent of the catalog size for very large catalogs.
+hits masked) keeps the cost independent of the catalog size for very large catalogs; ``loss: auto`` (default) picks
+it above ``full_softmax_max_items`` (1M) items.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from genrec_dist.models.blocks import (PositionalEmbedding, TiedEmbedding, TransformerStack, attention_mask,
                                        init_weights)
 from genrec_dist.models.config import SASRecConfig
-from genrec_dist.models.ranking import blockwise_topk
+from genrec_dist.models.ranking import blockwise_topk, full_or_sampled
 
 
 class SASRec(nn.Module):
@@ -32,7 +33,8 @@ class SASRec(nn.Module):
         super().__init__()
         if num_items < 1:
             raise ValueError(f"SASRec needs at least one item, got num_items={num_items}")
-        if cfg.loss == "sampled" and cfg.num_negatives < 1:
+        self.loss = full_or_sampled(cfg.loss, num_items, cfg.full_softmax_max_items, "softmax")
+        if self.loss == "sampled" and cfg.num_negatives < 1:
             raise ValueError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
         self.cfg = cfg
         self.num_items = num_items
@@ -61,7 +63,7 @@ class SASRec(nn.Module):
         return logits
 
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.cfg.loss == "softmax":
+        if self.loss == "softmax":
             # float32 softmax even when the model runs in bf16 (DeepSpeed on GPU)
             return {"loss": F.cross_entropy(self.scores(history).float(), target)}
         h = self.hidden(history)  # (B, D)
