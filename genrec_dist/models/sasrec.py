@@ -3,10 +3,9 @@ ids; the last position's state scores every item through the (tied) item embeddi
 
 Loss: full-softmax cross-entropy over the catalog by default. The paper trains with binary cross-entropy against one
 sampled negative per position, which is what TIGER's table quotes (Beauty R@10 0.0605); CE over all items is much
-stronger on the same data (ANCHORS.md C.3: 0.0859 vs 0.0539 in one study), because every item is pushed down at
+stronger on the same data (docs/results.md has the numbers), because every item is pushed down at
 every step instead of one random item. ``loss: sampled`` (uniform negatives shared across the batch, accidental
-hits masked) keeps the cost independent of the catalog size for very large catalogs; ``loss: auto`` (default) picks
-it above ``full_softmax_max_items`` (1M) items.
+hits masked) keeps the cost independent of the catalog size for very large catalogs.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec_dist.errors import ConfigError
 from genrec_dist.models.blocks import (PositionalEmbedding, TiedEmbedding, TransformerStack, attention_mask,
                                        init_weights)
 from genrec_dist.models.config import SASRecConfig
@@ -22,8 +22,7 @@ from genrec_dist.models.ranking import blockwise_topk, full_or_sampled
 
 
 class SASRec(nn.Module):
-    """``forward(history (B, T), target (B,)) -> {"loss"}``; ``topk(history, k) -> (items, scores)`` and
-    ``recommend(history, k) -> (B, k)`` item ids.
+    """``forward(history (B, T), target (B,)) -> {"loss"}``; ``recommend(history, k) -> (B, k)`` item ids.
 
     ``history`` holds item ids 1..num_items, left-padded with 0, most recent last; histories longer than
     ``cfg.max_history`` keep their last ``max_history`` items.
@@ -35,7 +34,7 @@ class SASRec(nn.Module):
             raise ValueError(f"SASRec needs at least one item, got num_items={num_items}")
         self.loss = full_or_sampled(cfg.loss, num_items, cfg.full_softmax_max_items, "softmax")
         if self.loss == "sampled" and cfg.num_negatives < 1:
-            raise ValueError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
+            raise ConfigError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
         self.cfg = cfg
         self.num_items = num_items
         self.item_emb = TiedEmbedding(num_items + 1, cfg.d_model, padding_idx=0)  # input and output table

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from genrec_dist.evaluation.popular import MostPopular
-from genrec_dist.models import build_model
-from genrec_dist.models.config import CARConfig, ModelConfig, SASRecConfig, TigerConfig
+from genrec_dist.models import ModelConfig, build_model
+from genrec_dist.models.config import CARConfig, SASRecConfig, TigerConfig
 from genrec_dist.models.ranking import blockwise_topk, full_topk
 
 from toys import make_sids, successor_batch
