@@ -51,8 +51,8 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from genrec_dist.models import build_model
-    from genrec_dist.models.config import CARConfig, ModelConfig, SASRecConfig
+    from genrec_dist.models import ModelConfig, build_model
+    from genrec_dist.models.config import CARConfig, SASRecConfig
     from genrec_dist.training.config import TrainConfig
     from genrec_dist.training.dist import world_from_env
     from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
