@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Iterator, Protocol
 
 from genrec_dist import spool as spool_file
@@ -61,6 +62,9 @@ _MAX_PARAM_CHARS = 6000
 # MLflow's caps per log_batch request (mlflow.utils.validation.MAX_METRICS_PER_BATCH / MAX_PARAMS_TAGS_PER_BATCH).
 _MAX_METRICS, _MAX_PARAMS = 1000, 100
 _RETRY_MIN_S = 0.5
+# MLflow keeps at most 36 characters of a dataset digest (mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE): a sha256
+# is logged as its first 32 hex digits (128 bits), the whole one in the dataset's profile.
+_DIGEST_CHARS = 32
 _CLOSE = object()  # queue sentinel: close() asks the delivery thread to finish
 _log = logging.getLogger("genrec_dist.tracking")
 
@@ -78,6 +82,9 @@ class Tracker(Protocol):
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_input(self, name: str, source: str, digest: str, context: str, schema: dict[str, str] | None = None,
+                  profile: dict[str, Any] | None = None) -> None: ...
+    def log_model(self, model_dir: str, registered_name: str | None = None, step: int = 0) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -104,6 +111,13 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def log_input(self, name: str, source: str, digest: str, context: str, schema: dict[str, str] | None = None,
+                  profile: dict[str, Any] | None = None) -> None:
+        pass
+
+    def log_model(self, model_dir: str, registered_name: str | None = None, step: int = 0) -> None:
+        pass
+
     def close(self, status: str = "FINISHED") -> None:
         pass
 
@@ -114,11 +128,14 @@ class MLflowTracker:
     Calls return at once; a background thread delivers (module docstring). ``spool_dir``: a local folder for the
     spool (default: the temp dir). ``flush_timeout_s``: how long ``close()`` waits for the server.
     ``request_timeout_s``: one request's limit. ``retry_max_s``: the longest wait between retries.
+    ``system_metrics_s`` > 0: MLflow's system metrics (``system/...``: CPU, memory, disk, network, GPU where
+    ``nvidia-ml-py`` finds one) sampled at that interval and logged like any other metric (:class:`_SystemMetrics`).
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                  run_id: str | None = None, artifact_location: str | None = None, spool_dir: str | None = None,
-                 flush_timeout_s: float = 60.0, request_timeout_s: float = 10.0, retry_max_s: float = 30.0):
+                 flush_timeout_s: float = 60.0, request_timeout_s: float = 10.0, retry_max_s: float = 30.0,
+                 system_metrics_s: float = 0.0):
         import mlflow
 
         self._client = mlflow.MlflowClient(tracking_uri=uri)
@@ -157,6 +174,7 @@ class MLflowTracker:
         atexit.register(self._at_exit)  # a job that dies of an exception still flushes what it logged
         if tags:
             self.set_tags(tags)
+        self._system = _SystemMetrics(self, system_metrics_s) if system_metrics_s > 0 else None
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         import mlflow
@@ -211,11 +229,34 @@ class MLflowTracker:
         if tags:
             self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
+    def log_input(self, name: str, source: str, digest: str, context: str, schema: dict[str, str] | None = None,
+                  profile: dict[str, Any] | None = None) -> None:
+        """An MLflow dataset input of the run (the UI's Dataset column): ``source`` its path, ``digest`` its content
+        hash (a sha256 is cut to what MLflow keeps, the whole one goes to the profile), ``context`` what the run
+        used it for (``training``, ``evaluation``, ...), ``schema`` ``{column: MLflow type}`` (``array<long>``
+        for a list column), ``profile`` a few numbers (counts)."""
+        profile = {**(profile or {}), **({"sha256": digest} if len(digest) > _DIGEST_CHARS else {})}
+        self._put({"op": "input", "name": name, "source": source, "digest": digest[:_DIGEST_CHARS],
+                   "context": context, "schema": schema or {}, "profile": profile})
+
+    def log_model(self, model_dir: str, registered_name: str | None = None, step: int = 0) -> None:
+        """A saved MLflow model folder (``mlflow.pyfunc.save_model``) as the run's logged model at ``step``, and a new
+        version of ``registered_name`` in the Model Registry when given (a store without a registry: skipped with a
+        warning). The folder is linked (or copied) at once, like an artifact."""
+        folder = os.path.join(spool_file.files_dir(self.spool_path), uuid.uuid4().hex[:12])
+        dest = os.path.join(folder, "model")
+        os.makedirs(folder)
+        shutil.copytree(model_dir, dest, copy_function=_link_or_copy)
+        self._put({"op": "model", "files": os.path.relpath(dest, os.path.dirname(self.spool_path)),
+                   "registered_name": registered_name, "step": int(step)})
+
     def close(self, status: str = "FINISHED") -> None:
         """Mark the run ``status`` and wait up to ``flush_timeout_s`` for everything to reach the server."""
         if self._closed:
             return
         atexit.unregister(self._at_exit)
+        if self._system is not None:
+            self._system.stop()
         self._finish({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
 
     def _put(self, item: dict[str, Any]) -> None:
@@ -225,6 +266,8 @@ class MLflowTracker:
 
     def _at_exit(self) -> None:
         if not self._closed:
+            if self._system is not None:
+                self._system.stop()
             self._finish(None)
 
     def _finish(self, last: dict[str, Any] | None) -> None:
@@ -379,10 +422,60 @@ class _Sender:
             else:
                 self.client.log_artifact(self.run_id, path, item["artifact_path"])
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        elif op == "input":
+            self.client.log_inputs(self.run_id, datasets=[_dataset_input(item)])
+        elif op == "model":
+            path = os.path.join(os.path.dirname(self.spool_path), item["files"])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: the model's copy beside the spool is gone")
+            self._log_model(path, item["registered_name"], item["step"])
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
         elif op == "terminate":
             self.client.set_terminated(self.run_id, status=item["status"], end_time=item["end_time"])
         else:
             raise ValueError(f"unknown tracking item {op!r}")
+
+    def _log_model(self, path: str, registered_name: str | None, step: int) -> None:
+        """What ``mlflow.pyfunc.log_model`` does with a model saved beforehand: a LoggedModel of the run (its
+        ``MLmodel`` rewritten to name it), its files, READY; then a registry version whose source is that model."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        run = self.client.get_run(self.run_id)
+        mlmodel = Model.load(path)
+        logged = self.client.create_logged_model(run.info.experiment_id, name="model", source_run_id=self.run_id,
+                                                 tags={"mlflow.modelFlavor": ",".join(mlmodel.flavors)})
+        mlmodel.run_id, mlmodel.model_id, mlmodel.model_uuid = self.run_id, logged.model_id, logged.model_id
+        mlmodel.artifact_path = logged.artifact_location
+        mlmodel.save(os.path.join(path, "MLmodel"))
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=step)])
+        self.client.log_model_artifacts(logged.model_id, path)
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        if registered_name:
+            self._register(registered_name, logged.model_id, logged.artifact_location)
+
+    def _register(self, name: str, model_id: str, location: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                    raise
+            # source: the model's artifact location itself (a "models:/<id>" source is resolved against the
+            # process's default tracking URI, not this client's)
+            version = self.client.create_model_version(name, location, run_id=self.run_id, model_id=model_id,
+                                                       await_creation_for=0)
+        except MlflowException as exc:
+            if not _rejected(exc):
+                raise
+            _log.warning("MLflow %s did not register the model of run %s as %r (%s): the model stays logged on the "
+                         "run; a store without a Model Registry cannot register it", self.uri, self.run_id, name,
+                         _short(exc))
+            return
+        self.client.set_tag(self.run_id, "genrec.registered_model", f"{name}/{version.version}")
+        _log.info("model of run %s registered as models:/%s/%s", self.run_id, name, version.version)
 
     def _set_aside(self, item: dict[str, Any], exc: Exception) -> None:
         path = os.path.join(os.path.dirname(self.spool_path), f"tracking_rejected-{self.run_id}.jsonl")
@@ -390,6 +483,76 @@ class _Sender:
             fh.write(json.dumps({**item, "error": str(exc)[:2000]}) + "\n")
         _log.warning("MLflow %s rejected a %r item of run %s (%s); it is kept in %s", self.uri, item["op"],
                      self.run_id, _short(exc), path)
+
+
+class _SystemMetrics:
+    """MLflow's system metrics through the tracker: MLflow's own monitors (``SystemMetricsMonitor``: CPU and memory
+    via psutil, disk, network, NVIDIA GPUs via ``nvidia-ml-py``) sampled every ``interval_s`` on a thread, each sample
+    logged as ``system/<name>`` at steps 0, 1, 2, ... (MLflow's names and steps, so the run page's System metrics
+    charts show them). Through :meth:`MLflowTracker.log`, not MLflow's own logging thread: an unreachable server
+    spools them like every other metric and never blocks ``close()``. A last sample is taken when it stops, so
+    even a run shorter than ``interval_s`` has one."""
+
+    def __init__(self, tracker: MLflowTracker, interval_s: float):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.tracker, self.interval_s = tracker, interval_s
+        # Its monitors only (no request is made: its own loop, which polls the run over HTTP, never starts).
+        self.monitors = SystemMetricsMonitor(tracker.run_id, sampling_interval=interval_s,
+                                             tracking_uri=tracker.uri).monitors
+        self.step = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"system-metrics-{tracker.run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        values: dict[str, float] = {}
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+            values.update(monitor.aggregate_metrics())
+            monitor.clear_metrics()
+        self.tracker.log({f"system/{k}": v for k, v in values.items()}, self.step)
+        self.step += 1
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval_s):
+                self._sample()
+        except Exception:  # noqa: BLE001 - a monitor that fails (a GPU gone) ends the sampling, never the job
+            _log.warning("system metrics of run %s stopped", self.tracker.run_id, exc_info=True)
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=10)
+        try:
+            self._sample()
+        except Exception:  # noqa: BLE001
+            _log.debug("last system metrics sample failed", exc_info=True)
+
+
+def _dataset_input(item: dict[str, Any]) -> Any:
+    """An ``input`` spool item as MLflow's DatasetInput: a MetaDataset (metadata only, nothing uploaded) whose source
+    MLflow resolves from the path (local, s3://, ...)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    def col_type(t: str) -> Any:
+        return Array(DataType[t[6:-1]]) if t.startswith("array<") else DataType[t]
+
+    schema = Schema([ColSpec(col_type(t), n) for n, t in item["schema"].items()]) if item["schema"] else None
+    with warnings.catch_warnings():  # a relative path "can be interpreted in multiple ways" (all of them local)
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(item["source"])
+    d = MetaDataset(source, name=item["name"], digest=item["digest"], schema=schema).to_dict()
+    entity = Dataset(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"),
+                     json.dumps(item["profile"]) if item["profile"] else None)
+    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, item["context"])])
 
 
 def _groups(items: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
@@ -544,7 +707,8 @@ def make_tracker(cfg: Any, job: str, rank: int = 0, run_name: str | None = None,
                  spool_dir: str | None = None) -> Tracker:
     """The tracker for one job of the pipeline: MLflow on rank 0 when tracking is on, else a null tracker.
     ``spool_dir``: where items the server has not taken yet are kept (the job's run dir; default: workdir; a
-    remote path falls back to the local temp dir)."""
+    remote path falls back to the local temp dir). The run logs system metrics when ``job`` is one of
+    ``tracking.system_metrics``, and is a child of ``tracking.parent_run_id`` when that is set (a table's run)."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     tags = {
@@ -552,6 +716,7 @@ def make_tracker(cfg: Any, job: str, rank: int = 0, run_name: str | None = None,
         "genrec.job": job,
         "genrec.dataset": cfg.name,
         "mlflow.source.git.commit": git_commit(),
+        **({"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {}),
         **(extra_tags or {}),
     }
     uri = default_uri(cfg)
@@ -566,7 +731,8 @@ def make_tracker(cfg: Any, job: str, rank: int = 0, run_name: str | None = None,
     return MLflowTracker(uri, tc.experiment, run_name or f"{cfg.name}-{job}", tags, run_id=run_id,
                          artifact_location=artifacts, spool_dir=os.path.abspath(spool_dir),
                          flush_timeout_s=tc.flush_timeout_s, request_timeout_s=tc.request_timeout_s,
-                         retry_max_s=tc.retry_max_s)
+                         retry_max_s=tc.retry_max_s,
+                         system_metrics_s=tc.system_metrics_interval_s if job in tc.system_metrics else 0.0)
 
 
 def replay(path: str, uri: str | None = None, request_timeout_s: float = 30.0) -> tuple[int, str, str]:
@@ -604,6 +770,32 @@ def run_tags(cfg: Any, run_id: str) -> dict[str, str]:
         return dict(mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).data.tags)
     except mlflow.exceptions.MlflowException as exc:
         raise KeyError(f"no MLflow run {run_id} in {default_uri(cfg)}: {exc}") from None
+
+
+def find_run(cfg: Any, tags: dict[str, str]) -> str | None:
+    """The newest run of the config's experiment carrying all of ``tags``, or None (none, or no store yet)."""
+    import mlflow
+
+    uri = default_uri(cfg)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        return None
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    with _quick_requests(retries=2, timeout_s=cfg.tracking.request_timeout_s):
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            return None
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        found = client.search_runs([exp.experiment_id], query, max_results=1, order_by=["start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set ``tags`` on an existing run now (e.g. ``mlflow.parentRunId`` on a table row trained earlier)."""
+    import mlflow
+    from mlflow.entities import RunTag
+
+    with _quick_requests(retries=2, timeout_s=10.0):
+        mlflow.MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def main(argv: list[str] | None = None) -> None:
