@@ -7,7 +7,8 @@ artifact, so it needs nothing else to load; the ``genrec_dist`` and ``tokenizati
     request   {"dataframe_records": [{"user": "A1", "history": [12, 7, 93]}, ...], "params": {"k": 10}}
     response  {"predictions": [{"user": "A1", "items": [...], "scores": [...]}, ...]}   best first
 
-``history`` holds item ids (1..num_items), oldest first; ``user`` is optional and returned as given. Params:
+``history`` holds item ids (1..num_items), oldest first; ``user`` is optional and returned as given ("" for a row
+without one when others have one). Params:
 ``k`` (default 10), and the model's own inference settings with their trained values as defaults (CAR:
 ``inference`` fast/slow; beam-search models: ``beam_width``). A request that is not a list of item ids, names an
 item the catalog does not have, or asks for an unknown inference mode is answered 400 with a one-line message
@@ -140,7 +141,8 @@ class GenRecModel(mlflow.pyfunc.PythonModel):
         out = pd.DataFrame({"items": [r[m].tolist() for r, m in zip(items, keep)],
                             "scores": [s[m].astype(float).tolist() for s, m in zip(scores, keep)]})
         if "user" in frame.columns:
-            out.insert(0, "user", [None if u is None or u != u else str(u) for u in frame["user"]])
+            # a row without one gets "" (a None would go out as NaN, which is not JSON)
+            out.insert(0, "user", ["" if u is None or u != u else str(u) for u in frame["user"]])
         return out
 
 

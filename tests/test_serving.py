@@ -105,6 +105,10 @@ def test_pyfunc_refuses_bad_histories_with_invalid_parameter_errors(trained):
         assert expected in err.value.message and err.value.get_http_status_code() == 400, err.value.message
 
 
+def _no_nan(token: str) -> None:
+    raise AssertionError(f"{token} in a JSON response")
+
+
 def _post(url: str, body: dict | str) -> tuple[int, str]:
     data = (body if isinstance(body, str) else json.dumps(body)).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -133,10 +137,15 @@ def test_mlflow_models_serve_answers_http_with_the_same_items(trained, tmp_path)
         status, body = _post(url + "/invocations", {"dataframe_records": _records(hist[:2], ["alice", "bob"]),
                                                     "params": {"k": 5}})
         assert status == 200, body
-        preds = json.loads(body)["predictions"]
+        preds = json.loads(body, parse_constant=_no_nan)["predictions"]
         ids, _ = _recommend(run_dir, hist[:2], 5)
         assert [p["user"] for p in preds] == ["alice", "bob"]
         assert [p["items"] for p in preds] == ids.tolist()
+        # a row without a user beside one with: still plain JSON (no NaN)
+        rows = [{"history": _records(hist[:1], ["-"])[0]["history"]}, *_records(hist[1:2], ["bob"])]
+        status, body = _post(url + "/invocations", {"dataframe_records": rows, "params": {"k": 5}})
+        assert status == 200 and [p["user"] for p in json.loads(body, parse_constant=_no_nan)["predictions"]] == \
+            ["", "bob"], body
 
         # malformed requests: a 4xx with a message that says what is wrong, no stack trace
         for request, expected in (
