@@ -128,9 +128,9 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     if sids is not None and main and not resuming and "semantic_ids_sha256" in inputs:  # the codes: an input too
         from genrec_dist.data.semantic_ids import CODES_SCHEMA
 
-        tracker.log_input(f"{dataset.input_spec()['name']}-sids-{sids_dir.rstrip('/').rsplit('/', 1)[-1]}", sids_dir,
-                          inputs["semantic_ids_sha256"], "training", CODES_SCHEMA,
-                          {"items": int(sids.codes.shape[0]) - 1, "codebook_sizes": list(map(int, sids.codebook_sizes))})
+        name = f"{dataset.input_spec()['name']}-sids-{os.path.basename(sids_dir.rstrip('/'))}"
+        profile = {"items": int(sids.codes.shape[0]) - 1, "codebook_sizes": [int(k) for k in sids.codebook_sizes]}
+        tracker.log_input(name, sids_dir, inputs["semantic_ids_sha256"], "training", CODES_SCHEMA, profile)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = build_model(tc.model, cfg.model, dataset.num_items, sids)
     eval_model = copy.deepcopy(model).to(device).eval()  # plain copy that validation loads weights into
