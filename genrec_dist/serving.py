@@ -1,8 +1,8 @@
 """A trained run as an MLflow model: a ``pyfunc`` that takes histories and returns the top-k items and their scores.
 
 The MLflow model wraps the run's export (``model.pt`` + ``model.json`` + ``semantic_ids/``, :mod:`export`) as one
-artifact, so it needs nothing else to load; the ``genrec_dist`` and ``tokenization`` sources travel with it
-(``code_paths``), so ``mlflow models serve`` runs it in any environment that has torch and mlflow::
+artifact, so it needs nothing else to load; the ``genrec_dist`` sources travel with it (``code_paths``), so
+``mlflow models serve`` runs it in any environment that has torch and mlflow::
 
     request   {"dataframe_records": [{"user": "A1", "history": [12, 7, 93]}, ...], "params": {"k": 10}}
     response  {"predictions": [{"user": "A1", "items": [...], "scores": [...]}, ...]}   best first
@@ -109,7 +109,7 @@ class GenRecModel(mlflow.pyfunc.PythonModel):
 
     # (no type hints on these two: MLflow would read predict's as an input schema)
     def load_context(self, context):
-        from genrec_dist.training.evaluate_run import load_exported
+        from genrec_dist.evaluation.run import load_exported
 
         path = context.artifacts[_ARTIFACT]  # .../artifacts/model: the export, as load_exported reads it
         self.model, self.meta = load_exported(os.path.dirname(os.path.normpath(path)))
@@ -174,9 +174,8 @@ def _requirements() -> list[str]:
 
 
 def _code_paths() -> list[str]:
-    """The packages a loaded model imports (``genrec_dist`` and, beside it, ``tokenization``)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return [p for p in (here, os.path.join(os.path.dirname(here), "tokenization")) if os.path.isdir(p)]
+    """The package a loaded model imports: ``genrec_dist`` (which never imports ``tokenization``)."""
+    return [os.path.dirname(os.path.abspath(__file__))]
 
 
 def save_model(export_dir: str, path: str, example_histories: list[list[int]]) -> str:
@@ -184,7 +183,7 @@ def save_model(export_dir: str, path: str, example_histories: list[list[int]]) -
     signature and an input example (``example_histories``: a few real histories). Returns ``path``."""
     import pandas as pd
 
-    from genrec_dist.training.evaluate_run import load_exported
+    from genrec_dist.evaluation.run import load_exported
 
     if os.path.basename(os.path.normpath(export_dir)) != _ARTIFACT:
         raise ValueError(f"{export_dir}: expected a run's exported '{_ARTIFACT}' folder")

@@ -37,6 +37,7 @@ GROUPS = {
     "genrec_dist.evaluation.run": "evaluate_run",
     "genrec_dist.reports": "reports",
     "genrec_dist.tracking": "tracking",
+    "genrec_dist.serving": "serving",  # a run's export as an MLflow pyfunc model
     "genrec_dist.ray_runtime": "ray_runtime",
     # what a run leaves on disk and the examples it reads: below both training and evaluating a run
     "genrec_dist.training.runs": "run_files",
@@ -70,8 +71,9 @@ ALLOWED = {
     "ray_runtime": _BASE,
     "run_files": _BASE | {"storage", "config", "data", "models"},
     "evaluate_run": _BASE | {"storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files"},
+    "serving": _BASE | {"storage", "config", "data", "models", "run_files", "evaluate_run"},
     "training": _BASE | {"storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files",
-                         "evaluate_run", "ray_runtime"},
+                         "evaluate_run", "ray_runtime", "serving"},
     "tokenization_core": _BASE | {"storage"},
     "tokenization": _BASE | {"storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files",
                              "ray_runtime", "tokenization_core"},

@@ -46,7 +46,7 @@ def trained(tiny_cfg, tiny_dataset, tmp_path_factory):
 
 
 def _recommend(run_dir: str, hist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    from genrec_dist.training.evaluate_run import load_exported
+    from genrec_dist.evaluation.run import load_exported
 
     model, _ = load_exported(run_dir)
     h = torch.from_numpy(hist)
