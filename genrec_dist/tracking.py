@@ -1,4 +1,5 @@
-"""Experiment tracking behind a small protocol (``log``, ``log_params``, ``log_config``, ``log_artifact``, ``close``).
+"""Experiment tracking behind a small protocol (``log``, ``log_params``, ``log_config``, ``log_artifact``,
+``log_input`` (an MLflow dataset input), ``log_model`` (a saved MLflow model, registered), ``close``).
 
 The only module that imports ``mlflow``; training loops and tokenizers take a :class:`Tracker` and never know
 which one (torchtune's ``MLFlowLogger`` shape). Only rank 0 gets a real tracker; other ranks get
@@ -447,6 +448,7 @@ class _Sender:
                                                  tags={"mlflow.modelFlavor": ",".join(mlmodel.flavors)})
         mlmodel.run_id, mlmodel.model_id, mlmodel.model_uuid = self.run_id, logged.model_id, logged.model_id
         mlmodel.artifact_path = logged.artifact_location
+        os.remove(os.path.join(path, "MLmodel"))  # a link to the caller's file: write a new one, not through it
         mlmodel.save(os.path.join(path, "MLmodel"))
         self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=step)])
         self.client.log_model_artifacts(logged.model_id, path)
