@@ -185,3 +185,49 @@ def test_training_run_logs_system_metrics(trained):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
     assert len(history) >= 2 and all(m.value > 0 for m in history)  # sampled during the run, not once at the end
+
+
+@pytest.mark.parametrize("name,params", [("car", {"inference": "slow"}), ("car", {"inference": "fast"}),
+                                         ("tiger", {"beam_width": 12})])
+def test_pyfunc_of_a_semantic_id_model_ranks_like_recommend(name, params, tmp_path):
+    """CAR (fast and slow) and TIGER (beam search), untrained: the pyfunc's items are recommend's; CAR's scores are
+    its log-probabilities, TIGER's the rank until models report their beam scores. No training: an export written
+    directly, saved as an MLflow model and loaded from the folder."""
+    import mlflow
+    import pandas as pd
+
+    from genrec_dist import serving
+    from genrec_dist.data.semantic_ids import read_semantic_ids, write_semantic_ids
+    from genrec_dist.evaluation.run import load_exported
+    from genrec_dist.models import ModelConfig, build_model
+    from genrec_dist.training.export import model_meta, semantic_id_files, write_model
+
+    n = 24
+    codes = np.stack([np.arange(n) % 4, np.arange(n) // 4], axis=1)  # unique 2-level codes
+    write_semantic_ids(str(tmp_path / "sids"), np.arange(1, n + 1), codes, [4, 6], {"source": "test"})
+    cfg = ModelConfig()
+    cfg.car.d_model, cfg.car.n_heads, cfg.car.n_layers, cfg.car.d_ff = 16, 2, 1, 32
+    cfg.tiger.d_model, cfg.tiger.n_heads, cfg.tiger.head_dim, cfg.tiger.d_ff = 16, 2, 8, 32
+    cfg.tiger.encoder_layers = cfg.tiger.decoder_layers = 1
+    torch.manual_seed(0)
+    model = build_model(name, cfg, n, read_semantic_ids(str(tmp_path / "sids")))
+    write_model(str(tmp_path / "run" / "model"), model.state_dict(), model_meta(name, cfg, n, None, 0, {}),
+                sids_files=semantic_id_files(str(tmp_path / "sids")))
+    path = serving.save_model(str(tmp_path / "run" / "model"), str(tmp_path / "mlflow-model"), [[1, 2, 3]])
+
+    pyfunc = mlflow.pyfunc.load_model(path)
+    hist = [[3, 4, 5], [9], [1, 7, 2, 20, 21]]
+    out = pyfunc.predict(pd.DataFrame({"history": hist}), params={"k": 5, **params})
+    exported, _ = load_exported(str(tmp_path / "run"))
+    h = serving.histories_tensor(hist, n, 20)
+    with torch.no_grad():
+        ids = exported.recommend(h, 5, **params)
+    assert np.array_equal(np.stack(out["items"].to_numpy()), ids.numpy())
+    got = np.stack(out["scores"].to_numpy())
+    if name == "car":
+        np.testing.assert_allclose(got, exported.scores(h, params["inference"]).gather(1, ids).numpy(), rtol=1e-5)
+    else:
+        assert np.array_equal(got, -np.arange(5.0)[None].repeat(3, 0))
+    with pytest.raises(Exception, match="must be one of fast, slow" if name == "car" else "at least 1"):
+        pyfunc.predict(pd.DataFrame({"history": hist}),
+                       params={"inference": "medium"} if name == "car" else {"beam_width": 0})
