@@ -1,9 +1,10 @@
 """Experiment tracking behind a small protocol (``log``, ``log_params``, ``log_config``, ``log_artifact``,
 ``log_input`` (an MLflow dataset input), ``log_model`` (a saved MLflow model, registered), ``close``).
 
-The only package that imports ``mlflow``; training loops and tokenizers take a :class:`Tracker` (made by the job
-and passed down) and never know which one (torchtune's ``MLFlowLogger`` shape). Only rank 0 gets a real tracker;
-other ranks get :class:`NullTracker`, so a multi-process run makes one MLflow run.
+The only package that imports ``mlflow`` (besides :mod:`genrec_dist.serving`, a run as an MLflow model); training
+loops and tokenizers take a :class:`Tracker` (made by the job and passed down) and never know which one (torchtune's
+``MLFlowLogger`` shape). Only rank 0 gets a real tracker; other ranks get :class:`NullTracker`, so a multi-process
+run makes one MLflow run.
 
 Runs of one pipeline carry the tag ``genrec.pipeline`` (filter with ``tags.genrec.pipeline = '<name>'`` in the UI)
 and ``genrec.job`` (prepare / tokenize / train / evaluate).
