@@ -31,7 +31,7 @@ def trained(tiny_cfg, tiny_dataset, tmp_path_factory):
     import mlflow
 
     from genrec_dist.data.dataset import Dataset
-    from genrec_dist.training import data as D
+    from genrec_dist.data import examples as D
 
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root}/mlflow.db"
