@@ -117,13 +117,16 @@ def write_semantic_ids(
     storage_cfg: Any = None,
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
+    extra_paths: dict[str, str] | None = None,
+    move_extra_paths: bool = False,
 ) -> dict:
     """Commit a semantic-ID directory atomically; returns the manifest written.
 
     ``item_ids`` (N,) must be a permutation of 1..N and ``codes`` (N, L) its codes. ``extra_files`` (name ->
     bytes, e.g. ``codebooks.npz``, ``stats.json``) are written alongside; without a ``stats.json`` there the
     basic :func:`code_stats` are written as it. ``extra_manifest`` keys (``source``, ``dedup``, ...) are merged
-    into the manifest.
+    into the manifest. ``extra_paths`` (name -> path of a file written elsewhere, e.g. embedding shards written by
+    Ray workers) are copied in (moved with ``move_extra_paths``) without being read into this process.
     """
     item_ids = np.asarray(item_ids, dtype=np.int64)
     codes = np.asarray(codes, dtype=np.int64)
@@ -142,6 +145,8 @@ def write_semantic_ids(
             out.write_json(STATS_FILE, stats)
         for name, data in files.items():
             out.write_bytes(name, data)
+        for name, src in (extra_paths or {}).items():
+            out.adopt(name, src, move=move_extra_paths)
         out.manifest = {
             "schema_version": SCHEMA_VERSION,
             "num_items": int(codes.shape[0]),
@@ -151,7 +156,7 @@ def write_semantic_ids(
             "unique_codes": stats["unique_codes"],
             "collision_rate": stats["collision_rate"],
             **(extra_manifest or {}),
-            "files": sorted({SIDS_FILE, STATS_FILE, *files}),
+            "files": sorted({SIDS_FILE, STATS_FILE, *files, *(extra_paths or {})}),
         }
     return out.manifest
 
