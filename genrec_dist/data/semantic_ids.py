@@ -135,7 +135,7 @@ def write_semantic_ids(
     order = np.argsort(item_ids, kind="stable")
     table = pl.DataFrame({
         "item_id": pl.Series(item_ids[order], dtype=pl.Int32),
-        "codes": pl.Series(codes[order].tolist(), dtype=pl.List(pl.Int32)),
+        "codes": pl.Series(codes[order].astype(np.int32)).cast(pl.List(pl.Int32)),  # no Python list per item
     })
     stats = code_stats(codes, codebook_sizes)
     files = dict(extra_files or {})
@@ -272,13 +272,25 @@ def write_lcrec_index(sids: SemanticIds, items: pl.DataFrame, path: str, storage
         raise SemanticIdError(f"{path}: the index format has letters a..z for levels, got {sids.num_levels} levels")
     letters = [chr(ord("a") + l) for l in range(sids.num_levels)]
     ordered = items.select("item_id", pl.col("item").cast(pl.Utf8)).sort("item_id")
-    out = {}
-    for item_id, key in ordered.iter_rows():
-        if not 1 <= item_id <= sids.num_items:
-            raise SemanticIdError(f"{path}: item_id {item_id} ({key!r}) has no semantic ID "
+    # The text json.dumps({key: [tokens]}) gives, built in slices of items: a million-item catalog never holds a
+    # Python dict / list per item (several hundred MB), only the output bytes.
+    if ordered["item"].n_unique() < ordered.height:  # json.dumps of a dict would keep only the last one
+        raise SemanticIdError(f"{path}: item keys repeat; the index needs one entry per item")
+    parts = []
+    for start in range(0, ordered.height, 65536):
+        chunk = ordered.slice(start, 65536)
+        ids = chunk["item_id"].to_numpy()
+        bad = np.flatnonzero((ids < 1) | (ids > sids.num_items))
+        if len(bad):
+            i = int(bad[0])
+            raise SemanticIdError(f"{path}: item_id {int(ids[i])} ({chunk['item'][i]!r}) has no semantic ID "
                                   f"(table has 1..{sids.num_items})")
-        out[key] = [f"<{letters[l]}_{int(c)}>" for l, c in enumerate(sids.codes[item_id])]
-    data = json.dumps(out).encode("utf-8")
+        codes = sids.codes[ids]
+        keys = chunk["item"].to_list()
+        parts.append(", ".join(
+            f"{json.dumps(k)}: [" + ", ".join(f'"<{letters[l]}_{int(c)}>"' for l, c in enumerate(row)) + "]"
+            for k, row in zip(keys, codes.tolist())))
+    data = ("{" + ", ".join(p for p in parts if p) + "}").encode("utf-8")
     if str(path).endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     storage.write_bytes(path, data, storage_cfg)
