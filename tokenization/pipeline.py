@@ -129,7 +129,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
     stored = tc.method == "rkmeans" and bool(tc.embeddings_path)
     items = dataset.items(["item_id", "item"] if stored else ["item_id", "item", "title", "text"])
     t0 = time.time()
-    tmp = _temp_area(out_dir)
+    scratch = _temp_area(out_dir)  # Ray workers write here; moved into the output at the commit
     tracker = make_tracker(cfg, "tokenize", extra_tags=dataset.tags())
     try:
         tracker.log_config(cfg)
@@ -148,7 +148,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
                 stats["dedup_size"] = size
             source = {"source": "lcrec-index", "index_path": tc.index_path}
         else:
-            shard_files, einfo = _embeddings(cfg, items, tmp, log, embedder_cls)
+            shard_files, einfo = _embeddings(cfg, items, scratch, log, embedder_cls)
             item_ids = np.arange(1, items.height + 1)
             unger = None
             if tc.method == "unger":  # UNGER Stage I: quantise the integrated embeddings (tokenization/unger.py)
@@ -177,23 +177,22 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
         index_name = f"{cfg.name}.index.json"
         if tc.export_index:
             sids = SemanticIds(np.concatenate([np.zeros((1, codes.shape[1]), np.int64), codes]), sizes, {})
-            with tempfile.TemporaryDirectory() as tmp:
-                write_lcrec_index(sids, items, os.path.join(tmp, index_name))
-                files[index_name] = open(os.path.join(tmp, index_name), "rb").read()
+            write_lcrec_index(sids, items, storage.join(scratch, index_name), cfg.storage)  # moved in at the commit
+            paths[index_name] = storage.join(scratch, index_name)
+            del sids
         log(f"writing semantic IDs of {len(item_ids)} items ({len(paths)} embedding shards) -> {out_dir}")
         manifest = write_semantic_ids(
             out_dir, item_ids, codes, sizes,
             {"method": tc.method, "dedup": bool(tc.dedup), "seed": cfg.seed, "dataset": cfg.dataset_dir, **source,
              "config": to_dict(cfg)},  # the resolved config, as prepare's manifest keeps it
             storage_cfg=cfg.storage, overwrite=tc.overwrite, extra_files=files, extra_paths=paths,
-            move_extra_paths=not tc.embeddings_path)
+            move_extra_paths={name for name, src in paths.items() if src.startswith(scratch + "/")})  # not stored ones
         tracker.log(_metrics(stats))
         with tempfile.TemporaryDirectory() as tmp:  # artifacts from the committed output (local or s3)
             for name in [*manifest["files"], storage.MANIFEST]:
                 if name.startswith("embeddings/"):
                     continue  # large; they stay in the output directory
-                with open(os.path.join(tmp, name), "wb") as fh:
-                    fh.write(storage.read_bytes(storage.join(out_dir, name), cfg.storage))
+                storage.copy_file(storage.join(out_dir, name), os.path.join(tmp, name), cfg.storage)  # streamed
             tracker.log_artifact(tmp, "semantic_ids")
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(plot_codebook_utilisation(stats, os.path.join(tmp, "codebook_utilisation.png")),
@@ -203,7 +202,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
         tracker.close("FAILED")
         raise
     finally:
-        storage.remove_tree(tmp, cfg.storage)
+        storage.remove_tree(scratch, cfg.storage)
     log(f"semantic IDs: {len(item_ids)} items, levels {sizes}, collision rate of learned codes "
         f"{stats.get('collision_rate', 0.0):.4f} -> {out_dir}")
     return {"path": out_dir, "num_items": int(len(item_ids)), "codebook_sizes": sizes, "stats": stats,

@@ -23,7 +23,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import polars as pl
@@ -118,7 +118,7 @@ def write_semantic_ids(
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
     extra_paths: dict[str, str] | None = None,
-    move_extra_paths: bool = False,
+    move_extra_paths: Collection[str] = (),
 ) -> dict:
     """Commit a semantic-ID directory atomically; returns the manifest written.
 
@@ -126,7 +126,7 @@ def write_semantic_ids(
     bytes, e.g. ``codebooks.npz``, ``stats.json``) are written alongside; without a ``stats.json`` there the
     basic :func:`code_stats` are written as it. ``extra_manifest`` keys (``source``, ``dedup``, ...) are merged
     into the manifest. ``extra_paths`` (name -> path of a file written elsewhere, e.g. embedding shards written by
-    Ray workers) are copied in (moved with ``move_extra_paths``) without being read into this process.
+    Ray workers) are copied in (those named in ``move_extra_paths`` moved) without being read into this process.
     """
     item_ids = np.asarray(item_ids, dtype=np.int64)
     codes = np.asarray(codes, dtype=np.int64)
@@ -146,7 +146,7 @@ def write_semantic_ids(
         for name, data in files.items():
             out.write_bytes(name, data)
         for name, src in (extra_paths or {}).items():
-            out.adopt(name, src, move=move_extra_paths)
+            out.adopt(name, src, move=name in move_extra_paths)
         out.manifest = {
             "schema_version": SCHEMA_VERSION,
             "num_items": int(codes.shape[0]),
@@ -289,8 +289,9 @@ def write_lcrec_index(sids: SemanticIds, items: pl.DataFrame, path: str, storage
         keys = chunk["item"].to_list()
         parts.append(", ".join(
             f"{json.dumps(k)}: [" + ", ".join(f'"<{letters[l]}_{int(c)}>"' for l, c in enumerate(row)) + "]"
-            for k, row in zip(keys, codes.tolist())))
-    data = ("{" + ", ".join(p for p in parts if p) + "}").encode("utf-8")
+            for k, row in zip(keys, codes.tolist())).encode("utf-8"))
+    data = b"{" + b", ".join(p for p in parts if p) + b"}"
+    del parts
     if str(path).endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     storage.write_bytes(path, data, storage_cfg)
