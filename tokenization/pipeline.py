@@ -32,7 +32,6 @@ from genrec_dist.config import to_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import (CODEBOOKS_FILE, STATS_FILE, SemanticIds, code_stats,
                                           read_lcrec_index, write_lcrec_index, write_semantic_ids)
-from genrec_dist.reports import plot_codebook_utilisation
 from genrec_dist.tracking import make_tracker
 from tokenization.embed import TextEmbedder, texts_for_embedding
 from tokenization.embedding_store import (EMBEDDINGS_DIR, EmbeddingError, list_shards, read_rows, shard_name,
@@ -180,7 +179,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
             write_lcrec_index(sids, items, storage.join(scratch, index_name), cfg.storage)  # moved in at the commit
             paths[index_name] = storage.join(scratch, index_name)
             del sids
-        log(f"writing semantic IDs of {len(item_ids)} items ({len(paths)} embedding shards) -> {out_dir}")
+        log(f"writing semantic IDs of {len(item_ids)} items -> {out_dir}")
         manifest = write_semantic_ids(
             out_dir, item_ids, codes, sizes,
             {"method": tc.method, "dedup": bool(tc.dedup), "seed": cfg.seed, "dataset": cfg.dataset_dir, **source,
@@ -194,6 +193,11 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) 
                     continue  # large; they stay in the output directory
                 storage.copy_file(storage.join(out_dir, name), os.path.join(tmp, name), cfg.storage)  # streamed
             tracker.log_artifact(tmp, "semantic_ids")
+        del codes, items, paths, files
+        # Imported here, after the per-item arrays are gone: matplotlib and the evaluation module it brings add
+        # ~260 MB to the driver, which should not stack on the codes' peak.
+        from genrec_dist.reports import plot_codebook_utilisation
+
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(plot_codebook_utilisation(stats, os.path.join(tmp, "codebook_utilisation.png")),
                                  "reports")
