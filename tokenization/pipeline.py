@@ -68,7 +68,7 @@ def _embeddings(cfg: Any, items, tmp: str, log: Log, embedder_cls: type) -> tupl
         log(f"warning: {n_blank} items have an empty or whitespace-only text; embedded their title or item key "
             f"(tokenize.empty_text=fallback)")
     from tokenization.ray_embed import embed_to_shards
-    from tokenization.ray_runtime import ensure_ray
+    from genrec_dist.ray_runtime import ensure_ray
 
     ensure_ray(tc.ray_address)
     files, einfo = embed_to_shards(texts, storage.join(tmp, EMBEDDINGS_DIR), tc.rows_per_shard, cfg.storage,
@@ -80,7 +80,7 @@ def _embeddings(cfg: Any, items, tmp: str, log: Log, embedder_cls: type) -> tupl
 def _quantise(cfg: Any, emb: np.ndarray | list[tuple[str, int]], log: Log):
     """Residual k-means of an (N, D) array, or of embedding shard files read by the k-means actors."""
     from tokenization.ray_kmeans import ray_residual_kmeans
-    from tokenization.ray_runtime import ensure_ray
+    from genrec_dist.ray_runtime import ensure_ray
 
     tc = cfg.tokenize
     if isinstance(emb, np.ndarray):
