@@ -30,9 +30,9 @@ import numpy as np
 from genrec_dist import storage
 from genrec_dist.config import to_dict
 from genrec_dist.data.dataset import Dataset
+from genrec_dist.errors import ConfigError
 from genrec_dist.data.semantic_ids import (CODEBOOKS_FILE, STATS_FILE, SemanticIds, code_stats,
                                           read_lcrec_index, write_lcrec_index, write_semantic_ids)
-from genrec_dist.tracking import make_tracker
 from tokenization.embed import TextEmbedder, texts_for_embedding
 from tokenization.embedding_store import (EMBEDDINGS_DIR, EmbeddingError, list_shards, read_rows, shard_name,
                                          shards_for)
@@ -115,21 +115,22 @@ def _metrics(stats: dict) -> dict[str, float]:
     return out
 
 
-def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) -> dict:
-    """Run the tokenize stage for ``cfg``; returns a summary (path, counts, stats, MLflow run id)."""
+def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, *, tracking: Callable) -> dict:
+    """Run the tokenize stage for ``cfg``; returns a summary (path, counts, stats, MLflow run id). ``tracking``
+    (the job's, e.g. ``genrec_dist.tracking.make_tracker``) makes the run's tracker once the inputs are checked."""
     tc = cfg.tokenize
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)  # no manifest -> StorageError naming the path
     out_dir = cfg.semantic_ids_dir
     if storage.exists(storage.join(out_dir, storage.MANIFEST), cfg.storage) and not tc.overwrite:
         raise storage.StorageError(f"{out_dir}: semantic IDs already exist (tokenize.overwrite=true replaces them)")
     if tc.method == "import" and not tc.index_path:
-        raise ValueError("tokenize.method=import needs tokenize.index_path (an LC-Rec <Name>.index.json[.gz])")
+        raise ConfigError("tokenize.method=import needs tokenize.index_path (an LC-Rec <Name>.index.json[.gz])")
     # Stored embeddings need no text: only the item keys (for the LC-Rec index) are read then.
     stored = tc.method == "rkmeans" and bool(tc.embeddings_path)
     items = dataset.items(["item_id", "item"] if stored else ["item_id", "item", "title", "text"])
     t0 = time.time()
     scratch = _temp_area(out_dir)  # Ray workers write here; moved into the output at the commit
-    tracker = make_tracker(cfg, "tokenize", extra_tags=dataset.tags())
+    tracker = tracking(cfg, "tokenize", extra_tags=dataset.tags())
     try:
         tracker.log_config(cfg)
         files: dict[str, bytes] = {}

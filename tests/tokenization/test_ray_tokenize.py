@@ -109,9 +109,10 @@ for i in range(2):  # two worker nodes, each with its own CPU and a resource nam
     cluster.add_node(num_cpus=1, resources={f"node{i}": 1}, object_store_memory=80 << 20)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
+from genrec_dist.tracking import make_tracker
 from tokenization.pipeline import run_tokenize
 cfg = load_config(sys.argv[1], sys.argv[2:])
-summary = run_tokenize(cfg, log=lambda m: print(m, flush=True))
+summary = run_tokenize(cfg, log=lambda m: print(m, flush=True), tracking=make_tracker)
 nodes = {n["NodeID"]: sorted(k for k in n["Resources"] if k in ("node0", "node1")) for n in ray.nodes() if n["Alive"]}
 print("RESULT " + json.dumps({"readers": summary["stats"]["readers"], "nodes": nodes}), flush=True)
 ray.shutdown()
