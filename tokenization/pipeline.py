@@ -133,6 +133,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
     tracker = tracking(cfg, "tokenize", extra_tags=dataset.tags())
     try:
         tracker.log_config(cfg)
+        tracker.log_input(**dataset.input_spec(), context="tokenization")
         files: dict[str, bytes] = {}
         paths: dict[str, str] = {}  # output name -> file written elsewhere (embedding shards), copied in
         if tc.method == "import":
