@@ -1,0 +1,178 @@
+"""Prepare's cleaning out of core: the interactions are spilled to local Parquet files in hash buckets of users and
+cleaned one bucket at a time, so peak memory follows ``prepare.memory_budget_mb`` instead of the input's size.
+
+Every user's events fall in one bucket, so de-duplication, per-user counts, ordering and sequence building are
+bucket-local; the one global quantity of the iterative k-core, the item counts, is a small table summed over the
+buckets (one pass per round, the same Jacobi rounds as :func:`clean.k_core`). The results are those of the
+in-memory functions in ``clean.py`` (rows keep their global source order ``_order``), which the tests check
+byte for byte. What stays whole: the distinct users and items with their ids (they scale with the catalog, not
+with the interactions) and one output shard at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from genrec_dist.data import clean
+from genrec_dist.data.dataset import shard_of
+
+# Bytes one interaction row takes in memory while its bucket is cleaned (strings, row order, join and sort
+# buffers); measured at 100x Beauty. A bucket holds about a quarter of the budget's worth of rows.
+ROW_BYTES = 160
+MIN_BUCKET_ROWS = 50_000
+
+
+def bucket_rows(budget_mb: int) -> int:
+    """Rows per read batch and per bucket for a budget of ``budget_mb`` MiB."""
+    return max(MIN_BUCKET_ROWS, (budget_mb << 20) // (4 * ROW_BYTES))
+
+
+@dataclass
+class Cleaned:
+    """What the bucketed cleaning hands back to prepare (the same facts the in-memory path computes)."""
+
+    raw_rows: int = 0
+    has_time: bool = False
+    duplicates: int = 0
+    before: tuple[int, int, int] = (0, 0, 0)  # interactions, users, items after de-duplication
+    rounds: int = 0
+    users: int = 0
+    item_ids: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema={"item": pl.Utf8,
+                                                                                 "item_id": pl.Int32}))
+    lengths: pl.Series = field(default_factory=lambda: pl.Series("items", [], dtype=pl.UInt32))
+    shard_parts: list[list[str]] = field(default_factory=list)  # per output shard: its part files
+
+    def shard(self, s: int) -> pl.DataFrame:
+        """Output shard ``s``: its users' sequences sorted by ``user_id`` (read whole: one shard in memory)."""
+        return pl.concat([pl.read_parquet(f) for f in self.shard_parts[s]]).sort("user_id")
+
+
+class Buckets:
+    """Interactions spilled under ``root``: :meth:`add` read batches, :meth:`partition`, then clean."""
+
+    def __init__(self, root: str, budget_mb: int):
+        self.root, self.rows_per_bucket = root, bucket_rows(budget_mb)
+        self.read_parts: list[str] = []
+        self.rows, self.has_time = 0, False
+        self.num_buckets = 0
+
+    def _path(self, *parts: str) -> str:
+        path = os.path.join(self.root, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def add(self, batch: pl.DataFrame) -> None:
+        """Spill one read batch, numbered in global source order."""
+        if batch.height == 0:
+            return
+        batch = batch.select("user", "item", "timestamp").with_columns(
+            pl.int_range(self.rows, self.rows + batch.height, dtype=pl.UInt64).alias("_order"))
+        self.has_time = self.has_time or batch["timestamp"].null_count() < batch.height
+        path = self._path("read", f"part-{len(self.read_parts):06d}.parquet")
+        batch.write_parquet(path, compression="lz4", statistics=False)
+        self.read_parts.append(path)
+        self.rows += batch.height
+
+    def partition(self) -> None:
+        """Split the read parts into hash buckets of users (each read part streamed once, then removed)."""
+        self.num_buckets = max(1, math.ceil(self.rows / self.rows_per_bucket))
+        for k, part in enumerate(self.read_parts):
+            df = pl.scan_parquet(part).with_columns(
+                (pl.col("user").hash(seed=0) % self.num_buckets).alias("_bucket")).collect(engine="streaming")
+            for (b,), piece in df.partition_by("_bucket", as_dict=True, include_key=False).items():
+                piece.write_parquet(self._path(f"b{b:05d}", f"in-{k:06d}.parquet"), compression="lz4",
+                                    statistics=False)
+            os.remove(part)
+
+    def bucket(self, b: int) -> pl.DataFrame:
+        return pl.read_parquet(os.path.join(self.root, f"b{b:05d}", "rows.parquet"))
+
+    def _write(self, b: int, df: pl.DataFrame) -> None:
+        df.write_parquet(self._path(f"b{b:05d}", "rows.parquet"), compression="lz4", statistics=False)
+
+
+def clean_buckets(buckets: Buckets, k: int, num_shards: int) -> Cleaned:
+    """De-duplicate, k-core, assign ids and build the output shards' sequences, one bucket at a time."""
+    out = Cleaned(raw_rows=buckets.rows, has_time=buckets.has_time)
+    if buckets.rows == 0:
+        return out
+    counts, users_before, rows_before = [], 0, 0
+    for b in range(buckets.num_buckets):
+        folder = os.path.join(buckets.root, f"b{b:05d}")
+        parts = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        if not parts:
+            df = pl.DataFrame(schema={"user": pl.Utf8, "item": pl.Utf8, "timestamp": pl.Int64, "_order": pl.UInt64})
+        else:
+            df = pl.scan_parquet([os.path.join(folder, f) for f in parts]).sort("_order").collect(engine="streaming")
+            for f in parts:
+                os.remove(os.path.join(folder, f))
+        df, dropped = clean.deduplicate(df)
+        out.duplicates += dropped
+        users_before += df["user"].n_unique()
+        rows_before += df.height
+        counts.append(df.group_by("item").len())
+        buckets._write(b, df)
+    item_counts = _sum_counts(counts)
+    out.before = (rows_before, users_before, item_counts.height)
+    out.rounds, item_counts = _k_core(buckets, k, rows_before, item_counts)
+
+    if out.rounds and not item_counts.height:  # the k-core removed everything
+        return out
+    user_keys = [buckets.bucket(b)["user"].unique() for b in range(buckets.num_buckets)]
+    users = clean.id_map(pl.concat(user_keys), "user")
+    del user_keys
+    out.users, out.item_ids = users.height, clean.id_map(item_counts["item"], "item")
+    lengths = []
+    out.shard_parts = [[] for _ in range(num_shards)]
+    for b in range(buckets.num_buckets):
+        df = buckets.bucket(b)
+        if df.height == 0:
+            continue
+        mine = users.join(df.select(pl.col("user").unique()), on="user", how="semi")
+        seq = clean.sequences(df, mine, out.item_ids, buckets.has_time)
+        lengths.append(seq["items"].list.len())
+        seq = seq.with_columns(shard_of(pl.col("user_id"), num_shards).alias("_shard"))
+        for (s,), piece in seq.partition_by("_shard", as_dict=True, include_key=False).items():
+            path = buckets._path(f"shard-{s:05d}", f"part-{b:05d}.parquet")
+            piece.write_parquet(path, compression="lz4", statistics=False)
+            out.shard_parts[s].append(path)
+    if lengths:
+        out.lengths = pl.concat(lengths)
+    return out
+
+
+def _sum_counts(counts: list[pl.DataFrame]) -> pl.DataFrame:
+    if not counts:
+        return pl.DataFrame(schema={"item": pl.Utf8, "len": pl.UInt32})
+    return pl.concat(counts).group_by("item").agg(pl.col("len").sum())
+
+
+def _k_core(buckets: Buckets, k: int, kept: int, item_counts: pl.DataFrame) -> tuple[int, pl.DataFrame]:
+    """The rounds of :func:`clean.k_core` over the buckets: each round counts users (bucket-local) and items
+    (summed over buckets) on the current rows and keeps rows that pass both; it stops when a round removes
+    nothing. Returns the rounds and the final item counts."""
+    k_user, k_item = max(k, clean.MIN_USER_LEN), max(k, 1)
+    rounds = 0
+    while kept:
+        rounds += 1
+        ok_items = item_counts.filter(pl.col("len") >= k_item)["item"]
+        now, counts = 0, []
+        for b in range(buckets.num_buckets):
+            df = buckets.bucket(b)
+            per_user = df.group_by("user").len()
+            ok_users = per_user.filter(pl.col("len") >= k_user)["user"]
+            if ok_users.len() < per_user.height or ok_items.len() < item_counts.height:
+                new = df.filter(pl.col("user").is_in(ok_users.implode()) & pl.col("item").is_in(ok_items.implode()))
+                if new.height != df.height:
+                    buckets._write(b, new)
+                    df = new
+            now += df.height
+            counts.append(df.group_by("item").len())
+        if now == kept:
+            break
+        kept, item_counts = now, _sum_counts(counts)
+    return rounds, item_counts
