@@ -128,12 +128,17 @@ def stream_meta(sources: list[Source], wanted: set[str] | None) -> pl.DataFrame:
 
 
 def files_for(cfg: PrepareConfig, storage_cfg: Any = None) -> tuple[str, str]:
-    """The review and meta file paths of ``prepare.name`` (the category) in ``prepare.input_dir``."""
+    """The review and meta paths of ``prepare.name`` (the category) in ``prepare.input_dir``: the published file
+    ``reviews_<Category>_5.json.gz``, or else a folder ``reviews_<Category>_5/`` of parts (likewise for meta)."""
     if not cfg.name:
         raise InputError(cfg.input_dir or "prepare.input_dir", "set prepare.name to the category, e.g. Beauty")
     suffix = "_5" if cfg.reviews == "5core" else ""
-    return (storage.join(cfg.input_dir, f"reviews_{cfg.name}{suffix}.json.gz"),
-            storage.join(cfg.input_dir, f"meta_{cfg.name}.json.gz"))
+    out = []
+    for stem in (f"reviews_{cfg.name}{suffix}", f"meta_{cfg.name}"):
+        path = storage.join(cfg.input_dir, f"{stem}.json.gz")
+        parts = storage.join(cfg.input_dir, stem)
+        out.append(parts if not storage.exists(path, storage_cfg) and storage.exists(parts, storage_cfg) else path)
+    return out[0], out[1]
 
 
 def read(cfg: PrepareConfig, storage_cfg: Any = None, block_bytes: int = BLOCK_BYTES) -> RawData:

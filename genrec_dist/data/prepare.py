@@ -22,7 +22,8 @@ from genrec_dist import storage
 from genrec_dist.config import Config, to_dict
 from genrec_dist.data import buckets, clean, dataset, text
 from genrec_dist.data.errors import InputError
-from genrec_dist.data.raw import BLOCK_BYTES, RawData, empty_items
+from genrec_dist.data.raw import RawData, empty_items
+from genrec_dist.data.raw import block_bytes as raw_blocks
 
 log = logging.getLogger(__name__)
 ITEM_COLUMNS = ["item_id", "item", "title", "text", "brand", "categories", "description"]
@@ -32,7 +33,7 @@ def read_raw(cfg: Config, scratch: str = "") -> RawData:
     """The reader for ``cfg.prepare.source`` (``scratch``: a local folder for readers that copy a part first)."""
     p = cfg.prepare
     rows = buckets.bucket_rows(p.memory_budget_mb)
-    block = max(1 << 20, min(BLOCK_BYTES, (p.memory_budget_mb << 20) // 64))
+    block = raw_blocks(p.memory_budget_mb)
     if p.source == "synthetic":
         from genrec_dist.data import synthetic
 
@@ -128,7 +129,7 @@ def run_prepare(cfg: Config, in_memory: bool = False) -> dict[str, Any]:
                       "text_template": p.text_template, "fallback_title": text.FALLBACK_TITLE},
             "stats": stats,
             "warnings": warnings,
-            "config": to_dict(cfg),
+            "config": _manifest_config(cfg),
         }
         t_clean = time.perf_counter()
         dataset.write_shards(out, items, c.shard, manifest, p.num_shards, cfg.storage, overwrite=p.overwrite)
@@ -177,6 +178,18 @@ def _stats(lengths: pl.Series, users: int, num_items: int) -> tuple[dict[str, in
         "length": {"min": int(lengths.min()), "p50": q(0.5), "p90": q(0.9), "max": int(lengths.max()),
                    "mean": float(lengths.mean())},
     }
+
+
+# Settings of how prepare runs, not of what it writes: left out of the manifest, so the dataset's bytes (and its
+# sha256 tag) are the same whatever the memory budget or spill folder.
+RUN_ONLY = ("memory_budget_mb", "spill_dir")
+
+
+def _manifest_config(cfg: Config) -> dict[str, Any]:
+    out = to_dict(cfg)
+    for key in RUN_ONLY:
+        out["prepare"].pop(key, None)
+    return out
 
 
 def _check_destination(path: str, storage_cfg: Any, overwrite: bool) -> None:

@@ -28,6 +28,11 @@ TEXT_FIELDS = ("title", "brand", "categories", "description")
 BLOCK_BYTES = 8 << 20  # bytes read (and decompressed) per step when a reader streams a file
 
 
+def block_bytes(budget_mb: int) -> int:
+    """Bytes per read step for a memory budget of ``budget_mb`` MiB (1 MiB .. :data:`BLOCK_BYTES`)."""
+    return max(1 << 20, min(BLOCK_BYTES, (budget_mb << 20) // 64))
+
+
 @dataclass
 class RawData:
     # Batches of user:str, item:str, timestamp:i64|null, rows in source order; consumed once. The ``files``

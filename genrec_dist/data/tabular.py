@@ -138,9 +138,14 @@ def parse_item_rows(df: pl.DataFrame, path: str, item_col: str) -> pl.DataFrame:
     return df.select([pl.col(c).cast(pl.Utf8) for c in text_cols]).with_columns(keys.alias("item"))
 
 
-def _path(cfg: PrepareConfig, name: str) -> str:
+def _path(cfg: PrepareConfig, name: str, storage_cfg: Any = None) -> str:
+    """``<input_dir>/<name>.<ext>``; a name with a glob or the extension as it is; else a folder ``<name>`` of
+    parts when there is no ``<name>.<ext>``."""
     ext = "." + cfg.source
-    return storage.join(cfg.input_dir, name if name.endswith((ext, ext + ".gz")) else name + ext)
+    if name.endswith((ext, ext + ".gz")) or any(c in name for c in "*?["):
+        return storage.join(cfg.input_dir, name)
+    path, parts = storage.join(cfg.input_dir, name + ext), storage.join(cfg.input_dir, name)
+    return parts if not storage.exists(path, storage_cfg) and storage.exists(parts, storage_cfg) else path
 
 
 def local_copy(src: Source, scratch: str) -> str:
@@ -183,7 +188,7 @@ def table_batches(path: str, local: str, rows: int) -> Iterator[pl.DataFrame]:
 
 def read(cfg: PrepareConfig, storage_cfg: Any = None, block_bytes: int = BLOCK_BYTES, scratch: str = "",
          batch_rows: int = 1 << 20) -> RawData:
-    inter_path = _path(cfg, cfg.interactions_file)
+    inter_path = _path(cfg, cfg.interactions_file, storage_cfg)
     parts = [Source(f, storage_cfg, block_bytes) for f in expand(inter_path, storage_cfg)]
 
     def batches():
@@ -196,7 +201,7 @@ def read(cfg: PrepareConfig, storage_cfg: Any = None, block_bytes: int = BLOCK_B
                 os.remove(local)
 
     files, warnings = [s.entry for s in parts], []
-    items_path = _path(cfg, cfg.items_file)
+    items_path = _path(cfg, cfg.items_file, storage_cfg)
     items = None
     if exists_any(items_path, storage_cfg):
         frames = []
