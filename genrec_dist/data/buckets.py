@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 
 from genrec_dist.data import clean
@@ -48,7 +49,7 @@ class Cleaned:
 
     def shard(self, s: int) -> pl.DataFrame:
         """Output shard ``s``: its users' sequences sorted by ``user_id`` (read whole: one shard in memory)."""
-        return pl.concat([pl.read_parquet(f) for f in self.shard_parts[s]]).sort("user_id")
+        return pl.concat([pl.read_ipc(f) for f in self.shard_parts[s]]).sort("user_id")
 
 
 class Buckets:
@@ -72,8 +73,8 @@ class Buckets:
         batch = batch.select("user", "item", "timestamp").with_columns(
             pl.int_range(self.rows, self.rows + batch.height, dtype=pl.UInt64).alias("_order"))
         self.has_time = self.has_time or batch["timestamp"].null_count() < batch.height
-        path = self._path("read", f"part-{len(self.read_parts):06d}.parquet")
-        batch.write_parquet(path, compression="lz4", statistics=False)
+        path = self._path("read", f"part-{len(self.read_parts):06d}.arrow")
+        batch.write_ipc(path)
         self.read_parts.append(path)
         self.rows += batch.height
 
@@ -81,18 +82,24 @@ class Buckets:
         """Split the read parts into hash buckets of users (each read part streamed once, then removed)."""
         self.num_buckets = max(1, math.ceil(self.rows / self.rows_per_bucket))
         for k, part in enumerate(self.read_parts):
-            df = pl.scan_parquet(part).with_columns(
+            df = pl.scan_ipc(part).with_columns(
                 (pl.col("user").hash(seed=0) % self.num_buckets).alias("_bucket")).collect(engine="streaming")
             for (b,), piece in df.partition_by("_bucket", as_dict=True, include_key=False).items():
-                piece.write_parquet(self._path(f"b{b:05d}", f"in-{k:06d}.parquet"), compression="lz4",
-                                    statistics=False)
+                piece.write_ipc(self._path(f"b{b:05d}", f"in-{k:06d}.arrow"))
+            del df
             os.remove(part)
 
     def bucket(self, b: int) -> pl.DataFrame:
-        return pl.read_parquet(os.path.join(self.root, f"b{b:05d}", "rows.parquet"))
+        return pl.read_ipc(os.path.join(self.root, f"b{b:05d}", "rows.arrow"))
 
     def _write(self, b: int, df: pl.DataFrame) -> None:
-        df.write_parquet(self._path(f"b{b:05d}", "rows.parquet"), compression="lz4", statistics=False)
+        # A new file renamed over the old one: a frame read from the old file may still map it.
+        path = self._path(f"b{b:05d}", "rows.arrow")
+        df.write_ipc(path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def _codes_path(self, b: int) -> str:
+        return os.path.join(self.root, f"b{b:05d}", "codes.npz")
 
 
 def clean_buckets(buckets: Buckets, k: int, num_shards: int) -> Cleaned:
@@ -107,7 +114,8 @@ def clean_buckets(buckets: Buckets, k: int, num_shards: int) -> Cleaned:
         if not parts:
             df = pl.DataFrame(schema={"user": pl.Utf8, "item": pl.Utf8, "timestamp": pl.Int64, "_order": pl.UInt64})
         else:
-            df = pl.scan_parquet([os.path.join(folder, f) for f in parts]).sort("_order").collect(engine="streaming")
+            df = pl.scan_ipc([os.path.join(folder, f) for f in parts]).sort("_order").collect(
+                engine="streaming")
             for f in parts:
                 os.remove(os.path.join(folder, f))
         df, dropped = clean.deduplicate(df)
@@ -118,14 +126,13 @@ def clean_buckets(buckets: Buckets, k: int, num_shards: int) -> Cleaned:
         buckets._write(b, df)
     item_counts = _sum_counts(counts)
     out.before = (rows_before, users_before, item_counts.height)
-    out.rounds, item_counts = _k_core(buckets, k, rows_before, item_counts)
-
-    if out.rounds and not item_counts.height:  # the k-core removed everything
+    out.rounds, kept_items = _k_core(buckets, k, rows_before, item_counts["item"])
+    if not kept_items.len():  # the k-core removed everything
         return out
     user_keys = [buckets.bucket(b)["user"].unique() for b in range(buckets.num_buckets)]
     users = clean.id_map(pl.concat(user_keys), "user")
     del user_keys
-    out.users, out.item_ids = users.height, clean.id_map(item_counts["item"], "item")
+    out.users, out.item_ids = users.height, clean.id_map(kept_items, "item")
     lengths = []
     out.shard_parts = [[] for _ in range(num_shards)]
     for b in range(buckets.num_buckets):
@@ -137,8 +144,8 @@ def clean_buckets(buckets: Buckets, k: int, num_shards: int) -> Cleaned:
         lengths.append(seq["items"].list.len())
         seq = seq.with_columns(shard_of(pl.col("user_id"), num_shards).alias("_shard"))
         for (s,), piece in seq.partition_by("_shard", as_dict=True, include_key=False).items():
-            path = buckets._path(f"shard-{s:05d}", f"part-{b:05d}.parquet")
-            piece.write_parquet(path, compression="lz4", statistics=False)
+            path = buckets._path(f"shard-{s:05d}", f"part-{b:05d}.arrow")
+            piece.write_ipc(path)
             out.shard_parts[s].append(path)
     if lengths:
         out.lengths = pl.concat(lengths)
@@ -151,28 +158,42 @@ def _sum_counts(counts: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat(counts).group_by("item").agg(pl.col("len").sum())
 
 
-def _k_core(buckets: Buckets, k: int, kept: int, item_counts: pl.DataFrame) -> tuple[int, pl.DataFrame]:
-    """The rounds of :func:`clean.k_core` over the buckets: each round counts users (bucket-local) and items
-    (summed over buckets) on the current rows and keeps rows that pass both; it stops when a round removes
-    nothing. Returns the rounds and the final item counts."""
+def _k_core(buckets: Buckets, k: int, kept: int, items: pl.Series) -> tuple[int, pl.Series]:
+    """The rounds of :func:`clean.k_core` over the buckets, on integer codes with ``numpy.bincount``: each round
+    counts users (bucket-local) and items (summed over buckets) on the current rows and keeps the rows that pass
+    both; it stops when a round removes nothing. Rows are filtered once at the end. Returns the rounds and the
+    items that are left."""
     k_user, k_item = max(k, clean.MIN_USER_LEN), max(k, 1)
+    code = pl.DataFrame({"item": items, "_code": pl.int_range(0, items.len(), eager=True).cast(pl.Int32)})
+    per_item = np.zeros(items.len(), dtype=np.int64)
+    for b in range(buckets.num_buckets):  # codes of every row: bucket-local users, global items
+        df = buckets.bucket(b)
+        u = df.select(pl.col("user").rank("dense") - 1)["user"].to_numpy().astype(np.int32)
+        i = df.select("item").join(code, on="item", how="left", maintain_order="left")["_code"].to_numpy()
+        np.savez(buckets._codes_path(b), u=u, i=i, keep=np.ones(len(u), dtype=bool))
+        per_item += np.bincount(i, minlength=items.len())
     rounds = 0
     while kept:
         rounds += 1
-        ok_items = item_counts.filter(pl.col("len") >= k_item)["item"]
-        now, counts = 0, []
+        now, next_items = 0, np.zeros_like(per_item)
         for b in range(buckets.num_buckets):
-            df = buckets.bucket(b)
-            per_user = df.group_by("user").len()
-            ok_users = per_user.filter(pl.col("len") >= k_user)["user"]
-            if ok_users.len() < per_user.height or ok_items.len() < item_counts.height:
-                new = df.filter(pl.col("user").is_in(ok_users.implode()) & pl.col("item").is_in(ok_items.implode()))
-                if new.height != df.height:
-                    buckets._write(b, new)
-                    df = new
-            now += df.height
-            counts.append(df.group_by("item").len())
+            with np.load(buckets._codes_path(b)) as z:
+                u, i, keep = z["u"], z["i"], z["keep"]
+            if not len(u):
+                continue
+            per_user = np.bincount(u[keep], minlength=int(u.max()) + 1)
+            new = keep & (per_user[u] >= k_user) & (per_item[i] >= k_item)
+            if (new != keep).any():
+                np.savez(buckets._codes_path(b), u=u, i=i, keep=new)
+            now += int(new.sum())
+            next_items += np.bincount(i[new], minlength=len(per_item))
         if now == kept:
             break
-        kept, item_counts = now, _sum_counts(counts)
-    return rounds, item_counts
+        kept, per_item = now, next_items
+    for b in range(buckets.num_buckets):
+        with np.load(buckets._codes_path(b)) as z:
+            keep = z["keep"]
+        os.remove(buckets._codes_path(b))
+        if not keep.all():
+            buckets._write(b, buckets.bucket(b).filter(pl.Series(keep)))
+    return rounds, items.filter(pl.Series(per_item > 0)) if kept else items.clear()
