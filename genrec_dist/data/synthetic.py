@@ -41,6 +41,8 @@ that see item text (semantic IDs) can exploit that items of one category share w
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import polars as pl
 
@@ -128,7 +130,7 @@ def generate(cfg: SyntheticConfig, seed: int) -> RawData:
         batches = _chunks(world, cfg, seed)
     info = {"generator": "genrec_dist.data.synthetic", "seed": seed, "categories": c_count,
             "bestsellers": n_best}
-    return RawData(batches=batches, items=items, info=info)
+    return RawData(batches=batches, items=None, load_items=items, info=info)
 
 
 def _chunks(world: "_World", cfg: SyntheticConfig, seed: int):
@@ -194,7 +196,9 @@ class _World:
                         pl.col("timestamp").cast(pl.Int64))
 
 
-def _items(rng: np.random.Generator, sizes: np.ndarray, key_of_slot: np.ndarray) -> pl.DataFrame:
+def _items(rng: np.random.Generator, sizes: np.ndarray, key_of_slot: np.ndarray) -> Callable[[Any], pl.DataFrame]:
+    """Draw every item's parts now (the generator's order); the strings are built when prepare asks for them,
+    after the interactions are cleaned."""
     cats = category_names(len(sizes))
     brands = [[_brand(rng) for _ in range(BRANDS_PER_CATEGORY)] for _ in cats]
     n = int(sizes.sum())
@@ -203,6 +207,10 @@ def _items(rng: np.random.Generator, sizes: np.ndarray, key_of_slot: np.ndarray)
     brand_ix = rng.integers(0, BRANDS_PER_CATEGORY, n)
     adj_ix = rng.integers(0, len(ADJECTIVES), n)
     var_ix = rng.integers(0, len(VARIANTS), n)
+    return lambda wanted: _item_frame(cats, brands, cat_of_slot, noun_ix, brand_ix, adj_ix, var_ix, key_of_slot)
+
+
+def _item_frame(cats, brands, cat_of_slot, noun_ix, brand_ix, adj_ix, var_ix, key_of_slot) -> pl.DataFrame:
     # The same strings a per-item loop would format, built column-wise (1M+ items without 4M Python strings).
     names = np.array([name for name, _ in cats], dtype=object)
     noun = pl.Series(np.array([nouns[k] for _, nouns in cats for k in range(4)], dtype=object)[cat_of_slot * 4 + noun_ix],
