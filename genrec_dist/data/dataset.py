@@ -79,7 +79,8 @@ def write_shards(
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     shard_names = []
     with storage.commit_dir(path, storage_cfg, overwrite=overwrite) as out:
-        out.write_parquet(ITEMS_FILE, items.sort("item_id"))
+        # Prepare hands items sorted already: sorting again would copy the largest table (its text) once more.
+        out.write_parquet(ITEMS_FILE, items if items["item_id"].is_sorted() else items.sort("item_id"))
         for s in range(num_shards):
             name = f"{SEQUENCES_DIR}/part-{s:05d}.parquet"
             out.write_parquet(name, shard(s))

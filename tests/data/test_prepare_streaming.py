@@ -162,3 +162,40 @@ def test_s3_parts(tmp_path, s3_bucket, tiny_buckets):
     got = both_paths(tmp_path, "prepare.source=amazon2014", "prepare.name=Beauty", f"prepare.input_dir={bucket}/raw",
                      f"storage.endpoint_url={endpoint}")
     assert json.loads(got["manifest.json"])["counts"] == {"users": 7, "items": 6, "interactions": 42}
+
+
+LCREC_DOCS = [
+    '{"u1": [1, 2, 3], "u2": ["a", "b"]}',
+    '{\n  "u1" :\n [10,\n 20 , 30],\n\t"é ü": [7]\n}\n',
+    '{}',
+    '{"u1": [1, 2], "u2": 5}',             # not a list
+    '{"u1": [1, true]}',                   # not an item key
+    '{"u1": [1, 2]',                       # cut short
+    '{"u1": [1, 2]} trailing',             # extra data
+    '[["u1", [1, 2]]]',                    # not an object
+    '{"u1": [1, 2], "u3": [1234567890123456789, 2]}',
+    '{"u\\"q": [3, 4, 5], "u,:": [6]}',    # escapes and separators inside keys
+]
+
+
+@pytest.mark.parametrize("doc", LCREC_DOCS)
+def test_lcrec_entries_decoded_across_blocks_equal_the_whole_document(tmp_path, doc):
+    from genrec_dist.data import lcrec
+    from genrec_dist.data.errors import InputError
+    from genrec_dist.data.raw import Source
+
+    path = tmp_path / "X.inter.json"
+    path.write_text(doc, encoding="utf-8")
+    try:
+        expected = lcrec.parse_inter(str(path), doc.encode())
+    except InputError as exc:
+        expected = exc
+    for block in (3, 7, 1 << 20):
+        try:
+            frames = list(lcrec.inter_batches(Source(str(path), block_bytes=block), batch_rows=2))
+            got = pl.concat(frames) if frames else expected.clear() if isinstance(expected, pl.DataFrame) else None
+        except InputError as exc:
+            assert isinstance(expected, InputError), f"block {block}: {exc}"
+            continue
+        assert isinstance(expected, pl.DataFrame), f"block {block}: decoded {got} where the document is an error"
+        assert got.equals(expected), block
