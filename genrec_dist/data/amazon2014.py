@@ -154,7 +154,7 @@ def read(cfg: PrepareConfig, storage_cfg: Any = None, block_bytes: int = BLOCK_B
     if exists_any(meta_path, storage_cfg):
         meta = [Source(f, storage_cfg, block_bytes) for f in expand(meta_path, storage_cfg)]
         files += [s.entry for s in meta]
-        load = lambda wanted: stream_meta(meta, wanted)  # noqa: E731 - parsed after the k-core
+        load = lambda kept: stream_meta(meta, set(kept.to_list()))  # noqa: E731 - parsed after the k-core
     else:
         warnings.append(f"no meta file {meta_path}: item text is only the fallback title")
         load = None

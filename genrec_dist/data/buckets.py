@@ -107,7 +107,7 @@ def clean_buckets(buckets: Buckets, k: int, num_shards: int) -> Cleaned:
     out = Cleaned(raw_rows=buckets.rows, has_time=buckets.has_time)
     if buckets.rows == 0:
         return out
-    counts, users_before, rows_before = [], 0, 0
+    items, users_before, rows_before = pl.Series("item", [], dtype=pl.Utf8), 0, 0
     for b in range(buckets.num_buckets):
         folder = os.path.join(buckets.root, f"b{b:05d}")
         parts = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
@@ -122,11 +122,11 @@ def clean_buckets(buckets: Buckets, k: int, num_shards: int) -> Cleaned:
         out.duplicates += dropped
         users_before += df["user"].n_unique()
         rows_before += df.height
-        counts.append(df.group_by("item").len())
+        # Distinct items so far, merged bucket by bucket (memory: the catalog, not buckets x catalog).
+        items = pl.concat([items, df["item"].unique()]).unique()
         buckets._write(b, df)
-    item_counts = _sum_counts(counts)
-    out.before = (rows_before, users_before, item_counts.height)
-    out.rounds, kept_items = _k_core(buckets, k, rows_before, item_counts["item"])
+    out.before = (rows_before, users_before, items.len())
+    out.rounds, kept_items = _k_core(buckets, k, rows_before, items)
     if not kept_items.len():  # the k-core removed everything
         return out
     user_keys = [buckets.bucket(b)["user"].unique() for b in range(buckets.num_buckets)]
@@ -150,12 +150,6 @@ def clean_buckets(buckets: Buckets, k: int, num_shards: int) -> Cleaned:
     if lengths:
         out.lengths = pl.concat(lengths)
     return out
-
-
-def _sum_counts(counts: list[pl.DataFrame]) -> pl.DataFrame:
-    if not counts:
-        return pl.DataFrame(schema={"item": pl.Utf8, "len": pl.UInt32})
-    return pl.concat(counts).group_by("item").agg(pl.col("len").sum())
 
 
 def _k_core(buckets: Buckets, k: int, kept: int, items: pl.Series) -> tuple[int, pl.Series]:

@@ -93,14 +93,8 @@ def run_prepare(cfg: Config, in_memory: bool = False) -> dict[str, Any]:
                                       f"interactions of {c.before[1]} users and {c.before[2]} items); "
                                       f"lower prepare.k_core")
         item_ids = c.item_ids
-        if raw.items is not None:
-            records = raw.items
-        elif raw.load_items is not None:
-            records = raw.load_items(set(item_ids["item"].to_list()))
-        else:
-            records = empty_items()
-        items, no_title, no_record = _items(item_ids, records, p.text_template, p.max_text_chars)
-        del records
+        items, no_title, no_record = _items(item_ids, _records(raw, item_ids["item"]), p.text_template,
+                                            p.max_text_chars)
 
         warnings = list(raw.warnings)
         if no_title:
@@ -138,6 +132,15 @@ def run_prepare(cfg: Config, in_memory: bool = False) -> dict[str, Any]:
         "dataset": out, "source": p.source, **counts, **stats, "warnings": warnings,
         "seconds": {"read": t_read - t0, "clean": t_clean - t_read, "write": t_end - t_clean, "total": t_end - t0},
     }
+
+
+def _records(raw: RawData, kept: pl.Series) -> pl.DataFrame:
+    """The item records: the reader's table, or those it loads for the ``kept`` item keys."""
+    if raw.items is not None:
+        return raw.items
+    if raw.load_items is not None:
+        return raw.load_items(kept)
+    return empty_items()
 
 
 class _InMemory(buckets.Cleaned):
@@ -198,20 +201,29 @@ def _check_destination(path: str, storage_cfg: Any, overwrite: bool) -> None:
         raise storage.StorageError(f"{path}: already exists (pass prepare.overwrite=true to replace it)")
 
 
+ITEM_ROWS = 100_000  # items whose text is rendered at once (the regex steps copy the text column)
+
+
 def _items(item_ids: pl.DataFrame, records: pl.DataFrame, template: str, max_chars: int
            ) -> tuple[pl.DataFrame, int, int]:
     """The items table for the kept items: the first record per item key, text from the template."""
     records = records.drop([c for c in ("item_id",) if c in records.columns])
     records = records.unique(subset="item", keep="first", maintain_order=True).with_columns(
         pl.lit(True).alias("_has_record"))
-    items = item_ids.join(records, on="item", how="left").sort("item_id")
-    no_record = int(items["_has_record"].null_count())
-    items, no_title = text.build_text(items.drop("_has_record"), template, max_chars)
-    for col in ("brand", "categories", "description"):
-        if col not in items.columns:
-            items = items.with_columns(pl.lit(None, dtype=pl.Utf8).alias(col))
-    items = items.with_columns(pl.col(c).fill_null("") for c in ("brand", "categories", "description"))
-    return items.select(ITEM_COLUMNS), no_title, no_record
+    joined = item_ids.join(records, on="item", how="left").sort("item_id")
+    del records
+    no_record = int(joined["_has_record"].null_count())
+    joined = joined.drop("_has_record")
+    parts, no_title = [], 0
+    for start in range(0, max(joined.height, 1), ITEM_ROWS):
+        items, missing = text.build_text(joined.slice(start, ITEM_ROWS), template, max_chars)
+        for col in ("brand", "categories", "description"):
+            if col not in items.columns:
+                items = items.with_columns(pl.lit(None, dtype=pl.Utf8).alias(col))
+        items = items.with_columns(pl.col(c).fill_null("") for c in ("brand", "categories", "description"))
+        parts.append(items.select(ITEM_COLUMNS))
+        no_title += missing
+    return pl.concat(parts), no_title, no_record
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -39,8 +39,8 @@ class RawData:
     # entries of streamed files are complete once the batches are consumed.
     batches: Iterable[pl.DataFrame]
     items: pl.DataFrame | None  # item:str + string fields (title, brand, categories, description, ...)
-    # Instead of ``items``: parse the records of just these item keys (called after the k-core filter).
-    load_items: Callable[[set[str]], pl.DataFrame] | None = None
+    # Instead of ``items``: the records of just these item keys (called after the k-core filter).
+    load_items: Callable[[pl.Series], pl.DataFrame] | None = None
     files: list[dict[str, Any]] = field(default_factory=list)  # {path, sha256, bytes}
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # source-specific facts for the manifest

@@ -1,8 +1,8 @@
 """The streaming prepare (block-wise reading, cleaning over spilled hash buckets) writes exactly the bytes of the
 in-memory reference path, for every source, for multi-part and s3:// inputs, and whatever the memory budget.
 
-Buckets of 37 rows and read blocks of 64 bytes force many buckets, many blocks per file and lines cut across
-blocks even at toy size."""
+Buckets of 37 rows, read blocks of 64 bytes and item text rendered 7 items at a time force many buckets, many
+blocks per file, lines cut across blocks and many item slices even at toy size."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from _raw_inputs import amazon_meta, amazon_reviews, make_cfg, snapshot, write_a
 def tiny_buckets(monkeypatch):
     monkeypatch.setattr(buckets, "bucket_rows", lambda budget_mb: 37)
     monkeypatch.setattr(prepare, "raw_blocks", lambda budget_mb: 64)
+    monkeypatch.setattr(prepare, "ITEM_ROWS", 7)  # item text rendered 7 items at a time
 
 
 def both_paths(tmp_path, *overrides: str, storage_cfg_from=None) -> dict[str, bytes]:
