@@ -12,6 +12,7 @@ the reference: the same steps over one in-memory frame (``clean.py``), which wri
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from typing import Any
@@ -70,6 +71,8 @@ def run_prepare(cfg: Config, in_memory: bool = False) -> dict[str, Any]:
         raise ValueError(f"prepare.num_shards must be >= 1, got {p.num_shards}")
     if p.memory_budget_mb < 64:
         raise ValueError(f"prepare.memory_budget_mb must be >= 64, got {p.memory_budget_mb}")
+    if p.spill_dir and not os.path.isdir(p.spill_dir):
+        raise ValueError(f"prepare.spill_dir: {p.spill_dir} is not a local folder")
     # Fail before the work (and reach the storage once) when the destination is taken.
     _check_destination(out, cfg.storage, p.overwrite)
 

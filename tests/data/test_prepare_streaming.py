@@ -200,3 +200,12 @@ def test_lcrec_entries_decoded_across_blocks_equal_the_whole_document(tmp_path, 
             continue
         assert isinstance(expected, pl.DataFrame), f"block {block}: decoded {got} where the document is an error"
         assert got.equals(expected), block
+
+
+def test_spill_dir_is_left_empty_and_must_exist(tmp_path):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    run_prepare(make_cfg(tmp_path / "w", "prepare.synthetic.num_users=200", f"prepare.spill_dir={spill}"))
+    assert os.listdir(spill) == []
+    with pytest.raises(ValueError, match=r"prepare.spill_dir: .*nowhere is not a local folder"):
+        run_prepare(make_cfg(tmp_path / "w2", f"prepare.spill_dir={tmp_path / 'nowhere'}"))
