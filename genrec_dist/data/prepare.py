@@ -11,17 +11,18 @@ the reference: the same steps over one in-memory frame (``clean.py``), which wri
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 
 from genrec_dist import storage
-from genrec_dist.config import Config, to_dict
 from genrec_dist.data import buckets, clean, dataset, text
+from genrec_dist.data.config import PrepareConfig
 from genrec_dist.data.errors import InputError
 from genrec_dist.data.raw import RawData, empty_items
 from genrec_dist.data.raw import block_bytes as raw_blocks
@@ -30,7 +31,19 @@ log = logging.getLogger(__name__)
 ITEM_COLUMNS = ["item_id", "item", "title", "text", "brand", "categories", "description"]
 
 
-def read_raw(cfg: Config, scratch: str = "") -> RawData:
+class PrepareSettings(Protocol):
+    """What this stage reads of a config (the root ``Config`` has it): the ``prepare`` section, the seed of the
+    synthetic source, where the dataset goes and how storage is reached. The whole config (a dataclass) is recorded
+    in the manifest."""
+
+    name: str
+    seed: int
+    prepare: PrepareConfig
+    storage: Any
+    dataset_dir: str
+
+
+def read_raw(cfg: PrepareSettings, scratch: str = "") -> RawData:
     """The reader for ``cfg.prepare.source`` (``scratch``: a local folder for readers that copy a part first)."""
     p = cfg.prepare
     rows = buckets.bucket_rows(p.memory_budget_mb)
@@ -56,7 +69,7 @@ def read_raw(cfg: Config, scratch: str = "") -> RawData:
     raise ValueError(f"prepare.source: unknown source {p.source!r}")
 
 
-def run_prepare(cfg: Config, in_memory: bool = False) -> dict[str, Any]:
+def run_prepare(cfg: PrepareSettings, in_memory: bool = False) -> dict[str, Any]:
     """Prepare the dataset at ``cfg.dataset_dir`` and return the summary (counts, lengths, timings, warnings).
 
     Raises :class:`InputError` (bad or empty input, naming file and line), :class:`storage.StorageError`
@@ -191,8 +204,8 @@ def _stats(lengths: pl.Series, users: int, num_items: int) -> tuple[dict[str, in
 RUN_ONLY = ("memory_budget_mb", "spill_dir")
 
 
-def _manifest_config(cfg: Config) -> dict[str, Any]:
-    out = to_dict(cfg)
+def _manifest_config(cfg: PrepareSettings) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
     for key in RUN_ONLY:
         out["prepare"].pop(key, None)
     return out

@@ -52,12 +52,15 @@ TIGER is dropped (``drop_dedup_level``), and ``levels`` truncates the table for 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genrec_dist.data.semantic_ids import SemanticIds
+if TYPE_CHECKING:  # the annotation only: the semantic-ID format pulls in storage, fsspec and Polars
+    from genrec_dist.data.semantic_ids import SemanticIds
 from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
 from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
                                        attention_mask, init_weights)
