@@ -5,7 +5,7 @@
                                [--train-set KEY=VALUE ...] [--eval-set KEY=VALUE ...]
                                [--out benchmarks/results/scale.json]
 
-Scale ``s`` is ``s`` x Beauty's shape from the synthetic generator: 22,000 s users, 12,000 s items, 24 categories
+Scale ``s`` (any positive number: 0.1 for a quick check) is ``s`` x Beauty's shape from the synthetic generator: 22,000 s users, 12,000 s items, 24 categories
 (after the 5-core: about 2.07M interactions at 10x). For each scale, each stage is the real job run as a
 subprocess from the repo root:
 
@@ -146,9 +146,9 @@ def accepted(config: str, overrides: list[str]) -> tuple[list[str], list[str]]:
     return kept, dropped
 
 
-def scale_overrides(scale: int, work: str, budget_mb: int) -> list[str]:
-    return [f"workdir={work}", f"prepare.synthetic.num_users={BEAUTY['users'] * scale}",
-            f"prepare.synthetic.num_items={BEAUTY['items'] * scale}",
+def scale_overrides(scale: float, work: str, budget_mb: int) -> list[str]:
+    return [f"workdir={work}", f"prepare.synthetic.num_users={round(BEAUTY['users'] * scale)}",
+            f"prepare.synthetic.num_items={round(BEAUTY['items'] * scale)}",
             f"prepare.synthetic.num_categories={BEAUTY['categories']}", "prepare.num_shards=8",
             f"prepare.memory_budget_mb={budget_mb}", "prepare.overwrite=true",
             "tokenize.levels=4", "tokenize.codebook_size=256", "tokenize.max_iters=20", "tokenize.overwrite=true",
@@ -193,8 +193,8 @@ def minilm_child(dataset: str, n: int) -> None:
     print(json.dumps({"items": items.height, "items_per_s": info["items_per_s"]}))
 
 
-def run_scale(scale: int, args, rows: list[dict]) -> None:
-    work = os.path.join(args.work, f"x{scale}")
+def run_scale(scale: float, args, rows: list[dict]) -> None:
+    work = os.path.join(args.work, f"x{scale:g}")
     os.makedirs(work, exist_ok=True)
     base = ["--config", args.config, *scale_overrides(scale, work, args.budget_mb)]
     py = sys.executable
@@ -224,7 +224,7 @@ def run_scale(scale: int, args, rows: list[dict]) -> None:
         row = measure([py, "jobs/tokenize.py", *base], os.path.join(work, "tokenize.log"))
         ok["tokenize"] = add("tokenize", row, counts.get("items", 0), "items/s", items=counts.get("items"))
     for model in MODELS:
-        run_name = f"scale-{model}-x{scale}"
+        run_name = f"scale-{model}-x{scale:g}"
         if "train" in args.stages and have_data:
             over = [f"train.model={model}", f"train.max_steps={args.train_steps}", "train.eval_every=0",
                     "train.checkpoint_every=0", "train.patience=0", f"train.run_name={run_name}",
@@ -257,7 +257,7 @@ def run_scale(scale: int, args, rows: list[dict]) -> None:
 def exponents(rows: list[dict]) -> list[dict]:
     """Time exponent between consecutive scales of each stage: log(t_b / t_a) / log(b / a)."""
     out = []
-    by_stage: dict[str, dict[int, float]] = {}
+    by_stage: dict[str, dict[float, float]] = {}
     for r in rows:
         if r["scale"] is not None and r["rc"] == 0:
             by_stage.setdefault(r["stage"], {})[r["scale"]] = r["seconds"]
@@ -276,11 +276,11 @@ def table(rows: list[dict], growth: list[dict]) -> str:
     for r in rows:
         thr = f"{r['throughput']:,.0f} {r['unit']}" if "throughput" in r else ("" if r["rc"] == 0 else
                                                                               f"FAILED rc={r['rc']}")
-        lines.append(f"{r['scale'] if r['scale'] is not None else '-':>6} {r['stage']:<16}{r['seconds']:>9.1f}"
+        lines.append(f"{format(r['scale'], 'g') if r['scale'] is not None else '-':>6} {r['stage']:<16}{r['seconds']:>9.1f}"
                      f"{r['driver_peak_mib']:>7.0f}MiB{r['other_peak_mib']:>8.0f}MiB{r['total_peak_mib']:>8.0f}MiB"
                      f"{r['processes']:>6}  {thr}")
     for g in growth:
-        lines.append(f"time exponent {g['stage']} {g['from']}x -> {g['to']}x: {g['time_exponent']:.2f}")
+        lines.append(f"time exponent {g['stage']} {g['from']:g}x -> {g['to']:g}x: {g['time_exponent']:.2f}")
     return "\n".join(lines)
 
 
@@ -296,12 +296,12 @@ def log_mlflow(args, result: dict, text: str) -> None:
         tracker = make_tracker(cfg, "scale-benchmark", run_name="scale-benchmark")
         metrics = {}
         for r in result["rows"]:
-            key = f"x{r['scale']}.{r['stage']}" if r["scale"] is not None else r["stage"]
+            key = f"x{r['scale']:g}.{r['stage']}" if r["scale"] is not None else r["stage"]
             for m in ("seconds", "driver_peak_mib", "other_peak_mib", "total_peak_mib", "throughput"):
                 if m in r:
                     metrics[f"{key}.{m}"] = float(r[m])
         for g in result["growth"]:
-            metrics[f"{g['stage']}.exponent_{g['from']}_{g['to']}"] = g["time_exponent"]
+            metrics[f"{g['stage']}.exponent_{g['from']:g}_{g['to']:g}"] = g["time_exponent"]
         tracker.log(metrics)
         tracker.log_text(text + "\n", "scale.txt")
         tracker.log_text(json.dumps(result, indent=2), "scale.json")
@@ -312,7 +312,7 @@ def log_mlflow(args, result: dict, text: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scales", type=int, nargs="+", default=[1, 10, 100])
+    ap.add_argument("--scales", type=float, nargs="+", default=[1, 10, 100])
     ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     ap.add_argument("--config", default="configs/synthetic.yaml")
     ap.add_argument("--work", default=None, help="working folder (default: a new temporary one, removed after)")
