@@ -223,18 +223,28 @@ def run_scale(scale: float, args, rows: list[dict]) -> None:
         print(f"  stored embeddings for {n:,} items in {time.perf_counter() - t0:.1f}s", flush=True)
         row = measure([py, "jobs/tokenize.py", *base], os.path.join(work, "tokenize.log"))
         ok["tokenize"] = add("tokenize", row, counts.get("items", 0), "items/s", items=counts.get("items"))
+    def skipped(stage: str, why: str) -> None:
+        print(f"  skip {stage}: {why}", flush=True)
+        rows.append({"scale": scale, "stage": stage, "rc": None, "skipped": why})
+
     for model in MODELS:
         run_name = f"scale-{model}-x{scale:g}"
-        if "train" in args.stages and have_data:
+        trained = True
+        if "train" in args.stages and have_data and model != "sasrec" and ok.get("tokenize") is False:
+            skipped(f"train-{model}", "tokenize failed (no semantic IDs)")
+            trained = False
+        elif "train" in args.stages and have_data:
             over = [f"train.model={model}", f"train.max_steps={args.train_steps}", "train.eval_every=0",
                     "train.checkpoint_every=0", "train.patience=0", f"train.run_name={run_name}",
                     f"train.warmup_steps={min(100, args.train_steps)}", *args.train_set]
             kept, dropped = accepted(args.config, over)
             row = measure([py, "jobs/train.py", *base, *kept], os.path.join(work, f"train-{model}.log"))
             batch = int(next((o.split("=", 1)[1] for o in kept if o.startswith("train.batch_size=")), 128))
-            add(f"train-{model}", row, args.train_steps * batch, "examples/s", steps=args.train_steps,
-                dropped=dropped)
-        if "evaluate" in args.stages and have_data:
+            trained = add(f"train-{model}", row, args.train_steps * batch, "examples/s", steps=args.train_steps,
+                          dropped=dropped)
+        if "evaluate" in args.stages and have_data and not trained:
+            skipped(f"evaluate-{model}", "its training run failed or was skipped")
+        elif "evaluate" in args.stages and have_data:
             over = [f"evaluate.max_users={args.eval_users}", *args.eval_set]
             kept, dropped = accepted(args.config, over)
             users = args.eval_users if any(o.startswith("evaluate.max_users=") for o in kept) else counts.get("users")
@@ -274,6 +284,9 @@ def table(rows: list[dict], growth: list[dict]) -> str:
            f"{'procs':>6}  throughput"
     lines = [head]
     for r in rows:
+        if r["rc"] is None:
+            lines.append(f"{format(r['scale'], 'g'):>6} {r['stage']:<16}  skipped: {r['skipped']}")
+            continue
         thr = f"{r['throughput']:,.0f} {r['unit']}" if "throughput" in r else ("" if r["rc"] == 0 else
                                                                               f"FAILED rc={r['rc']}")
         lines.append(f"{format(r['scale'], 'g') if r['scale'] is not None else '-':>6} {r['stage']:<16}{r['seconds']:>9.1f}"
