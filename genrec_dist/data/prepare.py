@@ -26,6 +26,7 @@ from genrec_dist.data.config import PrepareConfig
 from genrec_dist.data.errors import InputError
 from genrec_dist.data.raw import RawData, empty_items
 from genrec_dist.data.raw import block_bytes as raw_blocks
+from genrec_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 ITEM_COLUMNS = ["item_id", "item", "title", "text", "brand", "categories", "description"]
@@ -66,7 +67,7 @@ def read_raw(cfg: PrepareSettings, scratch: str = "") -> RawData:
         from genrec_dist.data import tabular
 
         return tabular.read(p, cfg.storage, block, scratch, rows)
-    raise ValueError(f"prepare.source: unknown source {p.source!r}")
+    raise ConfigError(f"prepare.source: unknown source {p.source!r}")
 
 
 def run_prepare(cfg: PrepareSettings, in_memory: bool = False) -> dict[str, Any]:
@@ -81,11 +82,11 @@ def run_prepare(cfg: PrepareSettings, in_memory: bool = False) -> dict[str, Any]
     out = cfg.dataset_dir
     text.template_fields(p.text_template)
     if p.num_shards < 1:
-        raise ValueError(f"prepare.num_shards must be >= 1, got {p.num_shards}")
+        raise ConfigError(f"prepare.num_shards must be >= 1, got {p.num_shards}")
     if p.memory_budget_mb < 64:
-        raise ValueError(f"prepare.memory_budget_mb must be >= 64, got {p.memory_budget_mb}")
+        raise ConfigError(f"prepare.memory_budget_mb must be >= 64, got {p.memory_budget_mb}")
     if p.spill_dir and not os.path.isdir(p.spill_dir):
-        raise ValueError(f"prepare.spill_dir: {p.spill_dir} is not a local folder")
+        raise ConfigError(f"prepare.spill_dir: {p.spill_dir} is not a local folder")
     # Fail before the work (and reach the storage once) when the destination is taken.
     _check_destination(out, cfg.storage, p.overwrite)
 

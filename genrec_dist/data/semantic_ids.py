@@ -29,6 +29,7 @@ import numpy as np
 import polars as pl
 
 from genrec_dist import storage
+from genrec_dist.errors import GenrecError
 
 SCHEMA_VERSION = 1
 SIDS_FILE = "semantic_ids.parquet"
@@ -37,7 +38,7 @@ CODEBOOKS_FILE = "codebooks.npz"
 _TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
 
 
-class SemanticIdError(ValueError):
+class SemanticIdError(GenrecError, ValueError):
     """Codes or an index file that do not fit the format; the message names the file / item / level."""
 
 

@@ -48,6 +48,7 @@ import polars as pl
 
 from genrec_dist.data.config import SyntheticConfig
 from genrec_dist.data.raw import RawData
+from genrec_dist.errors import ConfigError
 
 CATEGORIES = [
     ("Skin Care", ["Serum", "Moisturizer", "Cleanser", "Toner"]),
@@ -103,12 +104,12 @@ def _brand(rng: np.random.Generator) -> str:
 def generate(cfg: SyntheticConfig, seed: int) -> RawData:
     """The synthetic catalog and interaction log (see the module docstring for the structure)."""
     if cfg.num_items < 1 or cfg.num_users < 1 or cfg.num_categories < 1:
-        raise ValueError("prepare.synthetic: num_items, num_users and num_categories must be >= 1")
+        raise ConfigError("prepare.synthetic: num_items, num_users and num_categories must be >= 1")
     if not 1 <= cfg.min_length <= cfg.max_length:
-        raise ValueError(f"prepare.synthetic: need 1 <= min_length <= max_length, got "
+        raise ConfigError(f"prepare.synthetic: need 1 <= min_length <= max_length, got "
                          f"{cfg.min_length}, {cfg.max_length}")
     if cfg.users_per_chunk < 1:
-        raise ValueError(f"prepare.synthetic.users_per_chunk must be >= 1, got {cfg.users_per_chunk}")
+        raise ConfigError(f"prepare.synthetic.users_per_chunk must be >= 1, got {cfg.users_per_chunk}")
     rng = np.random.default_rng(seed)
     n = cfg.num_items
     c_count = min(cfg.num_categories, n)

@@ -3,7 +3,7 @@ ids; the last position's state scores every item through the (tied) item embeddi
 
 Loss: full-softmax cross-entropy over the catalog by default. The paper trains with binary cross-entropy against one
 sampled negative per position, which is what TIGER's table quotes (Beauty R@10 0.0605); CE over all items is much
-stronger on the same data (ANCHORS.md C.3: 0.0859 vs 0.0539 in one study), because every item is pushed down at
+stronger on the same data (docs/results.md has the numbers), because every item is pushed down at
 every step instead of one random item. ``loss: sampled`` (uniform negatives shared across the batch, accidental
 hits masked) keeps the cost independent of the catalog size for very large catalogs.
 """
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec_dist.errors import ConfigError
 from genrec_dist.models.blocks import (PositionalEmbedding, TiedEmbedding, TransformerStack, attention_mask,
                                        init_weights)
 from genrec_dist.models.config import SASRecConfig
@@ -31,7 +32,7 @@ class SASRec(nn.Module):
         if num_items < 1:
             raise ValueError(f"SASRec needs at least one item, got num_items={num_items}")
         if cfg.loss == "sampled" and cfg.num_negatives < 1:
-            raise ValueError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
+            raise ConfigError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
         self.cfg = cfg
         self.num_items = num_items
         self.item_emb = TiedEmbedding(num_items + 1, cfg.d_model, padding_idx=0)  # input and output table

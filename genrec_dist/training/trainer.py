@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,8 +31,7 @@ import torch.distributed as tdist
 from genrec_dist import reports, storage
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
-from genrec_dist.models import build_model, trains_every_position
-from genrec_dist.tracking import make_tracker
+from genrec_dist.models import build_model, needs_semantic_ids, trains_every_position
 from genrec_dist.training import checkpoint as ckpt
 from genrec_dist.training import data as D
 from genrec_dist.training import runs
@@ -43,12 +42,11 @@ from genrec_dist.evaluation.run import (choose_on_valid, evaluate_split, load_ex
 from genrec_dist.training.export import (consolidated_state_dict, model_meta, model_semantic_ids, semantic_id_files,
                                          write_model)
 
-# Models that read semantic IDs (cfg.semantic_ids_dir); SASRec works on item ids alone.
-SID_MODELS = {"tiger", "car", "unger"}
 
-
-def train_worker(cfg: Any) -> dict[str, Any] | None:
-    """Train ``cfg.train.model`` as this process's rank. Returns the run summary on rank 0, None elsewhere."""
+def train_worker(cfg: Any, tracking: Callable) -> dict[str, Any] | None:
+    """Train ``cfg.train.model`` as this process's rank. Returns the run summary on rank 0, None elsewhere.
+    ``tracking`` (the job's, e.g. ``genrec_dist.tracking.make_tracker``) makes this rank's tracker once the run is
+    known (MLflow on rank 0, a null tracker elsewhere)."""
     import deepspeed
 
     tc = cfg.train
@@ -78,7 +76,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     prior = runs.read_run(run_dir, cfg.storage) if resuming and main else None
 
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
-    tracker = make_tracker(cfg, "train", rank, run_name=run_name,
+    tracker = tracking(cfg, "train", rank, run_name=run_name,
                            extra_tags={**dataset.tags(), "genrec.run_dir": run_dir, "genrec.model": tc.model},
                            run_id=(prior or {}).get("mlflow_run_id"), spool_dir=run_dir)
     if main:
@@ -88,7 +86,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
             "run_name": run_name, "model": tc.model, "mlflow_run_id": tracker.run_id,
             "created": (prior or {}).get("created") or runs.created_now(), "dataset": cfg.dataset_dir,
             # --resume compares them (a resumed run got here only with the ones it started with)
-            "inputs": (prior or {}).get("inputs") or runs.input_fingerprints(cfg, tc.model in SID_MODELS),
+            "inputs": (prior or {}).get("inputs") or runs.input_fingerprints(cfg, needs_semantic_ids(tc.model)),
         }, indent=2).encode(), cfg.storage)
         if not resuming:
             tracker.log_config(cfg)
@@ -115,7 +113,7 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
 
     # ----- 4. model + DeepSpeed -------------------------------------------------------------------------------
     sids, sids_dir = None, None
-    if tc.model in SID_MODELS:
+    if needs_semantic_ids(tc.model):
         from genrec_dist.data.semantic_ids import read_semantic_ids
 
         sids_dir = cfg.semantic_ids_dir

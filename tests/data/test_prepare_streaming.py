@@ -16,6 +16,7 @@ import s3fs
 
 from genrec_dist.data import buckets, prepare
 from genrec_dist.data.prepare import run_prepare
+from genrec_dist.errors import ConfigError
 
 from _raw_inputs import amazon_meta, amazon_reviews, make_cfg, snapshot, write_amazon, write_gz
 
@@ -207,5 +208,5 @@ def test_spill_dir_is_left_empty_and_must_exist(tmp_path):
     spill.mkdir()
     run_prepare(make_cfg(tmp_path / "w", "prepare.synthetic.num_users=200", f"prepare.spill_dir={spill}"))
     assert os.listdir(spill) == []
-    with pytest.raises(ValueError, match=r"prepare.spill_dir: .*nowhere is not a local folder"):
+    with pytest.raises(ConfigError, match=r"prepare.spill_dir: .*nowhere is not a local folder"):
         run_prepare(make_cfg(tmp_path / "w2", f"prepare.spill_dir={tmp_path / 'nowhere'}"))

@@ -21,10 +21,11 @@ from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import read_semantic_ids
 from genrec_dist.evaluation.evaluate import evaluate_model
 from genrec_dist.evaluation.popular import MostPopular
-from genrec_dist.models import build_model
-from genrec_dist.models.config import ModelConfig
+from genrec_dist.models import ModelConfig, build_model
+from genrec_dist.tracking import make_tracker
 from genrec_dist.training.data import eval_examples, train_examples
 from tokenization.embedding_store import read_embeddings
+from tokenization.unger import REFERENCE_FILE, concat_embeddings, modality_share
 
 from _util import REPO, free_port
 
@@ -49,7 +50,7 @@ def unified(tiny_dataset, tmp_path_factory, ray_local):
     cfg = _cfg(root, tiny_dataset, f"{root}/sids")
     logs: list[str] = []
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = run_tokenize(cfg, log=logs.append)
+    summary = run_tokenize(cfg, log=logs.append, tracking=make_tracker)
     return cfg, summary, logs
 
 
@@ -67,9 +68,18 @@ def test_stage1_writes_unified_codes_integrated_embeddings_and_modality_shares(u
     # CKA learned the alignment: far below the chance level log(#items in a batch) of an untrained pair of spaces.
     assert st["unger.stage1.cka"] < 0.5 * np.log(40)
     assert any("unger stage I step 300/300" in m for m in logs)
-    for fusion in ("modality_share", "modality_share_concat"):
-        s, c = st[f"unger.{fusion}.share_semantic"], st[f"unger.{fusion}.share_collab"]
-        assert 0 < s < 1 and s + c == pytest.approx(1.0)
+    # The shares (Table 6) are those of the embeddings the run saved, against the references it saved: recomputed
+    # here from the files, for the unified embedding and for the concatenation of the same two references.
+    _, text = read_embeddings(f"{cfg.semantic_ids_dir}/embeddings")  # Stage I's text embeddings, item-id order
+    din = np.load(os.path.join(cfg.semantic_ids_dir, REFERENCE_FILE))[1:]  # the DIN-only model's item embeddings
+    uc = cfg.tokenize.unger
+    for fusion, final in (("modality_share", emb[1:]), ("modality_share_concat", concat_embeddings(text, din))):
+        want = modality_share(final, text, din, uc.share_sample, cfg.seed)
+        assert st[f"unger.{fusion}.share_semantic"] == pytest.approx(want["share_semantic"], rel=1e-5), fusion
+        assert st[f"unger.{fusion}.kl_collab"] == pytest.approx(want["kl_collab"], rel=1e-5), fusion
+    # The DIN-only reference scored against itself is all collaborative: the saved file is the reference used.
+    assert modality_share(din, text, din, uc.share_sample, cfg.seed)["share_collab"] > 0.99
+    assert st["unger.modality_share.share_semantic"] != pytest.approx(st["unger.modality_share_concat.share_semantic"])
     # the MLflow run of the tokenize job carries the Stage I numbers
     import mlflow
 
@@ -124,12 +134,13 @@ def test_ablation_sources(unified, tiny_dataset, tmp_path):
     emb_dir = f"{cfg0.semantic_ids_dir}/embeddings"
     _, text = read_embeddings(emb_dir)  # the text embeddings Stage I read
     sem = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/sem", "tokenize.unger.source=semantic",
-                            f"tokenize.embeddings_path={emb_dir}", "tracking.enabled=false"), log=lambda m: None)
+                            f"tokenize.embeddings_path={emb_dir}", "tracking.enabled=false"), log=lambda m: None,
+                       tracking=make_tracker)
     s = read_semantic_ids(sem["path"])
     assert s.manifest["unger_source"] == "semantic" and np.allclose(s.item_embeddings[1:], text)
     cat = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/cat", "tokenize.unger.source=concat",
                             "tokenize.unger.steps=30", f"tokenize.embeddings_path={emb_dir}",
-                            "tracking.enabled=false"), log=lambda m: None)
+                            "tracking.enabled=false"), log=lambda m: None, tracking=make_tracker)
     c = read_semantic_ids(cat["path"])
     assert c.item_embeddings.shape == (ds.num_items + 1, 64)
     assert np.allclose(np.linalg.norm(c.item_embeddings[1:, :32], axis=1), 1, atol=1e-4)
@@ -151,18 +162,18 @@ def test_collab_and_concat_reuse_the_unified_runs_din_reference(unified, tiny_da
               "tracking.enabled=false")
     logs: list[str] = []
     col = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/col", "tokenize.unger.source=collab", *common),
-                       log=logs.append)
+                       log=logs.append, tracking=make_tracker)
     assert not any("stage I step" in m for m in logs), "the reference was trained again"
     c = read_semantic_ids(col["path"])
     assert np.array_equal(c.item_embeddings[1:], saved[1:]) and "din_reference" not in c.manifest
     with pytest.raises(ValueError, match=r"reference_path=.*steps: 300 there, 30 here"):
         run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad", "tokenize.unger.source=concat",
-                          "tokenize.unger.steps=30", *common), log=lambda m: None)
+                          "tokenize.unger.steps=30", *common), log=lambda m: None, tracking=make_tracker)
     assert not os.path.exists(f"{tmp_path}/bad/manifest.json")
     with pytest.raises(ValueError, match="saved no DIN-only model"):
         run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad2", "tokenize.unger.source=collab",
                           f"tokenize.embeddings_path={emb_dir}", f"tokenize.unger.reference_path={col['path']}",
-                          "tracking.enabled=false"), log=lambda m: None)
+                          "tracking.enabled=false"), log=lambda m: None, tracking=make_tracker)
 
 
 def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unified, tiny_dataset, tmp_path):
@@ -184,7 +195,7 @@ def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unif
               f"tokenize.unger.reference_path={cfg0.semantic_ids_dir}")
     logs: list[str] = []
     out = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/collab", "tokenize.unger.integrated=collab", *common),
-                       log=logs.append)
+                       log=logs.append, tracking=make_tracker)
     assert not any("stage I step" in m for m in logs), "Stage I was trained again"
     collab = read_semantic_ids(out["path"])
     assert collab.manifest["unger_integrated"] == "collab"
@@ -193,10 +204,10 @@ def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unif
     assert 0 < out["stats"]["unger.modality_share.share_semantic"] < 1  # the DIN-only reference came along
     with pytest.raises(ValueError, match=r"stage1_path=.*cka_weight: 1.0 there, 0.5 here"):
         run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad", "tokenize.unger.cka_weight=0.5", *common),
-                     log=lambda m: None)
+                     log=lambda m: None, tracking=make_tracker)
     with pytest.raises(ValueError, match="only source=unified reads"):
         run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad2", "tokenize.unger.source=collab", *common),
-                     log=lambda m: None)
+                     log=lambda m: None, tracking=make_tracker)
     assert not os.path.exists(f"{tmp_path}/bad/manifest.json") and not os.path.exists(f"{tmp_path}/bad2/manifest.json")
 
 
