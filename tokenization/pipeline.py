@@ -119,6 +119,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
     tracker = tracking(cfg, "tokenize", extra_tags=dataset.tags())
     try:
         tracker.log_config(cfg)
+        tracker.log_input(**dataset.input_spec(), context="tokenization")
         files: dict[str, bytes] = {}
         if tc.method == "import":
             imported = read_lcrec_index(tc.index_path, items, cfg.storage)

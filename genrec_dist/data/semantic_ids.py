@@ -34,6 +34,8 @@ from genrec_dist.errors import GenrecError
 SCHEMA_VERSION = 1
 SIDS_FILE = "semantic_ids.parquet"
 STATS_FILE = "stats.json"
+# The table's columns as MLflow types (the docstring's format): the codes as a training run's dataset input.
+CODES_SCHEMA = {"item_id": "integer", "codes": "array<integer>"}
 CODEBOOKS_FILE = "codebooks.npz"
 _TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
 

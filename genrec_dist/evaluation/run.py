@@ -196,6 +196,7 @@ def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = (), *, tracking:
                                        "genrec.run_dir": run_dir, "genrec.model": meta["model"]},
                            spool_dir=run_dir)
     tracker.log_config(cfg)
+    tracker.log_input(**dataset.input_spec(), context="evaluation")
     tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
                 | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()})
     tracker.log_text(json.dumps(out, indent=2, sort_keys=True), f"eval-{split}.json")

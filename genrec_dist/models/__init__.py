@@ -3,9 +3,10 @@
 Every model is a plain ``nn.Module`` with ``forward(history, target) -> {"loss", ...}`` and
 ``recommend(history, k) -> (B, k)`` distinct item ids (the model contract, docs/models.md). :data:`MODELS` records
 per model its config section, the class that builds it (imported only when a model is built, so reading a config
-does not load torch), whether it reads semantic IDs and whether its loss reads every history position. Which fields may change at inference is the
-``INFERENCE`` metadata of its config class. The ``model:`` config section (:class:`ModelConfig`) and the choices of
-``train.model`` are made from this table, so a new model is its own module, its config class, and one line here.
+does not load torch), whether it reads semantic IDs and whether its loss reads every history position. Which
+fields may change at inference is the ``INFERENCE`` metadata of its config class. The ``model:`` config section
+(:class:`ModelConfig`) and the choices of ``train.model`` are made from this table, so a new model is its own
+module, its config class, and one line here.
 """
 
 from __future__ import annotations

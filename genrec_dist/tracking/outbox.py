@@ -210,6 +210,18 @@ class _Sender:
             else:
                 self.client.log_artifact(self.run_id, path, item["artifact_path"])
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        elif op == "input":
+            from genrec_dist.tracking.model_items import dataset_input
+
+            self.client.log_inputs(self.run_id, datasets=[dataset_input(item)])
+        elif op == "model":
+            from genrec_dist.tracking.model_items import log_saved_model
+
+            path = os.path.join(os.path.dirname(self.spool_path), item["files"])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: the model's copy beside the spool is gone")
+            log_saved_model(self, path, item["registered_name"], item["step"])
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
         elif op == "terminate":
             self.client.set_terminated(self.run_id, status=item["status"], end_time=item["end_time"])
         else:

@@ -79,17 +79,20 @@ def train_worker(cfg: Any, tracking: Callable) -> dict[str, Any] | None:
     tracker = tracking(cfg, "train", rank, run_name=run_name,
                            extra_tags={**dataset.tags(), "genrec.run_dir": run_dir, "genrec.model": tc.model},
                            run_id=(prior or {}).get("mlflow_run_id"), spool_dir=run_dir)
+    inputs: dict[str, str] = {}
     if main:
         if not resuming:
             runs.write_run_config(cfg, run_name)
+        # --resume compares them (a resumed run got here only with the ones it started with)
+        inputs = (prior or {}).get("inputs") or runs.input_fingerprints(cfg, needs_semantic_ids(tc.model))
         storage.write_bytes(storage.join(run_dir, runs.RUN_FILE), json.dumps({
             "run_name": run_name, "model": tc.model, "mlflow_run_id": tracker.run_id,
             "created": (prior or {}).get("created") or runs.created_now(), "dataset": cfg.dataset_dir,
-            # --resume compares them (a resumed run got here only with the ones it started with)
-            "inputs": (prior or {}).get("inputs") or runs.input_fingerprints(cfg, needs_semantic_ids(tc.model)),
+            "inputs": inputs,
         }, indent=2).encode(), cfg.storage)
         if not resuming:
             tracker.log_config(cfg)
+            tracker.log_input(**dataset.input_spec(), context="training")
     log0(f"run {run_name} ({'resuming' if resuming else 'new'}) in {run_dir}; world {ws}; device {device}")
 
     # ----- 3. data ------------------------------------------------------------------------------------------
@@ -120,6 +123,12 @@ def train_worker(cfg: Any, tracking: Callable) -> dict[str, Any] | None:
         sids = read_semantic_ids(sids_dir, cfg.storage)
     # the codes every export of this run carries (read once, now: the ones this model trains on)
     sids_files = semantic_id_files(sids_dir, cfg.storage) if sids_dir and main else None
+    if sids is not None and main and not resuming and "semantic_ids_sha256" in inputs:  # the codes: an input too
+        from genrec_dist.data.semantic_ids import CODES_SCHEMA
+
+        name = f"{dataset.input_spec()['name']}-sids-{os.path.basename(sids_dir.rstrip('/'))}"
+        profile = {"items": int(sids.codes.shape[0]) - 1, "codebook_sizes": [int(k) for k in sids.codebook_sizes]}
+        tracker.log_input(name, sids_dir, inputs["semantic_ids_sha256"], "training", CODES_SCHEMA, profile)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = build_model(tc.model, cfg.model, dataset.num_items, sids)
     eval_model = copy.deepcopy(model).to(device).eval()  # plain copy that validation loads weights into
@@ -281,6 +290,13 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
             fs.get(model_path, os.path.join(tmp, "model"), recursive=True)
             model_path = os.path.join(tmp, "model")
         tracker.log_artifact(model_path, "model")
+        if tracker.run_id is not None:  # the export as an MLflow model, registered (genrec_dist/serving.py)
+            from genrec_dist import serving
+
+            ex = D.eval_examples(dataset.sequences(), dataset.max_history, cfg.evaluate.split)
+            examples = [[int(i) for i in h if i] for h in ex.history[:2]]
+            tracker.log_model(serving.save_model(model_path, os.path.join(tmp, "mlflow-model"), examples),
+                              serving.registered_name(cfg.name, tc.model), step=best_step)
         tracker.log_artifact(reports.plot_curves(history_log, os.path.join(tmp, "curves.png")), "reports")
     log_reports(tracker, model, dataset, cfg, results, tc.model, sids_dir, device,
                 f"{split} split, best model of step {best_step}")
