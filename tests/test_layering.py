@@ -48,6 +48,7 @@ GROUPS = {
     "tokenization.kmeans": "tokenization_core",
     "tokenization.embed": "tokenization_core",
     "tokenization.embedding_store": "tokenization_core",
+    "tokenization.progress": "tokenization_core",
     "tokenization.config": "tokenization_core",
     "jobs": "jobs",
 }
