@@ -42,7 +42,7 @@ from genrec_dist.data.semantic_ids import SemanticIds, read_semantic_ids  # noqa
 from genrec_dist.evaluation.evaluate import evaluate_model  # noqa: E402
 from genrec_dist.models import build_model  # noqa: E402
 from genrec_dist.models.blocks import TransformerStack  # noqa: E402
-from genrec_dist.training import data as D  # noqa: E402
+from genrec_dist.data import examples as D  # noqa: E402
 from tokenization.kmeans import dedup_level  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

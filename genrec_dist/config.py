@@ -63,6 +63,12 @@ class TrackingConfig:
     request_timeout_s: float = 10.0
     # Retries of an unreachable server back off from 0.5 s up to this.
     retry_max_s: float = 30.0
+    # Jobs whose runs log MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network, GPU with
+    # nvidia-ml-py), sampled every system_metrics_interval_s (MLflow's default is 10 s; 2 s shows in short runs).
+    system_metrics: list[str] = field(default_factory=lambda: ["train"])
+    system_metrics_interval_s: float = 2.0
+    # A run id: every run this config starts is its child (mlflow.parentRunId), as the table scripts' rows are.
+    parent_run_id: str = ""
 
 
 @dataclass

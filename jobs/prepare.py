@@ -27,7 +27,9 @@ def job() -> None:
         raise
     table = summary_table(summary)
     print(table, flush=True)
-    tracker.set_tags(Dataset.open(cfg.dataset_dir, cfg.storage).tags())
+    dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
+    tracker.set_tags(dataset.tags())
+    tracker.log_input(**dataset.input_spec(), context="output")  # what it made (MLflow has no dataset outputs)
     tracker.log_config(cfg)
     tracker.log({k: summary[k] for k in ("users", "items", "interactions", "density")})
     tracker.log_text(table + "\n", "summary.txt")

@@ -37,17 +37,18 @@ GROUPS = {
     "genrec_dist.evaluation.run": "evaluate_run",
     "genrec_dist.reports": "reports",
     "genrec_dist.tracking": "tracking",
+    "genrec_dist.serving": "serving",  # a run's export as an MLflow pyfunc model
     "genrec_dist.ray_runtime": "ray_runtime",
-    # what a run leaves on disk and the examples it reads: below both training and evaluating a run
+    # what a run leaves on disk: below both training and evaluating a run (the examples it reads are data)
     "genrec_dist.training.runs": "run_files",
     "genrec_dist.training.export": "run_files",
     "genrec_dist.training.checkpoint": "run_files",
-    "genrec_dist.training.data": "run_files",
     "genrec_dist.training": "training",
     "tokenization": "tokenization",
     "tokenization.kmeans": "tokenization_core",
     "tokenization.embed": "tokenization_core",
     "tokenization.embedding_store": "tokenization_core",
+    "tokenization.progress": "tokenization_core",
     "tokenization.config": "tokenization_core",
     "jobs": "jobs",
 }
@@ -73,7 +74,9 @@ ALLOWED = {
     "ray_runtime": _BASE,
     "run_files": _BASE | {"train_settings", "storage", "config", "data", "models"},
     "evaluate_run": _CORE | {"tracking", "run_files"},
-    "training": _CORE | {"run_files", "evaluate_run", "ray_runtime"},
+    # the export as an MLflow model, saved by training for the tracker to log
+    "serving": _CORE | {"run_files", "evaluate_run"},
+    "training": _CORE | {"run_files", "evaluate_run", "ray_runtime", "serving"},
     "tokenization_core": _BASE | {"storage"},
     "tokenization": _CORE | {"run_files", "ray_runtime", "tokenization_core"},
     "jobs": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "training", "ray_runtime", "tokenization",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
@@ -29,6 +29,8 @@ from genrec_dist import storage
 SCHEMA_VERSION = 1
 ITEMS_FILE = "items.parquet"
 SEQUENCES_DIR = "sequences"
+# The sequence shards' columns as MLflow types (the docstring's format): a dataset input's schema.
+SEQUENCES_SCHEMA = {"user_id": "integer", "user": "string", "items": "array<integer>", "timestamps": "array<long>"}
 MANIFEST_TAG = "genrec.dataset_manifest_sha256"  # the tag every job's MLflow run carries (Dataset.tags)
 PAD = 0
 
@@ -60,15 +62,31 @@ def write_dataset(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Commit a dataset atomically (files first, manifest last). Returns the manifest written."""
+    seq = sequences.with_columns(shard_of(pl.col("user_id"), num_shards).alias("_shard")).sort("user_id")
+    return write_shards(path, items, lambda s: seq.filter(pl.col("_shard") == s).drop("_shard"), manifest,
+                        num_shards, storage_cfg, overwrite)
+
+
+def write_shards(
+    path: str,
+    items: pl.DataFrame,
+    shard: Callable[[int], pl.DataFrame],
+    manifest: dict[str, Any],
+    num_shards: int,
+    storage_cfg: Any = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """:func:`write_dataset` with the sequences given one shard at a time: ``shard(s)`` returns the users of shard
+    ``s`` (``shard_of``) sorted by ``user_id``, so a writer never holds more than one shard."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    seq = sequences.with_columns(shard_of(pl.col("user_id"), num_shards).alias("_shard")).sort("user_id")
     shard_names = []
     with storage.commit_dir(path, storage_cfg, overwrite=overwrite) as out:
-        out.write_parquet(ITEMS_FILE, items.sort("item_id"))
+        # Prepare hands items sorted already: sorting again would copy the largest table (its text) once more.
+        out.write_parquet(ITEMS_FILE, items if items["item_id"].is_sorted() else items.sort("item_id"))
         for s in range(num_shards):
             name = f"{SEQUENCES_DIR}/part-{s:05d}.parquet"
-            out.write_parquet(name, seq.filter(pl.col("_shard") == s).drop("_shard"))
+            out.write_parquet(name, shard(s))
             shard_names.append(name)
         out.manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -115,6 +133,14 @@ class Dataset:
         its path and the sha256 of its ``manifest.json`` bytes (what ``sha256sum manifest.json`` prints)."""
         raw = storage.read_bytes(storage.join(self.path, storage.MANIFEST), self.storage_cfg)
         return {"genrec.dataset_path": self.path, MANIFEST_TAG: hashlib.sha256(raw).hexdigest()}
+
+    def input_spec(self) -> dict[str, Any]:
+        """This dataset as an MLflow dataset input (``tracker.log_input(**spec, context=...)``): its name, path,
+        digest (the sha256 of ``manifest.json``, as in :meth:`tags`), the schema of its sequences, and its counts."""
+        return {"name": str(self.manifest.get("name") or self.path.rstrip("/").rsplit("/", 1)[-1]),
+                "source": self.path, "digest": self.tags()[MANIFEST_TAG], "schema": SEQUENCES_SCHEMA,
+                "profile": {k: self.manifest["counts"][k] for k in ("users", "items", "interactions")
+                            if k in self.manifest.get("counts", {})}}
 
     @property
     def fingerprint(self) -> str:

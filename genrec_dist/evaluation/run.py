@@ -16,21 +16,25 @@ import torch
 from genrec_dist import reports, storage
 from genrec_dist.config import ConfigError, config_from_dict, section_from_dict, to_dict
 from genrec_dist.config import model_history as check_history  # (the name model_history is this module's)
+from genrec_dist.data import examples as D
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.evaluation.popular import MostPopular
 from genrec_dist.models import ModelConfig, build_model, inference_fields
 from genrec_dist.tracking import default_uri, run_tags
-from genrec_dist.training import data as D
 from genrec_dist.training import runs
 from genrec_dist.training.export import model_semantic_ids, read_meta, read_model
 
 
-def recommend_kwargs(model: torch.nn.Module, beam_width: int) -> dict[str, Any]:
-    """``beam_width`` for models whose ``recommend`` takes it (beam search) when the evaluation sets one (> 0);
-    otherwise nothing, so the model uses its own configured width."""
+def recommend_kwargs(model: torch.nn.Module, beam_width: int, score_block: int | None = None) -> dict[str, Any]:
+    """``beam_width`` for models whose ``recommend`` takes it (beam search) when the evaluation sets one (> 0),
+    ``block`` for models that rank the catalog block-wise when ``score_block`` is set; otherwise nothing, so the
+    model uses its own configured width and the default block."""
     params = inspect.signature(model.recommend).parameters
-    return {"beam_width": beam_width} if beam_width > 0 and "beam_width" in params else {}
+    out: dict[str, Any] = {"beam_width": beam_width} if beam_width > 0 and "beam_width" in params else {}
+    if "block" in params and score_block is not None:
+        out["block"] = score_block if score_block > 0 else max(1, getattr(model, "num_items", 1))
+    return out
 
 
 def load_exported(run_dir: str, storage_cfg: Any = None,
@@ -85,12 +89,25 @@ def _history(model: torch.nn.Module, dataset: Dataset) -> int:
     return check_history(f"model.{type(model).__name__.lower()}.max_history", int(model.cfg.max_history), dataset)
 
 
-def _split_batches(seqs: Any, dataset: Dataset, cfg: Any, split: str,
-                   model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Evaluation batches of ``split`` from ``seqs`` (``dataset.sequences()``, read once by the caller), each history
-    cut to ``model``'s own ``max_history``."""
-    ex = D.eval_examples(seqs, _history(model, dataset), split)
-    return [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(ex, cfg.evaluate.batch_size)]
+class SplitBatches:
+    """Evaluation batches of ``split`` for every user of ``dataset``, each history cut to ``history`` items (the
+    model's own ``max_history``), read chunk by chunk each time they are iterated (one chunk and one batch in memory,
+    whatever the number of users)."""
+
+    def __init__(self, dataset: Dataset, cfg: Any, split: str, history: int, batch_size: int | None = None):
+        chunks = D.plan_chunks(sorted(dataset.shard_files), cfg.train.chunk_rows, dataset.storage_cfg)
+        self.source = D.ExampleSource(chunks, history, split, storage_cfg=dataset.storage_cfg)
+        self.batch_size = batch_size or cfg.evaluate.batch_size
+
+    def __iter__(self):
+        for h, t in D.stream_batches(self.source, self.batch_size):
+            yield torch.from_numpy(h), torch.from_numpy(t)
+
+
+def train_sequences(dataset: Dataset, chunk_rows: int) -> Any:
+    """Every user's training sequence ``items[:-2]`` (users with at least 3 items), read chunk by chunk."""
+    for chunk in D.plan_chunks(sorted(dataset.shard_files), chunk_rows, dataset.storage_cfg):
+        yield from (s[:-2] for s in D.read_chunk(chunk, dataset.storage_cfg)["items"].to_list() if len(s) >= 3)
 
 
 def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
@@ -103,7 +120,7 @@ def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
     choices = getattr(model, "validation_choices", {})
     if not choices:
         return {}
-    batches = _split_batches(dataset.sequences(), dataset, cfg, "valid", model)
+    batches = SplitBatches(dataset, cfg, "valid", _history(model, dataset))
     metric = cfg.train.early_stop_metric
     chosen: dict[str, dict[str, Any]] = {}
     for name, (mode, candidates) in choices.items():
@@ -120,14 +137,13 @@ def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
 def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: str,
                    device: torch.device) -> dict[str, dict[str, float]]:
     """``model`` and most-popular on ``split`` for every user of ``dataset``."""
-    seqs = dataset.sequences()
-    batches = _split_batches(seqs, dataset, cfg, split, model)
+    batches = SplitBatches(dataset, cfg, split, _history(model, dataset))
     model_m = evaluate_model(model, batches, cfg.evaluate.ks, device,
-                             **recommend_kwargs(model, cfg.evaluate.beam_width))
+                             **recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block))
     for mode in getattr(model, "inference_modes", ()):  # CAR: fast and slow, logged separately as "<mode>/<metric>"
         mode_m = evaluate_model(model, batches, cfg.evaluate.ks, device, inference=mode)
         model_m.update({f"{mode}/{k}": v for k, v in mode_m.items()})
-    pop = MostPopular.fit((s[:-2] for s in seqs["items"].to_list() if len(s) >= 3), dataset.num_items)
+    pop = MostPopular.fit(train_sequences(dataset, cfg.train.chunk_rows), dataset.num_items)
     pop_m = evaluate_model(pop, batches, cfg.evaluate.ks, torch.device("cpu"))
     return {"model": model_m, "most_popular": pop_m}
 
@@ -138,11 +154,10 @@ def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any
     split, ks = cfg.evaluate.split, cfg.evaluate.ks
     tracker.log_text(reports.metrics_table({name: results["model"], "most-popular": results["most_popular"]}, ks,
                                            title), "reports/metrics.md")
-    ex = D.eval_examples(dataset.sequences(), _history(model, dataset), split)
-    ex = ex.take(np.arange(min(users, len(ex))))
+    history, target = next(iter(SplitBatches(dataset, cfg, split, _history(model, dataset), users)))  # first users
     with torch.no_grad():
-        ranked = model.recommend(torch.from_numpy(ex.history).to(device), max(ks),
-                                 **recommend_kwargs(model, cfg.evaluate.beam_width)).cpu().numpy()  # (N, k)
+        kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
+        ranked = model.recommend(history.to(device), max(ks), **kwargs).cpu().numpy()  # (N, k)
     items = dataset.items(["item_id", "title"])
     titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
     codes = None
@@ -150,7 +165,7 @@ def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any
         from genrec_dist.data.semantic_ids import read_semantic_ids
 
         codes = read_semantic_ids(sids_dir, cfg.storage).codes
-    tracker.log_text(reports.example_recommendations(ex.history, ex.target, ranked, titles, codes,
+    tracker.log_text(reports.example_recommendations(history.numpy(), target.numpy(), ranked, titles, codes,
                                                      title=f"{title}: example recommendations"),
                      "reports/examples.md")
 
@@ -210,6 +225,7 @@ def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = (), *, tracking:
                                        "genrec.run_dir": run_dir, "genrec.model": meta["model"]},
                            spool_dir=run_dir)
     tracker.log_config(cfg)
+    tracker.log_input(**dataset.input_spec(), context="evaluation")
     tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
                 | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()})
     tracker.log_text(json.dumps(out, indent=2, sort_keys=True), f"eval-{split}.json")

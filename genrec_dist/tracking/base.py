@@ -21,6 +21,9 @@ class Tracker(Protocol):
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_input(self, name: str, source: str, digest: str, context: str, schema: dict[str, str] | None = None,
+                  profile: dict[str, Any] | None = None) -> None: ...
+    def log_model(self, model_dir: str, registered_name: str | None = None, step: int = 0) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -45,6 +48,13 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_input(self, name: str, source: str, digest: str, context: str, schema: dict[str, str] | None = None,
+                  profile: dict[str, Any] | None = None) -> None:
+        pass
+
+    def log_model(self, model_dir: str, registered_name: str | None = None, step: int = 0) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:

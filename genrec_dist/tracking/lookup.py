@@ -60,3 +60,33 @@ def run_tags(cfg: Any, run_id: str) -> dict[str, str]:
         return dict(mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).data.tags)
     except mlflow.exceptions.MlflowException as exc:
         raise KeyError(f"no MLflow run {run_id} in {default_uri(cfg)}: {exc}") from None
+
+
+def find_run(cfg: Any, tags: dict[str, str]) -> str | None:
+    """The newest run of the config's experiment carrying all of ``tags``, or None (none, or no store yet)."""
+    import mlflow
+
+    from genrec_dist.tracking.outbox import _quick_requests
+
+    uri = default_uri(cfg)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        return None
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    with _quick_requests(retries=2, timeout_s=cfg.tracking.request_timeout_s):
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            return None
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        found = client.search_runs([exp.experiment_id], query, max_results=1, order_by=["start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set ``tags`` on an existing run now (e.g. ``mlflow.parentRunId`` on a table row trained earlier)."""
+    import mlflow
+    from mlflow.entities import RunTag
+
+    from genrec_dist.tracking.outbox import _quick_requests
+
+    with _quick_requests(retries=2, timeout_s=10.0):
+        mlflow.MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

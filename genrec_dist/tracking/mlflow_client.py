@@ -19,6 +19,9 @@ from genrec_dist.tracking.outbox import Outbox, _quick_requests, _rejected, _sho
 _KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
 _MAX_PARAM_CHARS = 6000
+# MLflow keeps at most 36 characters of a dataset digest (mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE): a sha256
+# is logged as its first 32 hex digits (128 bits), the whole one in the dataset's profile.
+_DIGEST_CHARS = 32
 
 
 class MLflowTracker(Outbox):
@@ -27,11 +30,15 @@ class MLflowTracker(Outbox):
     Calls return at once; a background thread delivers (module docstring). ``spool_dir``: a local folder for the
     spool (default: the temp dir). ``flush_timeout_s``: how long ``close()`` waits for the server.
     ``request_timeout_s``: one request's limit. ``retry_max_s``: the longest wait between retries.
+    ``system_metrics_s`` > 0: MLflow's system metrics (``system/...``: CPU, memory, disk, network, GPU where
+    ``nvidia-ml-py`` finds one) sampled at that interval and logged like any other metric
+    (:class:`~genrec_dist.tracking.system_metrics.SystemMetrics`).
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                  run_id: str | None = None, artifact_location: str | None = None, spool_dir: str | None = None,
-                 flush_timeout_s: float = 60.0, request_timeout_s: float = 10.0, retry_max_s: float = 30.0):
+                 flush_timeout_s: float = 60.0, request_timeout_s: float = 10.0, retry_max_s: float = 30.0,
+                 system_metrics_s: float = 0.0):
         import mlflow
 
         self._client = mlflow.MlflowClient(tracking_uri=uri)
@@ -53,6 +60,11 @@ class MLflowTracker(Outbox):
         self._open_outbox(self._client, uri, run_id, spool_dir, flush_timeout_s, request_timeout_s, retry_max_s)
         if tags:
             self.set_tags(tags)
+        self._system = None
+        if system_metrics_s > 0:
+            from genrec_dist.tracking.system_metrics import SystemMetrics
+
+            self._system = SystemMetrics(self, system_metrics_s)
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         import mlflow
@@ -107,12 +119,41 @@ class MLflowTracker(Outbox):
         if tags:
             self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
+    def log_input(self, name: str, source: str, digest: str, context: str, schema: dict[str, str] | None = None,
+                  profile: dict[str, Any] | None = None) -> None:
+        """An MLflow dataset input of the run (the UI's Dataset column): ``source`` its path, ``digest`` its content
+        hash (a sha256 is cut to what MLflow keeps, the whole one goes to the profile), ``context`` what the run
+        used it for (``training``, ``evaluation``, ...), ``schema`` ``{column: MLflow type}`` (``array<long>``
+        for a list column), ``profile`` a few numbers (counts)."""
+        profile = {**(profile or {}), **({"sha256": digest} if len(digest) > _DIGEST_CHARS else {})}
+        self._put({"op": "input", "name": name, "source": source, "digest": digest[:_DIGEST_CHARS],
+                   "context": context, "schema": schema or {}, "profile": profile})
+
+    def log_model(self, model_dir: str, registered_name: str | None = None, step: int = 0) -> None:
+        """A saved MLflow model folder (``mlflow.pyfunc.save_model``) as the run's logged model at ``step``, and a new
+        version of ``registered_name`` in the Model Registry when given (a store without a registry: skipped with a
+        warning). The folder is linked (or copied) at once, like an artifact."""
+        folder = os.path.join(spool_file.files_dir(self.spool_path), uuid.uuid4().hex[:12])
+        dest = os.path.join(folder, "model")
+        os.makedirs(folder)
+        shutil.copytree(model_dir, dest, copy_function=_link_or_copy)
+        self._put({"op": "model", "files": os.path.relpath(dest, os.path.dirname(self.spool_path)),
+                   "registered_name": registered_name, "step": int(step)})
+
     def close(self, status: str = "FINISHED") -> None:
         """Mark the run ``status`` and wait up to ``flush_timeout_s`` for everything to reach the server."""
         if self._closed:
             return
         atexit.unregister(self._at_exit)
+        if self._system is not None:
+            self._system.stop()
         self._finish({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
+
+
+    def _at_exit(self) -> None:
+        if not self._closed and self._system is not None:
+            self._system.stop()
+        super()._at_exit()
 
 
 def _link_or_copy(src: str, dst: str) -> str:

@@ -63,6 +63,11 @@ class TrainConfig:
     #           every position (CAR with all_positions): the same transitions, each once, in ~1/mean-length the steps.
     # auto: windows for such models, else prefixes.
     examples: Literal["auto", "prefixes", "windows"] = "auto"
+    # Examples stream from the Parquet shards in chunks of at most chunk_rows users; an epoch's order shuffles the
+    # chunks, then the examples within windows of at most shuffle_buffer examples (genrec_dist/data/examples.py).
+    # A window of H = 20 int64 histories costs ~170 B per example: 1M examples ~ 170 MB, the data memory of a rank.
+    chunk_rows: int = 4096
+    shuffle_buffer: int = 1_000_000
 
     # ----- validation, early stopping, checkpoints -----
     eval_every: int = 200                # steps between validations (NDCG@10 on the validation split); 0 = never
@@ -92,3 +97,6 @@ class EvaluateConfig:
     beam_width: int = 0
     batch_size: int = 256
     split: Literal["test", "valid"] = "test"
+    # Full-catalog ranking scores this many items at a time with a running top-k merge, so memory is one
+    # (batch_size, score_block) float32 matrix (256 x 65536 = 64 MiB) whatever the catalog size; 0 = one block.
+    score_block: int = 65536

@@ -8,7 +8,7 @@ import pytest
 from _util import run_job
 from genrec_dist.config import ConfigError, load_config
 from genrec_dist.data.dataset import Dataset
-from genrec_dist.training import data as D
+from genrec_dist.data import examples as D
 from genrec_dist.evaluation.run import model_history
 
 
