@@ -22,7 +22,7 @@ import yaml
 
 from genrec_dist.data.config import PrepareConfig
 from genrec_dist.models.config import ModelConfig
-from genrec_dist.training.config import EvaluateConfig, TrainConfig
+from genrec_dist.training.config import EvaluateConfig, RecommendConfig, TrainConfig
 from tokenization.config import TokenizeConfig
 
 
@@ -88,6 +88,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
 
     # ----- derived locations (explicit ``paths.*`` win) -----
     @property

@@ -33,11 +33,11 @@ from genrec_dist.data.semantic_ids import read_semantic_ids
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
-# Fields a training run does not depend on: its name, how storage and MLflow are reached, and the prepare and
-# tokenize jobs' own sections (training reads their outputs at paths.dataset / paths.semantic_ids, which are compared
-# resolved, so workdir and paths.runs may move). A resumed or read-back run may differ in these.
-NOT_COMPARED = ("train.resume", "train.run_name", "storage.", "tracking.", "prepare.", "tokenize.", "workdir",
-                "paths.runs")
+# Fields a training run does not depend on: its name, how storage and MLflow are reached, and the prepare, tokenize
+# and recommend jobs' own sections (training reads their outputs at paths.dataset / paths.semantic_ids, which are
+# compared resolved, so workdir and paths.runs may move). A resumed or read-back run may differ in these.
+NOT_COMPARED = ("train.resume", "train.run_name", "storage.", "tracking.", "prepare.", "tokenize.", "recommend.",
+                "workdir", "paths.runs")
 
 
 class RunConfigError(ValueError):
