@@ -112,6 +112,14 @@ def _write_shard(batch: dict[str, Any], staging: str, storage_cfg: Any) -> dict[
     return {"file": np.array([name], dtype=object), "rows": np.array([n], dtype=np.int64)}
 
 
+def worker_cpus(cfg_cpus: float, workers: int, cluster_cpus: float, node_cpus: float) -> float:
+    """CPUs one actor reserves: ``recommend.cpus_per_worker``, or (0) the cluster's CPUs but one shared among the
+    actors, at most one node's; the free CPU runs the read and write tasks beside a full actor pool."""
+    if cfg_cpus > 0:
+        return cfg_cpus
+    return max(min((cluster_cpus - 1) / max(workers, 1), node_cpus), 0.1)
+
+
 def _input_error(exc: BaseException) -> str | None:
     """The message of a :class:`RecommendInputError` a worker raised, out of Ray's wrappers: the exception itself
     when it crossed the process boundary intact (``RayTaskError.cause``, ``__cause__``), else the line Ray's worker
@@ -173,18 +181,20 @@ def _run(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any, log: Ca
         how = ensure_ray(rc.ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours: users/s and ETA, below
         use_gpu = rc.device == "cuda" or (rc.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+        cpus = worker_cpus(rc.cpus_per_worker, rc.num_workers, ray.cluster_resources().get("CPU", 1),
+                           max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1))
         ds, total, source = read_users(cfg, run_dir)
         tracker.set_tags({"genrec.users": source})
         log(f"recommend: {meta['model']} of {run_dir} -> top {rc.k} for {total:,} users of {source}, "
-            f"{rc.num_workers} workers{' (1 GPU each)' if use_gpu else ''} on Ray ({how}); "
+            f"{rc.num_workers} workers ({cpus:g} CPUs{', 1 GPU' if use_gpu else ''} each) on Ray ({how}); "
             f"exclude_seen={rc.exclude_seen}" + "".join(f", {k}={v}" for k, v in inference.items()))
         start = time.perf_counter()  # users/s counts the actors' start and model load: the job's own rate
         recs = ds.map_batches(
             Recommender, batch_size=rc.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=rc.num_workers), num_gpus=1 if use_gpu else 0,
+            compute=ray.data.ActorPoolStrategy(size=rc.num_workers), num_gpus=1 if use_gpu else 0, num_cpus=cpus,
             fn_constructor_kwargs={"run_dir": run_dir, "k": rc.k, "exclude_seen": rc.exclude_seen,
                                    "storage_cfg": cfg.storage, "inference": inference, "beam_width": rc.beam_width,
-                                   "device": "cuda" if use_gpu else "cpu"})
+                                   "device": "cuda" if use_gpu else "cpu", "threads": max(1, int(cpus))})
         written = recs.map_batches(_write_shard, batch_size=None, batch_format="numpy",
                                    fn_kwargs={"staging": out.staging, "storage_cfg": cfg.storage})
         last = start

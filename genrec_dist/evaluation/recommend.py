@@ -115,15 +115,19 @@ class Recommender:
     ``{"user", "history"[, "path"]} -> {"user", "items" (B, k), "scores" (B, k)}``.
 
     ``inference``: overrides of the exported model's inference-time fields (``{"inference": "slow"}`` for CAR);
-    ``beam_width`` > 0 replaces a beam model's own width; ``device``: ``auto`` takes a GPU when this process sees one.
+    ``beam_width`` > 0 replaces a beam model's own width; ``device``: ``auto`` takes a GPU when this process sees one;
+    ``threads`` > 0 sets torch's CPU threads (the CPUs the actor reserved).
     """
 
     def __init__(self, run_dir: str, k: int, exclude_seen: bool = False, storage_cfg: Any = None,
-                 inference: dict[str, Any] | None = None, beam_width: int = 0, device: str = "auto"):
+                 inference: dict[str, Any] | None = None, beam_width: int = 0, device: str = "auto",
+                 threads: int = 0):
         from genrec_dist.training.evaluate_run import load_exported  # (moves with evaluation; torch-only imports)
 
         if k < 1:
             raise ValueError(f"recommend.k must be >= 1, got {k}")
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
         self.model, self.meta = load_exported(run_dir, storage_cfg, inference)
         self.model.to(self.device)

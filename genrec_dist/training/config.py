@@ -93,6 +93,9 @@ class RecommendConfig:
     overwrite: bool = False
     batch_size: int = 1024               # users per model call
     num_workers: int = 2                 # Ray actors, each loading the model once (one GPU each when the cluster has)
+    # CPUs each actor reserves (and its torch threads); 0 = share the cluster's CPUs but one among the actors, at most
+    # a node's worth: one CPU stays free for the read and write tasks (all-CPU actors would leave them none: a hang).
+    cpus_per_worker: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: a GPU per actor when the Ray cluster has GPUs
     # Beam width for TIGER/UNGER/CAR-AR; 0 = the exported model's own (as evaluate.beam_width).
     beam_width: int = 0
