@@ -83,9 +83,9 @@ def read_users(cfg: Any, run_dir: str) -> tuple[Any, int, str]:
         info = runs.read_run(run_dir, cfg.storage) or {}
         dataset = Dataset.open(info.get("dataset") or cfg.dataset_dir, cfg.storage)
         files = [_ray_path(f, cfg.storage) for f in dataset.shard_files]
-        ds = ray.data.read_parquet([p for p, _ in files], filesystem=files[0][1], columns=["user", "items"],
-                                   include_paths=True)
-        return ds.rename_columns({"items": "history"}), dataset.num_users, f"dataset {dataset.path}"
+        ds = ray.data.read_parquet([p for p, _ in files], filesystem=files[0][1], include_paths=True)
+        ds = ds.select_columns(["user", "items", "path"]).rename_columns({"items": "history"})
+        return ds, dataset.num_users, f"dataset {dataset.path}"
     path, fs = _ray_path(users, cfg.storage)
     try:
         ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True, file_extensions=["parquet"])
