@@ -1,5 +1,6 @@
-"""CAR's table (CAR-notes.md; issue 4): CAR fast and slow, the AR ablation, w/o fusion, w/o think, SID depth, and
-TIGER from the same pipeline (same dataset, same semantic IDs), test Recall/NDCG@5/10/20 side by side.
+"""CAR's ablation table (CAR, arXiv 2506.23643, ablation and SID-depth studies): CAR fast and slow, the AR ablation,
+w/o fusion, w/o think, SID depth, and TIGER from the same pipeline (same dataset, same semantic IDs), test
+Recall/NDCG@5/10/20 side by side.
 JSON in benchmarks/results/car_ablation_<dataset>.json (``--out`` names another).
 
     python benchmarks/car_ablation.py --config configs/scientific/car.yaml [--tiger-config configs/scientific.yaml]

@@ -116,7 +116,7 @@ def recommend_rows(run: str, workers: list[int], k: int, batch_size: int, out_di
     """One row per worker count: users/s of the batch recommendation job for ``run`` (outputs under ``out_dir``)."""
     from genrec_dist.ray_recommend import run_recommend
     from genrec_dist.tracking import NullTracker
-    from genrec_dist.training.evaluate_run import run_own_config
+    from genrec_dist.evaluation.run import run_own_config
 
     rows = []
     for n in workers:

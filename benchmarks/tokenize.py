@@ -143,7 +143,7 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
 
-    from tokenization.ray_runtime import ensure_ray
+    from genrec_dist.ray_runtime import ensure_ray
 
     ensure_ray()
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

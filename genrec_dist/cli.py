@@ -11,7 +11,7 @@ from typing import Any
 from genrec_dist.config import Config, ConfigError, load_config, to_yaml
 
 
-# The one setting that picks what a job does, also as a flag (SPEC: ``jobs/train.py ... --model car``,
+# The one setting that picks what a job does, also as a flag (``jobs/train.py ... --model car``,
 # ``jobs/tokenize.py ... --method unger``): the same as the override ``model=car``.
 SHORTHANDS = {"train": ("model", "train.model"), "tokenize": ("method", "tokenize.method")}
 

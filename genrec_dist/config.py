@@ -23,7 +23,7 @@ import yaml
 from genrec_dist.data.config import PrepareConfig
 from genrec_dist.models.config import ModelConfig
 from genrec_dist.training.config import EvaluateConfig, RecommendConfig, TrainConfig
-from tokenization.config import TokenizeConfig
+from genrec_dist.tokenize_config import TokenizeConfig
 
 
 class ConfigError(ValueError):
@@ -143,6 +143,12 @@ def config_from_dict(
     for item in overrides or []:
         _apply_override(cfg, item, default_section)
     return cfg
+
+
+def section_from_dict(cls: type, data: Any, source: str, key: str) -> Any:
+    """One section (dataclass ``cls``) built from its mapping, as strictly as a whole config; errors name ``source``
+    and the dotted ``key`` of the section (e.g. a run's saved ``model`` section: ``key="model"``)."""
+    return _build(cls, data, source, prefix=f"{key}." if key else "")
 
 
 def read_yaml_mapping(text: str | bytes, source: str) -> dict:

@@ -24,7 +24,7 @@ from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.recommend import Recommender, RecommendInputError
 from genrec_dist.tracking import make_tracker
 from genrec_dist.training import runs
-from genrec_dist.training.evaluate_run import inference_overrides
+from genrec_dist.evaluation.run import inference_overrides
 from genrec_dist.training.export import read_meta
 
 OUTPUT_DIR = "recommendations"
@@ -166,7 +166,7 @@ def _run(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any, log: Ca
          ) -> dict[str, Any]:
     import ray
 
-    from tokenization.ray_runtime import ensure_ray
+    from genrec_dist.ray_runtime import ensure_ray
 
     rc = cfg.recommend
     check_paths(cfg, run_dir)

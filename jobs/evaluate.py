@@ -14,7 +14,7 @@ from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
 from genrec_dist.config import ConfigError, to_yaml  # noqa: E402
 from genrec_dist.storage import StorageError  # noqa: E402
 from genrec_dist.tracking import TrackingError  # noqa: E402
-from genrec_dist.training.evaluate_run import evaluate_run, run_own_config  # noqa: E402
+from genrec_dist.evaluation.run import evaluate_run, run_own_config  # noqa: E402
 
 
 def main() -> None:

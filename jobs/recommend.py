@@ -17,7 +17,7 @@ from genrec_dist.config import ConfigError, load_config  # noqa: E402
 from genrec_dist.ray_recommend import check_paths, make_recommend_tracker, run_recommend  # noqa: E402
 from genrec_dist.storage import StorageError  # noqa: E402
 from genrec_dist.tracking import TrackingError  # noqa: E402
-from genrec_dist.training.evaluate_run import find_run_dir, run_own_config  # noqa: E402
+from genrec_dist.evaluation.run import find_run_dir, run_own_config  # noqa: E402
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def test_beauty_configs_read_the_codes_their_tokenize_command_writes():
 
 
 def test_a_jobs_deciding_setting_is_also_a_flag(capsys):
-    """SPEC's commands: ``jobs/train.py --config ... --model car``, ``jobs/tokenize.py ... --method unger``."""
+    """The documented commands: ``jobs/train.py --config ... --model car``, ``jobs/tokenize.py ... --method unger``."""
     from genrec_dist.cli import job_parser, load_job_config
 
     config = os.path.join(REPO, "configs", "synthetic.yaml")

@@ -24,7 +24,7 @@ from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import write_semantic_ids
 from genrec_dist.evaluation.recommend import Recommender, RecommendInputError
-from genrec_dist.training.evaluate_run import load_exported
+from genrec_dist.evaluation.run import load_exported
 from training.test_train_tiger import _category_codes
 
 CONFIG = os.path.join(REPO, "configs", "synthetic.yaml")

@@ -1,4 +1,5 @@
-"""genrec_dist.reports on hand-made data: the PNGs are real images, the markdown names the right items and hits."""
+"""genrec_dist.reports on hand-made data: the PNGs decode to pictures of the right size that show the data given
+(lines in every panel, bars as tall as the utilisation), the markdown names the right items and hits."""
 
 from __future__ import annotations
 
@@ -8,24 +9,55 @@ import pytest
 from genrec_dist import reports
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Matplotlib's first two line colours (C0, C1) and the bar colour of the utilisation chart, as RGB.
+C0, C1, BAR = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x4C, 0x72, 0xB0)
 
 
-def _is_png(path) -> bool:
+def _read_png(path) -> np.ndarray:
+    """The picture as an (H, W, 3) uint8 array; fails unless the file is a PNG that decodes."""
+    from PIL import Image
+
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    return head == PNG_SIGNATURE and path.stat().st_size > 1000
+        assert fh.read(8) == PNG_SIGNATURE, f"{path} is not a PNG"
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _mask(img: np.ndarray, rgb, tol: int = 12) -> np.ndarray:
+    """Pixels within ``tol`` of ``rgb`` on every channel (anti-aliased edges fall outside)."""
+    return (np.abs(img.astype(int) - np.asarray(rgb)) <= tol).all(-1)
+
+
+def _assert_not_blank(img: np.ndarray) -> None:
+    assert img.std() > 10, "the picture is one flat colour"
+    assert (img.min(-1) < 128).mean() > 0.005, "almost no dark pixels: no axes, ticks or text drawn"
 
 
 def test_curves_png(tmp_path):
     history = [{"step": s, "train/loss": 5.0 / s, "train/lr": 1e-3, "train/samples_per_s": 100.0} for s in (1, 5, 10)]
     history += [{"step": 10, "valid/recall@10": 0.2, "valid/ndcg@10": 0.1}]
     out = reports.plot_curves(history, str(tmp_path / "sub" / "curves.png"))
-    assert _is_png(tmp_path / "sub" / "curves.png") and out.endswith("curves.png")
+    assert out.endswith("curves.png")
+    img = _read_png(tmp_path / "sub" / "curves.png")
+    assert img.shape == (360, 1500, 3)  # three panels (loss, lr, validation), 5 x 3.6 in each at 100 dpi
+    _assert_not_blank(img)
+    loss, lr, valid = np.array_split(img, 3, axis=1)
+    # Every panel draws its series: C0 is the first line of each panel, C1 the second (ndcg beside recall).
+    for name, panel in (("loss", loss), ("lr", lr), ("validation", valid)):
+        assert _mask(panel, C0).sum() > 20, f"no data line in the {name} panel"
+    assert _mask(valid, C1).sum() > 10 and _mask(loss, C1).sum() == 0  # samples_per_s is left off the loss panel
+    # The loss falls (5 -> 1 -> 0.5): its line's pixels on the left of the panel sit higher than those on the right.
+    rows, cols = np.nonzero(_mask(loss, C0))
+    left, right = rows[cols < np.median(cols)], rows[cols > np.median(cols)]
+    assert left.mean() < right.mean()
 
 
 def test_curves_png_from_empty_history(tmp_path):
     reports.plot_curves([], str(tmp_path / "c.png"))  # a run resumed at its last step logs nothing: still a file
-    assert _is_png(tmp_path / "c.png")
+    img = _read_png(tmp_path / "c.png")
+    assert img.shape == (360, 500, 3)  # one panel, "no metrics logged"
+    _assert_not_blank(img)
+    assert _mask(img, C0).sum() == 0  # and no line in it
 
 
 def test_codebook_utilisation_png(tmp_path):
@@ -34,7 +66,16 @@ def test_codebook_utilisation_png(tmp_path):
         {"level": 1, "k": 8, "used": 5, "utilisation": 0.625, "inertia": 3.1},
         {"level": 2, "codebook_size": 4, "used": 2, "utilisation": 0.5}]}  # import method: no inertia
     reports.plot_codebook_utilisation(stats, str(tmp_path / "u.png"))
-    assert _is_png(tmp_path / "u.png")
+    img = _read_png(tmp_path / "u.png")
+    assert img.shape == (360, 780, 3)  # (1.6 x 3 levels + 3) x 3.6 in at 100 dpi
+    _assert_not_blank(img)
+    # One bar per level, its height in pixels proportional to the level's utilisation.
+    bar = _mask(img, BAR, tol=4)
+    cols = np.flatnonzero(bar.sum(0) > 0)
+    groups = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)
+    heights = np.array([bar[:, g].sum(0).max() for g in groups])
+    assert len(groups) == 3 and heights[0] > 100, heights
+    assert heights / heights[0] == pytest.approx([1.0, 0.625, 0.5], abs=0.02)
     with pytest.raises(ValueError, match="levels"):
         reports.plot_codebook_utilisation({"collision_rate": 0.0}, str(tmp_path / "x.png"))
 

@@ -46,12 +46,8 @@ class KMeansParams:
     ``max_iters`` steps. Greedy k-means++ runs on a sample of ``seed_sample`` rows (0: ``max(10_000, 64 K)``)
     with ``seed_trials`` candidates per step (0: 2 + ln K, scikit-learn's ``n_local_trials``).
 
-    Defaults measured (benchmarks/tokenize.py setting: K=256, 10 Lloyd steps, inertia after Lloyd): a 40 K
-    sample (faiss's ``min_points_per_centroid`` = 39 floor) cost +0.9% inertia on the 100k x 384 mixture for
-    ~40% less seeding; 3 trials +0.8% (Scientific), 2 trials +1.4-1.6%, plain k-means++ (1 trial) +2.8%
-    (Scientific) and +5.3% (mixture), worse than faiss's random seeding on Scientific. Seeding is most of our
-    time on 4k rows but ~20% on 100k, where the 2x-of-faiss aim holds, so the quality-keeping defaults stay;
-    ``seed_trials=3`` is the cheaper knob for small data."""
+    The defaults keep inertia over seeding time; the measurements behind them are in docs/results.md ("k-means
+    seeding"). ``seed_trials=3`` is the cheaper knob for small data."""
 
     k: int
     max_iters: int = 50

@@ -59,7 +59,7 @@ def _embeddings(cfg: Any, items, log: Log, embedder_cls: type) -> tuple[np.ndarr
         info.update(source=tc.embeddings_path, items=len(item_ids), dim=int(emb.shape[1]))
         return item_ids, emb, info
     from tokenization.ray_embed import embed_items
-    from tokenization.ray_runtime import ensure_ray
+    from genrec_dist.ray_runtime import ensure_ray
 
     ensure_ray(tc.ray_address)
     item_ids, emb, einfo = embed_items(texts, tc.embedder, tc.model, tc.num_workers, tc.batch_size, tc.max_length,
@@ -70,7 +70,7 @@ def _embeddings(cfg: Any, items, log: Log, embedder_cls: type) -> tuple[np.ndarr
 
 def _quantise(cfg: Any, emb: np.ndarray, log: Log):
     from tokenization.ray_kmeans import ray_residual_kmeans
-    from tokenization.ray_runtime import ensure_ray
+    from genrec_dist.ray_runtime import ensure_ray
 
     tc = cfg.tokenize
     bad = ~np.isfinite(emb).all(axis=1)

@@ -49,7 +49,7 @@ class PrepareConfig:
     # Sentence-T5 in TIGER/UNGER/CAR embeds title, brand, categories (and description, UNGER §4.1.3).
     text_template: str = "{title}. Brand: {brand}. Categories: {categories}. {description}"
     max_text_chars: int = 2000
-    # Leave-one-out split: last item test, second to last valid (TIGER §4.1; UNGER §4.1.1; CAR, ANCHORS A.3).
+    # Leave-one-out split: last item test, second to last valid (TIGER §4.1; UNGER §4.1.1; CAR's setup follows TIGER).
     max_history: int = 20
     num_shards: int = 4
     overwrite: bool = False

@@ -7,14 +7,15 @@ events, assigns ids, builds item text and commits the dataset atomically with it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 
 from genrec_dist import storage
-from genrec_dist.config import Config, to_dict
+from genrec_dist.data.config import PrepareConfig
 from genrec_dist.data import clean, dataset, text
 from genrec_dist.data.errors import InputError
 from genrec_dist.data.raw import RawData, empty_items
@@ -23,7 +24,19 @@ log = logging.getLogger(__name__)
 ITEM_COLUMNS = ["item_id", "item", "title", "text", "brand", "categories", "description"]
 
 
-def read_raw(cfg: Config) -> RawData:
+class PrepareSettings(Protocol):
+    """What this stage reads of a config (the root ``Config`` has it): the ``prepare`` section, the seed of the
+    synthetic source, where the dataset goes and how storage is reached. The whole config (a dataclass) is recorded
+    in the manifest."""
+
+    name: str
+    seed: int
+    prepare: PrepareConfig
+    storage: Any
+    dataset_dir: str
+
+
+def read_raw(cfg: PrepareSettings) -> RawData:
     """The reader for ``cfg.prepare.source``."""
     p = cfg.prepare
     if p.source == "synthetic":
@@ -47,7 +60,7 @@ def read_raw(cfg: Config) -> RawData:
     raise ValueError(f"prepare.source: unknown source {p.source!r}")
 
 
-def run_prepare(cfg: Config) -> dict[str, Any]:
+def run_prepare(cfg: PrepareSettings) -> dict[str, Any]:
     """Prepare the dataset at ``cfg.dataset_dir`` and return the summary (counts, lengths, timings, warnings).
 
     Raises :class:`InputError` (bad or empty input, naming file and line), :class:`storage.StorageError`
@@ -115,7 +128,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
                   "text_template": p.text_template, "fallback_title": text.FALLBACK_TITLE},
         "stats": stats,
         "warnings": warnings,
-        "config": to_dict(cfg),
+        "config": dataclasses.asdict(cfg),
     }
     t_clean = time.perf_counter()
     dataset.write_dataset(out, items, seq, manifest, p.num_shards, cfg.storage, overwrite=p.overwrite)

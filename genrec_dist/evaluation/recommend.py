@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genrec_dist.evaluation.run import load_exported
+
 NEG_INF = float("-inf")
 
 
@@ -122,8 +124,6 @@ class Recommender:
     def __init__(self, run_dir: str, k: int, exclude_seen: bool = False, storage_cfg: Any = None,
                  inference: dict[str, Any] | None = None, beam_width: int = 0, device: str = "auto",
                  threads: int = 0):
-        from genrec_dist.training.evaluate_run import load_exported  # (moves with evaluation; torch-only imports)
-
         if k < 1:
             raise ValueError(f"recommend.k must be >= 1, got {k}")
         if threads > 0:

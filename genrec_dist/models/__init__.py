@@ -1,8 +1,8 @@
 """Models by short name (``train.model: tiger``): :func:`build_model` is the only constructor the engine calls.
 
 Every model is a plain ``nn.Module`` with ``forward(history, target) -> {"loss", ...}`` and
-``recommend(history, k) -> (B, k)`` distinct item ids (contract 3). Builders import their module lazily so that
-reading the config (which imports :mod:`genrec_dist.models.config`) does not load every model.
+``recommend(history, k) -> (B, k)`` distinct item ids (the model contract, docs/models.md). Builders import their
+module lazily so that reading the config (which imports :mod:`genrec_dist.models.config`) does not load every model.
 """
 
 from __future__ import annotations

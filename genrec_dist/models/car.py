@@ -1,11 +1,11 @@
 """CAR — chunk auto-regressive recommendation with Act-Think fusion (Wang, Gan et al., arXiv 2506.23643).
 
 Every history item becomes a *chunk* ``[sid_1 .. sid_L, uid]``: its semantic-ID tokens ("think") followed by its
-item token ("act") (ANCHORS §A.1). The history's chunks are flattened to ``(B, T*(L+1))`` tokens and read by a
+item token ("act"), the paper's chunk. The history's chunks are flattened to ``(B, T*(L+1))`` tokens and read by a
 decoder-only causal transformer (the paper uses GPT-2; here :class:`~genrec_dist.models.blocks` 's causal stack,
 GPT-2 shaped: pre-LN, learned absolute positions, tied output embeddings).
 
-Choices the paper's recoverable text leaves open (CAR-notes.md "Left open"), each a ``model.car`` field:
+Choices the paper's recoverable text leaves open (docs/design.md, "CAR"), each a ``model.car`` field:
 
 - **Fusion** (``fusion``): the input at chunk position k is its own token embedding plus the embeddings of the
   think tokens at positions 1..k-1 of the same chunk, i.e. a cumulative sum along the chunk. ``mean`` (default)
@@ -14,16 +14,16 @@ Choices the paper's recoverable text leaves open (CAR-notes.md "Left open"), eac
   position and swamps the position embedding); ``sum`` is the literal sum, ``none`` the "w/o F" ablation.
 - **Heads**: the hidden state at the uid (last) token of chunk t predicts all of chunk t+1 at once, one head per
   SID level plus one uid head, each conditioned only on the history (P(S_1..S_L, UID | H) = prod_l P(S_l | H)
-  P(UID | H), CAR-notes "Factorisation"). Heads are tied to the input embeddings (``tie_embeddings``, GPT-2's
+  P(UID | H), CAR's next-chunk prediction). Heads are tied to the input embeddings (``tie_embeddings``, GPT-2's
   choice; it also halves the uid table's memory for large catalogs); the parallel per-digit heads read the last
-  hidden state as in facebookresearch/RPG_KDD2025 (ANCHORS §0.7, design reference only).
+  hidden state as in RPG (Hou et al., KDD 2025; facebookresearch/RPG_KDD2025, design reference only).
 - **Every chunk trains**: with ``all_positions`` (default) the uid token of *every* history chunk t predicts chunk
   t+1 (history chunks 2..T, then the target as chunk T+1), so one (history, target) example gives up to T training
   signals, like a causal LM; chunks whose input or target is padding are masked out. (The engine already turns
   every prefix of a training sequence into an example, so with ``all_positions`` a transition early in a long
   sequence is seen in several windows; ``all_positions: false`` trains only the last chunk, one signal per example.)
 - **Loss** = act_loss + alpha * think_loss, act = cross-entropy over items, think = cross-entropy per SID level
-  averaged over levels; alpha = 1 by default (the TeX-derived loss is L_think + L_act, ANCHORS §0.3); alpha = 0 is
+  averaged over levels; alpha = 1 by default (CAR's training objective is L_think + L_act); alpha = 0 is
   the "w/o T" ablation.
 - **Inference**: ``fast`` ranks items by the uid head alone (one forward pass, one matmul); ``slow`` ranks by the
   chunk's log-likelihood under the factorisation above, log P(UID=i | H) + w * sum_l log P(S_l = c_l(i) | H) with
@@ -52,12 +52,15 @@ TIGER is dropped (``drop_dedup_level``), and ``levels`` truncates the table for 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genrec_dist.data.semantic_ids import SemanticIds
+if TYPE_CHECKING:  # the annotation only: the semantic-ID format pulls in storage, fsspec and Polars
+    from genrec_dist.data.semantic_ids import SemanticIds
 from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
 from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
                                        attention_mask, init_weights)
@@ -120,7 +123,7 @@ class CAR(nn.Module):
             raise ValueError(f"CAR needs codes (num_items + 1, {len(sizes)}) with at least one item, got "
                              f"{codes.shape}")
         if cfg.drop_dedup_level and sids.has_dedup_level and len(sizes) > 1:
-            codes, sizes = codes[:, :-1], sizes[:-1]  # CAR's uid disambiguates (SPEC stage 2)
+            codes, sizes = codes[:, :-1], sizes[:-1]  # CAR's uid disambiguates (CAR: its SIDs need not be unique)
         if cfg.levels:
             if not 1 <= cfg.levels <= len(sizes):
                 raise ValueError(f"model.car.levels={cfg.levels} but the semantic IDs have {len(sizes)} levels")

@@ -13,10 +13,10 @@ from typing import Literal
 @dataclass
 class TigerConfig:
     """TIGER (Rajput et al., NeurIPS 2023): encoder-decoder over semantic-ID tokens. Sizes from TIGER's
-    implementation details (§4, T5-style; transcribed in ANCHORS.md C.1). The paper's ~13M parameters include
+    implementation details (§4, T5-style). The paper's ~13M parameters include
     2000 hashed user tokens, left out here (the model contract carries no user ids): ~4.7M at Beauty size."""
 
-    d_model: int = 128  # TIGER §4 (ANCHORS.md C.1)
+    d_model: int = 128  # TIGER §4
     n_heads: int = 6  # TIGER §4: 6 heads x 64
     head_dim: int = 64  # TIGER §4 (inner attention width 384 > d_model, as in T5)
     d_ff: int = 1024  # TIGER §4: MLP 1024
@@ -25,7 +25,7 @@ class TigerConfig:
     dropout: float = 0.1  # TIGER §4
     max_history: int = 20  # items; TIGER §4 / UNGER §4.1.1 cut histories to 20
     # Beam width of recommend(); evaluate may pass another. cornac: beam 50 ~ exact full ranking (<0.5% off);
-    # XiaoLongtaoo/TIGER uses 30, UNGER up to 100 (ANCHORS.md C.2).
+    # XiaoLongtaoo/TIGER uses 30, UNGER up to 100 (UNGER Table 4).
     beam_width: int = 50
 
 
@@ -39,8 +39,8 @@ class SASRecConfig:
     d_ff: int = 64  # SASRec §III: the point-wise FFN's W1, W2 are d x d
     dropout: float = 0.5  # SASRec: 0.5 on the sparse Amazon sets (0.2 on MovieLens-1M)
     max_history: int = 50  # SASRec: n=50 on Amazon; our datasets cut histories to 20 anyway
-    # Full-softmax CE over the catalog is far stronger than the paper's BCE with one negative (Beauty R@10 0.0859
-    # CE vs 0.0539 BCE in one study, ANCHORS.md C.3); 'sampled' (uniform negatives, accidental hits masked) is for
+    # Full-softmax CE over the catalog is far stronger than the paper's BCE with one negative (numbers:
+    # docs/results.md); 'sampled' (uniform negatives, accidental hits masked) is for
     # catalogs too large for a (B, num_items) logit matrix.
     loss: Literal["softmax", "sampled"] = "softmax"
     num_negatives: int = 256
@@ -49,8 +49,8 @@ class SASRecConfig:
 @dataclass
 class CARConfig:
     """CAR (arXiv 2506.23643): decoder-only over chunks [sid_1..sid_L, uid]; every choice the paper leaves open is
-    documented in genrec_dist/models/car.py. The paper's GPT-2 size, alpha and L are not recoverable (ANCHORS.md
-    A.4): sizes match TIGER's d_model for a like-for-like comparison."""
+    documented in genrec_dist/models/car.py and docs/design.md. The paper's GPT-2 size, alpha and L are not
+    recoverable from its text: sizes match TIGER's d_model for a like-for-like comparison."""
 
     mode: Literal["car", "ar"] = "car"  # ar = the paper's "AR" ablation: token-level next-token LM + beam search
     d_model: int = 128  # = TIGER §4.1 (paper: GPT-2, size not stated)
@@ -58,11 +58,11 @@ class CARConfig:
     n_layers: int = 4
     d_ff: int = 512  # GPT-2's 4 x d_model
     dropout: float = 0.1  # TIGER §4.1
-    max_history: int = 20  # items; TIGER §4.1 / UNGER §4.1.1 (CAR follows TIGER's protocol, ANCHORS.md A.3)
-    levels: int = 0  # SID levels read (0 = all); the paper's depth study uses 1..4 (CAR-notes)
-    drop_dedup_level: bool = True  # CAR keeps non-unique SIDs, the uid disambiguates (SPEC stage 2)
+    max_history: int = 20  # items; TIGER §4.1 / UNGER §4.1.1 (CAR's setup follows TIGER's protocol)
+    levels: int = 0  # SID levels read (0 = all); the paper's SID-depth study uses 1..4
+    drop_dedup_level: bool = True  # CAR keeps non-unique SIDs, the uid disambiguates (CAR's semantic IDs)
     fusion: Literal["none", "sum", "mean"] = "mean"  # none = ablation "w/o F"
-    alpha: float = 1.0  # loss = act + alpha * think; TeX-derived loss is L_think + L_act (ANCHORS.md 0.3); 0 = "w/o T"
+    alpha: float = 1.0  # loss = act + alpha * think; CAR's objective is L_think + L_act (docs/design.md); 0 = "w/o T"
     all_positions: bool = True  # every history chunk predicts the next one (T signals per example), not only the last
     tie_embeddings: bool = True  # heads share the input tables (GPT-2)
     # full softmax over items; sampled / in_batch from ~100k items (memory of M x N logits, see car.py)
@@ -70,9 +70,9 @@ class CARConfig:
     num_negatives: int = 1024  # uniform negatives shared by the batch (uid_loss=sampled)
     inference: Literal["fast", "slow"] = "fast"  # fast: uid head; slow: + slow_weight x SID-path log-probs
     slow_weight: float = 1.0  # 1 = the chunk's joint log-prob under CAR's factorisation
-    # The paper's exact slow rule is not recoverable (ANCHORS.md A): at the end of training slow_weight is chosen
+    # The paper's exact slow rule is not recoverable (docs/design.md): at the end of training slow_weight is chosen
     # among these on the validation split (train.early_stop_metric) and kept in the export; [] keeps slow_weight.
-    # Scientific, small model: validation NDCG@10 0.0752 at 0.1 vs 0.0697 at 1.0 (README, measured).
+    # The weights chosen in our runs: docs/results.md.
     slow_weight_grid: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     beam_width: int = 50  # mode=ar only; same as TigerConfig.beam_width
 
@@ -91,7 +91,7 @@ class UngerConfig(TigerConfig):
     dropout: float = 0.0  # UNGER Table 4
     beam_width: int = 100  # UNGER Table 4
     ikd_weight: float = 1.0  # Eq. 12 (UNGER Table 4: 1.0); 0 = the "CKA only" ablation (Table 8)
-    ikd_temperature: float = 0.1  # Eq. 11 tau; not given by the paper (ANCHORS.md B)
+    ikd_temperature: float = 0.1  # Eq. 11 tau; not given by UNGER (docs/design.md)
     ikd_similarity: Literal["cosine", "dot"] = "cosine"
     # Negatives of Eq. 11: 0 = every other item of the catalog ("global contrastive objective over the item
     # corpus", §3.4.3); n > 0 = n uniform random items shared by the batch (for very large catalogs).

@@ -3,7 +3,7 @@ ids; the last position's state scores every item through the (tied) item embeddi
 
 Loss: full-softmax cross-entropy over the catalog by default. The paper trains with binary cross-entropy against one
 sampled negative per position, which is what TIGER's table quotes (Beauty R@10 0.0605); CE over all items is much
-stronger on the same data (ANCHORS.md C.3: 0.0859 vs 0.0539 in one study), because every item is pushed down at
+stronger on the same data (docs/results.md has the numbers), because every item is pushed down at
 every step instead of one random item. ``loss: sampled`` (uniform negatives shared across the batch, accidental
 hits masked) keeps the cost independent of the catalog size for very large catalogs.
 """

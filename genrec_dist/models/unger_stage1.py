@@ -1,8 +1,8 @@
 """UNGER Stage I (§3.3): a DIN collaborative model, the AdaLN modality adaptation layer, and the two losses whose
 weighted sum learns the *integrated* item embeddings that are quantised into unified codes ("unicodes").
 
-The paper's equations did not survive in our copy of the text (UNGER-paper.txt), so each form below is a documented
-reading of its prose; EAGER's released DIN (yewzz/EAGER:EAGER/train_din.py, ANCHORS.md B) gives the sizes.
+The paper's equations did not survive in our copy of the text, so each form below is a documented reading of its
+prose (docs/design.md); EAGER's released DIN (Wang et al., KDD 2024; yewzz/EAGER:EAGER/train_din.py) gives the sizes.
 
 - DIN (Zhou et al., KDD 2018), the collaborative encoder: the user representation for candidate ``c`` is
   ``u_c = sum_j a(e_j, e_c) e_j`` over the history, with DIN's local activation unit

@@ -36,7 +36,7 @@ def run_ray(cfg: Any) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tokenization.ray_runtime import ensure_ray
+    from genrec_dist.ray_runtime import ensure_ray
 
     ensure_ray(cfg.train.ray_address)  # the named cluster or RAY_ADDRESS's, else a new local Ray (not a stray one)
     use_gpu = cfg.train.device == "cuda" or (

@@ -38,7 +38,7 @@ from genrec_dist.training import data as D
 from genrec_dist.training import runs
 from genrec_dist.training.dist import world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
-from genrec_dist.training.evaluate_run import (choose_on_valid, evaluate_split, load_exported, log_reports,
+from genrec_dist.evaluation.run import (choose_on_valid, evaluate_split, load_exported, log_reports,
                                                recommend_kwargs)
 from genrec_dist.training.export import (consolidated_state_dict, model_meta, model_semantic_ids, semantic_id_files,
                                          write_model)

@@ -1,5 +1,5 @@
 """Property: every parser fed malformed records ends in parsed rows or an InputError naming the file (and line
-where the format has lines), never another exception (issue 6)."""
+where the format has lines), never another exception."""
 
 from __future__ import annotations
 

@@ -1,3 +1,6 @@
+import time
+
+import pytest
 import torch
 
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
@@ -20,11 +23,39 @@ def test_evaluate_model_adds_up_over_batches():
     assert out["users"] == 4
     assert out["recall@1"] == 0.25  # only the first user
     assert out["recall@3"] == 0.75  # 2, 1 and 3 are in the top 3; 4 is not
-    assert out["latency_ms_per_user"] >= 0 and out["users_per_s"] > 0
-    assert {"latency_ms_per_user_p50", "latency_ms_per_user_p95", "ndcg@3"} <= set(out)
+    assert {"latency_ms_per_user", "latency_ms_per_user_p50", "latency_ms_per_user_p95", "ndcg@3"} <= set(out)
     table = format_results({"most-popular": out}, ks=[1, 3])
     assert table.splitlines()[0].startswith("| model | R@1 | N@1 | R@3 | N@3")
     assert "| most-popular | 0.2500 |" in table
+
+
+class _Slow(MostPopular):
+    """Most-popular whose ``recommend`` takes at least ``sleep_s`` per batch: a known floor under its latency."""
+
+    sleep_s = 0.03
+
+    def recommend(self, history, k):
+        time.sleep(self.sleep_s)
+        return super().recommend(history, k)
+
+
+def test_latency_is_per_user_and_agrees_with_throughput():
+    """Only floors (a sleep lasts at least its time), so a slow machine cannot fail it; a latency or throughput
+    computed per batch instead of per user, over the wrong span, or left at 0 does."""
+    model = _Slow.fit([[1, 2, 3]], num_items=3)
+    hist = torch.zeros(4, 2, dtype=torch.long)
+    one = evaluate_model(model, [(hist, torch.tensor([1, 2, 3, 1]))], ks=[1])
+    # one batch of 4 users: each user's share of the >= 30 ms call, and users/s is the same number inverted
+    assert one["latency_ms_per_user"] >= 1000 * _Slow.sleep_s / 4
+    assert one["latency_ms_per_user"] == pytest.approx(1000 / one["users_per_s"], rel=1e-9)
+    assert one["latency_ms_per_user_p50"] == one["latency_ms_per_user_p95"] == one["latency_ms_per_user"]
+    assert one["users_per_s"] <= 4 / _Slow.sleep_s
+    # batches of 1 and 3 users: per-user latencies >= 30 and >= 10 ms, their mean >= 20; p95 lies near the larger
+    two = evaluate_model(model, [(hist[:1], torch.tensor([1])), (hist[:3], torch.tensor([1, 2, 3]))], ks=[1])
+    assert two["users"] == 4 and two["users_per_s"] <= 4 / (2 * _Slow.sleep_s)
+    assert two["latency_ms_per_user"] >= 1000 * _Slow.sleep_s * (1 + 1 / 3) / 2
+    assert two["latency_ms_per_user_p95"] >= 1000 * _Slow.sleep_s * 0.9
+    assert two["latency_ms_per_user_p50"] <= two["latency_ms_per_user_p95"]
 
 
 def test_train_mode_is_restored():

@@ -1,4 +1,4 @@
-"""The semantic-ID table format and the LC-Rec index import/export (contract 2 of the brief)."""
+"""The semantic-ID table format (docs/datasets.md) and the LC-Rec index import/export."""
 
 from __future__ import annotations
 
@@ -107,5 +107,5 @@ def test_import_shared_beauty_rkmeans_index():
     sids = read_lcrec_index(path, _items(len(keys), keys=keys))
     assert sids.num_items == 12101 and sids.num_levels == 4
     assert all(k <= 256 for k in sids.codebook_sizes)
-    # README: 2,612 Beauty items share a full code with another in rkmeans_native.
+    # docs/datasets.md: 2,612 Beauty items share a full code with another in rkmeans_native.
     assert sids.collisions() == 2612

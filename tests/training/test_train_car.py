@@ -69,7 +69,7 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     assert run.data.metrics["valid/slow_weight_chosen"] == chosen["chosen"]
 
     # evaluate may change inference-time fields of the exported model, and nothing else of it
-    from genrec_dist.training.evaluate_run import evaluate_run
+    from genrec_dist.evaluation.run import evaluate_run
 
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.car.slow_weight = 0.0  # slow with weight 0 ranks by the uid head alone: it must equal fast

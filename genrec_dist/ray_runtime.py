@@ -1,5 +1,6 @@
-"""Connecting to Ray: the cluster named in the config or by ``RAY_ADDRESS`` (``ray job submit`` sets it), else a
-fresh local Ray on this machine (never a stray cluster someone else started here)."""
+"""Connecting to Ray, for every stage that uses it (tokenization's Ray Data and actors, Ray Train): the cluster
+named in the config or by ``RAY_ADDRESS`` (``ray job submit`` sets it), else a fresh local Ray on this machine (never
+a stray cluster someone else started here)."""
 
 from __future__ import annotations
 

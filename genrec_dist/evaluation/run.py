@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from genrec_dist import reports, storage
-from genrec_dist.config import _build, config_from_dict, to_dict
+from genrec_dist.config import config_from_dict, section_from_dict, to_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.evaluation.popular import MostPopular
@@ -44,7 +44,7 @@ def load_exported(run_dir: str, storage_cfg: Any = None,
         from genrec_dist.data.semantic_ids import read_semantic_ids
 
         sids = read_semantic_ids(sids_dir, storage_cfg)
-    model_cfg = _build(ModelConfig, meta["model_config"], f"{run_dir}/model/model.json", "model.")
+    model_cfg = section_from_dict(ModelConfig, meta["model_config"], f"{run_dir}/model/model.json", "model")
     for key, value in (inference or {}).items():
         setattr(getattr(model_cfg, meta["model"]), key, value)
     model = build_model(meta["model"], model_cfg, int(meta["num_items"]), sids)

