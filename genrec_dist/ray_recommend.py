@@ -28,6 +28,8 @@ from genrec_dist.evaluation.run import inference_overrides
 from genrec_dist.training.export import read_meta
 
 OUTPUT_DIR = "recommendations"
+# Users per output shard (the writer bundles the actors' batches up to this): 20M users -> ~200 files, not 20k.
+ROWS_PER_FILE = 100_000
 PROGRESS_EVERY_S = 10.0
 
 
@@ -184,6 +186,9 @@ def _run(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any, log: Ca
         cpus = worker_cpus(rc.cpus_per_worker, rc.num_workers, ray.cluster_resources().get("CPU", 1),
                            max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1))
         ds, total, source = read_users(cfg, run_dir)
+        # Blocks of one batch each, streamed: a read gives one block per file (or fewer), and an actor pool only
+        # runs as many batches at once as there are blocks in flight (a 2-file dataset kept a 2nd actor idle).
+        ds = ds.repartition(target_num_rows_per_block=rc.batch_size)
         tracker.set_tags({"genrec.users": source})
         log(f"recommend: {meta['model']} of {run_dir} -> top {rc.k} for {total:,} users of {source}, "
             f"{rc.num_workers} workers ({cpus:g} CPUs{', 1 GPU' if use_gpu else ''} each) on Ray ({how}); "
@@ -195,7 +200,7 @@ def _run(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any, log: Ca
             fn_constructor_kwargs={"run_dir": run_dir, "k": rc.k, "exclude_seen": rc.exclude_seen,
                                    "storage_cfg": cfg.storage, "inference": inference, "beam_width": rc.beam_width,
                                    "device": "cuda" if use_gpu else "cpu", "threads": max(1, int(cpus))})
-        written = recs.map_batches(_write_shard, batch_size=None, batch_format="numpy",
+        written = recs.map_batches(_write_shard, batch_size=ROWS_PER_FILE, batch_format="numpy",
                                    fn_kwargs={"staging": out.staging, "storage_cfg": cfg.storage})
         last = start
         for row in written.iter_rows():  # one row per shard written by a worker
