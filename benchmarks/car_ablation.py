@@ -15,7 +15,8 @@ search, so a CPU budget validates it less often). TIGER runs from ``--tiger-conf
 ``configs/<dataset>.yaml``), since CAR's configs count warm-up and validation in CAR's training windows. A row whose
 run already finished is read, not trained again, once its saved config is checked against the row's command (a
 stale run under the same name ends the script, naming the fields that differ); an interrupted one continues
-(``--resume``), so the table picks up where it stopped.
+(``--resume``), so the table picks up where it stopped. In MLflow the table is one parent run (``--prefix`` and the
+dataset name it; the rows' metrics and the table beside) with each row's training run as its child.
 
     car        CAR as configured (fast and slow inference; slow_weight chosen on validation)
     ar         model.car.mode=ar: token-level autoregression over the same chunks + beam search (evaluate.beam_width)
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import argparse  # noqa: E402
 
-from benchmarks._jobs import REPO, train_launcher, train_once, write_result  # noqa: E402
+from benchmarks._jobs import REPO, finish_table, table_run, train_launcher, train_once, write_result  # noqa: E402
 
 ROWS = {"car": [], "ar": ["model.car.mode=ar"], "no_fusion": ["model.car.fusion=none"],
         "no_think": ["model.car.alpha=0"]}
@@ -98,19 +99,29 @@ def main() -> None:
                 raise SystemExit(f"{tiger_config} reads {what} {getattr(tcfg, what)}, {args.config} reads "
                                  f"{getattr(cfg, what)}: pass the same paths to both (e.g. paths.semantic_ids=...)")
     results, beam = {}, {}
-    for row in rows:
-        name = f"{args.prefix}-{row}"
-        if row == "tiger":
-            config, extra = tiger_config, ["train.model=tiger", *args.tiger]
-            beam[row] = load_config(os.path.join(REPO, config), args.overrides + extra).evaluate.beam_width
-        else:
-            config, extra = args.config, [*row_overrides(row), *args.car, *(args.ar if row == "ar" else [])]
-            if row == "ar":
+    parent = table_run(cfg, "car_ablation", f"{args.prefix} ({cfg.name})",
+                       {"config": args.config, "tiger_config": tiger_config, "rows": ",".join(rows),
+                        "overrides": " ".join(args.overrides), "car_overrides": " ".join(args.car),
+                        "ar_overrides": " ".join(args.ar), "tiger_overrides": " ".join(args.tiger)})
+    try:
+        for row in rows:
+            name = f"{args.prefix}-{row}"
+            if row == "tiger":
+                config, extra = tiger_config, ["train.model=tiger", *args.tiger]
                 beam[row] = load_config(os.path.join(REPO, config), args.overrides + extra).evaluate.beam_width
-        results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", "--config", config, *args.overrides,
-                                   *extra], cfg.runs_dir, name)
+            else:
+                config, extra = args.config, [*row_overrides(row), *args.car, *(args.ar if row == "ar" else [])]
+                if row == "ar":
+                    beam[row] = load_config(os.path.join(REPO, config), args.overrides + extra).evaluate.beam_width
+            results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", "--config", config,
+                                       *args.overrides, *extra], cfg.runs_dir, name, parent)
+    except BaseException:
+        parent.close("FAILED")
+        raise
     title = f"CAR table on {cfg.name} ({args.config}; test split, best model on validation)"
-    print("\n".join([title, *table_lines(results, beam)]), flush=True)
+    lines = [title, *table_lines(results, beam)]
+    print("\n".join(lines), flush=True)
+    finish_table(parent, results, lines)
     write_result(args.out or os.path.join(REPO, "benchmarks", "results", f"car_ablation_{cfg.name}.json"),
                  {"config": args.config, "tiger_config": tiger_config, "overrides": args.overrides,
                   "car_overrides": args.car, "ar_overrides": args.ar, "tiger_overrides": args.tiger,

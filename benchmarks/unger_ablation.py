@@ -11,7 +11,7 @@ reuse the DIN-only model a unified run trained for its modality share, ``tokeniz
 + test evaluation per row (``jobs/train.py``; ``deepspeed --num_gpus <ranks>`` when ranks > 1). Finished code
 sources and rows are read back, not redone, and an interrupted row continues, so the script can be stopped and
 started again, and two invocations with disjoint ``--rows`` can share a machine once the codes exist; delete a
-directory to redo it.
+directory to redo it. In MLflow the table is one parent run with each row's training run as its child.
 
 ``--integrated collab|adapted|mean`` is the unified rows' reading of Stage I's integrated embedding
 (``tokenize.unger.integrated``, default the config's): their runs are ``unger-ablation-<row>-<reading>`` and the JSON
@@ -32,7 +32,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
-from benchmarks._jobs import REPO, train_launcher, train_once, write_result  # noqa: E402
+from benchmarks._jobs import REPO, finish_table, table_run, train_launcher, train_once, write_result  # noqa: E402
 from benchmarks._jobs import run as _run  # noqa: E402
 
 PAPER = {  # UNGER Tables 7 and 8, Beauty: R@10, R@20, N@10, N@20
@@ -140,13 +140,20 @@ def main() -> None:
             if f"{key}.share_semantic" in stats:
                 shares[name] = (stats[f"{key}.share_semantic"], stats[f"{key}.share_collab"])
     results = {}
-    for row in rows:
-        source, ikd = known[row]
-        run = f"unger-ablation-{row}" + (f"-{integrated}" if source == "unified" else "")
-        results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", *base, "train.model=unger",
-                                   f"model.unger.ikd_weight={ikd}",
-                                   f"paths.semantic_ids={sids_dir(sids_root, source, integrated)}",
-                                   f"max_steps={args.steps}"], cfg.runs_dir, run)
+    parent = table_run(cfg, "unger_ablation", f"unger-ablation ({cfg.name}, {integrated})",
+                       {"config": args.config, "rows": ",".join(rows), "overrides": " ".join(args.overrides),
+                        "stage1_steps": args.stage1_steps, "steps": args.steps, "integrated": integrated})
+    try:
+        for row in rows:
+            source, ikd = known[row]
+            run = f"unger-ablation-{row}" + (f"-{integrated}" if source == "unified" else "")
+            results[row] = train_once([*train_launcher(args.ranks), "jobs/train.py", *base, "train.model=unger",
+                                       f"model.unger.ikd_weight={ikd}",
+                                       f"paths.semantic_ids={sids_dir(sids_root, source, integrated)}",
+                                       f"max_steps={args.steps}"], cfg.runs_dir, run, parent)
+    except BaseException:
+        parent.close("FAILED")
+        raise
     keys = ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
     lines = [f"UNGER ablation on {cfg.name} ({args.config}; Stage I {args.stage1_steps} steps, Stage II {args.steps}, "
              f"integrated embedding: {integrated})",
@@ -162,6 +169,7 @@ def main() -> None:
                  "40.11%")
     lines += [f"- {name}: {s:.2%} / {c:.2%}" for name, (s, c) in shares.items()]
     print("\n".join(lines))
+    finish_table(parent, results, lines)
     default = os.path.join(REPO, "benchmarks", "results", f"unger_ablation_{cfg.name}-{integrated}.json")
     write_result(args.out or default,
                  {"config": args.config, "overrides": args.overrides, "stage1_steps": args.stage1_steps,

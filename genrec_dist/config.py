@@ -10,6 +10,7 @@ configs in ``configs/<dataset>/<model>.yaml`` hold only what differs from the da
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -21,13 +22,13 @@ from typing import Any, Literal
 import yaml
 
 from genrec_dist.data.config import PrepareConfig
-from genrec_dist.models.config import ModelConfig
-from genrec_dist.training.config import EvaluateConfig, RecommendConfig, TrainConfig
+from genrec_dist.errors import ConfigError
+from genrec_dist.models import ModelConfig
 from genrec_dist.tokenize_config import TokenizeConfig
+from genrec_dist.training.config import NOT_RUN, OUTPUT, EvaluateConfig, RecommendConfig, TrainConfig
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message names the source and the key."""
+__all__ = ["Config", "ConfigError", "config_from_dict", "flatten", "load_config", "section_from_dict", "to_dict",
+           "to_yaml", "with_resolved_paths"]
 
 
 @dataclass
@@ -55,40 +56,50 @@ class TrackingConfig:
     # Groups the runs of one pipeline (prepare/tokenize/train/evaluate) in the UI; empty: derived from workdir.
     pipeline: str = ""
     # An unreachable server never stops the job: items wait in <run dir>/tracking_spool-<run id>.jsonl and are
-    # delivered in order once it answers (genrec_dist/tracking.py). At the end the job waits this long for it;
+    # delivered in order once it answers (genrec_dist/tracking/). At the end the job waits this long for it;
     # what is left stays in the spool (python -m genrec_dist.tracking replay <spool>).
     flush_timeout_s: float = 60.0
     # One request's limit (MLflow's own default is 120 s, retried 7 times); then the item waits in the spool.
     request_timeout_s: float = 10.0
     # Retries of an unreachable server back off from 0.5 s up to this.
     retry_max_s: float = 30.0
+    # Jobs whose runs log MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network, GPU with
+    # nvidia-ml-py), sampled every system_metrics_interval_s (MLflow's default is 10 s; 2 s shows in short runs).
+    system_metrics: list[str] = field(default_factory=lambda: ["train"])
+    system_metrics_interval_s: float = 2.0
+    # A run id: every run this config starts is its child (mlflow.parentRunId), as the table scripts' rows are.
+    parent_run_id: str = ""
 
 
 @dataclass
 class PathsConfig:
     """Where each stage writes. Empty: derived from ``workdir`` (``dataset``, ``sids/<method>``, ``runs``)."""
 
-    dataset: str = ""
-    semantic_ids: str = ""
-    runs: str = ""
+    dataset: str = field(default="", metadata=OUTPUT)
+    semantic_ids: str = field(default="", metadata=OUTPUT)
+    runs: str = field(default="", metadata={**OUTPUT, **NOT_RUN})  # a run may move with its runs dir
 
 
 @dataclass
 class Config:
-    """The whole pipeline. Jobs read ``workdir``/``paths``/``storage``/``tracking`` and their own section."""
+    """The whole pipeline. Jobs read ``workdir``/``paths``/``storage``/``tracking`` and their own section.
+
+    Fields marked ``NOT_RUN`` do not identify a training run: its name, how storage and MLflow are reached, and the
+    prepare and tokenize jobs' own sections (training reads their outputs at ``paths.dataset`` /
+    ``paths.semantic_ids``, which are compared resolved, so ``workdir`` and ``paths.runs`` may move)."""
 
     name: str = "synthetic"
-    workdir: str = "outputs/synthetic"
+    workdir: str = field(default="outputs/synthetic", metadata={**OUTPUT, **NOT_RUN})
     seed: int = 42
     paths: PathsConfig = field(default_factory=PathsConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig, metadata=NOT_RUN)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=NOT_RUN)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig, metadata=NOT_RUN)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig, metadata=NOT_RUN)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig, metadata=NOT_RUN)
 
     # ----- derived locations (explicit ``paths.*`` win) -----
     @property
@@ -104,8 +115,35 @@ class Config:
         return self.paths.runs or _join(self.workdir, "runs")
 
 
+def with_resolved_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose ``paths.*`` name the locations it derives from ``workdir`` (same meaning, explicit)."""
+    out = copy.deepcopy(cfg)
+    out.paths.dataset, out.paths.semantic_ids, out.paths.runs = cfg.dataset_dir, cfg.semantic_ids_dir, cfg.runs_dir
+    return out
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
+
+
+def marked_fields(cls: type, key: str, value: Any = True, prefix: str = "") -> list[str]:
+    """Dotted names of the fields of dataclass ``cls`` (nested sections included) whose metadata has ``key`` equal
+    to ``value``, e.g. ``marked_fields(Config, "identifies_run", False)``. A marked section stands for all of it."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if key in f.metadata and f.metadata[key] == value:
+            out.append(name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += marked_fields(hints[f.name], key, value, name + ".")
+    return out
+
+
+def get_dotted(cfg: Any, name: str) -> Any:
+    for part in name.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------------------

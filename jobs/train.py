@@ -12,18 +12,14 @@ import sys
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from genrec_dist.cli import fail, job_parser, load_job_config  # noqa: E402
-from genrec_dist.config import ConfigError  # noqa: E402
-from genrec_dist.storage import StorageError  # noqa: E402
-from genrec_dist.tracking import TrackingError  # noqa: E402
+from genrec_dist import cli  # noqa: E402
+from genrec_dist.tracking import make_tracker  # noqa: E402
 from genrec_dist.training import run_training  # noqa: E402
 from genrec_dist.training.dist import is_rank_zero  # noqa: E402
-from genrec_dist.training.ds_config import BatchSizeError  # noqa: E402
-from genrec_dist.training.runs import RunConfigError  # noqa: E402
 
 
-def main() -> None:
-    parser = job_parser("train", __doc__.strip().splitlines()[0])
+def job() -> None:
+    parser = cli.job_parser("train", __doc__.strip().splitlines()[0])
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue a run from its newest complete checkpoint (a run name/dir; default: latest)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; ignored "
@@ -31,16 +27,12 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     if args.resume is not None:
         args.overrides.append(f"train.resume={args.resume}")
-    cfg = load_job_config(args, "train", quiet=not is_rank_zero())
-    try:
-        summary = run_training(cfg)
-    except (StorageError, FileNotFoundError, FileExistsError, BatchSizeError, TrackingError, RunConfigError) as exc:
-        fail(str(exc).splitlines()[0])
-    except ConfigError as exc:  # a resumed run's saved config.yaml that no longer reads
-        fail(f"config error: {exc}", code=2)
+    cfg = cli.load_job_config(args, "train", quiet=not is_rank_zero())
+    # each rank's tracker (MLflow on rank 0, else a null one) is made by make_tracker once the run is known
+    summary = run_training(cfg, tracking=make_tracker)
     if summary:
         print(f"run {summary['run_name']}: {summary['run_dir']} (MLflow run {summary['mlflow_run_id']})", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(job)

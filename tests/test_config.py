@@ -84,7 +84,7 @@ def test_beauty_configs_read_the_codes_their_tokenize_command_writes():
             os.path.dirname(os.path.dirname(os.path.normpath(index))))
 
 
-def test_a_jobs_deciding_setting_is_also_a_flag(capsys):
+def test_a_jobs_deciding_setting_is_also_a_flag():
     """The documented commands: ``jobs/train.py --config ... --model car``, ``jobs/tokenize.py ... --method unger``."""
     from genrec_dist.cli import job_parser, load_job_config
 
@@ -95,8 +95,7 @@ def test_a_jobs_deciding_setting_is_also_a_flag(capsys):
     args = job_parser("tokenize", "t").parse_intermixed_args(["model=sasrec", "--method", "unger"])
     assert load_job_config(args, "tokenize", quiet=True).tokenize.method == "unger"
     args = job_parser("train", "t").parse_intermixed_args(["--model", "gpt5"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="train.model"):
         load_job_config(args, "train", quiet=True)
-    assert "train.model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         job_parser("prepare", "t").parse_intermixed_args(["--model", "car"])  # prepare has no such setting

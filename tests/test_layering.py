@@ -25,7 +25,7 @@ GROUPS = {
     "genrec_dist.errors": "errors",
     "genrec_dist.data.config": "settings",
     "genrec_dist.models.config": "settings",
-    "genrec_dist.training.config": "settings",
+    "genrec_dist.training.config": "train_settings",  # train.model's choices are the model registry's
     "genrec_dist.tokenize_config": "settings",
     "genrec_dist.storage": "storage",
     "genrec_dist.spool": "storage",
@@ -38,6 +38,7 @@ GROUPS = {
     "genrec_dist.evaluation.recommend": "evaluate_run",  # the Recommender loads a run's export, as run.py does
     "genrec_dist.reports": "reports",
     "genrec_dist.tracking": "tracking",
+    "genrec_dist.serving": "serving",  # a run's export as an MLflow pyfunc model
     "genrec_dist.ray_runtime": "ray_runtime",
     "genrec_dist.ray_recommend": "recommend",
     # what a run leaves on disk and the examples it reads: below both training and evaluating a run
@@ -55,38 +56,40 @@ GROUPS = {
 }
 
 _BASE = {"root", "errors", "settings"}
+_CORE = _BASE | {"train_settings", "storage", "config", "data", "models", "metrics", "reports"}
 # group -> the other groups it may import (its own group is always allowed). No group lists "jobs", and no
-# genrec_dist group lists a tokenization group.
+# genrec_dist group lists a tokenization group. Only the jobs make trackers: the engines (training, tokenization) get
+# theirs from the job, so they may not import tracking; evaluating a run reads tracking's run lookup.
 ALLOWED = {
     "root": set(),
     "errors": set(),
     "settings": {"root", "errors"},
+    "train_settings": {"root", "errors", "settings", "models"},
     "storage": _BASE,
-    "config": _BASE,
-    "cli": _BASE | {"config"},
+    "config": _BASE | {"train_settings", "models"},
+    "cli": _BASE | {"config", "train_settings", "models"},
     "data": _BASE | {"storage"},
     "models": _BASE,
     "metrics": _BASE,
     "reports": _BASE | {"metrics"},
     "tracking": _BASE | {"storage", "config"},
     "ray_runtime": _BASE,
-    "run_files": _BASE | {"storage", "config", "data", "models"},
-    "evaluate_run": _BASE | {"storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files"},
-    "training": _BASE | {"storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files",
-                         "evaluate_run", "ray_runtime"},
-    "recommend": _BASE | {"storage", "config", "cli", "data", "models", "metrics", "tracking", "run_files",
-                          "evaluate_run", "ray_runtime"},
+    "run_files": _BASE | {"train_settings", "storage", "config", "data", "models"},
+    "evaluate_run": _CORE | {"tracking", "run_files"},
+    # the export as an MLflow model, saved by training for the tracker to log
+    "serving": _CORE | {"run_files", "evaluate_run"},
+    "training": _CORE | {"run_files", "evaluate_run", "ray_runtime", "serving"},
+    "recommend": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "ray_runtime"},
     "tokenization_core": _BASE | {"storage"},
-    "tokenization": _BASE | {"storage", "config", "data", "models", "metrics", "reports", "tracking", "run_files",
-                             "ray_runtime", "tokenization_core"},
-    "jobs": _BASE | {"storage", "config", "cli", "data", "models", "metrics", "reports", "tracking", "run_files",
-                     "evaluate_run", "training", "ray_runtime", "recommend", "tokenization", "tokenization_core"},
+    "tokenization": _CORE | {"run_files", "ray_runtime", "tokenization_core"},
+    "jobs": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "training", "ray_runtime", "recommend", "tokenization",
+                     "tokenization_core"},
 }
 
 ENGINES = ("ray", "deepspeed", "mlflow", "torch.distributed")
 # Groups that must run with none of the engines installed: the pure core.
-ENGINE_FREE = {"root", "errors", "settings", "storage", "config", "data", "models", "metrics", "reports",
-               "tokenization_core"}
+ENGINE_FREE = {"root", "errors", "settings", "train_settings", "storage", "config", "data", "models", "metrics",
+               "reports", "tokenization_core"}
 
 
 def group_of(module: str) -> str | None:

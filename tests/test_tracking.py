@@ -5,6 +5,7 @@ through the MLflow UI rendered by headless Chromium (screenshots kept under $GEN
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -90,6 +91,24 @@ def test_demo_pipeline_reaches_the_server(demo, tmp_path):
     with open(os.path.join(path, "manifest.json"), "rb") as fh:
         sha = hashlib.sha256(fh.read()).hexdigest()
     assert {r.data.tags.get(MANIFEST_TAG) for r in runs.values()} == {sha}
+    # ... and logs it as an MLflow dataset input (the UI's Dataset column): same name, source and digest everywhere
+    contexts = {}
+    for job, run in runs.items():
+        (ds,) = [i for i in run.inputs.dataset_inputs if i.dataset.name == "synthetic"]
+        assert (ds.dataset.digest, json.loads(ds.dataset.source)["uri"]) == (sha[:32], path), job
+        contexts[job] = {t.key: t.value for t in ds.tags}["mlflow.data.context"]
+    assert contexts == {"prepare": "output", "tokenize": "tokenization", "train": "training",
+                        "evaluate": "evaluation"}
+    # training also read the codes tokenize wrote: a second input, digest = the codes' sha256 in run.json
+    (codes,) = [i.dataset for i in train.inputs.dataset_inputs if i.dataset.name != "synthetic"]
+    run_json = json.load(open(client.download_artifacts(train.info.run_id, "run.json", str(tmp_path))))
+    assert codes.name == "synthetic-sids-rkmeans" and codes.digest == run_json["inputs"]["semantic_ids_sha256"][:32]
+    # system metrics on the training run only (tracking.system_metrics defaults to [train])
+    assert "system/cpu_utilization_percentage" in train.data.metrics
+    assert not any(k.startswith("system/") for k in runs["evaluate"].data.metrics)
+    # the trained model is logged and registered under the dataset's and model's name
+    (version,) = client.search_model_versions("name='genrec-synthetic-tiger'")
+    assert version.run_id == train.info.run_id
     # secrets in the environment never reach params, tags or the logged config of any stage
     for run in runs.values():
         blob = repr(run.data.params) + repr(run.data.tags)
@@ -117,11 +136,13 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def _render(url: str, tmp_path, screenshot: str) -> str:
-    """The page's DOM after its scripts ran, and a screenshot of it (one Chromium start does both)."""
+def _render(url: str, tmp_path, screenshot: str, budget_ms: int = 20000) -> str:
+    """The page's DOM after its scripts ran, and a screenshot of it (one Chromium start does both). Charts draw
+    only with a longer ``budget_ms`` of virtual time (their frames come one by one)."""
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chrome-profile'}", "--virtual-time-budget=20000",
+             f"--user-data-dir={tmp_path / 'chrome-profile'}", f"--virtual-time-budget={budget_ms}",
+             "--run-all-compositor-stages-before-draw",
              "--window-size=1400,1600", f"--screenshot={screenshot}", "--dump-dom"]
     out = subprocess.run([_chromium(), *flags, url], capture_output=True, text=True, timeout=120)
     assert os.path.exists(screenshot) and os.path.getsize(screenshot) > 10_000, f"{screenshot}: no page drawn"
@@ -142,12 +163,23 @@ def test_demo_pipeline_shows_in_the_ui(demo, mlflow_server, tmp_path):
     assert "Training runs" in listing
     for job in JOBS:
         assert runs[job].info.run_name in listing, job
+    # the Dataset column names the dataset (name and digest) instead of "-"
+    digest = runs["train"].inputs.dataset_inputs[0].dataset.digest
+    assert f"synthetic ({digest})" in listing, "dataset not in the runs list"
 
     # The training run's page shows its name and its validation metrics.
     page = _render(ui_url(mlflow_server, exp.experiment_id, train.run_id), tmp_path,
                    screenshot=os.path.join(shots, "mlflow_demo_train_run.png"))
     assert train.run_name in page
     assert "valid/recall_at_10" in page and "valid/ndcg_at_10" in page
+
+    # The run's System metrics tab draws MLflow's system metrics charts
+    system = _render(f"{ui_url(mlflow_server, exp.experiment_id, train.run_id)}/system-metrics", tmp_path,
+                     screenshot=os.path.join(shots, "mlflow_demo_train_system_metrics.png"), budget_ms=60000)
+    assert "System metrics" in system
+    # a chart's legend names its metric once it is drawn ("<run name> (system/<metric>)")
+    assert f"{train.run_name} (system/cpu_utilization_percentage)" in system
+    assert f"{train.run_name} (system/system_memory_usage_megabytes)" in system
 
     # The artifacts tab with reports/metrics.md open: the report files are listed and the table is rendered.
     table = open(client.download_artifacts(train.run_id, "reports/metrics.md", str(tmp_path))).read()

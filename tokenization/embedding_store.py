@@ -11,12 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genrec_dist import storage
+from tokenization.embed import EmbeddingError
 
 EMBEDDINGS_DIR = "embeddings"
-
-
-class EmbeddingError(ValueError):
-    """An embedding file or text that cannot be used; the message names the file / item."""
 
 
 def embedding_shards(item_ids: np.ndarray, emb: np.ndarray, rows_per_shard: int = 100_000) -> dict[str, bytes]:

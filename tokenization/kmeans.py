@@ -32,11 +32,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from genrec_dist.errors import GenrecError
+
 # Rows per distance block: bounds the (rows, K) distance matrix to ~64 MiB at K = 256 in float64.
 _BLOCK = 32768
 
 
-class KMeansError(ValueError):
+class KMeansError(GenrecError, ValueError):
     """Input k-means cannot run on (K > N, NaN/inf, empty shards); the message says which."""
 
 

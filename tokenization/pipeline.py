@@ -29,10 +29,10 @@ import numpy as np
 from genrec_dist import storage
 from genrec_dist.config import to_dict
 from genrec_dist.data.dataset import Dataset
+from genrec_dist.errors import ConfigError
 from genrec_dist.data.semantic_ids import (CODEBOOKS_FILE, STATS_FILE, SemanticIds, code_stats,
                                           read_lcrec_index, write_lcrec_index, write_semantic_ids)
 from genrec_dist.reports import plot_codebook_utilisation
-from genrec_dist.tracking import make_tracker
 from tokenization.embed import TextEmbedder, texts_for_embedding
 from tokenization.embedding_store import EmbeddingError, embedding_shards, read_embeddings
 from tokenization.kmeans import KMeansParams, dedup_level
@@ -104,20 +104,22 @@ def _metrics(stats: dict) -> dict[str, float]:
     return out
 
 
-def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder) -> dict:
-    """Run the tokenize stage for ``cfg``; returns a summary (path, counts, stats, MLflow run id)."""
+def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, *, tracking: Callable) -> dict:
+    """Run the tokenize stage for ``cfg``; returns a summary (path, counts, stats, MLflow run id). ``tracking``
+    (the job's, e.g. ``genrec_dist.tracking.make_tracker``) makes the run's tracker once the inputs are checked."""
     tc = cfg.tokenize
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)  # no manifest -> StorageError naming the path
     out_dir = cfg.semantic_ids_dir
     if storage.exists(storage.join(out_dir, storage.MANIFEST), cfg.storage) and not tc.overwrite:
         raise storage.StorageError(f"{out_dir}: semantic IDs already exist (tokenize.overwrite=true replaces them)")
     if tc.method == "import" and not tc.index_path:
-        raise ValueError("tokenize.method=import needs tokenize.index_path (an LC-Rec <Name>.index.json[.gz])")
+        raise ConfigError("tokenize.method=import needs tokenize.index_path (an LC-Rec <Name>.index.json[.gz])")
     items = dataset.items(["item_id", "item", "title", "text"])
     t0 = time.time()
-    tracker = make_tracker(cfg, "tokenize", extra_tags=dataset.tags())
+    tracker = tracking(cfg, "tokenize", extra_tags=dataset.tags())
     try:
         tracker.log_config(cfg)
+        tracker.log_input(**dataset.input_spec(), context="tokenization")
         files: dict[str, bytes] = {}
         if tc.method == "import":
             imported = read_lcrec_index(tc.index_path, items, cfg.storage)

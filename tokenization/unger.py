@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from genrec_dist import storage
+from genrec_dist.errors import ConfigError
 from genrec_dist.models.unger_stage1 import DINStage1, integrate
 from genrec_dist.training.data import train_examples
 
@@ -174,11 +175,11 @@ def _read_saved(option: str, path: str, key: str, missing: str, want: dict[str, 
     manifest = storage.require_manifest(path, storage_cfg)
     saved = manifest.get(key)
     if not saved:
-        raise ValueError(f"{where}: {missing}")
+        raise ConfigError(f"{where}: {missing}")
     diff = [f"{k}: {saved['settings'].get(k)!r} there, {v!r} here" for k, v in want.items()
             if saved["settings"].get(k) != v]
     if diff:
-        raise ValueError(f"{where}: that model was trained with other settings, so it is not this run's ("
+        raise ConfigError(f"{where}: that model was trained with other settings, so it is not this run's ("
                          + "; ".join(diff) + ")")
     files = saved["files"] if "files" in saved else {"collab": saved["file"]}
     out = {}
@@ -247,7 +248,7 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
     tables = None
     if uc.stage1_path:
         if uc.source != "unified":
-            raise ValueError(f"tokenize.unger.stage1_path: only source=unified reads a Stage I model, not "
+            raise ConfigError(f"tokenize.unger.stage1_path: only source=unified reads a Stage I model, not "
                              f"{uc.source!r}")
         tables = read_stage1(uc.stage1_path, cka_settings, cfg.storage)
 

@@ -28,6 +28,8 @@ from genrec_dist import storage
 SCHEMA_VERSION = 1
 ITEMS_FILE = "items.parquet"
 SEQUENCES_DIR = "sequences"
+# The sequence shards' columns as MLflow types (the docstring's format): a dataset input's schema.
+SEQUENCES_SCHEMA = {"user_id": "integer", "user": "string", "items": "array<integer>", "timestamps": "array<long>"}
 MANIFEST_TAG = "genrec.dataset_manifest_sha256"  # the tag every job's MLflow run carries (Dataset.tags)
 PAD = 0
 
@@ -113,6 +115,14 @@ class Dataset:
         its path and the sha256 of its ``manifest.json`` bytes (what ``sha256sum manifest.json`` prints)."""
         raw = storage.read_bytes(storage.join(self.path, storage.MANIFEST), self.storage_cfg)
         return {"genrec.dataset_path": self.path, MANIFEST_TAG: hashlib.sha256(raw).hexdigest()}
+
+    def input_spec(self) -> dict[str, Any]:
+        """This dataset as an MLflow dataset input (``tracker.log_input(**spec, context=...)``): its name, path,
+        digest (the sha256 of ``manifest.json``, as in :meth:`tags`), the schema of its sequences, and its counts."""
+        return {"name": str(self.manifest.get("name") or self.path.rstrip("/").rsplit("/", 1)[-1]),
+                "source": self.path, "digest": self.tags()[MANIFEST_TAG], "schema": SEQUENCES_SCHEMA,
+                "profile": {k: self.manifest["counts"][k] for k in ("users", "items", "interactions")
+                            if k in self.manifest.get("counts", {})}}
 
     @property
     def fingerprint(self) -> str:

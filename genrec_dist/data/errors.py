@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from genrec_dist.errors import GenrecError
 
-class InputError(ValueError):
+
+class InputError(GenrecError, ValueError):
     """A raw input that cannot be read: ``path``, ``line`` (1-based, or None) and the reason.
 
     ``str(err)`` is one line, ``"<path>:<line>: <reason>"``, fit to print as a job's error.

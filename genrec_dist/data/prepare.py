@@ -19,6 +19,7 @@ from genrec_dist.data.config import PrepareConfig
 from genrec_dist.data import clean, dataset, text
 from genrec_dist.data.errors import InputError
 from genrec_dist.data.raw import RawData, empty_items
+from genrec_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 ITEM_COLUMNS = ["item_id", "item", "title", "text", "brand", "categories", "description"]
@@ -57,7 +58,7 @@ def read_raw(cfg: PrepareSettings) -> RawData:
         from genrec_dist.data import tabular
 
         return tabular.read(p, cfg.storage)
-    raise ValueError(f"prepare.source: unknown source {p.source!r}")
+    raise ConfigError(f"prepare.source: unknown source {p.source!r}")
 
 
 def run_prepare(cfg: PrepareSettings) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def run_prepare(cfg: PrepareSettings) -> dict[str, Any]:
     out = cfg.dataset_dir
     text.template_fields(p.text_template)
     if p.num_shards < 1:
-        raise ValueError(f"prepare.num_shards must be >= 1, got {p.num_shards}")
+        raise ConfigError(f"prepare.num_shards must be >= 1, got {p.num_shards}")
     # Fail before the work (and reach the storage once) when the destination is taken.
     _check_destination(out, cfg.storage, p.overwrite)
 

@@ -29,15 +29,18 @@ import numpy as np
 import polars as pl
 
 from genrec_dist import storage
+from genrec_dist.errors import GenrecError
 
 SCHEMA_VERSION = 1
 SIDS_FILE = "semantic_ids.parquet"
 STATS_FILE = "stats.json"
+# The table's columns as MLflow types (the docstring's format): the codes as a training run's dataset input.
+CODES_SCHEMA = {"item_id": "integer", "codes": "array<integer>"}
 CODEBOOKS_FILE = "codebooks.npz"
 _TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
 
 
-class SemanticIdError(ValueError):
+class SemanticIdError(GenrecError, ValueError):
     """Codes or an index file that do not fit the format; the message names the file / item / level."""
 
 

@@ -41,6 +41,7 @@ import polars as pl
 
 from genrec_dist.data.config import SyntheticConfig
 from genrec_dist.data.raw import RawData
+from genrec_dist.errors import ConfigError
 
 CATEGORIES = [
     ("Skin Care", ["Serum", "Moisturizer", "Cleanser", "Toner"]),
@@ -96,9 +97,9 @@ def _brand(rng: np.random.Generator) -> str:
 def generate(cfg: SyntheticConfig, seed: int) -> RawData:
     """The synthetic catalog and interaction log (see the module docstring for the structure)."""
     if cfg.num_items < 1 or cfg.num_users < 1 or cfg.num_categories < 1:
-        raise ValueError("prepare.synthetic: num_items, num_users and num_categories must be >= 1")
+        raise ConfigError("prepare.synthetic: num_items, num_users and num_categories must be >= 1")
     if not 1 <= cfg.min_length <= cfg.max_length:
-        raise ValueError(f"prepare.synthetic: need 1 <= min_length <= max_length, got "
+        raise ConfigError(f"prepare.synthetic: need 1 <= min_length <= max_length, got "
                          f"{cfg.min_length}, {cfg.max_length}")
     rng = np.random.default_rng(seed)
     n, u = cfg.num_items, cfg.num_users

@@ -14,6 +14,8 @@ import string
 
 import polars as pl
 
+from genrec_dist.errors import ConfigError
+
 FALLBACK_TITLE = "item {item}"
 
 
@@ -22,13 +24,13 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ValueError(f"prepare.text_template {template!r}: {exc}") from None
+        raise ConfigError(f"prepare.text_template {template!r}: {exc}") from None
     fields = []
     for _, name, spec, conv in parsed:
         if name is None:
             continue
         if not name.isidentifier() or spec or conv:
-            raise ValueError(f"prepare.text_template {template!r}: use plain fields like {{title}}, got {{{name}}}")
+            raise ConfigError(f"prepare.text_template {template!r}: use plain fields like {{title}}, got {{{name}}}")
         fields.append(name)
     return fields
 

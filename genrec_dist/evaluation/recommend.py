@@ -20,12 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genrec_dist.errors import GenrecError
 from genrec_dist.evaluation.run import load_exported
 
 NEG_INF = float("-inf")
 
 
-class RecommendInputError(ValueError):
+class RecommendInputError(GenrecError, ValueError):
     """A users-table row the model cannot read: the message names the file, the user and the field."""
 
 

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from genrec_dist import reports, storage
-from genrec_dist.config import config_from_dict, section_from_dict, to_dict
+from genrec_dist.config import ConfigError, config_from_dict, section_from_dict, to_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.evaluation.popular import MostPopular
-from genrec_dist.models import build_model
-from genrec_dist.models.config import INFERENCE_FIELDS, ModelConfig
-from genrec_dist.tracking import default_uri, make_tracker, run_tags
+from genrec_dist.models import ModelConfig, build_model, inference_fields
+from genrec_dist.tracking import default_uri, run_tags
 from genrec_dist.training import data as D
 from genrec_dist.training import runs
 from genrec_dist.training.export import model_semantic_ids, read_meta, read_model
@@ -55,10 +54,10 @@ def load_exported(run_dir: str, storage_cfg: Any = None,
 def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir: str,
                         exported: dict[str, Any]) -> dict[str, Any]:
     """The command line's ``model.<model>.<field>=value`` overrides as ``{field: parsed value}``. Inference-time
-    fields (:data:`~genrec_dist.models.config.INFERENCE_FIELDS`) may change for a trained model; another field may
+    fields (``INFERENCE`` in the model config's field metadata) may change for a trained model; another field may
     be given only with the value the model was trained with (so the same overrides can go to every job, as
     scripts/demo.sh does), else it is an error naming it. Other models' sections do not concern this run."""
-    allowed = INFERENCE_FIELDS.get(model, ())
+    allowed = inference_fields(model)
     out: dict[str, Any] = {}
     for item in overrides:
         parts = item.split("=", 1)[0].strip().split(".")
@@ -68,7 +67,7 @@ def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir:
         if parts[2] in allowed:
             out[parts[2]] = value
         elif exported.get(parts[2]) != value:
-            raise ValueError(f"model.{model}.{parts[2]}={value}: {run_dir} was trained with {exported.get(parts[2])} "
+            raise ConfigError(f"model.{model}.{parts[2]}={value}: {run_dir} was trained with {exported.get(parts[2])} "
                              f"and its weights fix it; evaluate can change only "
                              f"{', '.join(f'model.{model}.{f}' for f in allowed) or 'nothing of it'}")
     return out
@@ -150,11 +149,11 @@ def find_run_dir(cfg: Any, run: str) -> str:
     try:
         tags = run_tags(cfg, run)
     except KeyError:
-        raise FileNotFoundError(f"--run {run}: not a run dir, not a run under {cfg.runs_dir}, not an MLflow run id "
+        raise runs.RunNotFoundError(f"--run {run}: not a run dir, not a run under {cfg.runs_dir}, not an MLflow run id "
                                 f"in {default_uri(cfg)} (a name or id is looked up with the config's workdir and "
                                 "tracking.uri: pass the run's --config, or workdir=...)") from None
     if "genrec.run_dir" not in tags:
-        raise FileNotFoundError(f"--run {run}: MLflow run has no 'genrec.run_dir' tag (not a training run)")
+        raise runs.RunNotFoundError(f"--run {run}: MLflow run has no 'genrec.run_dir' tag (not a training run)")
     return tags["genrec.run_dir"]
 
 
@@ -166,16 +165,20 @@ def run_own_config(cfg: Any, run: str, overrides: Sequence[str] = (),
     the run) and source ``None`` for a run from before runs saved their config. ``section``: the job whose bare
     override keys these are (``jobs/recommend.py``: ``k=50`` is ``recommend.k``)."""
     run_dir = find_run_dir(cfg, run)
-    saved = runs.read_run_config(run_dir, cfg.storage)
-    if saved is None:
-        return cfg, run_dir, None
     source = storage.join(run_dir, runs.CONFIG_FILE)
-    return config_from_dict(saved, source, list(overrides), section), run_dir, source
+    try:
+        saved = runs.read_run_config(run_dir, cfg.storage)
+        if saved is None:
+            return cfg, run_dir, None
+        return config_from_dict(saved, source, list(overrides), section), run_dir, source
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (pass --config to evaluate with another config)") from None
 
 
-def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = (), *, tracking: Callable) -> dict[str, Any]:
     """Evaluate run ``run`` on ``cfg.evaluate.split``; ``overrides`` (the command line's) may change the exported
-    model's inference-time fields (``model.car.slow_weight=0.1``), nothing else of it."""
+    model's inference-time fields (``model.car.slow_weight=0.1``), nothing else of it. ``tracking`` (the job's, e.g.
+    ``genrec_dist.tracking.make_tracker``) makes the evaluation's tracker once the results are in."""
     run_dir = find_run_dir(cfg, run)
     info = runs.read_run(run_dir, cfg.storage) or {}
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
@@ -190,11 +193,12 @@ def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = ()) -> dict[str,
            "inference_overrides": inference, "config": to_dict(cfg)}
     metrics_path = storage.join(run_dir, f"eval-{split}.json")
     storage.write_bytes(metrics_path, (json.dumps(out, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
-    tracker = make_tracker(cfg, "evaluate", 0, run_name=f"{info.get('run_name', meta['model'])}-evaluate",
+    tracker = tracking(cfg, "evaluate", 0, run_name=f"{info.get('run_name', meta['model'])}-evaluate",
                            extra_tags={**dataset.tags(), "genrec.train_run_id": str(info.get("mlflow_run_id")),
                                        "genrec.run_dir": run_dir, "genrec.model": meta["model"]},
                            spool_dir=run_dir)
     tracker.log_config(cfg)
+    tracker.log_input(**dataset.input_spec(), context="evaluation")
     tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
                 | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()})
     tracker.log_text(json.dumps(out, indent=2, sort_keys=True), f"eval-{split}.json")

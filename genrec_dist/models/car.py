@@ -38,13 +38,8 @@ Choices the paper's recoverable text leaves open (docs/design.md, "CAR"), each a
   targets as negatives, logQ-corrected by their in-batch frequency, Yi et al. RecSys 2019) from about N = 100k, or
   earlier when memory is short: their cost is M x (M + num_negatives), independent of N. Accidental hits (a
   negative equal to the positive) are masked. Inference still scores all items exactly.
-- **AR ablation** (``mode: ar``): the same backbone and embeddings trained as plain token-level autoregression over
-  the chunk tokens (every token predicts the next one; loss = mean over the L+1 token cross-entropies) and decoded
-  with a beam search over the next chunk's L SID tokens and then its uid, constrained to paths that exist: the
-  shared :func:`~genrec_dist.models.beam_search.beam_search` over a :class:`~genrec_dist.models.beam_search.CodeTrie`
-  of ``[c_1 .. c_L, item id]`` (the item id is the trie's last level), with the history prefilled once into a KV
-  cache shared by the user's beams and one token per beam fed per step. Its cost grows with the beam width; CAR's
-  does not.
+- **AR ablation** (``mode: ar``): :class:`~genrec_dist.models.car_ar.CARAR` in ``car_ar.py``, the same backbone
+  (:class:`ChunkBackbone`) trained as plain token-level autoregression and decoded by constrained beam search.
 
 Semantic IDs need not be unique (the uid disambiguates); a de-duplication level appended by the tokenizer for
 TIGER is dropped (``drop_dedup_level``), and ``levels`` truncates the table for the SID-depth study.
@@ -52,6 +47,7 @@ TIGER is dropped (``drop_dedup_level``), and ``levels`` truncates the table for 
 
 from __future__ import annotations
 
+import typing
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,7 +57,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:  # the annotation only: the semantic-ID format pulls in storage, fsspec and Polars
     from genrec_dist.data.semantic_ids import SemanticIds
-from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
+from genrec_dist.errors import ConfigError
 from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
                                        attention_mask, init_weights)
 from genrec_dist.models.config import CARConfig
@@ -103,17 +99,13 @@ def fuse_chunks(emb: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the model
+# the chunk backbone CAR and its AR ablation share: tables, positions, causal stack, heads, act loss
 # ----------------------------------------------------------------------------------------------------------------
 
-class CAR(nn.Module):
-    """``forward(history (B, T), target (B,)) -> {"loss", "act_loss", "think_loss", "think_loss_level_<l>"}``;
-    ``recommend(history, k, inference=None, beam_width=None) -> (B, k)`` distinct item ids.
-
-    ``history`` holds item ids 1..N left-padded with 0 (most recent last); only the last ``cfg.max_history`` items
-    are read. ``inference`` overrides ``cfg.inference`` (``fast``/``slow``) so one model is evaluated both ways;
-    ``beam_width`` is for ``mode: ar`` only (CAR needs no beam).
-    """
+class ChunkBackbone(nn.Module):
+    """Items as chunks ``[sid_1 .. sid_L, uid]`` read by a causal transformer, with tied SID and uid heads: what CAR
+    (:class:`CAR`) and its AR ablation (:class:`~genrec_dist.models.car_ar.CARAR`) share. ``history`` holds item ids
+    1..N left-padded with 0 (most recent last); only the last ``cfg.max_history`` items are read."""
 
     def __init__(self, cfg: CARConfig, sids: SemanticIds):
         super().__init__()
@@ -126,21 +118,14 @@ class CAR(nn.Module):
             codes, sizes = codes[:, :-1], sizes[:-1]  # CAR's uid disambiguates (CAR: its SIDs need not be unique)
         if cfg.levels:
             if not 1 <= cfg.levels <= len(sizes):
-                raise ValueError(f"model.car.levels={cfg.levels} but the semantic IDs have {len(sizes)} levels")
+                raise ConfigError(f"model.car.levels={cfg.levels} but the semantic IDs have {len(sizes)} levels")
             codes, sizes = codes[:, : cfg.levels], sizes[: cfg.levels]
-        for name, value in (("fusion", cfg.fusion), ("inference", cfg.inference), ("mode", cfg.mode),
-                            ("uid_loss", cfg.uid_loss)):
-            allowed = {"fusion": _FUSIONS, "inference": _INFERENCES, "mode": _MODES, "uid_loss": _UID_LOSSES}[name]
-            if value not in allowed:
-                raise ValueError(f"model.car.{name} must be one of {'|'.join(allowed)}, got {value!r}")
         self.cfg = cfg
+        self.codes_np = codes  # (N+1, L): the levels read (after drop_dedup_level / levels)
         self.num_items = int(codes.shape[0]) - 1
         self.num_levels = len(sizes)
         self.sizes = sizes
         self.chunk = self.num_levels + 1  # tokens per item
-        # The AR ablation decodes [c_1 .. c_L, uid] as one path through a trie whose last level is the item id.
-        self.trie = CodeTrie(np.concatenate([codes, np.arange(codes.shape[0])[:, None]], axis=1),
-                             sizes + [self.num_items + 1])  # also validates the codes
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.offsets = [int(o) for o in offsets]
         self.register_buffer("codes", torch.from_numpy(codes.copy()), persistent=False)  # (N+1, L)
@@ -219,7 +204,7 @@ class CAR(nn.Module):
         mask[0] = True
         return mask
 
-    # ----- losses -----
+    # ----- act loss -----
     def _uid_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Act loss of states ``h`` (M, D) for target items ``y`` (M,): full, sampled or in-batch softmax."""
         if self.cfg.uid_loss == "full":
@@ -239,6 +224,22 @@ class CAR(nn.Module):
         logits = (logits - log_q[None, :]).masked_fill(same & ~eye, NEG_INF)  # accidental hits
         return F.cross_entropy(logits, torch.arange(y.numel(), device=y.device))
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# CAR
+# ----------------------------------------------------------------------------------------------------------------
+
+class CAR(ChunkBackbone):
+    """``forward(history (B, T), target (B,)) -> {"loss", "act_loss", "think_loss", "think_loss_level_<l>"}``;
+    ``recommend(history, k, inference=None) -> (B, k)`` distinct item ids. ``inference`` overrides
+    ``cfg.inference`` (``fast``/``slow``) so one model is evaluated both ways."""
+
+    def __init__(self, cfg: CARConfig, sids: SemanticIds):
+        if cfg.mode != "car":
+            raise ConfigError(f"model.car.mode={cfg.mode} is the class car_ar.CARAR (build_model picks it)")
+        super().__init__(cfg, sids)
+
+    # ----- training -----
     def _think_losses(self, h: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """Cross-entropy per SID level for states ``h`` (M, D) predicting the codes of items ``y`` (M,)."""
         codes = self.codes[y]  # (M, L)
@@ -246,8 +247,6 @@ class CAR(nn.Module):
 
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         history = self._history(history)
-        if self.cfg.mode == "ar":
-            return self._forward_ar(history, target)
         t = history.shape[1]
         h = self.encode(history, self.cfg.max_history - t)[:, :, -1]  # (B, T, D) states at the uid tokens
         nxt = torch.cat([history[:, 1:], target[:, None]], dim=1)  # (B, T) the chunk each position predicts
@@ -264,39 +263,17 @@ class CAR(nn.Module):
         out.update({f"think_loss_level_{l}": ce.detach() for l, ce in enumerate(think)})
         return out
 
-    def _forward_ar(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The AR ablation: next-token prediction over [history chunks, target chunk]; loss = mean over the L+1
-        token types of their cross-entropy (every token weighs the same, as in a plain causal LM)."""
-        items = torch.cat([history, target[:, None]], dim=1)  # (B, T+1)
-        t = items.shape[1]
-        h = self.encode(items, self.cfg.max_history + 1 - t)  # (B, T+1, L+1, D)
-        valid = items != 0  # (B, T+1)
-        if not self.cfg.all_positions:
-            valid = valid & (torch.arange(t, device=items.device) == t - 1)
-        codes = self.codes[items]  # (B, T+1, L)
-        # Level 0 of chunk t is read off the uid token of chunk t-1; level l > 0 off token l-1 of chunk t; the uid
-        # off token L-1 of chunk t.
-        first = valid[:, 1:] & (items[:, :-1] != 0)
-        think = [_ce(self.sid_logits(h[:, :-1, -1][first], 0), codes[:, 1:, 0][first])]
-        think += [_ce(self.sid_logits(h[:, :, l - 1][valid], l), codes[:, :, l][valid])
-                  for l in range(1, self.num_levels)]
-        act = self._uid_loss(h[:, :, -2][valid], items[valid])
-        loss = (act + torch.stack(think).sum()) / self.chunk
-        out = {"loss": loss, "act_loss": act.detach(), "think_loss": torch.stack(think).mean().detach()}
-        out.update({f"think_loss_level_{l}": ce.detach() for l, ce in enumerate(think)})
-        return out
-
     # ----- inference -----
     @property
     def inference_modes(self) -> tuple[str, ...]:
-        """The ``recommend(inference=...)`` values evaluation reports separately (none for the AR ablation)."""
-        return () if self.cfg.mode == "ar" else _INFERENCES
+        """The ``recommend(inference=...)`` values evaluation reports separately."""
+        return _INFERENCES
 
     @property
     def validation_choices(self) -> dict[str, tuple[str, list[float]]]:
         """Inference settings chosen on the validation split after training: ``{cfg field: (the inference mode it
-        changes, candidates)}``, i.e. slow inference's ``slow_weight`` over ``slow_weight_grid`` (none for AR)."""
-        if self.cfg.mode == "ar" or not self.cfg.slow_weight_grid:
+        changes, candidates)}``, i.e. slow inference's ``slow_weight`` over ``slow_weight_grid``."""
+        if not self.cfg.slow_weight_grid:
             return {}
         return {"slow_weight": ("slow", [float(w) for w in self.cfg.slow_weight_grid])}
 
@@ -307,8 +284,6 @@ class CAR(nn.Module):
         inference = inference or self.cfg.inference
         if inference not in _INFERENCES:
             raise ValueError(f"inference must be one of {'|'.join(_INFERENCES)}, got {inference!r}")
-        if self.cfg.mode == "ar":
-            raise ValueError("model.car.mode=ar ranks by beam search; call recommend()")
         history = self._history(history)
         h = self.encode(history, self.cfg.max_history - history.shape[1])[:, -1, -1]  # (B, D)
         score = self.uid_logits(h).float().log_softmax(dim=-1)  # (B, N+1)
@@ -319,76 +294,10 @@ class CAR(nn.Module):
         return score
 
     @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int, inference: str | None = None,
-                  beam_width: int | None = None) -> torch.Tensor:
+    def recommend(self, history: torch.Tensor, k: int, inference: str | None = None) -> torch.Tensor:
         """The k best distinct items (B, k), best first; 0 where fewer exist."""
-        if self.cfg.mode == "ar":
-            width = max(beam_width or self.cfg.beam_width, k)
-            result = self.beam_search(history, width)
-            return self.trie.items_of(result.leaves, result.valid, k)
         top = self.scores(history, inference).topk(min(k, self.num_items), dim=1).indices  # (B, min(k, N))
         return F.pad(top, (0, k - top.shape[1])) if top.shape[1] < k else top
 
-    @torch.no_grad()
-    def beam_search(self, history: torch.Tensor, beam_width: int, use_cache: bool = True) -> BeamResult:
-        """The AR ablation's decoding: a beam over the next chunk's L SID tokens and its uid, constrained to
-        [codes, item] paths that exist (the shared :func:`~genrec_dist.models.beam_search.beam_search` over a trie
-        whose last level is the item id).
 
-        The history chunks are prefilled once into a KV cache kept as a prefix shared by the user's beams
-        (:meth:`~genrec_dist.models.blocks.KVCache.share_prefix`), so a step projects, caches and re-indexes only
-        the beams' own new tokens. ``use_cache=False`` re-runs the stack over [history, partial chunk] for every
-        beam at every step (the reference the cached path is tested against).
-        """
-        history = self._history(history)
-        b, t = history.shape
-        first_slot = self.cfg.max_history - t
-        base = self.cfg.max_history * self.chunk  # position of the next chunk's first token
-        key_valid = (history != 0).repeat_interleave(self.chunk, dim=1)  # (B, P)
-        cache = self.blocks.new_cache() if use_cache else None
-        last_state = self.encode(history, first_slot, cache)[:, -1, -1]  # (B, D) the last history chunk's uid token
-        if cache is not None:
-            cache.share_prefix(key_valid)
-        else:
-            hist_x = self.inputs(history, first_slot)  # (B, P, D)
-        think_sum: torch.Tensor | None = None  # (rows, D) sum of the beam's think embeddings so far
-        chosen: torch.Tensor | None = None  # (rows, level) the beam's SID tokens so far (no-cache path)
-        user = torch.arange(b, device=history.device)  # (rows,) each row's user (no-cache path)
-
-        def step(level: int, last: torch.Tensor | None, parents: torch.Tensor | None) -> torch.Tensor:
-            nonlocal think_sum, chosen, user
-            if level == 0:
-                h = last_state
-            elif cache is not None:
-                cache.reorder(parents)
-                e = self.sid_emb(last + self.offsets[level - 1])  # (rows, D) the SID chosen at level-1
-                own = e
-                if self.cfg.fusion != "none" and think_sum is not None:
-                    own = e + think_sum[parents]
-                    if self.cfg.fusion == "mean":
-                        own = own / level
-                think_sum = e if think_sum is None else think_sum[parents] + e
-                x = own[:, None] + self.pos_emb(1, base + level - 1)  # (rows, 1, D)
-                h = self.blocks(x, cache=cache)[:, -1]  # (rows, D)
-            else:
-                tok = (last + self.offsets[level - 1])[:, None]
-                chosen = tok if chosen is None else torch.cat([chosen[parents], tok], dim=1)  # (rows, level)
-                user = user[parents]
-                part = fuse_chunks(self.sid_emb(chosen)[:, None], self.cfg.fusion)[:, 0]  # (rows, level, D)
-                x = torch.cat([hist_x[user], part + self.pos_emb(level, base)], dim=1)  # (rows, P + level, D)
-                valid = torch.cat([key_valid[user], torch.ones_like(chosen, dtype=torch.bool)], dim=1)
-                h = self.blocks(x, mask=attention_mask(valid, causal=x.shape[1]))[:, -1]  # (rows, D)
-            return self.uid_logits(h) if level == self.num_levels else self.sid_logits(h, level)
-
-        return beam_search(step, self.trie, b, beam_width)
-
-
-def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy that is 0 (with a graph) on no rows instead of NaN (e.g. a batch of one-item histories)."""
-    return F.cross_entropy(logits, y) if y.numel() else logits.sum() * 0.0
-
-
-_FUSIONS = ("none", "sum", "mean")
-_INFERENCES = ("fast", "slow")
-_MODES = ("car", "ar")
-_UID_LOSSES = ("full", "sampled", "in_batch")
+_INFERENCES = typing.get_args(typing.get_type_hints(CARConfig)["inference"])  # ("fast", "slow")

@@ -1,13 +1,19 @@
 """The ``model:`` section: hyper-parameters of each registered model (picked by ``train.model``).
 
 One sub-section per model, so an ablation is a config field (``model.tiger.decoder_layers=2``), not a new file.
-Defaults are the papers' where a paper gives a number (cited next to it).
+Defaults are the papers' where a paper gives a number (cited next to it). The section itself (``ModelConfig``, one
+field per model) is made by the registry in :mod:`genrec_dist.models` from these classes.
+
+A field marked ``INFERENCE`` changes how a trained model ranks, not its weights: ``jobs/evaluate.py`` may override it
+for an exported model (``model.car.slow_weight=0.1``); every other field is fixed by the weights it was trained with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+INFERENCE = {"inference": True}
 
 
 @dataclass
@@ -26,7 +32,7 @@ class TigerConfig:
     max_history: int = 20  # items; TIGER §4 / UNGER §4.1.1 cut histories to 20
     # Beam width of recommend(); evaluate may pass another. cornac: beam 50 ~ exact full ranking (<0.5% off);
     # XiaoLongtaoo/TIGER uses 30, UNGER up to 100 (UNGER Table 4).
-    beam_width: int = 50
+    beam_width: int = field(default=50, metadata=INFERENCE)
 
 
 @dataclass
@@ -68,13 +74,14 @@ class CARConfig:
     # full softmax over items; sampled / in_batch from ~100k items (memory of M x N logits, see car.py)
     uid_loss: Literal["full", "sampled", "in_batch"] = "full"
     num_negatives: int = 1024  # uniform negatives shared by the batch (uid_loss=sampled)
-    inference: Literal["fast", "slow"] = "fast"  # fast: uid head; slow: + slow_weight x SID-path log-probs
-    slow_weight: float = 1.0  # 1 = the chunk's joint log-prob under CAR's factorisation
+    # fast: uid head; slow: + slow_weight x SID-path log-probs
+    inference: Literal["fast", "slow"] = field(default="fast", metadata=INFERENCE)
+    slow_weight: float = field(default=1.0, metadata=INFERENCE)  # 1 = the chunk's joint log-prob (CAR's factorisation)
     # The paper's exact slow rule is not recoverable (docs/design.md): at the end of training slow_weight is chosen
     # among these on the validation split (train.early_stop_metric) and kept in the export; [] keeps slow_weight.
     # The weights chosen in our runs: docs/results.md.
-    slow_weight_grid: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
-    beam_width: int = 50  # mode=ar only; same as TigerConfig.beam_width
+    slow_weight_grid: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0], metadata=INFERENCE)
+    beam_width: int = field(default=50, metadata=INFERENCE)  # mode=ar only; same as TigerConfig.beam_width
 
 
 @dataclass
@@ -89,7 +96,7 @@ class UngerConfig(TigerConfig):
     encoder_layers: int = 1  # UNGER §4.1.3
     decoder_layers: int = 4  # UNGER §4.1.3
     dropout: float = 0.0  # UNGER Table 4
-    beam_width: int = 100  # UNGER Table 4
+    beam_width: int = field(default=100, metadata=INFERENCE)  # UNGER Table 4
     ikd_weight: float = 1.0  # Eq. 12 (UNGER Table 4: 1.0); 0 = the "CKA only" ablation (Table 8)
     ikd_temperature: float = 0.1  # Eq. 11 tau; not given by UNGER (docs/design.md)
     ikd_similarity: Literal["cosine", "dot"] = "cosine"
@@ -97,22 +104,3 @@ class UngerConfig(TigerConfig):
     # corpus", §3.4.3); n > 0 = n uniform random items shared by the batch (for very large catalogs).
     ikd_negatives: int = 0
 
-
-# Fields that change how a trained model ranks, not its weights: ``jobs/evaluate.py`` may override these for an
-# exported model (``model.car.slow_weight=0.1``); every other field is fixed by the weights it was trained with.
-INFERENCE_FIELDS: dict[str, tuple[str, ...]] = {
-    "tiger": ("beam_width",),
-    "unger": ("beam_width",),
-    "car": ("inference", "slow_weight", "slow_weight_grid", "beam_width"),
-    "sasrec": (),
-}
-
-
-@dataclass
-class ModelConfig:
-    """Per-model sub-sections; CAR and UNGER add theirs here."""
-
-    tiger: TigerConfig = field(default_factory=TigerConfig)
-    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
-    car: CARConfig = field(default_factory=CARConfig)
-    unger: UngerConfig = field(default_factory=UngerConfig)

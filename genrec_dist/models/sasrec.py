@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec_dist.errors import ConfigError
 from genrec_dist.models.blocks import (PositionalEmbedding, TiedEmbedding, TransformerStack, attention_mask,
                                        init_weights)
 from genrec_dist.models.config import SASRecConfig
@@ -31,7 +32,7 @@ class SASRec(nn.Module):
         if num_items < 1:
             raise ValueError(f"SASRec needs at least one item, got num_items={num_items}")
         if cfg.loss == "sampled" and cfg.num_negatives < 1:
-            raise ValueError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
+            raise ConfigError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
         self.cfg = cfg
         self.num_items = num_items
         self.item_emb = TiedEmbedding(num_items + 1, cfg.d_model, padding_idx=0)  # input and output table

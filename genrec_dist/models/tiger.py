@@ -100,37 +100,28 @@ class Tiger(nn.Module):
 
     # ----- inference -----
     @torch.no_grad()
-    def beam_search(self, history: torch.Tensor, beam_width: int, use_cache: bool = True) -> BeamResult:
-        """Constrained beam search for every user; ``use_cache=False`` re-runs the decoder over the whole prefix at
-        every step (the reference the cached path is tested against)."""
+    def beam_search(self, history: torch.Tensor, beam_width: int) -> BeamResult:
+        """Constrained beam search for every user, one decoder step per level over a KV cache (the no-cache
+        reference it is tested against is in tests/models/reference_decoding.py)."""
         memory, memory_mask = self.encode(history)
         b = history.shape[0]
-        cache = self.decoder.new_cache() if use_cache else None
-        prefix: torch.Tensor | None = None  # (rows, l) decoder tokens after BOS, for the no-cache path
+        cache = self.decoder.new_cache()
 
         def step(level: int, last: torch.Tensor | None, parents: torch.Tensor | None) -> torch.Tensor:
-            nonlocal prefix
             if level == 0:
                 tokens = torch.full((b, 1), self.bos, dtype=torch.long, device=history.device)
             else:
-                tok = (last + 1 + self.offsets[level - 1])[:, None]  # (rows, 1) token of the code chosen at level-1
-                if cache is not None:
-                    cache.reorder(parents)
-                    tokens = tok
-                else:
-                    prefix = tok if prefix is None else torch.cat([prefix[parents], tok], dim=1)
-                    tokens = torch.cat([torch.full_like(tok, self.bos), prefix], dim=1)
-            offset = level if cache is not None else 0
-            h = self.decode(self.embed_decoder(tokens, offset), memory, memory_mask, cache)
+                cache.reorder(parents)
+                tokens = (last + 1 + self.offsets[level - 1])[:, None]  # (rows, 1) token of the code of level-1
+            h = self.decode(self.embed_decoder(tokens, level), memory, memory_mask, cache)
             return self.level_logits(h[:, -1], level)  # (rows, K_level)
 
         return beam_search(step, self.trie, b, beam_width)
 
     @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int, beam_width: int | None = None,
-                  use_cache: bool = True) -> torch.Tensor:
+    def recommend(self, history: torch.Tensor, k: int, beam_width: int | None = None) -> torch.Tensor:
         """The k best distinct items (B, k), best first, 0 where fewer exist. Beam width: ``beam_width`` or
         ``cfg.beam_width``, at least k (so k items are found whenever k codes exist)."""
         width = max(beam_width or self.cfg.beam_width, k)
-        result = self.beam_search(history, width, use_cache)
+        result = self.beam_search(history, width)
         return self.trie.items_of(result.leaves, result.valid, k)

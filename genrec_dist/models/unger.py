@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec_dist.errors import ConfigError
 from genrec_dist.models.blocks import PositionalEmbedding
 from genrec_dist.models.config import UngerConfig
 from genrec_dist.models.tiger import Tiger
@@ -36,7 +37,7 @@ class Unger(Tiger):
         d, n_levels = cfg.d_model, self.num_levels
         emb = getattr(sids, "item_embeddings", None)
         if cfg.ikd_weight and emb is None:
-            raise ValueError("model 'unger' with model.unger.ikd_weight > 0 needs the integrated embeddings saved by "
+            raise ConfigError("model 'unger' with model.unger.ikd_weight > 0 needs the integrated embeddings saved by "
                              "tokenize.method=unger next to the codes (or set model.unger.ikd_weight=0)")
         self.use_ikd = bool(cfg.ikd_weight)
         self.dec_pos = PositionalEmbedding(n_levels + 2, d)  # BOS, c_0 .. c_{L-1}, IKD

@@ -9,12 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from genrec_dist.models import ModelName
+
+# Field metadata read by genrec_dist/config.py: a job's flag (``--model car``), a location a job writes (must be
+# absolute under a Ray job's working_dir), a field that does not identify a run (``--resume`` may change it).
+SHORTHAND = {"shorthand": True}
+OUTPUT = {"output": True}
+NOT_RUN = {"identifies_run": False}
 
 @dataclass
 class TrainConfig:
     """How one training run is launched, batched, optimised, validated, checkpointed and exported."""
 
-    model: Literal["tiger", "sasrec", "car", "unger"] = "tiger"
+    model: ModelName = field(default="tiger", metadata=SHORTHAND)  # a registered model (genrec_dist.models)
     # local: this process is the whole world (world 1) or one rank started by `deepspeed`/`torchrun`;
     # ray: the job starts a Ray Train TorchTrainer whose workers each run the same per-worker function.
     launcher: Literal["local", "ray"] = "local"
@@ -59,11 +66,12 @@ class TrainConfig:
     patience: int = 5                    # validations without improvement before stopping; 0 = never stop early
     log_every: int = 10                  # steps between logged training metrics
     checkpoint_every: int = 500          # steps between checkpoints; 0 = never
-    checkpoint_dir: str = ""             # "" = <run dir>/checkpoints; may be s3://...
+    checkpoint_dir: str = field(default="", metadata=OUTPUT)  # "" = <run dir>/checkpoints; may be s3://...
     keep_checkpoints: int = 2            # complete checkpoints kept (older ones deleted)
-    run_name: str = ""                   # "" = <model>-<UTC time>; the run dir is <runs dir>/<run name>
+    # "" = <model>-<UTC time>; the run dir is <runs dir>/<run name>
+    run_name: str = field(default="", metadata=NOT_RUN)
     # "" = a new run; "latest" = the newest run of this model under the runs dir; else a run name or run dir.
-    resume: str = ""
+    resume: str = field(default="", metadata=NOT_RUN)
 
 
 @dataclass

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from genrec_dist.errors import ConfigError, GenrecError
 from genrec_dist.training.config import TrainConfig
 
 
-class BatchSizeError(ValueError):
-    pass
+class BatchSizeError(GenrecError, ValueError):
+    """A global batch that does not split into whole micro batches over the world."""
 
 
 def micro_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -47,7 +48,7 @@ def client_optimizer(cfg: TrainConfig, params, use_cuda: bool):
 def deepspeed_config(cfg: TrainConfig, world_size: int, use_cuda: bool, total_steps: int) -> dict[str, Any]:
     """The DeepSpeed config for ``cfg`` at ``world_size`` ranks; ``total_steps`` sizes the decay schedule."""
     if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     warmup = {
         "warmup_min_lr": cfg.warmup_min_lr,
         "warmup_max_lr": cfg.lr,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, Callable
 
 from genrec_dist import storage
 from genrec_dist.training import runs
@@ -22,7 +22,7 @@ def _worker_loop(config: dict) -> None:
 
     from genrec_dist.training.trainer import train_worker
 
-    summary = train_worker(config["cfg"])
+    summary = train_worker(config["cfg"], config["tracking"])
     # Every worker reports (a Ray Train sync point); rank 0's carries the summary's scalar test metrics.
     metrics = {}
     if summary:
@@ -30,7 +30,7 @@ def _worker_loop(config: dict) -> None:
     ray.train.report(metrics)
 
 
-def run_ray(cfg: Any) -> dict[str, Any]:
+def run_ray(cfg: Any, tracking: Callable) -> dict[str, Any]:
     """Train on Ray Train workers; returns the run summary (read back from the run directory)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -50,7 +50,7 @@ def run_ray(cfg: Any) -> dict[str, Any]:
         cfg.workdir if not storage.is_remote(cfg.workdir) else "/tmp", "ray_results"))
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage_path),

@@ -14,7 +14,6 @@ A run lives in ``<runs dir>/<run name>/`` (local or ``s3://``)::
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import hashlib
 import json
@@ -27,21 +26,28 @@ import numpy as np
 import yaml
 
 from genrec_dist import storage
-from genrec_dist.config import flatten, read_yaml_mapping, to_dict
+from genrec_dist.config import Config, flatten, marked_fields, read_yaml_mapping, to_dict, with_resolved_paths
 from genrec_dist.data.dataset import MANIFEST_TAG, Dataset
 from genrec_dist.data.semantic_ids import read_semantic_ids
+from genrec_dist.errors import GenrecError
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
-# Fields a training run does not depend on: its name, how storage and MLflow are reached, and the prepare, tokenize
-# and recommend jobs' own sections (training reads their outputs at paths.dataset / paths.semantic_ids, which are
-# compared resolved, so workdir and paths.runs may move). A resumed or read-back run may differ in these.
-NOT_COMPARED = ("train.resume", "train.run_name", "storage.", "tracking.", "prepare.", "tokenize.", "recommend.",
-                "workdir", "paths.runs")
+# Fields a training run does not depend on (``identifies_run: False`` in the config's field metadata, see
+# genrec_dist/config.py): a resumed or read-back run may differ in these.
+NOT_COMPARED = tuple(marked_fields(Config, "identifies_run", False))
 
 
-class RunConfigError(ValueError):
+class RunConfigError(GenrecError, ValueError):
     """A command names an existing run but configures it differently (one line naming every field)."""
+
+
+class RunNotFoundError(GenrecError, FileNotFoundError):
+    """``--resume`` / ``--run`` names no run there is."""
+
+
+class RunExistsError(GenrecError, FileExistsError):
+    """A new run would take the name of an existing one."""
 
 
 def new_run_name(model: str) -> str:
@@ -85,19 +91,12 @@ def resolve_resume(cfg: Any) -> str:
                 if meta and meta.get("model") == cfg.train.model:
                     runs.append((meta.get("created", ""), base))
         if not runs:
-            raise FileNotFoundError(f"--resume latest: no {cfg.train.model} run under {cfg.runs_dir}")
+            raise RunNotFoundError(f"--resume latest: no {cfg.train.model} run under {cfg.runs_dir}")
         return max(runs)[1]
     name = want.rstrip("/").rsplit("/", 1)[-1]
     if read_run(run_dir(cfg, name), cfg.storage) is None:
-        raise FileNotFoundError(f"--resume {want}: no run '{name}' under {cfg.runs_dir} (no {RUN_FILE})")
+        raise RunNotFoundError(f"--resume {want}: no run '{name}' under {cfg.runs_dir} (no {RUN_FILE})")
     return name
-
-
-def with_resolved_paths(cfg: Any) -> Any:
-    """A copy of ``cfg`` whose ``paths.*`` name the locations it derives from ``workdir`` (same meaning, explicit)."""
-    out = copy.deepcopy(cfg)
-    out.paths.dataset, out.paths.semantic_ids, out.paths.runs = cfg.dataset_dir, cfg.semantic_ids_dir, cfg.runs_dir
-    return out
 
 
 def config_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
@@ -106,7 +105,11 @@ def config_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
     before a field was added (or after one was removed) still compares on the rest."""
     was, now = flatten(saved), flatten(to_dict(with_resolved_paths(cfg)))
     return [f"{k}: {was[k]!r} in the run, {now[k]!r} now" for k in sorted(was.keys() & now.keys())
-            if not k.startswith(NOT_COMPARED) and was[k] != now[k]]
+            if not _not_compared(k) and was[k] != now[k]]
+
+
+def _not_compared(key: str) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in NOT_COMPARED)
 
 
 def read_run_config(path: str, storage_cfg: Any = None) -> dict[str, Any] | None:
@@ -168,7 +171,7 @@ def resolve_run_name(cfg: Any) -> tuple[str, bool]:
     name = cfg.train.run_name
     if name and read_run(run_dir(cfg, name), cfg.storage) is not None:
         # A second run in the same dir would mix its export, metrics and history with the first one's.
-        raise FileExistsError(f"train.run_name={name}: a run of that name exists under {cfg.runs_dir} ({RUN_FILE}); "
+        raise RunExistsError(f"train.run_name={name}: a run of that name exists under {cfg.runs_dir} ({RUN_FILE}); "
                               f"continue it with --resume {name} or choose another name")
     return name or new_run_name(cfg.train.model), False
 

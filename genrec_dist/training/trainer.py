@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,8 +31,7 @@ import torch.distributed as tdist
 from genrec_dist import reports, storage
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
-from genrec_dist.models import build_model, trains_every_position
-from genrec_dist.tracking import make_tracker
+from genrec_dist.models import build_model, needs_semantic_ids, trains_every_position
 from genrec_dist.training import checkpoint as ckpt
 from genrec_dist.training import data as D
 from genrec_dist.training import runs
@@ -43,12 +42,11 @@ from genrec_dist.evaluation.run import (choose_on_valid, evaluate_split, load_ex
 from genrec_dist.training.export import (consolidated_state_dict, model_meta, model_semantic_ids, semantic_id_files,
                                          write_model)
 
-# Models that read semantic IDs (cfg.semantic_ids_dir); SASRec works on item ids alone.
-SID_MODELS = {"tiger", "car", "unger"}
 
-
-def train_worker(cfg: Any) -> dict[str, Any] | None:
-    """Train ``cfg.train.model`` as this process's rank. Returns the run summary on rank 0, None elsewhere."""
+def train_worker(cfg: Any, tracking: Callable) -> dict[str, Any] | None:
+    """Train ``cfg.train.model`` as this process's rank. Returns the run summary on rank 0, None elsewhere.
+    ``tracking`` (the job's, e.g. ``genrec_dist.tracking.make_tracker``) makes this rank's tracker once the run is
+    known (MLflow on rank 0, a null tracker elsewhere)."""
     import deepspeed
 
     tc = cfg.train
@@ -78,20 +76,23 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
     prior = runs.read_run(run_dir, cfg.storage) if resuming and main else None
 
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
-    tracker = make_tracker(cfg, "train", rank, run_name=run_name,
+    tracker = tracking(cfg, "train", rank, run_name=run_name,
                            extra_tags={**dataset.tags(), "genrec.run_dir": run_dir, "genrec.model": tc.model},
                            run_id=(prior or {}).get("mlflow_run_id"), spool_dir=run_dir)
+    inputs: dict[str, str] = {}
     if main:
         if not resuming:
             runs.write_run_config(cfg, run_name)
+        # --resume compares them (a resumed run got here only with the ones it started with)
+        inputs = (prior or {}).get("inputs") or runs.input_fingerprints(cfg, needs_semantic_ids(tc.model))
         storage.write_bytes(storage.join(run_dir, runs.RUN_FILE), json.dumps({
             "run_name": run_name, "model": tc.model, "mlflow_run_id": tracker.run_id,
             "created": (prior or {}).get("created") or runs.created_now(), "dataset": cfg.dataset_dir,
-            # --resume compares them (a resumed run got here only with the ones it started with)
-            "inputs": (prior or {}).get("inputs") or runs.input_fingerprints(cfg, tc.model in SID_MODELS),
+            "inputs": inputs,
         }, indent=2).encode(), cfg.storage)
         if not resuming:
             tracker.log_config(cfg)
+            tracker.log_input(**dataset.input_spec(), context="training")
     log0(f"run {run_name} ({'resuming' if resuming else 'new'}) in {run_dir}; world {ws}; device {device}")
 
     # ----- 3. data ------------------------------------------------------------------------------------------
@@ -115,13 +116,19 @@ def train_worker(cfg: Any) -> dict[str, Any] | None:
 
     # ----- 4. model + DeepSpeed -------------------------------------------------------------------------------
     sids, sids_dir = None, None
-    if tc.model in SID_MODELS:
+    if needs_semantic_ids(tc.model):
         from genrec_dist.data.semantic_ids import read_semantic_ids
 
         sids_dir = cfg.semantic_ids_dir
         sids = read_semantic_ids(sids_dir, cfg.storage)
     # the codes every export of this run carries (read once, now: the ones this model trains on)
     sids_files = semantic_id_files(sids_dir, cfg.storage) if sids_dir and main else None
+    if sids is not None and main and not resuming and "semantic_ids_sha256" in inputs:  # the codes: an input too
+        from genrec_dist.data.semantic_ids import CODES_SCHEMA
+
+        name = f"{dataset.input_spec()['name']}-sids-{os.path.basename(sids_dir.rstrip('/'))}"
+        profile = {"items": int(sids.codes.shape[0]) - 1, "codebook_sizes": [int(k) for k in sids.codebook_sizes]}
+        tracker.log_input(name, sids_dir, inputs["semantic_ids_sha256"], "training", CODES_SCHEMA, profile)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = build_model(tc.model, cfg.model, dataset.num_items, sids)
     eval_model = copy.deepcopy(model).to(device).eval()  # plain copy that validation loads weights into
@@ -283,6 +290,13 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
             fs.get(model_path, os.path.join(tmp, "model"), recursive=True)
             model_path = os.path.join(tmp, "model")
         tracker.log_artifact(model_path, "model")
+        if tracker.run_id is not None:  # the export as an MLflow model, registered (genrec_dist/serving.py)
+            from genrec_dist import serving
+
+            ex = D.eval_examples(dataset.sequences(), dataset.max_history, cfg.evaluate.split)
+            examples = [[int(i) for i in h if i] for h in ex.history[:2]]
+            tracker.log_model(serving.save_model(model_path, os.path.join(tmp, "mlflow-model"), examples),
+                              serving.registered_name(cfg.name, tc.model), step=best_step)
         tracker.log_artifact(reports.plot_curves(history_log, os.path.join(tmp, "curves.png")), "reports")
     log_reports(tracker, model, dataset, cfg, results, tc.model, sids_dir, device,
                 f"{split} split, best model of step {best_step}")

@@ -2,9 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genrec_dist.models import available_models, build_model
+from genrec_dist.models import ModelConfig, available_models, build_model
 from genrec_dist.models.blocks import TransformerStack, attention_mask, prefix_attention
-from genrec_dist.models.config import ModelConfig
 
 
 def test_incremental_decoding_with_cache_equals_the_full_causal_pass():

@@ -8,9 +8,9 @@ import torch
 from genrec_dist.config import load_config
 from genrec_dist.evaluation.evaluate import evaluate_model
 from genrec_dist.evaluation.popular import MostPopular
-from genrec_dist.models import build_model
+from genrec_dist.models import ModelConfig, build_model
 from genrec_dist.models.car import CAR, chunk_tokens, fuse_chunks
-from genrec_dist.models.config import CARConfig, ModelConfig
+from genrec_dist.models.config import CARConfig
 
 from toys import make_sids, successor_batch, train_steps
 

@@ -1,8 +1,8 @@
 import torch
 
 from genrec_dist.config import load_config
-from genrec_dist.models import build_model
-from genrec_dist.models.config import ModelConfig, SASRecConfig
+from genrec_dist.models import ModelConfig, build_model
+from genrec_dist.models.config import SASRecConfig
 
 from toys import successor_batch, train_steps, toy_vs_most_popular
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from genrec_dist.models import build_model
-from genrec_dist.models.config import ModelConfig, TigerConfig
+from genrec_dist.models import ModelConfig, build_model
+from genrec_dist.models.config import TigerConfig
 
 from toys import make_sids, successor_batch, train_steps, toy_vs_most_popular
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from genrec_dist.models import build_model
-from genrec_dist.models.config import ModelConfig, SASRecConfig, TigerConfig
+from genrec_dist.models import ModelConfig, build_model
+from genrec_dist.models.config import SASRecConfig, TigerConfig
 
 from toys import make_sids, successor_batch
 

@@ -16,6 +16,7 @@ from genrec_dist import storage
 from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset, write_dataset
 from genrec_dist.data.semantic_ids import read_lcrec_index, read_semantic_ids
+from genrec_dist.tracking import make_tracker
 
 from _util import REPO, run_job
 
@@ -88,7 +89,7 @@ def test_import_lcrec_index_and_reuse_embeddings_to_s3(job_run, tiny_dataset, s3
     # method=import: the codes of our exported index come back (the de-dup level is recomputed identically).
     cfg = _cfg(root / "imp", tiny_dataset, "tokenize.method=import", f"tokenize.index_path={root}/sids/synthetic.index.json",
                "tracking.enabled=false")
-    summary = run_tokenize(cfg, log=lambda m: None)
+    summary = run_tokenize(cfg, log=lambda m: None, tracking=make_tracker)
     imported = read_semantic_ids(summary["path"])
     ours = read_semantic_ids(f"{root}/sids")
     np.testing.assert_array_equal(imported.codes[:, :3], ours.codes)
@@ -98,7 +99,7 @@ def test_import_lcrec_index_and_reuse_embeddings_to_s3(job_run, tiny_dataset, s3
     cfg = _cfg(root / "s3", tiny_dataset, f"paths.semantic_ids={bucket}/sids", f"storage.endpoint_url={endpoint}",
                f"tokenize.embeddings_path={root}/sids/embeddings", "tokenize.levels=2", "tokenize.codebook_size=8",
                "tokenize.num_workers=1", "tracking.enabled=false")
-    run_tokenize(cfg, log=lambda m: None)
+    run_tokenize(cfg, log=lambda m: None, tracking=make_tracker)
     again = read_semantic_ids(f"{bucket}/sids", cfg.storage)
     np.testing.assert_array_equal(again.codes, ours.codes)
 
@@ -119,7 +120,7 @@ def test_bad_inputs_clear_errors_nothing_committed(job_run, tiny_dataset, tmp_pa
     cfg = _cfg(tmp_path / "k", tiny_dataset, f"tokenize.embeddings_path={emb}", "tokenize.codebook_size=5000",
                "tracking.enabled=false")
     with pytest.raises(KMeansError, match="K=5000 clusters is more than the"):
-        run_tokenize(cfg, log=lambda m: None)
+        run_tokenize(cfg, log=lambda m: None, tracking=make_tracker)
     assert not os.path.exists(cfg.semantic_ids_dir)
     # NaN in an embedding file: the error names the file and the item.
     bad = tmp_path / "bad-emb"
@@ -131,7 +132,7 @@ def test_bad_inputs_clear_errors_nothing_committed(job_run, tiny_dataset, tmp_pa
     pq.write_table(t, bad / "part-00000.parquet")
     cfg = _cfg(tmp_path / "nan", tiny_dataset, f"tokenize.embeddings_path={bad}", "tracking.enabled=false")
     with pytest.raises(EmbeddingError, match=r"part-00000.parquet: item_id 5 has a NaN"):
-        run_tokenize(cfg, log=lambda m: None)
+        run_tokenize(cfg, log=lambda m: None, tracking=make_tracker)
     assert not os.path.exists(cfg.semantic_ids_dir)
     # Empty item text with empty_text=error.
     ds = Dataset.open(tiny_dataset)
@@ -141,11 +142,11 @@ def test_bad_inputs_clear_errors_nothing_committed(job_run, tiny_dataset, tmp_pa
                                                                     "split": ds.manifest["split"]}, 1)
     cfg = _cfg(tmp_path / "e", str(tmp_path / "blank"), "tokenize.empty_text=error", "tracking.enabled=false")
     with pytest.raises(ValueError, match=r"1 items have an empty or whitespace-only text \(item_id \[3\]"):
-        run_tokenize(cfg, log=lambda m: None)
+        run_tokenize(cfg, log=lambda m: None, tracking=make_tracker)
     # An existing output is not replaced without overwrite.
     cfg = _cfg(root, tiny_dataset, "tracking.enabled=false")
     with pytest.raises(storage.StorageError, match="already exist"):
-        run_tokenize(cfg, log=lambda m: None)
+        run_tokenize(cfg, log=lambda m: None, tracking=make_tracker)
 
 
 def test_ray_job_submit_to_a_real_head(job_run, tiny_dataset, tmp_path):

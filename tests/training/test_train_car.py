@@ -18,6 +18,7 @@ import pytest
 
 from _util import free_port, run_job
 from genrec_dist.data.semantic_ids import write_semantic_ids
+from genrec_dist.tracking import make_tracker
 from test_train_runs import _base, _client, _deepspeed, _runs_named
 from test_train_tiger import _category_codes
 
@@ -73,7 +74,7 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
 
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.car.slow_weight = 0.0  # slow with weight 0 ranks by the uid head alone: it must equal fast
-    out = evaluate_run(cfg, run_dir, ["model.car.slow_weight=0.0"])
+    out = evaluate_run(cfg, run_dir, ["model.car.slow_weight=0.0"], tracking=make_tracker)
     assert out["inference_overrides"] == {"slow_weight": 0.0}
     assert out["model"]["slow/recall@10"] == out["model"]["fast/recall@10"] == model["fast/recall@10"]
     assert out["model"]["slow/ndcg@10"] == out["model"]["fast/ndcg@10"]
@@ -81,12 +82,12 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     with pytest.raises(ValueError, match=r"model\.car\.n_layers=3: .* was trained with 1 and its weights fix it"):
         cfg3 = copy.deepcopy(tiny_cfg)
         cfg3.model.car.n_layers = 3
-        evaluate_run(cfg3, run_dir, ["model.car.n_layers=3"])
+        evaluate_run(cfg3, run_dir, ["model.car.n_layers=3"], tracking=make_tracker)
     # the overrides the run was trained with may be given again (one override list for every job), and other
     # models' sections do not concern a CAR run
     cfg1 = copy.deepcopy(tiny_cfg)
     cfg1.model.car.n_layers = 1
-    again = evaluate_run(cfg1, run_dir, ["model.car.n_layers=1", "model.tiger.beam_width=3"])
+    again = evaluate_run(cfg1, run_dir, ["model.car.n_layers=1", "model.tiger.beam_width=3"], tracking=make_tracker)
     assert again["inference_overrides"] == {} and again["model"]["fast/recall@10"] == model["fast/recall@10"]
 
     # the export carries the codes it was trained on (in MLflow too): with the tokenize output gone (or overwritten

@@ -21,8 +21,8 @@ from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import read_semantic_ids
 from genrec_dist.evaluation.evaluate import evaluate_model
 from genrec_dist.evaluation.popular import MostPopular
-from genrec_dist.models import build_model
-from genrec_dist.models.config import ModelConfig
+from genrec_dist.models import ModelConfig, build_model
+from genrec_dist.tracking import make_tracker
 from genrec_dist.training.data import eval_examples, train_examples
 from tokenization.embedding_store import read_embeddings
 from tokenization.unger import REFERENCE_FILE, concat_embeddings, modality_share
@@ -50,7 +50,7 @@ def unified(tiny_dataset, tmp_path_factory, ray_local):
     cfg = _cfg(root, tiny_dataset, f"{root}/sids")
     logs: list[str] = []
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = run_tokenize(cfg, log=logs.append)
+    summary = run_tokenize(cfg, log=logs.append, tracking=make_tracker)
     return cfg, summary, logs
 
 
@@ -134,12 +134,13 @@ def test_ablation_sources(unified, tiny_dataset, tmp_path):
     emb_dir = f"{cfg0.semantic_ids_dir}/embeddings"
     _, text = read_embeddings(emb_dir)  # the text embeddings Stage I read
     sem = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/sem", "tokenize.unger.source=semantic",
-                            f"tokenize.embeddings_path={emb_dir}", "tracking.enabled=false"), log=lambda m: None)
+                            f"tokenize.embeddings_path={emb_dir}", "tracking.enabled=false"), log=lambda m: None,
+                       tracking=make_tracker)
     s = read_semantic_ids(sem["path"])
     assert s.manifest["unger_source"] == "semantic" and np.allclose(s.item_embeddings[1:], text)
     cat = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/cat", "tokenize.unger.source=concat",
                             "tokenize.unger.steps=30", f"tokenize.embeddings_path={emb_dir}",
-                            "tracking.enabled=false"), log=lambda m: None)
+                            "tracking.enabled=false"), log=lambda m: None, tracking=make_tracker)
     c = read_semantic_ids(cat["path"])
     assert c.item_embeddings.shape == (ds.num_items + 1, 64)
     assert np.allclose(np.linalg.norm(c.item_embeddings[1:, :32], axis=1), 1, atol=1e-4)
@@ -161,18 +162,18 @@ def test_collab_and_concat_reuse_the_unified_runs_din_reference(unified, tiny_da
               "tracking.enabled=false")
     logs: list[str] = []
     col = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/col", "tokenize.unger.source=collab", *common),
-                       log=logs.append)
+                       log=logs.append, tracking=make_tracker)
     assert not any("stage I step" in m for m in logs), "the reference was trained again"
     c = read_semantic_ids(col["path"])
     assert np.array_equal(c.item_embeddings[1:], saved[1:]) and "din_reference" not in c.manifest
     with pytest.raises(ValueError, match=r"reference_path=.*steps: 300 there, 30 here"):
         run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad", "tokenize.unger.source=concat",
-                          "tokenize.unger.steps=30", *common), log=lambda m: None)
+                          "tokenize.unger.steps=30", *common), log=lambda m: None, tracking=make_tracker)
     assert not os.path.exists(f"{tmp_path}/bad/manifest.json")
     with pytest.raises(ValueError, match="saved no DIN-only model"):
         run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad2", "tokenize.unger.source=collab",
                           f"tokenize.embeddings_path={emb_dir}", f"tokenize.unger.reference_path={col['path']}",
-                          "tracking.enabled=false"), log=lambda m: None)
+                          "tracking.enabled=false"), log=lambda m: None, tracking=make_tracker)
 
 
 def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unified, tiny_dataset, tmp_path):
@@ -194,7 +195,7 @@ def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unif
               f"tokenize.unger.reference_path={cfg0.semantic_ids_dir}")
     logs: list[str] = []
     out = run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/collab", "tokenize.unger.integrated=collab", *common),
-                       log=logs.append)
+                       log=logs.append, tracking=make_tracker)
     assert not any("stage I step" in m for m in logs), "Stage I was trained again"
     collab = read_semantic_ids(out["path"])
     assert collab.manifest["unger_integrated"] == "collab"
@@ -203,10 +204,10 @@ def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unif
     assert 0 < out["stats"]["unger.modality_share.share_semantic"] < 1  # the DIN-only reference came along
     with pytest.raises(ValueError, match=r"stage1_path=.*cka_weight: 1.0 there, 0.5 here"):
         run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad", "tokenize.unger.cka_weight=0.5", *common),
-                     log=lambda m: None)
+                     log=lambda m: None, tracking=make_tracker)
     with pytest.raises(ValueError, match="only source=unified reads"):
         run_tokenize(_cfg(tmp_path, tiny_dataset, f"{tmp_path}/bad2", "tokenize.unger.source=collab", *common),
-                     log=lambda m: None)
+                     log=lambda m: None, tracking=make_tracker)
     assert not os.path.exists(f"{tmp_path}/bad/manifest.json") and not os.path.exists(f"{tmp_path}/bad2/manifest.json")
 
 

@@ -1,63 +1,24 @@
-"""Experiment tracking behind a small protocol (``log``, ``log_params``, ``log_config``, ``log_artifact``, ``close``).
-
-The only module that imports ``mlflow``; training loops and tokenizers take a :class:`Tracker` and never know
-which one (torchtune's ``MLFlowLogger`` shape). Only rank 0 gets a real tracker; other ranks get
-:class:`NullTracker`, so a multi-process run makes one MLflow run.
-
-Runs of one pipeline carry the tag ``genrec.pipeline`` (filter with ``tags.genrec.pipeline = '<name>'`` in the UI)
-and ``genrec.job`` (prepare / tokenize / train / evaluate).
-
-**A tracking server that goes away never stops or slows the job.** Starting the run (experiment, ``create_run``,
-or marking a resumed run RUNNING) needs the server: if it cannot be reached in a few seconds the job ends with a
-:class:`TrackingError` before any work is done. After that, every call only queues an item (metrics, params, tags,
-text, artifacts — artifacts as a hard link or copy, so the caller may delete its file — and the final status);
-one background thread delivers the queue in order. A delivery that fails appends the item, and every later one,
-to a spool file ``<run dir>/tracking_spool-<run id>.jsonl`` (:mod:`genrec_dist.spool`: appended and flushed line
-by line, so a killed job keeps it), logs ONE warning naming the server and the spool, and retries with a backoff
-of up to ``tracking.retry_max_s``; once the server answers, the spool is delivered in order (metrics of
-consecutive steps in one request), one more warning says so, and the spool is removed. ``close()`` waits at most
-``tracking.flush_timeout_s`` for the server; what is still undelivered stays in the spool with a warning naming
-the command that replays it::
-
-    python -m genrec_dist.tracking replay <run dir>/tracking_spool-<run id>.jsonl [--uri http://host:5000]
-
-A resumed training run (same run dir, same MLflow run) delivers a spool its killed predecessor left, first. An
-item the server answers with a client error (4xx: e.g. a param changed value) cannot succeed on retry; it is set
-aside in ``tracking_rejected-<run id>.jsonl`` beside the spool, with a warning.
-
-MLflow retries each HTTP request itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, backoff factor 2: minutes
-against a stopped server; ``MLFLOW_HTTP_REQUEST_TIMEOUT`` default 120 s) and reads these environment variables at
-every request, with no per-client setting (mlflow 3: ``mlflow/utils/rest_utils.py::http_request``). The tracker
-does its own retrying, so while its requests run it sets them small (see :func:`_quick_requests`).
-"""
+"""The outbox of an MLflow run: calls only queue items; one background thread delivers them in order; what the
+server does not take waits in a spool file (:mod:`genrec_dist.spool`) and is delivered once it answers, or later by
+``python -m genrec_dist.tracking replay <spool>`` (:func:`replay`). The package docstring tells the whole story."""
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import queue
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 from genrec_dist import spool as spool_file
-from genrec_dist import storage
-from genrec_dist.config import flatten, to_dict
+from genrec_dist.tracking.base import TrackingError
 
-# MLflow 3 opens an experiment in its GenAI view unless the experiment says it holds model training runs.
-_KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
-# MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
-_MAX_PARAM_CHARS = 6000
 # MLflow's caps per log_batch request (mlflow.utils.validation.MAX_METRICS_PER_BATCH / MAX_PARAMS_TAGS_PER_BATCH).
 _MAX_METRICS, _MAX_PARAMS = 1000, 100
 _RETRY_MIN_S = 0.5
@@ -65,87 +26,21 @@ _CLOSE = object()  # queue sentinel: close() asks the delivery thread to finish
 _log = logging.getLogger("genrec_dist.tracking")
 
 
-class TrackingError(RuntimeError):
-    """The tracking server could not be reached when the run had to start, or a replay could not finish."""
+class Outbox:
+    """The queue, delivery thread and spool of one run (:class:`~genrec_dist.tracking.mlflow_client.MLflowTracker`
+    is one). :meth:`_open_outbox` starts it once the run exists; :meth:`_put` queues an item; :meth:`_finish` waits
+    up to ``flush_timeout_s`` and leaves what is undelivered in the spool."""
 
-
-class Tracker(Protocol):
-    run_id: str | None
-
-    def log(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_config(self, cfg: Any) -> None: ...
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
-    def log_text(self, text: str, artifact_file: str) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-    def close(self, status: str = "FINISHED") -> None: ...
-
-
-class NullTracker:
-    """Tracking off, or a rank other than 0."""
-
-    run_id: str | None = None
-
-    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_config(self, cfg: Any) -> None:
-        pass
-
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-    def close(self, status: str = "FINISHED") -> None:
-        pass
-
-
-class MLflowTracker:
-    """One MLflow run. ``run_id`` given: continue that run (``--resume``, or evaluation of a training run).
-
-    Calls return at once; a background thread delivers (module docstring). ``spool_dir``: a local folder for the
-    spool (default: the temp dir). ``flush_timeout_s``: how long ``close()`` waits for the server.
-    ``request_timeout_s``: one request's limit. ``retry_max_s``: the longest wait between retries.
-    """
-
-    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                 run_id: str | None = None, artifact_location: str | None = None, spool_dir: str | None = None,
-                 flush_timeout_s: float = 60.0, request_timeout_s: float = 10.0, retry_max_s: float = 30.0):
-        import mlflow
-
-        self._client = mlflow.MlflowClient(tracking_uri=uri)
-        self.uri = uri
+    def _open_outbox(self, client: Any, uri: str, run_id: str, spool_dir: str | None, flush_timeout_s: float,
+                     request_timeout_s: float, retry_max_s: float) -> None:
+        self.uri, self.run_id = uri, run_id
         self.flush_timeout_s, self.request_timeout_s = flush_timeout_s, request_timeout_s
         self.retry_max_s = max(retry_max_s, _RETRY_MIN_S)
-        try:
-            with _quick_requests(retries=2, timeout_s=request_timeout_s):
-                exp_id = self._experiment(experiment, artifact_location)
-                if run_id is None:
-                    run_id = self._client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
-                    tags = None
-                else:
-                    self._client.update_run(run_id, status="RUNNING")
-        except mlflow.exceptions.MlflowException as exc:
-            if _rejected(exc):
-                raise
-            raise TrackingError(f"MLflow tracking server {uri} cannot be reached to start the run "
-                                f"({_short(exc)}). Start it (cluster/mlflow_server.sh), point tracking.uri at a "
-                                "running one, or set tracking.enabled=false.") from None
-        self.run_id, self.experiment_id = run_id, exp_id
-
         path = os.path.join(spool_dir or os.path.join(tempfile.gettempdir(), "genrec-dist"),
                             f"tracking_spool-{run_id}{spool_file.SUFFIX}")
         self.spool_path = os.path.abspath(path)
         self._spool = spool_file.Spool(self.spool_path, {"uri": uri, "run_id": run_id})
-        self._sender = _Sender(self._client, uri, run_id, self.spool_path, request_timeout_s)
+        self._sender = _Sender(client, uri, run_id, self.spool_path, request_timeout_s)
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # guards the spool, _inflight and _abandoned between the two threads
         self._inflight: list[dict[str, Any]] = []  # taken off the queue, not yet delivered nor spooled
@@ -155,68 +50,6 @@ class MLflowTracker:
         self._thread = threading.Thread(target=self._deliver_forever, name=f"mlflow-{run_id[:8]}", daemon=True)
         self._thread.start()
         atexit.register(self._at_exit)  # a job that dies of an exception still flushes what it logged
-        if tags:
-            self.set_tags(tags)
-
-    def _experiment(self, name: str, artifact_location: str | None) -> str:
-        import mlflow
-
-        exp = self._client.get_experiment_by_name(name)
-        if exp is None:
-            try:
-                return self._client.create_experiment(name, artifact_location=artifact_location,
-                                                      tags={_KIND_TAG: _KIND})
-            except mlflow.exceptions.MlflowException:  # another job created it first
-                return self._client.get_experiment_by_name(name).experiment_id
-        if exp.tags.get(_KIND_TAG) is None:
-            self._client.set_experiment_tag(exp.experiment_id, _KIND_TAG, _KIND)
-        return exp.experiment_id
-
-    # ----- the protocol: each call queues one item -------------------------------------------------------------
-
-    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        now = int(time.time() * 1000)
-        batch = [[_metric_key(k), float(v), now, int(step or 0)] for k, v in metrics.items()]
-        if batch:
-            self._put({"op": "metrics", "metrics": batch})
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        if params:
-            self._put({"op": "params", "params": {k: _param_value(v) for k, v in params.items()}})
-
-    def log_config(self, cfg: Any) -> None:
-        d = cfg if isinstance(cfg, dict) else to_dict(cfg)
-        self.log_params(flatten(d))
-        import yaml
-
-        self.log_text(yaml.safe_dump(d, sort_keys=False), "config.yaml")
-
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        """A file, or a folder's contents under ``artifact_path``; linked (or copied) at once beside the spool."""
-        is_dir = os.path.isdir(local_path)
-        folder = os.path.join(spool_file.files_dir(self.spool_path), uuid.uuid4().hex[:12])
-        dest = os.path.join(folder, os.path.basename(os.path.normpath(local_path)))
-        os.makedirs(folder)
-        if is_dir:
-            shutil.copytree(local_path, dest, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(local_path, dest)
-        self._put({"op": "artifact", "files": os.path.relpath(dest, os.path.dirname(self.spool_path)),
-                   "artifact_path": artifact_path, "dir": is_dir})
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._put({"op": "text", "text": text, "file": artifact_file})
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if tags:
-            self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
-
-    def close(self, status: str = "FINISHED") -> None:
-        """Mark the run ``status`` and wait up to ``flush_timeout_s`` for everything to reach the server."""
-        if self._closed:
-            return
-        atexit.unregister(self._at_exit)
-        self._finish({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
 
     def _put(self, item: dict[str, Any]) -> None:
         if self._closed:
@@ -246,8 +79,6 @@ class MLflowTracker:
                          "tracking items (%d metric values) are kept in %s. When the server is back, deliver them "
                          "with: python -m genrec_dist.tracking replay %s", self.uri, self.flush_timeout_s,
                          self.run_id, len(left), values, self.spool_path, self.spool_path)
-
-    # ----- the delivery thread -----------------------------------------------------------------------------
 
     def _deliver_forever(self) -> None:
         try:
@@ -379,6 +210,18 @@ class _Sender:
             else:
                 self.client.log_artifact(self.run_id, path, item["artifact_path"])
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        elif op == "input":
+            from genrec_dist.tracking.model_items import dataset_input
+
+            self.client.log_inputs(self.run_id, datasets=[dataset_input(item)])
+        elif op == "model":
+            from genrec_dist.tracking.model_items import log_saved_model
+
+            path = os.path.join(os.path.dirname(self.spool_path), item["files"])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: the model's copy beside the spool is gone")
+            log_saved_model(self, path, item["registered_name"], item["step"])
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
         elif op == "terminate":
             self.client.set_terminated(self.run_id, status=item["status"], end_time=item["end_time"])
         else:
@@ -480,93 +323,9 @@ def _quick_requests(retries: int, timeout_s: float) -> Iterator[None]:
                 _env_saved.clear()
 
 
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
-    return dst
-
-
 def _short(exc: Exception) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 240 else text[:237] + "..."
-
-
-def _metric_key(key: str) -> str:
-    # MLflow keys allow alphanumerics, _ - . space / ; '@' from "recall@10" becomes '_at_'.
-    return key.replace("@", "_at_")
-
-
-def _param_value(value: Any) -> str:
-    s = "" if value is None else str(value)
-    return s if len(s) <= _MAX_PARAM_CHARS else s[: _MAX_PARAM_CHARS - 3] + "..."
-
-
-def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """Link to the experiment's "Model training" runs view (or one run) in the MLflow UI of a server ``uri``.
-    For a local store, the same path under ``mlflow ui``'s address."""
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
-
-
-def default_uri(cfg: Any) -> str:
-    """The tracking URI of a config: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else SQLite under workdir."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    root = cfg.workdir if not storage.is_remote(cfg.workdir) else os.path.join(tempfile.gettempdir(), "genrec-dist")
-    root = os.path.abspath(root)
-    os.makedirs(root, exist_ok=True)
-    return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
-
-
-def pipeline_name(cfg: Any) -> str:
-    if cfg.tracking.pipeline:
-        return cfg.tracking.pipeline
-    digest = hashlib.sha1(os.path.abspath(cfg.workdir).encode() if not storage.is_remote(cfg.workdir)
-                          else cfg.workdir.encode()).hexdigest()[:8]
-    return f"{cfg.name}-{digest}"
-
-
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def make_tracker(cfg: Any, job: str, rank: int = 0, run_name: str | None = None,
-                 extra_tags: dict[str, str] | None = None, run_id: str | None = None,
-                 spool_dir: str | None = None) -> Tracker:
-    """The tracker for one job of the pipeline: MLflow on rank 0 when tracking is on, else a null tracker.
-    ``spool_dir``: where items the server has not taken yet are kept (the job's run dir; default: workdir; a
-    remote path falls back to the local temp dir)."""
-    if rank != 0 or not cfg.tracking.enabled:
-        return NullTracker()
-    tags = {
-        "genrec.pipeline": pipeline_name(cfg),
-        "genrec.job": job,
-        "genrec.dataset": cfg.name,
-        "mlflow.source.git.commit": git_commit(),
-        **(extra_tags or {}),
-    }
-    uri = default_uri(cfg)
-    # A local SQLite store keeps its artifacts beside it (MLflow's default is ./mlruns in whatever the cwd is).
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
-    spool_dir = spool_dir or cfg.workdir
-    if storage.is_remote(spool_dir):
-        spool_dir = os.path.join(tempfile.gettempdir(), "genrec-dist", "tracking-spool")
-    tc = cfg.tracking
-    return MLflowTracker(uri, tc.experiment, run_name or f"{cfg.name}-{job}", tags, run_id=run_id,
-                         artifact_location=artifacts, spool_dir=os.path.abspath(spool_dir),
-                         flush_timeout_s=tc.flush_timeout_s, request_timeout_s=tc.request_timeout_s,
-                         retry_max_s=tc.retry_max_s)
 
 
 def replay(path: str, uri: str | None = None, request_timeout_s: float = 30.0) -> tuple[int, str, str]:
@@ -590,38 +349,3 @@ def replay(path: str, uri: str | None = None, request_timeout_s: float = 30.0) -
                             f"{len(pending)} of {len(items)} items are still in {path}")
     spool_file.remove(path)
     return len(items), header["run_id"], uri
-
-
-def run_tags(cfg: Any, run_id: str) -> dict[str, str]:
-    """Tags of run ``run_id`` in the config's tracking store (``jobs/evaluate.py --run <id>`` finds the run dir in
-    ``genrec.run_dir``). Raises ``KeyError`` when the store has no such run."""
-    import mlflow
-
-    uri = default_uri(cfg)
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
-        raise KeyError(f"no MLflow store at {uri}")  # (asking MLflow would create an empty one there)
-    try:
-        return dict(mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).data.tags)
-    except mlflow.exceptions.MlflowException as exc:
-        raise KeyError(f"no MLflow run {run_id} in {default_uri(cfg)}: {exc}") from None
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m genrec_dist.tracking",
-                                     description="Tracking items kept while the MLflow server was unreachable.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rp = sub.add_parser("replay", help="log a spool's undelivered items to its MLflow run, then remove the spool")
-    rp.add_argument("spool", nargs="+", help="tracking_spool-<run id>.jsonl (in the run dir)")
-    rp.add_argument("--uri", default=None, help="the tracking server (default: the one the spool was written for)")
-    args = parser.parse_args(argv)
-    for path in args.spool:
-        try:
-            n, run_id, uri = replay(path, args.uri)
-        except (TrackingError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
-        print(f"{path}: {n} items delivered to run {run_id} at {uri}; spool removed", flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from genrec_dist.data.semantic_ids import SemanticIds
-from genrec_dist.models import build_model
-from genrec_dist.models.config import CARConfig, ModelConfig, SASRecConfig
+from genrec_dist.models import ModelConfig, build_model
+from genrec_dist.models.config import CARConfig, SASRecConfig
+
+from toys import make_sids, train_steps
 
 NUM_ITEMS = 30
 STEPS = 10
@@ -22,10 +23,9 @@ GOLDEN = {
 }
 
 
-def _sids() -> SemanticIds:
-    # two colliding levels (12 distinct codes for 30 items) and a zero padding row for item 0
-    codes = np.array([[0, 0]] + [[i % 3, i % 4] for i in range(NUM_ITEMS)], dtype=np.int64)
-    return SemanticIds(codes=codes, codebook_sizes=[3, 4], manifest={})
+def _sids():
+    # two colliding levels: 12 distinct codes for 30 items
+    return make_sids(np.array([[i % 3, i % 4] for i in range(NUM_ITEMS)]), [3, 4])
 
 
 def _model(which: str) -> torch.nn.Module:
@@ -42,27 +42,12 @@ def _model(which: str) -> torch.nn.Module:
 def _losses(which: str) -> list[float]:
     torch.manual_seed(1234)
     model = _model(which)
-    gen = torch.Generator().manual_seed(7)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    out = []
-    for _ in range(STEPS):
-        # successor histories [s, s+1, ...] left-padded to 6 items; the target is the next item
-        start = torch.randint(0, NUM_ITEMS, (16,), generator=gen)
-        length = torch.randint(1, 7, (16,), generator=gen)
-        pos = torch.arange(6)[None, :] - (6 - length[:, None])
-        history = torch.where(pos >= 0, (start[:, None] + pos) % NUM_ITEMS + 1, torch.zeros_like(pos))
-        target = (start + length) % NUM_ITEMS + 1
-        loss = model(history, target)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        out.append(float(loss.detach()))
-    return out
+    # successor histories [s, s+1, ...] of up to 6 items, left-padded; the target is the next item
+    return train_steps(model, NUM_ITEMS, STEPS, batch=16, max_len=6, lr=3e-3, seed=7)
 
 
 @pytest.mark.parametrize("which", sorted(GOLDEN))
-def test_first_losses_are_pinned(which, one_thread):
+def test_first_losses_are_pinned(which):  # one thread: tests/models/conftest.py
     got = _losses(which)
     assert got == pytest.approx(GOLDEN[which], abs=1e-5), got
 

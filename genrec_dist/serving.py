@@ -1,0 +1,196 @@
+"""A trained run as an MLflow model: a ``pyfunc`` that takes histories and returns the top-k items and their scores.
+
+The MLflow model wraps the run's export (``model.pt`` + ``model.json`` + ``semantic_ids/``, :mod:`export`) as one
+artifact, so it needs nothing else to load; the ``genrec_dist`` sources travel with it (``code_paths``), so
+``mlflow models serve`` runs it in any environment that has torch and mlflow::
+
+    request   {"dataframe_records": [{"user": "A1", "history": [12, 7, 93]}, ...], "params": {"k": 10}}
+    response  {"predictions": [{"user": "A1", "items": [...], "scores": [...]}, ...]}   best first
+
+``history`` holds item ids (1..num_items), oldest first; ``user`` is optional and returned as given ("" for a row
+without one when others have one). Params:
+``k`` (default 10), and the model's own inference settings with their trained values as defaults (CAR:
+``inference`` fast/slow; beam-search models: ``beam_width``). A request that is not a list of item ids, names an
+item the catalog does not have, or asks for an unknown inference mode is answered 400 with a one-line message
+(the scoring server maps :class:`MlflowException` ``INVALID_PARAMETER_VALUE`` to 400).
+
+Training logs it at the end of a run (:func:`save_model`, then the tracker's ``log_model``) and registers it as
+:func:`registered_name` (``genrec-<dataset>-<model>``). This module is the only one besides the tracker that imports
+mlflow (the core never does; training imports this module only when it logs to MLflow).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from importlib import metadata
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import torch
+
+_ARTIFACT = "model"  # the export's folder inside the MLflow model (artifacts/model/)
+DEFAULT_K = 10
+
+
+def registered_name(dataset: str, model: str) -> str:
+    """Model Registry name of a dataset's model: ``genrec-<dataset>-<model>`` (lower case, [a-z0-9-] only)."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"genrec-{dataset}-{model}".lower()).strip("-")
+
+
+def _topk(model: torch.nn.Module, history: torch.Tensor, k: int, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(items (B, k), scores (B, k)) best first; items 0 / score -inf where fewer than k exist."""
+    # TODO(merge): remove once models have topk
+    if hasattr(model, "topk"):
+        return model.topk(history, k, **kw)
+    ids = model.recommend(history, k, **kw)  # (B, k)
+    scores = None
+    if hasattr(model, "scores"):
+        accepted = inspect.signature(model.scores).parameters
+        try:
+            full = model.scores(history, **{n: v for n, v in kw.items() if n in accepted})  # (B, N+1)
+            scores = full.float().gather(1, ids)
+        except ValueError:  # CAR's AR ablation ranks by beam search only
+            scores = None
+    if scores is None:  # no score method: the rank, negated (best = -0)
+        scores = -torch.arange(k, dtype=torch.float32, device=ids.device).expand(ids.shape[0], k).clone()
+    return ids, scores.masked_fill(ids == 0, float("-inf"))
+
+
+def _inference_params(model: torch.nn.Module) -> dict[str, Any]:
+    """The inference settings a request may change, with the model's trained values as defaults."""
+    accepted = inspect.signature(model.recommend).parameters
+    out: dict[str, Any] = {}
+    if "inference" in accepted and getattr(model, "inference_modes", ()):
+        out["inference"] = str(model.cfg.inference)
+    if "beam_width" in accepted and getattr(model.cfg, "beam_width", None):
+        out["beam_width"] = int(model.cfg.beam_width)
+    return out
+
+
+def _invalid(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def histories_tensor(histories: list[Any], num_items: int, max_history: int) -> torch.Tensor:
+    """(B, T) item ids, left-padded with 0, each history cut to its last ``max_history`` items. Raises the 400
+    error for anything that is not a non-empty list of known item ids, naming the row."""
+    rows = []
+    for i, h in enumerate(histories):
+        if isinstance(h, (str, bytes, dict)) or not hasattr(h, "__len__"):
+            raise _invalid(f"row {i}: 'history' must be a list of item ids, got {type(h).__name__} {str(h)[:80]!r}")
+        try:
+            ids = np.asarray(list(h))
+        except (TypeError, ValueError):
+            raise _invalid(f"row {i}: 'history' must be a list of item ids") from None
+        if ids.size == 0:
+            raise _invalid(f"row {i}: 'history' is empty (at least one item id)")
+        if ids.dtype.kind not in "iu" and not (ids.dtype.kind == "f" and np.all(np.mod(ids, 1) == 0)):
+            raise _invalid(f"row {i}: 'history' must be integer item ids, got {str(list(h))[:80]}")
+        ids = ids.astype(np.int64)
+        bad = ids[(ids < 1) | (ids > num_items)]
+        if bad.size:
+            raise _invalid(f"row {i}: unknown item id {int(bad[0])} (this model's catalog is 1..{num_items})")
+        rows.append(ids[-max_history:])
+    t = max(len(r) for r in rows)
+    out = np.zeros((len(rows), t), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, t - len(r):] = r
+    return torch.from_numpy(out)
+
+
+class GenRecModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc: loads the export once, ranks a DataFrame of histories (module docstring)."""
+
+    # (no type hints on these two: MLflow would read predict's as an input schema)
+    def load_context(self, context):
+        from genrec_dist.evaluation.run import load_exported
+
+        path = context.artifacts[_ARTIFACT]  # .../artifacts/model: the export, as load_exported reads it
+        self.model, self.meta = load_exported(os.path.dirname(os.path.normpath(path)))
+        self.num_items = int(self.meta["num_items"])
+        self.max_history = int(getattr(self.model.cfg, "max_history", 50))
+        self.defaults = {"k": DEFAULT_K, **_inference_params(self.model)}
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "history" not in frame.columns:
+            raise _invalid(f"the input needs a 'history' column (a list of item ids per row), got columns "
+                           f"{list(frame.columns)}")
+        p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+        k = p.pop("k")
+        if not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= self.num_items:
+            raise _invalid(f"'k' must be an integer in 1..{self.num_items}, got {k!r}")
+        modes = getattr(self.model, "inference_modes", ())
+        if "inference" in p and p["inference"] not in modes:
+            raise _invalid(f"'inference' must be one of {', '.join(modes)}, got {p['inference']!r}")
+        if "beam_width" in p and int(p["beam_width"]) < 1:
+            raise _invalid(f"'beam_width' must be at least 1, got {p['beam_width']!r}")
+        history = histories_tensor(list(frame["history"]), self.num_items, self.max_history)
+        with torch.no_grad():
+            items, scores = _topk(self.model, history, int(k), **p)
+        items, scores = items.cpu().numpy(), scores.cpu().numpy()
+        keep = items != 0  # fewer than k items exist (beam search): drop the padding
+        out = pd.DataFrame({"items": [r[m].tolist() for r, m in zip(items, keep)],
+                            "scores": [s[m].astype(float).tolist() for s, m in zip(scores, keep)]})
+        if "user" in frame.columns:
+            # a row without one gets "" (a None would go out as NaN, which is not JSON)
+            out.insert(0, "user", ["" if u is None or u != u else str(u) for u in frame["user"]])
+        return out
+
+
+def signature(params: dict[str, Any]) -> Any:
+    """Input: ``user`` (optional string), ``history`` (list of item ids); output: ``user``, ``items``, ``scores``;
+    params: ``k`` and the model's inference settings with their defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema([ColSpec(DataType.string, "user", required=False), ColSpec(Array(DataType.long), "history")])
+    outputs = Schema([ColSpec(DataType.string, "user", required=False), ColSpec(Array(DataType.long), "items"),
+                      ColSpec(Array(DataType.double), "scores")])
+    types = {int: DataType.long, str: DataType.string}
+    specs = [ParamSpec("k", DataType.long, DEFAULT_K)]
+    specs += [ParamSpec(name, types[type(value)], value) for name, value in params.items()]
+    return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema(specs))
+
+
+def _requirements() -> list[str]:
+    """Pinned to this environment (no slow inference of what the model imports)."""
+    out = []
+    for dist in ("mlflow", "cloudpickle", "torch", "numpy", "pandas", "polars", "pyarrow", "pyyaml", "fsspec"):
+        try:
+            out.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _code_paths() -> list[str]:
+    """The package a loaded model imports: ``genrec_dist`` (which never imports ``tokenization``)."""
+    return [os.path.dirname(os.path.abspath(__file__))]
+
+
+def save_model(export_dir: str, path: str, example_histories: list[list[int]]) -> str:
+    """Save the export at ``export_dir`` (a run's local ``model/``) as an MLflow pyfunc model folder ``path`` with a
+    signature and an input example (``example_histories``: a few real histories). Returns ``path``."""
+    import pandas as pd
+
+    from genrec_dist.evaluation.run import load_exported
+
+    if os.path.basename(os.path.normpath(export_dir)) != _ARTIFACT:
+        raise ValueError(f"{export_dir}: expected a run's exported '{_ARTIFACT}' folder")
+    model, _ = load_exported(os.path.dirname(os.path.normpath(export_dir)))
+    example = pd.DataFrame({"user": [f"example-{i}" for i in range(len(example_histories))],
+                            "history": [list(map(int, h)) for h in example_histories]})
+    mlflow.pyfunc.save_model(path, python_model=GenRecModel(), artifacts={_ARTIFACT: export_dir},
+                             signature=signature(_inference_params(model)), input_example=example,
+                             code_paths=_code_paths(), pip_requirements=_requirements())
+    return path

@@ -1,0 +1,92 @@
+"""Where a config's runs are tracked and finding them again: the store's URI, the pipeline's name, a run's tags
+(``jobs/evaluate.py --run <MLflow run id>``), a UI link."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from typing import Any
+
+from genrec_dist import storage
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Link to the experiment's "Model training" runs view (or one run) in the MLflow UI of a server ``uri``.
+    For a local store, the same path under ``mlflow ui``'s address."""
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+
+
+def default_uri(cfg: Any) -> str:
+    """The tracking URI of a config: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else SQLite under workdir."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = cfg.workdir if not storage.is_remote(cfg.workdir) else os.path.join(tempfile.gettempdir(), "genrec-dist")
+    root = os.path.abspath(root)
+    os.makedirs(root, exist_ok=True)
+    return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+
+def pipeline_name(cfg: Any) -> str:
+    if cfg.tracking.pipeline:
+        return cfg.tracking.pipeline
+    digest = hashlib.sha1(os.path.abspath(cfg.workdir).encode() if not storage.is_remote(cfg.workdir)
+                          else cfg.workdir.encode()).hexdigest()[:8]
+    return f"{cfg.name}-{digest}"
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(cfg: Any, run_id: str) -> dict[str, str]:
+    """Tags of run ``run_id`` in the config's tracking store (``jobs/evaluate.py --run <id>`` finds the run dir in
+    ``genrec.run_dir``). Raises ``KeyError`` when the store has no such run."""
+    import mlflow
+
+    uri = default_uri(cfg)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        raise KeyError(f"no MLflow store at {uri}")  # (asking MLflow would create an empty one there)
+    try:
+        return dict(mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).data.tags)
+    except mlflow.exceptions.MlflowException as exc:
+        raise KeyError(f"no MLflow run {run_id} in {default_uri(cfg)}: {exc}") from None
+
+
+def find_run(cfg: Any, tags: dict[str, str]) -> str | None:
+    """The newest run of the config's experiment carrying all of ``tags``, or None (none, or no store yet)."""
+    import mlflow
+
+    from genrec_dist.tracking.outbox import _quick_requests
+
+    uri = default_uri(cfg)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        return None
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    with _quick_requests(retries=2, timeout_s=cfg.tracking.request_timeout_s):
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            return None
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        found = client.search_runs([exp.experiment_id], query, max_results=1, order_by=["start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set ``tags`` on an existing run now (e.g. ``mlflow.parentRunId`` on a table row trained earlier)."""
+    import mlflow
+    from mlflow.entities import RunTag
+
+    from genrec_dist.tracking.outbox import _quick_requests
+
+    with _quick_requests(retries=2, timeout_s=10.0):
+        mlflow.MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
