@@ -186,18 +186,20 @@ def find_run_dir(cfg: Any, run: str) -> str:
     return tags["genrec.run_dir"]
 
 
-def run_own_config(cfg: Any, run: str, overrides: Sequence[str] = ()) -> tuple[Any, str, str | None]:
+def run_own_config(cfg: Any, run: str, overrides: Sequence[str] = (),
+                   section: str = "evaluate") -> tuple[Any, str, str | None]:
     """``jobs/evaluate.py --run`` without ``--config``: ``(config, run dir, source)`` where the config is the one the
     run saved when it started (``config.yaml``) with the command's ``overrides`` on top, so the evaluation logs to the
     training run's MLflow store and uses its ``evaluate.*`` settings; ``cfg`` (defaults + overrides, which located
-    the run) and source ``None`` for a run from before runs saved their config."""
+    the run) and source ``None`` for a run from before runs saved their config. ``section``: the job whose bare
+    override keys these are (``jobs/recommend.py``: ``k=50`` is ``recommend.k``)."""
     run_dir = find_run_dir(cfg, run)
     source = storage.join(run_dir, runs.CONFIG_FILE)
     try:
         saved = runs.read_run_config(run_dir, cfg.storage)
         if saved is None:
             return cfg, run_dir, None
-        return config_from_dict(saved, source, list(overrides), "evaluate"), run_dir, source
+        return config_from_dict(saved, source, list(overrides), section), run_dir, source
     except ConfigError as exc:
         raise ConfigError(f"{exc} (pass --config to evaluate with another config)") from None
 

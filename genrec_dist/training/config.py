@@ -1,4 +1,4 @@
-"""The ``train:`` and ``evaluate:`` sections.
+"""The ``train:``, ``evaluate:`` and ``recommend:`` sections.
 
 Paper defaults, cited where set: Adam, lr 1e-3, batch 256, linear warm-up over 2000 steps from lr 1e-7, weight decay
 1e-7 (UNGER Table 4, the same values as EAGER's released ``train_rec.py``; TIGER §4 trains with batch 256).
@@ -100,3 +100,27 @@ class EvaluateConfig:
     # Full-catalog ranking scores this many items at a time with a running top-k merge, so memory is one
     # (batch_size, score_block) float32 matrix (256 x 65536 = 64 MiB) whatever the catalog size; 0 = one block.
     score_block: int = 65536
+
+
+@dataclass
+class RecommendConfig:
+    """Batch top-k recommendations of an exported model for a table of users (``jobs/recommend.py``)."""
+
+    k: int = 10
+    # Off by default: the shipped lists are then exactly what evaluation scored (leave-one-out ranks the full catalog,
+    # the history included) and what the served model returns; on for catalogs where a repeat is never wanted.
+    exclude_seen: bool = False
+    # "" = the run's prepared dataset, history = each user's whole sequence (recommends the item after the last one);
+    # else a Parquet file or folder of ``user, history`` rows (history: list of item ids, oldest first), or s3://.
+    users: str = ""
+    output: str = ""                     # "" = <run dir>/recommendations; Parquet shards + manifest.json, or s3://
+    overwrite: bool = False
+    batch_size: int = 1024               # users per model call
+    num_workers: int = 2                 # Ray actors, each loading the model once (one GPU each when the cluster has)
+    # CPUs each actor reserves (and its torch threads); 0 = share the cluster's CPUs but one among the actors, at most
+    # a node's worth: one CPU stays free for the read and write tasks (all-CPU actors would leave them none: a hang).
+    cpus_per_worker: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: a GPU per actor when the Ray cluster has GPUs
+    # Beam width for TIGER/UNGER/CAR-AR; 0 = the exported model's own (as evaluate.beam_width).
+    beam_width: int = 0
+    ray_address: str = ""                # "" = RAY_ADDRESS (set by ray job submit) or a new local Ray
