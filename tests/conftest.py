@@ -10,7 +10,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import free_port, wait_http  # noqa: E402
+from _util import REPO, free_port, wait_http  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -122,3 +122,66 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class RayHead:
+    """A real Ray head started by ``cluster/start_ray.sh head`` (token auth, job API on loopback), shared by the tests
+    that submit jobs to it with ``ray job submit --working-dir``."""
+
+    # What a job's --working-dir upload leaves out (big or generated folders of the repo).
+    EXCLUDES = ["outputs/", ".venv/", "venv/", ".git/", "benchmarks/results/", "mlflow-server/", ".hypothesis/",
+                ".pytest_cache/", "**/__pycache__/", "test-artifacts/"]
+
+    def __init__(self):
+        import tempfile
+        import uuid
+
+        self.ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+        self.temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths live under it
+        dash = free_port()
+        self.address = f"http://127.0.0.1:{dash}"
+        self.env = {**os.environ, "RAY_BIN": self.ray_bin, "GENREC_RAY_TEMP_DIR": self.temp_dir,
+                    "GENREC_RAY_PORT": str(free_port()), "GENREC_RAY_DASHBOARD_PORT": str(dash),
+                    "GENREC_RAY_DASHBOARD_HOST": "127.0.0.1",
+                    # Token auth as a real cluster runs it: the head, the CLI and the job driver share one token.
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex,
+                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+
+    def start(self) -> None:
+        subprocess.run(["bash", os.path.join(REPO, "cluster", "start_ray.sh"), "head", "--num-cpus=2",
+                        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
+                       env=self.env, check=True, timeout=180)
+
+    def stop(self) -> None:
+        import shutil
+
+        subprocess.run(["bash", os.path.join(REPO, "cluster", "stop_ray.sh")], env=self.env, timeout=120)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def submit(self, submission_id: str, *command: str, env_vars: dict | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+        """``ray job submit --working-dir <repo> -- <command>``; the result of the blocking submit."""
+        import json
+
+        runtime_env = {"excludes": self.EXCLUDES, **({"env_vars": env_vars} if env_vars else {})}
+        return subprocess.run([self.ray_bin, "job", "submit", "--address", self.address, "--submission-id",
+                               submission_id, "--working-dir", REPO, "--runtime-env-json", json.dumps(runtime_env),
+                               "--", *command], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def status(self, submission_id: str) -> str:
+        """What ``ray job status`` prints, e.g. "Job 'x' succeeded"."""
+        return subprocess.run([self.ray_bin, "job", "status", "--address", self.address, submission_id],
+                              env=self.env, capture_output=True, text=True, timeout=60).stdout
+
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One real Ray head (``cluster/start_ray.sh``) for the session's ``ray job submit`` tests, stopped with
+    ``cluster/stop_ray.sh`` at the end (a head costs ~30 s to start here)."""
+    head = RayHead()
+    head.start()
+    try:
+        yield head
+    finally:
+        head.stop()

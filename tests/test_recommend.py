@@ -7,10 +7,7 @@ the model's, not a good one). Semantic IDs are the deterministic category codes 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -18,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from _util import REPO, free_port, run_job
+from _util import REPO, run_job
 from genrec_dist import storage
 from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset
@@ -204,42 +201,18 @@ def test_users_table_slow_beam_exclusion_and_failed_write(car_run, tiger_run, ti
         run_recommend(cfg, car_run, [], NullTracker(), log=lambda m: None)
 
 
-def test_ray_job_submit_to_a_real_head_equals_the_local_run(job_output, car_run, tmp_path):
+def test_ray_job_submit_to_a_real_head_equals_the_local_run(job_output, car_run, tmp_path, ray_head):
     """`cluster/start_ray.sh head` -> `ray job submit --working-dir` -> SUCCEEDED, the same rows as the local run."""
-    import tempfile
-    import uuid
-
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's unix socket paths live under it
-    dash = free_port()
-    env = {**os.environ, "RAY_BIN": ray_bin, "GENREC_RAY_TEMP_DIR": temp_dir, "GENREC_RAY_PORT": str(free_port()),
-           "GENREC_RAY_DASHBOARD_PORT": str(dash), "GENREC_RAY_DASHBOARD_HOST": "127.0.0.1",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex,
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    subprocess.run(["bash", os.path.join(REPO, "cluster", "start_ray.sh"), "head", "--num-cpus=2",
-                    f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
-                   env=env, check=True, timeout=180)
-    try:
-        runtime_env = {"excludes": ["outputs/", ".venv/", "venv/", ".git/", "benchmarks/results/", "mlflow-server/",
-                                    ".hypothesis/", ".pytest_cache/", "**/__pycache__/"]}
-        out = str(tmp_path / "cluster-recs")
-        proc = subprocess.run(
-            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--submission-id", "recommend-test",
-             "--working-dir", REPO, "--runtime-env-json", json.dumps(runtime_env), "--",
-             sys.executable, "jobs/recommend.py", "--run", car_run, "k=10", "num_workers=2", "batch_size=64",
-             f"output={out}"], env=env, capture_output=True, text=True, timeout=600)
-        status = subprocess.run([ray_bin, "job", "status", "--address", f"http://127.0.0.1:{dash}", "recommend-test"],
-                                env=env, capture_output=True, text=True, timeout=60)
-        assert "recommend-test' succeeded" in status.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "on Ray (" in proc.stdout and "(local)" not in proc.stdout  # it joined the head, no Ray of its own
-        local, cluster = _read(job_output[0]), _read(out)
-        assert cluster["user"].to_list() == local["user"].to_list()
-        assert cluster["items"].to_list() == local["items"].to_list()
-        np.testing.assert_allclose(np.array(cluster["scores"].to_list()), np.array(local["scores"].to_list()),
-                                   rtol=1e-5, atol=1e-5)
-    finally:
-        subprocess.run(["bash", os.path.join(REPO, "cluster", "stop_ray.sh")], env=env, timeout=120)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    out = str(tmp_path / "cluster-recs")
+    proc = ray_head.submit("recommend-test", sys.executable, "jobs/recommend.py", "--run", car_run, "k=10",
+                           "num_workers=2", "batch_size=64", f"output={out}")
+    assert "recommend-test' succeeded" in ray_head.status("recommend-test"), proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "on Ray (" in proc.stdout and "(local)" not in proc.stdout  # it joined the head, no Ray of its own
+    local, cluster = _read(job_output[0]), _read(out)
+    assert cluster["user"].to_list() == local["user"].to_list()
+    assert cluster["items"].to_list() == local["items"].to_list()
+    np.testing.assert_allclose(np.array(cluster["scores"].to_list()), np.array(local["scores"].to_list()),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_help_runs():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from genrec_dist.errors import ConfigError
-from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
+from genrec_dist.models.beam_search import BeamRanking, BeamResult, CodeTrie, beam_search
 from genrec_dist.models.car import ChunkBackbone
 from genrec_dist.models.config import CARConfig
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the annotation only: the semantic-ID format pulls in storag
     from genrec_dist.data.semantic_ids import SemanticIds
 
 
-class CARAR(ChunkBackbone):
+class CARAR(BeamRanking, ChunkBackbone):
     """``forward(history (B, T), target (B,)) -> {"loss", "act_loss", "think_loss", "think_loss_level_<l>"}``;
     ``recommend(history, k, beam_width=None) -> (B, k)`` distinct item ids by constrained beam search."""
 
@@ -62,22 +62,7 @@ class CARAR(ChunkBackbone):
         out.update({f"think_loss_level_{l}": ce.detach() for l, ce in enumerate(think)})
         return out
 
-    # ----- inference -----
-    @torch.no_grad()
-    def topk(self, history: torch.Tensor, k: int, beam_width: int | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k best distinct items (B, k) and their beam log-probs (B, k), best first; 0 / -inf where fewer
-        exist (items sharing a code share its beam's score). Beam width: ``beam_width`` or ``cfg.beam_width``, at
-        least k (so k items are found whenever k codes exist)."""
-        width = max(beam_width or self.cfg.beam_width, k)
-        result = self.beam_search(history, width)
-        return self.trie.items_and_scores(result.leaves, result.scores, k)
-
-    @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int, beam_width: int | None = None) -> torch.Tensor:
-        """The k best distinct items (B, k), best first, 0 where fewer exist (:meth:`topk`'s items)."""
-        return self.topk(history, k, beam_width)[0]
-
+    # ----- inference (topk / recommend: BeamRanking) -----
     @torch.no_grad()
     def beam_search(self, history: torch.Tensor, beam_width: int) -> BeamResult:
         """The AR ablation's decoding: a beam over the next chunk's L SID tokens and its uid, constrained to

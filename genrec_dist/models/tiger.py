@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genrec_dist.models.beam_search import BeamResult, CodeTrie, beam_search
+from genrec_dist.models.beam_search import BeamRanking, BeamResult, CodeTrie, beam_search
 from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TransformerStack, attention_mask,
                                        init_weights)
 from genrec_dist.models.config import TigerConfig
 
 
-class Tiger(nn.Module):
+class Tiger(BeamRanking, nn.Module):
     """``forward(history (B, T), target (B,)) -> {"loss", "ce_level_<l>"}``; ``recommend(history, k) -> (B, k)``."""
 
     def __init__(self, cfg: TigerConfig, sids):
@@ -98,7 +98,7 @@ class Tiger(nn.Module):
         out["loss"] = torch.stack(losses).mean()
         return out
 
-    # ----- inference -----
+    # ----- inference (topk / recommend: BeamRanking) -----
     @torch.no_grad()
     def beam_search(self, history: torch.Tensor, beam_width: int) -> BeamResult:
         """Constrained beam search for every user, one decoder step per level over a KV cache (the no-cache
@@ -118,17 +118,3 @@ class Tiger(nn.Module):
 
         return beam_search(step, self.trie, b, beam_width)
 
-    @torch.no_grad()
-    def topk(self, history: torch.Tensor, k: int, beam_width: int | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k best distinct items (B, k) and their beam log-probs (B, k), best first; 0 / -inf where fewer
-        exist (items sharing a code share its beam's score). Beam width: ``beam_width`` or ``cfg.beam_width``, at
-        least k (so k items are found whenever k codes exist)."""
-        width = max(beam_width or self.cfg.beam_width, k)
-        result = self.beam_search(history, width)
-        return self.trie.items_and_scores(result.leaves, result.scores, k)
-
-    @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int, beam_width: int | None = None) -> torch.Tensor:
-        """The k best distinct items (B, k), best first, 0 where fewer exist (:meth:`topk`'s items)."""
-        return self.topk(history, k, beam_width)[0]

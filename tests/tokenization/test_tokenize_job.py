@@ -149,65 +149,34 @@ def test_bad_inputs_clear_errors_nothing_committed(job_run, tiny_dataset, tmp_pa
         run_tokenize(cfg, log=lambda m: None, tracking=make_tracker)
 
 
-def test_ray_job_submit_to_a_real_head(job_run, tiny_dataset, tmp_path):
-    """`cluster/start_ray.sh head` -> `ray job submit --working-dir` -> SUCCEEDED -> outputs + MLflow ->
-    `cluster/stop_ray.sh`. The cluster's codes equal the local job's (same seed, any worker count)."""
-    import subprocess
+def test_ray_job_submit_to_a_real_head(job_run, tiny_dataset, tmp_path, ray_head):
+    """`cluster/start_ray.sh head` -> `ray job submit --working-dir` -> SUCCEEDED -> outputs + MLflow (the head is
+    the session's, stopped with `cluster/stop_ray.sh`). The cluster's codes equal the local job's (same seed, any
+    worker count)."""
     import sys
-    import tempfile
-    import uuid
 
-    from _util import free_port
+    out = tmp_path / "work"
+    proc = ray_head.submit("tokenize-test", sys.executable, "jobs/tokenize.py", "--config", "configs/synthetic.yaml",
+                           f"workdir={out}", f"paths.dataset={tiny_dataset}", f"paths.semantic_ids={out}/sids",
+                           "levels=2", "codebook_size=8", "num_workers=1", env_vars={"HF_HUB_OFFLINE": "1"})
+    # `ray job status` prints "Job 'tokenize-test' succeeded" (or failed/stopped).
+    assert "tokenize-test' succeeded" in ray_head.status("tokenize-test"), proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "k-means level 2/2" in proc.stdout
+    np.testing.assert_array_equal(read_semantic_ids(f"{out}/sids").codes,
+                                  read_semantic_ids(f"{job_run[0]}/sids").codes)
+    import mlflow
 
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths live under it
-    dash = free_port()
-    env = {**os.environ, "RAY_BIN": ray_bin, "GENREC_RAY_TEMP_DIR": temp_dir, "GENREC_RAY_PORT": str(free_port()),
-           "GENREC_RAY_DASHBOARD_PORT": str(dash), "GENREC_RAY_DASHBOARD_HOST": "127.0.0.1",
-           # Token auth as a real cluster runs it: the head, the CLI and the job driver share one token.
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex,
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    subprocess.run(["bash", os.path.join(REPO, "cluster", "start_ray.sh"), "head", "--num-cpus=2",
-                    f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
-                   env=env, check=True, timeout=180)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        out = tmp_path / "work"
-        runtime_env = {"excludes": ["outputs/", ".venv/", "venv/", ".git/", "benchmarks/results/", "mlflow-server/",
-                                    ".hypothesis/", ".pytest_cache/", "**/__pycache__/"], "env_vars": {"HF_HUB_OFFLINE": "1"}}
-        proc = subprocess.run(
-            [ray_bin, "job", "submit", "--address", address, "--submission-id", "tokenize-test",
-             "--working-dir", REPO, "--runtime-env-json", json.dumps(runtime_env), "--",
-             sys.executable, "jobs/tokenize.py", "--config", "configs/synthetic.yaml", f"workdir={out}",
-             f"paths.dataset={tiny_dataset}", f"paths.semantic_ids={out}/sids", "levels=2", "codebook_size=8",
-             "num_workers=1"],
-            env=env, capture_output=True, text=True, timeout=600)
-        status = subprocess.run([ray_bin, "job", "status", "--address", address, "tokenize-test"], env=env,
-                                capture_output=True, text=True, timeout=60)
-        # `ray job status` prints "Job 'tokenize-test' succeeded" (or failed/stopped).
-        assert "tokenize-test' succeeded" in status.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "k-means level 2/2" in proc.stdout
-        np.testing.assert_array_equal(read_semantic_ids(f"{out}/sids").codes,
-                                      read_semantic_ids(f"{job_run[0]}/sids").codes)
-        import mlflow
-
-        client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
-        (run,) = client.search_runs([client.get_experiment_by_name("genrec-dist").experiment_id])
-        assert run.info.status == "FINISHED" and "collision_rate" in run.data.metrics
-        # the config's own relative workdir would be written into Ray's temporary copy of --working-dir: refused
-        proc = subprocess.run(
-            [ray_bin, "job", "submit", "--address", address, "--submission-id", "tokenize-relative",
-             "--working-dir", REPO, "--runtime-env-json", json.dumps(runtime_env), "--",
-             sys.executable, "jobs/tokenize.py", "--config", "configs/synthetic.yaml", f"paths.dataset={tiny_dataset}"],
-            env=env, capture_output=True, text=True, timeout=600)
-        logs = proc.stdout + proc.stderr
-        assert proc.returncode != 0 and "config error: running as a Ray job" in logs, logs[-4000:]
-        assert "workdir=outputs/synthetic" in logs and "paths.semantic_ids=outputs/synthetic/sids/rkmeans" in logs
-        assert "paths.dataset" not in logs.split("config error", 1)[1].split("\n", 1)[0]  # absolute: not named
-        assert "Traceback" not in logs
-    finally:
-        subprocess.run(["bash", os.path.join(REPO, "cluster", "stop_ray.sh")], env=env, timeout=120)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("genrec-dist").experiment_id])
+    assert run.info.status == "FINISHED" and "collision_rate" in run.data.metrics
+    # the config's own relative workdir would be written into Ray's temporary copy of --working-dir: refused
+    proc = ray_head.submit("tokenize-relative", sys.executable, "jobs/tokenize.py", "--config",
+                           "configs/synthetic.yaml", f"paths.dataset={tiny_dataset}", env_vars={"HF_HUB_OFFLINE": "1"})
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "config error: running as a Ray job" in logs, logs[-4000:]
+    assert "workdir=outputs/synthetic" in logs and "paths.semantic_ids=outputs/synthetic/sids/rkmeans" in logs
+    assert "paths.dataset" not in logs.split("config error", 1)[1].split("\n", 1)[0]  # absolute: not named
+    assert "Traceback" not in logs
 
 
 def _hash_embedder() -> type:
