@@ -1,8 +1,12 @@
-"""Inference speed of CAR (fast, slow) against beam search (TIGER, and CAR's own AR ablation) at several beam widths.
+"""Inference speed of CAR (fast, slow) against beam search (TIGER, and CAR's own AR ablation) at several beam widths,
+and the ``recommend`` row: users/s of the batch job (``jobs/recommend.py``) for a trained run on 1 and 2 workers.
 
     python benchmarks/inference.py [--config configs/synthetic.yaml] [--widths 10,20,50,100] [--users 1024]
                                    [--batch-size 256] [--threads 1] [--repeats 3] [--train-steps 0] [--sids DIR]
+                                   [--recommend-run RUN] [--recommend-workers 1,2] [--recommend-only]
                                    [--out benchmarks/results/inference.json] [key=value ...]
+    python benchmarks/inference.py --recommend-run <Beauty CAR run dir> --recommend-only   # the recommend row only
+                                                                      # (-> benchmarks/results/inference_recommend.json)
 
 Same hardware, same process, same users: the test split of the config's dataset (prepared into a temp dir when
 ``--dataset`` is not given; the synthetic catalog by default), each model built from the config's ``model.*``
@@ -18,6 +22,12 @@ does not depend on the weights, so speed needs no training; recall columns are s
 Without ``--sids``, semantic IDs are random codes (``tokenize.levels`` x ``tokenize.codebook_size``, seeded; TIGER
 gets the de-duplication level appended as the tokenizer does, CAR reads the codes without it): their meaning does
 not change the cost either. CAR's rows are measured at every width too (CAR ignores it), to show they stay flat.
+
+``recommend`` (with ``--recommend-run``, a trained run: dir, name or MLflow id, read with its own saved config):
+the batch job's pipeline (:func:`genrec_dist.ray_recommend.run_recommend`, on a local Ray of this machine) over
+every user of the run's dataset, top ``--k``, in the model's exported inference mode, once per worker count. Its
+users/s is the job's own: from the start of the pipeline (the actors starting and loading the model included) to
+the last shard written, as the job prints and logs it.
 """
 
 import os
@@ -28,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -42,7 +53,7 @@ from genrec_dist.data.semantic_ids import SemanticIds, read_semantic_ids  # noqa
 from genrec_dist.evaluation.evaluate import evaluate_model  # noqa: E402
 from genrec_dist.models import build_model  # noqa: E402
 from genrec_dist.models.blocks import TransformerStack  # noqa: E402
-from genrec_dist.training import data as D  # noqa: E402
+from genrec_dist.data import examples as D  # noqa: E402
 from tokenization.kmeans import dedup_level  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,6 +112,24 @@ def kv_cache_kb_per_user(model, history: torch.Tensor, k: int, **kwargs) -> floa
     return sum(c.nbytes for c in caches) / history.shape[0] / 1024 if caches else None
 
 
+def recommend_rows(run: str, workers: list[int], k: int, batch_size: int, out_dir: str) -> list[dict]:
+    """One row per worker count: users/s of the batch recommendation job for ``run`` (outputs under ``out_dir``)."""
+    from genrec_dist.ray_recommend import run_recommend
+    from genrec_dist.tracking import NullTracker
+    from genrec_dist.evaluation.run import run_own_config
+
+    rows = []
+    for n in workers:
+        overrides = [f"k={k}", f"num_workers={n}", f"batch_size={batch_size}", f"output={out_dir}/recommend-{n}"]
+        cfg, run_dir, _ = run_own_config(load_config(None, overrides, "recommend"), run, overrides, "recommend")
+        s = run_recommend(cfg, run_dir, overrides, NullTracker())
+        meta = json.loads(open(os.path.join(s["output"], "manifest.json")).read())
+        rows.append({"model": f"recommend {meta['model']}", "workers": n, "users": s["users"],
+                     "users_per_s": s["users_per_s"], "seconds": s["seconds"], "k": k, "batch_size": batch_size,
+                     "inference": meta["inference_overrides"] or "exported"})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--config", default=os.path.join(REPO, "configs", "synthetic.yaml"))
@@ -113,9 +142,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds over all rows; the median is reported")
     ap.add_argument("--train-steps", type=int, default=0, help="brief training per model (0: untrained)")
-    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "inference.json"))
+    ap.add_argument("--recommend-run", default="", help="a trained run (dir, name or MLflow id) for the recommend "
+                    "row: users/s of jobs/recommend.py over its dataset's users")
+    ap.add_argument("--recommend-workers", default="1,2", help="worker counts of the recommend row")
+    ap.add_argument("--recommend-only", action="store_true", help="only the recommend row (needs --recommend-run)")
+    ap.add_argument("--out", default="", help="result JSON (default: benchmarks/results/inference.json; with "
+                    "--recommend-only inference_recommend.json)")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args()
+    if args.recommend_only:
+        if not args.recommend_run:
+            raise SystemExit("--recommend-only needs --recommend-run")
+        with tempfile.TemporaryDirectory() as tmp:
+            rec = recommend_rows(args.recommend_run, [int(w) for w in args.recommend_workers.split(",")], args.k,
+                                 args.batch_size, tmp)
+        table = recommend_table(rec)
+        print(f"\n# batch recommendations of {args.recommend_run}, k={args.k}\n{table}")
+        out = args.out or os.path.join(REPO, "benchmarks", "results", "inference_recommend.json")
+        write_result(out, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "env": _env("cuda" if torch.cuda.is_available() else "cpu"), "recommend": rec,
+                           "args": _portable(vars(args)), "table": table})
+        return
     torch.set_num_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
     if min(widths) < args.k:
@@ -176,6 +223,8 @@ def main() -> None:
                          "kv_cache_kb_per_user": cache_kb,
                          "users_per_s_rounds": [m2["users_per_s"] for m2 in runs[i]],
                          f"recall@{args.k}": m[f"recall@{args.k}"], f"ndcg@{args.k}": m[f"ndcg@{args.k}"]})
+        rec = recommend_rows(args.recommend_run, [int(w) for w in args.recommend_workers.split(",")], args.k,
+                             args.batch_size, tmp) if args.recommend_run else []
 
     fast = {r["beam_width"]: r["users_per_s"] for r in rows if r["model"] == "CAR fast"}
     head = ["model", "beam width", "users/s", "ms/user", "ms/user p95", "CAR fast speed-up", "KV cache KB/user"]
@@ -190,17 +239,32 @@ def main() -> None:
             cells += [f"{r[f'recall@{args.k}']:.4f}", f"{r[f'ndcg@{args.k}']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
+    if rec:
+        table += f"\n\n# batch recommendations (jobs/recommend.py) of {args.recommend_run}\n{recommend_table(rec)}"
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    env = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-           "device": "cpu"}
+    env = _env()
     print(f"\n# inference speed, {len(test)} test users of {os.path.basename(args.config)} ({n} items), batch "
           f"{args.batch_size}, k={args.k}, codes: {codes_desc}; "
           f"{'untrained' if not args.train_steps else f'{args.train_steps} training steps'}; params {params}; "
           f"{env['processor']} x{env['torch_threads']} threads\n{table}")
-    write_result(args.out, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env, "rows": rows,
-                            "args": _portable(vars(args)), "num_items": n, "codes": codes_desc, "parameters": params,
-                            "model_config": to_dict(cfg.model), "table": table})
+    out = args.out or os.path.join(REPO, "benchmarks", "results", "inference.json")
+    write_result(out, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env, "rows": rows,
+                       "args": _portable(vars(args)), "num_items": n, "codes": codes_desc, "parameters": params,
+                       "model_config": to_dict(cfg.model), "recommend": rec, "table": table})
+
+
+def _env(device: str = "cpu") -> dict:
+    """The machine; ``device``: where the rows ran (the model rows on CPU; the recommend row on a GPU if one)."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": device}
+
+
+def recommend_table(rows: list[dict]) -> str:
+    lines = ["| model | workers | users | users/s | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['workers']} | {r['users']} | {r['users_per_s']:.1f} | {r['seconds']:.1f} |"
+              for r in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from genrec_dist.data.config import PrepareConfig
 from genrec_dist.errors import ConfigError
 from genrec_dist.models import ModelConfig
 from genrec_dist.tokenize_config import TokenizeConfig
-from genrec_dist.training.config import NOT_RUN, OUTPUT, EvaluateConfig, TrainConfig
+from genrec_dist.training.config import NOT_RUN, OUTPUT, EvaluateConfig, RecommendConfig, TrainConfig
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "flatten", "load_config", "section_from_dict", "to_dict",
            "to_yaml", "with_resolved_paths"]
@@ -99,6 +99,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig, metadata=NOT_RUN)
 
     # ----- derived locations (explicit ``paths.*`` win) -----
     @property

@@ -40,25 +40,6 @@ def registered_name(dataset: str, model: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"genrec-{dataset}-{model}".lower()).strip("-")
 
 
-def _topk(model: torch.nn.Module, history: torch.Tensor, k: int, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(items (B, k), scores (B, k)) best first; items 0 / score -inf where fewer than k exist."""
-    # TODO(merge): remove once models have topk
-    if hasattr(model, "topk"):
-        return model.topk(history, k, **kw)
-    ids = model.recommend(history, k, **kw)  # (B, k)
-    scores = None
-    if hasattr(model, "scores"):
-        accepted = inspect.signature(model.scores).parameters
-        try:
-            full = model.scores(history, **{n: v for n, v in kw.items() if n in accepted})  # (B, N+1)
-            scores = full.float().gather(1, ids)
-        except ValueError:  # CAR's AR ablation ranks by beam search only
-            scores = None
-    if scores is None:  # no score method: the rank, negated (best = -0)
-        scores = -torch.arange(k, dtype=torch.float32, device=ids.device).expand(ids.shape[0], k).clone()
-    return ids, scores.masked_fill(ids == 0, float("-inf"))
-
-
 def _inference_params(model: torch.nn.Module) -> dict[str, Any]:
     """The inference settings a request may change, with the model's trained values as defaults."""
     accepted = inspect.signature(model.recommend).parameters
@@ -135,7 +116,7 @@ class GenRecModel(mlflow.pyfunc.PythonModel):
             raise _invalid(f"'beam_width' must be at least 1, got {p['beam_width']!r}")
         history = histories_tensor(list(frame["history"]), self.num_items, self.max_history)
         with torch.no_grad():
-            items, scores = _topk(self.model, history, int(k), **p)
+            items, scores = self.model.topk(history, int(k), **p)
         items, scores = items.cpu().numpy(), scores.cpu().numpy()
         keep = items != 0  # fewer than k items exist (beam search): drop the padding
         out = pd.DataFrame({"items": [r[m].tolist() for r, m in zip(items, keep)],

@@ -166,6 +166,46 @@ def write_bytes(path: str, data: bytes, storage: Any | None = None) -> None:
             raise
 
 
+@contextlib.contextmanager
+def open_file(path: str, storage: Any | None = None, mode: str = "rb") -> Iterator[Any]:
+    """An open file object for ``path`` (ranged reads on S3: a Parquet footer is read without the whole file)."""
+    fs, p = filesystem(path, storage)
+    with _guard(path, storage), fs.open(p, mode) as fh:
+        yield fh
+
+
+def copy_file(src: str, dst: str, storage: Any | None = None, move: bool = False) -> None:
+    """Copy (or move) one file, never through memory whole: a rename or server-side copy when both paths are on
+    the same store, else streamed in 8 MiB pieces. Local destinations are written under a temporary name first."""
+    sfs, sp = filesystem(src, storage)
+    dfs, dp = filesystem(dst, storage)
+    with _guard(dst, storage):
+        if not is_remote(src) and not is_remote(dst):
+            os.makedirs(os.path.dirname(dp), exist_ok=True)
+            if move:
+                os.replace(sp, dp)
+                return
+            tmp = os.path.join(os.path.dirname(dp), f".{os.path.basename(dp)}.tmp-{uuid.uuid4().hex[:12]}")
+            try:
+                shutil.copyfile(sp, tmp)
+                os.replace(tmp, dp)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+            return
+        if type(sfs) is type(dfs) and is_remote(src):
+            sfs.copy(sp, dp)  # server-side
+        else:
+            if not is_remote(dst):
+                os.makedirs(os.path.dirname(dp), exist_ok=True)
+            with sfs.open(sp, "rb") as fi, dfs.open(dp, "wb") as fo:
+                while chunk := fi.read(8 << 20):
+                    fo.write(chunk)
+        if move:
+            sfs.rm(sp)
+
+
 def read_json(path: str, storage: Any | None = None) -> Any:
     return json.loads(read_bytes(path, storage).decode("utf-8"))
 
@@ -222,6 +262,15 @@ class StagedDir:
             write_bytes(self.path(name), data, self.storage)
         except StorageError as exc:  # name the output the caller asked for, not only the staging file
             raise StorageError(f"{self.final}: writing {name} failed, nothing was committed: {exc}") from exc
+        self.files.append(name)
+
+    def adopt(self, name: str, src: str, move: bool = False) -> None:
+        """Put the file at ``src`` (written elsewhere, e.g. by Ray workers) into the output as ``name``, without
+        reading it into this process: a rename or server-side copy where the stores allow it."""
+        try:
+            copy_file(src, self.path(name), self.storage, move=move)
+        except (StorageError, OSError) as exc:
+            raise StorageError(f"{self.final}: adding {name} from {src} failed, nothing was committed: {exc}") from exc
         self.files.append(name)
 
     def write_parquet(self, name: str, df: pl.DataFrame) -> None:
@@ -325,6 +374,11 @@ def _copy_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     files = sorted(fs.find(src), key=lambda p: p.endswith("/" + MANIFEST))
     for f in files:
         fs.copy(f, dst + f[len(src.rstrip("/")):])
+
+
+def remove_tree(path: str, storage: Any | None = None) -> None:
+    """Remove a file or folder if it is there (best effort: a temporary area must not hide the real error)."""
+    _remove_quietly(path, storage)
 
 
 def _remove_quietly(path: str, storage: Any | None, max_attempts: int | None = None) -> None:

@@ -49,6 +49,17 @@ class UngerStage1Config:
 
 
 @dataclass
+class KMeansScaleConfig:
+    """How each residual k-means level scales to millions of rows (``tokenize.kmeans``). The defaults keep the exact
+    full-batch Lloyd steps; docs/tokenize.md says what each setting changes in the codes."""
+
+    # Rows per mini-batch Lloyd step (Sculley, "Web-scale k-means clustering", WWW 2010, Alg. 1); 0: full Lloyd
+    # steps over all rows (exact, the default). With a mini-batch, each of max_iters steps reads this many rows
+    # sampled by global index (codes stay the same for any number of workers, but differ from full Lloyd's).
+    minibatch: int = 0
+
+
+@dataclass
 class TokenizeConfig:
     # rkmeans: embed item text + residual k-means (TIGER/CAR style); import: read an LC-Rec/LETTER
     # <Name>.index.json[.gz] given in index_path; unger: UNGER Stage I (integrated embeddings, section unger below).
@@ -73,7 +84,10 @@ class TokenizeConfig:
     codebook_size: int = 256
     max_iters: int = 50
     tol: float = 1e-4  # stop when the inertia improves by less than this fraction
-    seed_sample: int = 0  # rows k-means++ seeds from; 0: max(10000, 64 K)
+    # Rows greedy k-means++ seeds each level from: a uniform sample chosen by global row index and fetched from the
+    # k-means actors, so the driver holds this many rows, never N; 0: max(10000, 64 K). A sample of at least N
+    # rows is the whole level (plain k-means++ on every row).
+    seed_sample: int = 0
     kmeans_backend: Literal["auto", "numpy", "torch"] = "auto"
     # Append a level that makes full codes unique (TIGER §3.1; UNGER needs it; CAR keeps non-unique codes).
     dedup: bool = True
@@ -81,6 +95,9 @@ class TokenizeConfig:
     index_path: str = ""
     # Also write our codes as <name>.index.json in the output directory (LC-Rec/LETTER layout).
     export_index: bool = True
-    rows_per_shard: int = 100_000  # embedding Parquet shard size
+    # Embedding Parquet shard size: the embedding workers write shards of this many items, each k-means worker
+    # reads only its share of them (memory per worker ~ N / num_workers rows, none on the driver).
+    rows_per_shard: int = 100_000
     overwrite: bool = False
+    kmeans: KMeansScaleConfig = field(default_factory=KMeansScaleConfig)
     unger: UngerStage1Config = field(default_factory=UngerStage1Config)

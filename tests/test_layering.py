@@ -35,20 +35,22 @@ GROUPS = {
     "genrec_dist.models": "models",
     "genrec_dist.evaluation": "metrics",
     "genrec_dist.evaluation.run": "evaluate_run",
+    "genrec_dist.evaluation.recommend": "evaluate_run",  # the Recommender loads a run's export, as run.py does
     "genrec_dist.reports": "reports",
     "genrec_dist.tracking": "tracking",
     "genrec_dist.serving": "serving",  # a run's export as an MLflow pyfunc model
     "genrec_dist.ray_runtime": "ray_runtime",
-    # what a run leaves on disk and the examples it reads: below both training and evaluating a run
+    "genrec_dist.ray_recommend": "recommend",
+    # what a run leaves on disk: below both training and evaluating a run (the examples it reads are data)
     "genrec_dist.training.runs": "run_files",
     "genrec_dist.training.export": "run_files",
     "genrec_dist.training.checkpoint": "run_files",
-    "genrec_dist.training.data": "run_files",
     "genrec_dist.training": "training",
     "tokenization": "tokenization",
     "tokenization.kmeans": "tokenization_core",
     "tokenization.embed": "tokenization_core",
     "tokenization.embedding_store": "tokenization_core",
+    "tokenization.progress": "tokenization_core",
     "tokenization.config": "tokenization_core",
     "jobs": "jobs",
 }
@@ -77,9 +79,10 @@ ALLOWED = {
     # the export as an MLflow model, saved by training for the tracker to log
     "serving": _CORE | {"run_files", "evaluate_run"},
     "training": _CORE | {"run_files", "evaluate_run", "ray_runtime", "serving"},
+    "recommend": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "ray_runtime"},
     "tokenization_core": _BASE | {"storage"},
     "tokenization": _CORE | {"run_files", "ray_runtime", "tokenization_core"},
-    "jobs": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "training", "ray_runtime", "tokenization",
+    "jobs": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "training", "ray_runtime", "recommend", "tokenization",
                      "tokenization_core"},
 }
 

@@ -31,7 +31,7 @@ def trained(tiny_cfg, tiny_dataset, tmp_path_factory):
     import mlflow
 
     from genrec_dist.data.dataset import Dataset
-    from genrec_dist.training import data as D
+    from genrec_dist.data import examples as D
 
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -191,7 +191,7 @@ def test_training_run_logs_system_metrics(trained):
                                          ("tiger", {"beam_width": 12})])
 def test_pyfunc_of_a_semantic_id_model_ranks_like_recommend(name, params, tmp_path):
     """CAR (fast and slow) and TIGER (beam search), untrained: the pyfunc's items are recommend's; CAR's scores are
-    its log-probabilities, TIGER's the rank until models report their beam scores. No training: an export written
+    its log-probabilities, TIGER's its beam log-probs. No training: an export written
     directly, saved as an MLflow model and loaded from the folder."""
     import mlflow
     import pandas as pd
@@ -226,8 +226,11 @@ def test_pyfunc_of_a_semantic_id_model_ranks_like_recommend(name, params, tmp_pa
     got = np.stack(out["scores"].to_numpy())
     if name == "car":
         np.testing.assert_allclose(got, exported.scores(h, params["inference"]).gather(1, ids).numpy(), rtol=1e-5)
-    else:
-        assert np.array_equal(got, -np.arange(5.0)[None].repeat(3, 0))
+    else:  # the items' beam log-probs, best first
+        with torch.no_grad():
+            beam = exported.topk(h, 5, **params)[1].numpy()
+        np.testing.assert_allclose(got, beam, rtol=1e-5)
+        assert (got[:, :-1] >= got[:, 1:]).all() and (got < 0).all()
     with pytest.raises(Exception, match="must be one of fast, slow" if name == "car" else "at least 1"):
         pyfunc.predict(pd.DataFrame({"history": hist}),
                        params={"inference": "medium"} if name == "car" else {"beam_width": 0})

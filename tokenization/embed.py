@@ -120,3 +120,43 @@ def texts_for_embedding(items, empty_text: str = "fallback"):
                 .otherwise(pl.lit("item ") + pl.col("item").cast(pl.Utf8)))
     out = items.select("item_id", pl.when(blank).then(fallback).otherwise(pl.col("text")).alias("text"))
     return out, n_blank
+
+
+class ShardEmbedder:
+    """Ray Data UDF that writes what it embeds: a block of ``{"item_id", "text", "shard"}`` rows (one contiguous
+    piece of one shard's item ids) -> embedded in batches of ``batch_size`` texts of similar length (less padding),
+    put back in item order and written as ``<out_dir>/part-SSSSS.iIIIIIIIII.parquet`` (shard, first item id).
+    Returns one small row per file written (file, shard, first item id, rows, host), so the caller never sees a
+    vector. Writing is atomic and the name depends only on the rows, so a re-run block (a worker that died) writes
+    the same file again. ``embedder_cls(**embedder_kwargs)`` is the embedding UDF (:class:`TextEmbedder`)."""
+
+    def __init__(self, out_dir: str, storage_cfg: Any = None, batch_size: int = 64,
+                 embedder_cls: type = TextEmbedder, **embedder_kwargs: Any):
+        self.out_dir, self.storage_cfg, self.batch_size = out_dir, storage_cfg, batch_size
+        self.embedder = embedder_cls(**embedder_kwargs)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        import socket
+
+        from genrec_dist import storage
+        from tokenization.embedding_store import shard_bytes
+
+        ids = np.asarray(batch["item_id"], dtype=np.int64)
+        texts = np.asarray(batch["text"], dtype=object)
+        shards = np.asarray(batch["shard"], dtype=np.int64)
+        out: dict[str, list] = {"file": [], "shard": [], "first": [], "rows": [], "host": []}
+        for s in np.unique(shards):
+            sel = np.flatnonzero(shards == s)
+            sel = sel[np.argsort(ids[sel], kind="stable")]  # item order
+            by_len = sel[np.lexsort((ids[sel], [len(str(t)) for t in texts[sel]]))]
+            vecs = [self.embedder({"item_id": ids[by_len[a:a + self.batch_size]],
+                                   "text": texts[by_len[a:a + self.batch_size]]})["embedding"]
+                    for a in range(0, len(by_len), self.batch_size)]
+            emb = np.empty((len(sel), vecs[0].shape[1]), dtype=np.float32)
+            emb[np.searchsorted(ids[sel], ids[by_len])] = np.concatenate(vecs)  # back to item order
+            name = f"part-{int(s):05d}.i{int(ids[sel[0]]):010d}.parquet"
+            storage.write_bytes(storage.join(self.out_dir, name), shard_bytes(ids[sel], emb), self.storage_cfg)
+            for key, value in (("file", name), ("shard", int(s)), ("first", int(ids[sel[0]])), ("rows", len(sel)),
+                               ("host", f"{socket.gethostname()}:{os.getpid()}")):
+                out[key].append(value)
+        return {k: np.asarray(v) for k, v in out.items()}

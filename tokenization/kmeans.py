@@ -33,6 +33,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from genrec_dist.errors import GenrecError
+from tokenization.progress import Progress
 
 # Rows per distance block: bounds the (rows, K) distance matrix to ~64 MiB at K = 256 in float64.
 _BLOCK = 32768
@@ -57,6 +58,11 @@ class KMeansParams:
     seed: int = 0
     seed_sample: int = 0
     seed_trials: int = 0
+    # Rows per mini-batch Lloyd step (Sculley, "Web-scale k-means clustering", WWW 2010, Alg. 1; 0: full Lloyd).
+    # Each of the ``max_iters`` steps assigns a fresh uniform sample of rows (chosen by global index from
+    # (seed, level, step), so still split-independent) and moves each centroid to the running mean of every row
+    # it was given so far (per-centre learning rate 1 / count). No inertia test: all ``max_iters`` steps run.
+    minibatch: int = 0
 
 
 @dataclass
@@ -202,13 +208,16 @@ class KMeansShard:
                for s in range(0, xb.shape[0], _BLOCK)]  # torch also returns the first minimal index
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=self.device)
 
-    def assign(self, c: np.ndarray) -> Any:
-        """Labels (n,) of the nearest centroid: float32 scores, float64 for the rows too close to call (class doc)."""
-        n, dim = self.x.shape
+    def assign(self, c: np.ndarray, idx: Any = None) -> Any:
+        """Labels of the nearest centroid for all rows (n,) or those at ``idx``: float32 scores, float64 for the
+        rows too close to call (class doc)."""
+        x32 = self._x32 if idx is None else self._x32[idx]
+        x_norm = self._x_norm if idx is None else self._x_norm[idx]
+        n, dim = x32.shape
         c_sq = (c * c).sum(1)
         c_norm_max = float(np.sqrt(c_sq.max())) if len(c) else 0.0
-        if n == 0 or len(c) < 2 or (float(self._x_norm.max()) + c_norm_max) ** 2 > _F32_SAFE:
-            return self.assign_f64(c)
+        if n == 0 or len(c) < 2 or (float(x_norm.max()) + c_norm_max) ** 2 > _F32_SAFE:
+            return self.assign_f64(c, idx)
         u_in = self._u_in()
         if self.backend == "numpy":
             cm2 = (-2.0 * c).astype(np.float32)  # (K, D); times -2 is exact
@@ -216,7 +225,7 @@ class KMeansShard:
             labels = np.empty(n, dtype=np.int64)
             unsure = np.empty(n, dtype=bool)
             for s in range(0, n, _BLOCK):
-                t = self._x32[s:s + _BLOCK] @ cm2.T  # (b, K) float32: -2 x.c
+                t = x32[s:s + _BLOCK] @ cm2.T  # (b, K) float32: -2 x.c
                 t += c_sq32
                 lb = t.argmin(1)
                 r = np.arange(len(t))
@@ -225,10 +234,10 @@ class KMeansShard:
                 gap = t.min(1) - best  # float64
                 labels[s:s + _BLOCK] = lb
                 # "not (gap > bound)": a NaN gap is unsure too
-                unsure[s:s + _BLOCK] = ~(gap > f32_gap_bound(self._x_norm[s:s + _BLOCK], c_norm_max, dim, u_in))
-            idx = np.flatnonzero(unsure)
-            if len(idx):
-                labels[idx] = self.assign_f64(c, idx)
+                unsure[s:s + _BLOCK] = ~(gap > f32_gap_bound(x_norm[s:s + _BLOCK], c_norm_max, dim, u_in))
+            redo = np.flatnonzero(unsure)
+            if len(redo):
+                labels[redo] = self.assign_f64(c, redo if idx is None else idx[redo])
             return labels
         torch = self._torch
         ct = torch.as_tensor(c, device=self.device)
@@ -236,35 +245,46 @@ class KMeansShard:
         c_sq32 = torch.as_tensor(c_sq, device=self.device).float()
         labels, unsure = [], []
         for s in range(0, n, _BLOCK):
-            t = self._x32[s:s + _BLOCK] @ cm2.T
+            t = x32[s:s + _BLOCK] @ cm2.T
             t += c_sq32
             best, lb = t.min(1)  # torch.min returns the first minimal index, like argmin
             t.scatter_(1, lb[:, None], float("inf"))
             gap = t.min(1).values.double() - best.double()
             labels.append(lb)
-            unsure.append(~(gap > f32_gap_bound(self._x_norm[s:s + _BLOCK], c_norm_max, dim, u_in)))
+            unsure.append(~(gap > f32_gap_bound(x_norm[s:s + _BLOCK], c_norm_max, dim, u_in)))
         labels, unsure = torch.cat(labels), torch.cat(unsure)
-        idx = torch.nonzero(unsure)[:, 0]
-        if len(idx):
-            labels[idx] = self.assign_f64(c, idx)
+        redo = torch.nonzero(unsure)[:, 0]
+        if len(redo):
+            labels[redo] = self.assign_f64(c, redo if idx is None else idx[redo])
         return labels
 
-    def partial(self, centroids: np.ndarray) -> Partial:
-        """Map step: per-cluster sums/counts and inertia of this shard at ``centroids`` (K, D).
+    def _local(self, rows: np.ndarray | None) -> Any:
+        """Positions in this shard of the global ``rows`` held here (None: all rows)."""
+        if rows is None:
+            return None
+        idx = np.flatnonzero(np.isin(self.rows, rows))
+        return idx if self.backend == "numpy" else self._torch.as_tensor(idx, device=self.device)
+
+    def partial(self, centroids: np.ndarray, rows: np.ndarray | None = None) -> Partial:
+        """Map step: per-cluster sums/counts and inertia of this shard at ``centroids`` (K, D), over all its rows
+        or only those of the global ``rows`` it holds (a mini-batch).
 
         inertia = sum_i ||x_i||^2 - sum_j (2 c_j . S_j - n_j ||c_j||^2) with S_j, n_j the cluster's sum and count:
         O(K D) from the sums, no per-row distance (float64; cancellation costs ~1e-16 * energy / inertia)."""
         k, d = centroids.shape
-        labels = self.assign(centroids)
+        idx = self._local(rows)
+        labels = self.assign(centroids, idx)
+        x = self.x if idx is None else self.x[idx]
+        x_sq = self._x_sq if idx is None else self._x_sq[idx]
         if self.backend == "numpy":
             counts = np.bincount(labels, minlength=k).astype(np.int64)
-            sums = _segment_sum(labels, self.x, k)
-            energy = float(self._x_sq.sum())
+            sums = _segment_sum(labels, x, k)
+            energy = float(x_sq.sum())
         else:
             torch = self._torch
             counts = torch.bincount(labels, minlength=k).cpu().numpy().astype(np.int64)
-            sums = torch.zeros((k, d), dtype=torch.float64, device=self.device).index_add_(0, labels, self.x)
-            sums, energy = sums.cpu().numpy(), float(self._x_sq.sum().item())
+            sums = torch.zeros((k, d), dtype=torch.float64, device=self.device).index_add_(0, labels, x)
+            sums, energy = sums.cpu().numpy(), float(x_sq.sum().item())
         inertia = energy - float((2.0 * (centroids * sums).sum(1) - counts * (centroids * centroids).sum(1)).sum())
         return Partial(sums, counts, max(inertia, 0.0))
 
@@ -329,15 +349,17 @@ def local_call(shards: Sequence[KMeansShard]) -> Call:
     return lambda method, *args: [getattr(s, method)(*args) for s in shards]
 
 
-def sample_rows(n: int, size: int, seed: int, level: int) -> np.ndarray:
-    """Sorted global rows for seeding: a function of (n, size, seed, level) only, never of the shards."""
-    rng = np.random.default_rng([seed, level, 1])
+def sample_rows(n: int, size: int, seed: int, level: int, step: int = -1) -> np.ndarray:
+    """Sorted global rows for seeding (``step`` -1) or for mini-batch step ``step``: a function of (n, size, seed,
+    level, step) only, never of the shards. O(size) memory when size << n (numpy's Floyd sampling)."""
+    rng = np.random.default_rng([seed, level, 1] if step < 0 else [seed, level, 3, step])
     if size >= n:
         return np.arange(n, dtype=np.int64)
     return np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
 
 
-def kmeans_pp(x: np.ndarray, k: int, seed: int, level: int = 0, trials: int = 0) -> np.ndarray:
+def kmeans_pp(x: np.ndarray, k: int, seed: int, level: int = 0, trials: int = 0,
+              log: Callable[[str], None] | None = None) -> np.ndarray:
     """Greedy k-means++ (Arthur & Vassilvitskii 2007) on ``x`` (n, D): each step draws ``trials`` candidates
     (0: 2 + ln K, scikit-learn's ``n_local_trials``) with probability proportional to D(x)^2 and keeps the one
     that lowers the potential most; all candidates of a step are scored in one matmul.
@@ -369,14 +391,17 @@ def kmeans_pp(x: np.ndarray, k: int, seed: int, level: int = 0, trials: int = 0)
         return d
 
     with threadpool_limits(limits=1, user_api="blas"):
-        chosen = _greedy_pp(n, k, trials, rng, dist_to)
+        chosen = _greedy_pp(n, k, trials, rng, dist_to, Progress(f"k-means++ seeding on {n} rows:", k, log,
+                                                                   unit="centroids"))
     return x[chosen].copy()
 
 
 def _greedy_pp(n: int, k: int, trials: int, rng: np.random.Generator,
-               dist_to: Callable[[np.ndarray], np.ndarray]) -> list[int]:
+               dist_to: Callable[[np.ndarray], np.ndarray], progress: Progress | None = None) -> list[int]:
     """The K sequential steps of :func:`kmeans_pp`: indices of the chosen rows."""
+    progress = progress or Progress("", k, None)
     chosen = [int(rng.integers(n))]
+    progress.add(1)
     closest = dist_to(np.array(chosen))[0]  # (n,)
     taken = np.zeros(n, dtype=bool)
     taken[chosen[0]] = True
@@ -394,6 +419,7 @@ def _greedy_pp(n: int, k: int, trials: int, rng: np.random.Generator,
             closest = d[best]
         chosen.append(nxt)
         taken[nxt] = True
+        progress.add(1)
     return chosen
 
 
@@ -439,8 +465,10 @@ def update(stats: Partial, centroids: np.ndarray, call: Call | None = None) -> t
     return new, int(len(empty)) if call is not None else 0
 
 
-def fit_level(call: Call, n: int, params: KMeansParams, level: int = 0) -> tuple[np.ndarray, LevelStats]:
-    """Lloyd's algorithm on the shards' current residuals; returns the codebook (K, D) and its stats.
+def fit_level(call: Call, n: int, params: KMeansParams, level: int = 0,
+              log: Callable[[str], None] | None = None) -> tuple[np.ndarray, LevelStats]:
+    """Lloyd's algorithm (or mini-batch steps, ``params.minibatch``) on the shards' current residuals; returns the
+    codebook (K, D) and its stats. The driver holds only the seeding sample, (K, D) centroids and sums.
 
     The level is *not* advanced (see :func:`residual_kmeans`)."""
     k = params.k
@@ -454,13 +482,20 @@ def fit_level(call: Call, n: int, params: KMeansParams, level: int = 0) -> tuple
     sample_rows_got = np.concatenate([g[0] for g in got])
     sample = np.concatenate([g[1] for g in got])
     sample = sample[np.argsort(sample_rows_got, kind="stable")]  # global order, whatever the split
-    centroids = kmeans_pp(sample, k, params.seed, level, params.seed_trials)
+    centroids = kmeans_pp(sample, k, params.seed, level, params.seed_trials, log)
+    del sample
+    batch = min(params.minibatch, n) if params.minibatch > 0 else 0
+    if batch:
+        return _minibatch(call, n, params, level, centroids, batch, log)
     history: list[float] = []
     reseeded = 0
     converged = False
     it = 0
+    progress = Progress(f"k-means level {level + 1} Lloyd steps (at most {params.max_iters}):",
+                        n * params.max_iters, log, unit="rows")
     for it in range(1, params.max_iters + 1):
         stats = reduce_partials(call("partial", centroids))
+        progress.add(n)
         history.append(stats.inertia)
         centroids, r = update(stats, centroids, call)
         reseeded += r
@@ -472,6 +507,29 @@ def fit_level(call: Call, n: int, params: KMeansParams, level: int = 0) -> tuple
     counts = reduce_partials(call("partial", centroids)).counts
     used = int((counts > 0).sum())
     return centroids, LevelStats(level, k, it, converged, float(history[-1]), used, used / k, reseeded, history)
+
+
+def _minibatch(call: Call, n: int, params: KMeansParams, level: int, centroids: np.ndarray, batch: int,
+               log: Callable[[str], None] | None) -> tuple[np.ndarray, LevelStats]:
+    """Mini-batch k-means (Sculley, WWW 2010, Alg. 1), the batch form scikit-learn's ``MiniBatchKMeans`` uses:
+    per step, each centre moves to the mean of all rows ever assigned to it, c <- c + (S - m c) / v with S, m the
+    step's sum and count for the centre and v its running count. Each step reads ``batch`` rows, not N."""
+    k = params.k
+    seen = np.zeros(k, dtype=np.float64)  # v: rows each centre has been given so far
+    centroids = centroids.copy()
+    history: list[float] = []
+    progress = Progress(f"k-means level {level + 1} mini-batch steps ({batch} rows each):",
+                        batch * params.max_iters, log, unit="rows")
+    for step in range(params.max_iters):
+        st = reduce_partials(call("partial", centroids, sample_rows(n, batch, params.seed, level, step)))
+        nz = st.counts > 0
+        seen[nz] += st.counts[nz]
+        centroids[nz] += (st.sums[nz] - st.counts[nz, None] * centroids[nz]) / seen[nz, None]
+        history.append(st.inertia * n / batch)  # the batch's inertia scaled to N rows: an estimate
+        progress.add(batch)
+    counts = reduce_partials(call("partial", centroids)).counts
+    used = int((counts > 0).sum())
+    return centroids, LevelStats(level, k, params.max_iters, False, float(history[-1]), used, used / k, 0, history)
 
 
 def dedup_level(codes: np.ndarray) -> tuple[np.ndarray, int]:
@@ -520,7 +578,7 @@ def residual_kmeans(call: Call, levels: int, params: KMeansParams, dedup: bool =
     codebooks, level_stats = [], []
     residual = energy
     for level in range(levels):
-        centroids, st = fit_level(call, n, params, level)
+        centroids, st = fit_level(call, n, params, level, log)
         residual = 0.0
         for rows, labels, sq in call("advance", centroids):
             codes[rows, level] = labels

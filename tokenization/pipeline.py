@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from typing import Any, Callable
 
 import numpy as np
@@ -32,9 +33,9 @@ from genrec_dist.data.dataset import Dataset
 from genrec_dist.errors import ConfigError
 from genrec_dist.data.semantic_ids import (CODEBOOKS_FILE, STATS_FILE, SemanticIds, code_stats,
                                           read_lcrec_index, write_lcrec_index, write_semantic_ids)
-from genrec_dist.reports import plot_codebook_utilisation
 from tokenization.embed import TextEmbedder, texts_for_embedding
-from tokenization.embedding_store import EmbeddingError, embedding_shards, read_embeddings
+from tokenization.embedding_store import (EMBEDDINGS_DIR, EmbeddingError, list_shards, read_rows, shard_name,
+                                         shards_for)
 from tokenization.kmeans import KMeansParams, dedup_level
 
 Log = Callable[[str], None]
@@ -44,46 +45,56 @@ def _gpu_flag(value: str) -> bool | None:
     return {"auto": None, "yes": True, "no": False}[value]
 
 
-def _embeddings(cfg: Any, items, log: Log, embedder_cls: type) -> tuple[np.ndarray, np.ndarray, dict]:
+def _temp_area(out_dir: str) -> str:
+    """A folder beside the output for files Ray workers write before the commit; named like a staging area of
+    ``out_dir`` so that the next successful commit there removes it if this run dies before cleaning up."""
+    parent, name = out_dir.rstrip("/").rsplit("/", 1) if "/" in out_dir.rstrip("/") else (".", out_dir)
+    return storage.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
+
+
+def _embeddings(cfg: Any, items, tmp: str, log: Log, embedder_cls: type) -> tuple[list[tuple[str, int]], dict]:
+    """Embedding shard files [(file, rows)] in item order, written by the Ray workers under ``tmp`` (or the stored
+    ones of ``tokenize.embeddings_path``), and the embedding stats. No vector is read here."""
     tc = cfg.tokenize
+    if tc.embeddings_path:
+        files = list_shards(tc.embeddings_path, cfg.storage)  # Parquet footers only
+        n = sum(rows for _, rows in files)
+        if n != items.height:
+            raise EmbeddingError(f"{tc.embeddings_path}: {n} embedding rows, the dataset has {items.height} items "
+                                 f"(item ids 1..{items.height} in order are needed)")
+        return files, {"source": tc.embeddings_path, "items": n}
     texts, n_blank = texts_for_embedding(items, tc.empty_text)
     if n_blank:
         log(f"warning: {n_blank} items have an empty or whitespace-only text; embedded their title or item key "
             f"(tokenize.empty_text=fallback)")
-    info: dict[str, Any] = {"empty_text_items": n_blank}
-    if tc.embeddings_path:
-        item_ids, emb = read_embeddings(tc.embeddings_path, cfg.storage)
-        want = np.sort(items["item_id"].to_numpy().astype(np.int64))
-        if not np.array_equal(item_ids, want):
-            raise EmbeddingError(f"{tc.embeddings_path}: item ids do not match the dataset's 1..{len(want)}")
-        info.update(source=tc.embeddings_path, items=len(item_ids), dim=int(emb.shape[1]))
-        return item_ids, emb, info
-    from tokenization.ray_embed import embed_items
+    from tokenization.ray_embed import embed_to_shards
     from genrec_dist.ray_runtime import ensure_ray
 
     ensure_ray(tc.ray_address)
-    item_ids, emb, einfo = embed_items(texts, tc.embedder, tc.model, tc.num_workers, tc.batch_size, tc.max_length,
-                                       _gpu_flag(tc.use_gpu), embedder_cls, log)
-    info.update(einfo)
-    return item_ids, emb, info
+    files, einfo = embed_to_shards(texts, storage.join(tmp, EMBEDDINGS_DIR), tc.rows_per_shard, cfg.storage,
+                                   tc.embedder, tc.model, tc.num_workers, tc.batch_size, tc.max_length,
+                                   _gpu_flag(tc.use_gpu), embedder_cls, log)
+    return files, {"empty_text_items": n_blank, **einfo}
 
 
-def _quantise(cfg: Any, emb: np.ndarray, log: Log):
+def _quantise(cfg: Any, emb: np.ndarray | list[tuple[str, int]], log: Log):
+    """Residual k-means of an (N, D) array, or of embedding shard files read by the k-means actors."""
     from tokenization.ray_kmeans import ray_residual_kmeans
     from genrec_dist.ray_runtime import ensure_ray
 
     tc = cfg.tokenize
-    bad = ~np.isfinite(emb).all(axis=1)
-    if bad.any():
-        from tokenization.kmeans import KMeansError
+    if isinstance(emb, np.ndarray):
+        bad = ~np.isfinite(emb).all(axis=1)
+        if bad.any():
+            from tokenization.kmeans import KMeansError
 
-        raise KMeansError(f"embeddings: item_id {int(np.flatnonzero(bad)[0]) + 1} has a NaN or infinite value "
-                          f"({int(bad.sum())} items); nothing was written")
+            raise KMeansError(f"embeddings: item_id {int(np.flatnonzero(bad)[0]) + 1} has a NaN or infinite "
+                              f"value ({int(bad.sum())} items); nothing was written")
     ensure_ray(tc.ray_address)
     params = KMeansParams(k=tc.codebook_size, max_iters=tc.max_iters, tol=tc.tol, seed=cfg.seed,
-                          seed_sample=tc.seed_sample)
+                          seed_sample=tc.seed_sample, minibatch=tc.kmeans.minibatch)
     return ray_residual_kmeans(emb, tc.levels, params, tc.dedup, tc.num_workers, _gpu_flag(tc.use_gpu),
-                               tc.kmeans_backend, log)
+                               tc.kmeans_backend, log, cfg.storage)
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -114,13 +125,17 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
         raise storage.StorageError(f"{out_dir}: semantic IDs already exist (tokenize.overwrite=true replaces them)")
     if tc.method == "import" and not tc.index_path:
         raise ConfigError("tokenize.method=import needs tokenize.index_path (an LC-Rec <Name>.index.json[.gz])")
-    items = dataset.items(["item_id", "item", "title", "text"])
+    # Stored embeddings need no text: only the item keys (for the LC-Rec index) are read then.
+    stored = tc.method == "rkmeans" and bool(tc.embeddings_path)
+    items = dataset.items(["item_id", "item"] if stored else ["item_id", "item", "title", "text"])
     t0 = time.time()
+    scratch = _temp_area(out_dir)  # Ray workers write here; moved into the output at the commit
     tracker = tracking(cfg, "tokenize", extra_tags=dataset.tags())
     try:
         tracker.log_config(cfg)
         tracker.log_input(**dataset.input_spec(), context="tokenization")
         files: dict[str, bytes] = {}
+        paths: dict[str, str] = {}  # output name -> file written elsewhere (embedding shards), copied in
         if tc.method == "import":
             imported = read_lcrec_index(tc.index_path, items, cfg.storage)
             item_ids = np.arange(1, imported.num_items + 1)
@@ -134,16 +149,24 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
                 stats["dedup_size"] = size
             source = {"source": "lcrec-index", "index_path": tc.index_path}
         else:
-            item_ids, emb, einfo = _embeddings(cfg, items, log, embedder_cls)
+            shard_files, einfo = _embeddings(cfg, items, scratch, log, embedder_cls)
+            item_ids = np.arange(1, items.height + 1)
             unger = None
             if tc.method == "unger":  # UNGER Stage I: quantise the integrated embeddings (tokenization/unger.py)
                 from tokenization.unger import flat_metrics, run_stage1
 
+                # Stage I trains on every item's vector in this process: the one path that gathers them.
+                rows, emb = read_rows(shards_for(shard_files, 0, 1), cfg.storage)
+                item_ids = rows + 1
+                einfo["dim"] = int(emb.shape[1])
                 unger = run_stage1(cfg, dataset, item_ids, emb, log)
-            result = _quantise(cfg, emb if unger is None else unger.embeddings, log)
+                del emb
+            result = _quantise(cfg, shard_files if unger is None else unger.embeddings, log)
             codes, sizes = result.codes, result.codebook_sizes
+            if unger is None:
+                einfo["dim"] = int(result.codebooks[0].shape[1])
             stats = {"method": tc.method, **result.stats, "embedding": einfo}
-            files.update(embedding_shards(item_ids, emb, tc.rows_per_shard))
+            paths.update({shard_name(i): f for i, (f, _) in enumerate(shard_files)})
             files[CODEBOOKS_FILE] = _npz({f"level_{i}": c.astype(np.float32) for i, c in enumerate(result.codebooks)})
             source = {"source": "rkmeans", "embedder": tc.embedder, "model": tc.model}
             if unger is not None:
@@ -155,22 +178,28 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
         index_name = f"{cfg.name}.index.json"
         if tc.export_index:
             sids = SemanticIds(np.concatenate([np.zeros((1, codes.shape[1]), np.int64), codes]), sizes, {})
-            with tempfile.TemporaryDirectory() as tmp:
-                write_lcrec_index(sids, items, os.path.join(tmp, index_name))
-                files[index_name] = open(os.path.join(tmp, index_name), "rb").read()
+            write_lcrec_index(sids, items, storage.join(scratch, index_name), cfg.storage)  # moved in at the commit
+            paths[index_name] = storage.join(scratch, index_name)
+            del sids
+        log(f"writing semantic IDs of {len(item_ids)} items -> {out_dir}")
         manifest = write_semantic_ids(
             out_dir, item_ids, codes, sizes,
             {"method": tc.method, "dedup": bool(tc.dedup), "seed": cfg.seed, "dataset": cfg.dataset_dir, **source,
              "config": to_dict(cfg)},  # the resolved config, as prepare's manifest keeps it
-            storage_cfg=cfg.storage, overwrite=tc.overwrite, extra_files=files)
+            storage_cfg=cfg.storage, overwrite=tc.overwrite, extra_files=files, extra_paths=paths,
+            move_extra_paths={name for name, src in paths.items() if src.startswith(scratch + "/")})  # not stored ones
         tracker.log(_metrics(stats))
         with tempfile.TemporaryDirectory() as tmp:  # artifacts from the committed output (local or s3)
             for name in [*manifest["files"], storage.MANIFEST]:
                 if name.startswith("embeddings/"):
                     continue  # large; they stay in the output directory
-                with open(os.path.join(tmp, name), "wb") as fh:
-                    fh.write(storage.read_bytes(storage.join(out_dir, name), cfg.storage))
+                storage.copy_file(storage.join(out_dir, name), os.path.join(tmp, name), cfg.storage)  # streamed
             tracker.log_artifact(tmp, "semantic_ids")
+        del codes, items, paths, files
+        # Imported here, after the per-item arrays are gone: matplotlib and the evaluation module it brings add
+        # ~260 MB to the driver, which should not stack on the codes' peak.
+        from genrec_dist.reports import plot_codebook_utilisation
+
         with tempfile.TemporaryDirectory() as tmp:
             tracker.log_artifact(plot_codebook_utilisation(stats, os.path.join(tmp, "codebook_utilisation.png")),
                                  "reports")
@@ -178,6 +207,8 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
     except BaseException:
         tracker.close("FAILED")
         raise
+    finally:
+        storage.remove_tree(scratch, cfg.storage)
     log(f"semantic IDs: {len(item_ids)} items, levels {sizes}, collision rate of learned codes "
         f"{stats.get('collision_rate', 0.0):.4f} -> {out_dir}")
     return {"path": out_dir, "num_items": int(len(item_ids)), "codebook_sizes": sizes, "stats": stats,

@@ -34,7 +34,7 @@ import torch
 from genrec_dist import storage
 from genrec_dist.errors import ConfigError
 from genrec_dist.models.unger_stage1 import DINStage1, integrate
-from genrec_dist.training.data import train_examples
+from genrec_dist.data.examples import train_examples
 
 ITEM_EMBEDDINGS_FILE = "integrated_embeddings.npy"
 REFERENCE_FILE = "din_reference.npy"

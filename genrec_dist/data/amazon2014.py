@@ -6,8 +6,10 @@
 so not JSON), parsed with :func:`ast.literal_eval`, never ``eval``; we use ``title``, ``brand``, ``categories``
 (a list of category paths) and ``description``. A meta line that is JSON (the 2018 files) is read too.
 
-The review lines are parsed by Polars (fast); when Polars refuses a file or a required field is missing, the
-file is parsed again line by line to name the first bad line. Meta lines are parsed only for the items that
+Both files are streamed in blocks of whole lines (:class:`~genrec_dist.data.raw.Source`), never held whole; each
+may also be a directory or glob of parts (read in sorted order). A review block is parsed by Polars (fast); when
+Polars refuses a block or a required field is missing, the block is parsed again line by line to name the first
+bad line. Meta lines are parsed only for the items that
 survive the k-core filter: a cheap regex reads each line's ``asin`` first (a line without a recognisable asin is
 parsed fully, so it still fails with its line number), which keeps the full-catalog meta files cheap.
 """
@@ -25,7 +27,8 @@ import polars as pl
 from genrec_dist import storage
 from genrec_dist.data.config import PrepareConfig
 from genrec_dist.data.errors import InputError
-from genrec_dist.data.raw import (RawData, decompress, numbered_lines, read_source, records_to_items, text_of)
+from genrec_dist.data.raw import (BLOCK_BYTES, RawData, Source, decompress, exists_any, expand, numbered_lines,
+                                  records_to_items, text_of)
 
 REVIEW_SCHEMA = {"reviewerID": pl.Utf8, "asin": pl.Utf8, "unixReviewTime": pl.Int64}
 ASIN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"\\]+)['"]""")
@@ -55,14 +58,18 @@ def parse_review_line(line: str, path: str, lineno: int) -> tuple[str, str, int]
 
 def parse_reviews(path: str, data: bytes) -> pl.DataFrame:
     """All review lines of a file as ``user, item, timestamp`` in file order."""
-    raw = decompress(path, data)
+    return parse_review_block(path, decompress(path, data))
+
+
+def parse_review_block(path: str, raw: bytes, first_line: int = 1) -> pl.DataFrame:
+    """Review lines (decompressed, whole lines starting at line ``first_line`` of ``path``) in file order."""
     try:
         df = pl.read_ndjson(io.BytesIO(raw), schema=REVIEW_SCHEMA)
         if df.height and df.null_count().sum_horizontal().item() == 0:
             return df.rename({"reviewerID": "user", "asin": "item", "unixReviewTime": "timestamp"})
     except Exception:  # noqa: BLE001 - Polars' message has no line number: the slow path below finds it
         pass
-    rows = [parse_review_line(line, path, n) for n, line in numbered_lines(text_of(path, raw))]
+    rows = [parse_review_line(line, path, n) for n, line in numbered_lines(text_of(path, raw, first_line), first_line)]
     return pl.DataFrame(rows, schema={"user": pl.Utf8, "item": pl.Utf8, "timestamp": pl.Int64}, orient="row")
 
 
@@ -93,8 +100,15 @@ def _why(exc: BaseException) -> str:
 
 def parse_meta(path: str, data: bytes, wanted: set[str] | None = None) -> pl.DataFrame:
     """Meta records of the ``wanted`` items (all when None) as the items frame."""
-    records = []
-    for n, line in numbered_lines(text_of(path, decompress(path, data))):
+    records: list[tuple[str, dict]] = []
+    _meta_records(path, decompress(path, data), 1, wanted, records)
+    return records_to_items(records)
+
+
+def _meta_records(path: str, raw: bytes, first_line: int, wanted: set[str] | None,
+                  records: list[tuple[str, dict]]) -> None:
+    """Append ``(asin, record)`` of the wanted items among these meta lines to ``records``."""
+    for n, line in numbered_lines(text_of(path, raw, first_line), first_line):
         m = ASIN.search(line)
         if m is not None and wanted is not None and m.group(1) not in wanted:
             continue
@@ -102,29 +116,47 @@ def parse_meta(path: str, data: bytes, wanted: set[str] | None = None) -> pl.Dat
         key = str(rec["asin"])
         if wanted is None or key in wanted:
             records.append((key, {k: v for k, v in rec.items() if k != "asin"}))
+
+
+def stream_meta(sources: list[Source], wanted: set[str] | None) -> pl.DataFrame:
+    """The wanted items' records from meta files read block by block (memory: the wanted records only)."""
+    records: list[tuple[str, dict]] = []
+    for src in sources:
+        for first, block in src.blocks():
+            _meta_records(src.path, block, first, wanted, records)
     return records_to_items(records)
 
 
 def files_for(cfg: PrepareConfig, storage_cfg: Any = None) -> tuple[str, str]:
-    """The review and meta file paths of ``prepare.name`` (the category) in ``prepare.input_dir``."""
+    """The review and meta paths of ``prepare.name`` (the category) in ``prepare.input_dir``: the published file
+    ``reviews_<Category>_5.json.gz``, or else a folder ``reviews_<Category>_5/`` of parts (likewise for meta)."""
     if not cfg.name:
         raise InputError(cfg.input_dir or "prepare.input_dir", "set prepare.name to the category, e.g. Beauty")
     suffix = "_5" if cfg.reviews == "5core" else ""
-    return (storage.join(cfg.input_dir, f"reviews_{cfg.name}{suffix}.json.gz"),
-            storage.join(cfg.input_dir, f"meta_{cfg.name}.json.gz"))
+    out = []
+    for stem in (f"reviews_{cfg.name}{suffix}", f"meta_{cfg.name}"):
+        path = storage.join(cfg.input_dir, f"{stem}.json.gz")
+        parts = storage.join(cfg.input_dir, stem)
+        out.append(parts if not storage.exists(path, storage_cfg) and storage.exists(parts, storage_cfg) else path)
+    return out[0], out[1]
 
 
-def read(cfg: PrepareConfig, storage_cfg: Any = None) -> RawData:
+def read(cfg: PrepareConfig, storage_cfg: Any = None, block_bytes: int = BLOCK_BYTES) -> RawData:
     reviews_path, meta_path = files_for(cfg, storage_cfg)
-    data, entry = read_source(reviews_path, storage_cfg)
-    interactions = parse_reviews(reviews_path, data)
-    files, warnings = [entry], []
-    if storage.exists(meta_path, storage_cfg):
-        meta, meta_entry = read_source(meta_path, storage_cfg)
-        files.append(meta_entry)
-        load = lambda wanted: parse_meta(meta_path, meta, wanted)  # noqa: E731 - parsed after the k-core
+    reviews = [Source(f, storage_cfg, block_bytes) for f in expand(reviews_path, storage_cfg)]
+
+    def batches():
+        for src in reviews:
+            for first, block in src.blocks():
+                yield parse_review_block(src.path, block, first)
+
+    files, warnings = [s.entry for s in reviews], []
+    if exists_any(meta_path, storage_cfg):
+        meta = [Source(f, storage_cfg, block_bytes) for f in expand(meta_path, storage_cfg)]
+        files += [s.entry for s in meta]
+        load = lambda kept: stream_meta(meta, set(kept.to_list()))  # noqa: E731 - parsed after the k-core
     else:
         warnings.append(f"no meta file {meta_path}: item text is only the fallback title")
         load = None
-    return RawData(interactions=interactions, items=None, load_items=load, files=files, warnings=warnings,
+    return RawData(batches=batches(), items=None, load_items=load, files=files, warnings=warnings,
                    info={"reviews": cfg.reviews})

@@ -23,6 +23,8 @@ class SyntheticConfig:
     next_category_prob: float = 0.7
     # Probability that a within-category step takes the successor of the previous item in its product line.
     successor_prob: float = 0.3
+    # Users are generated (and held) this many at a time; a catalog of at most one chunk is drawn as one block.
+    users_per_chunk: int = 50_000
 
 
 @dataclass
@@ -53,4 +55,10 @@ class PrepareConfig:
     max_history: int = 20
     num_shards: int = 4
     overwrite: bool = False
+    # Peak memory of prepare follows this (MiB), not the input's size: it sets the rows read per batch and the
+    # number of hash buckets the cleaning works through one at a time (docs/scale.md). Tables of distinct users
+    # and items stay whole (they scale with the catalog, not the interactions).
+    memory_budget_mb: int = 1024
+    # Where the buckets are spilled (a local folder; empty: the system's temporary folder).
+    spill_dir: str = ""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
@@ -61,15 +61,31 @@ def write_dataset(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Commit a dataset atomically (files first, manifest last). Returns the manifest written."""
+    seq = sequences.with_columns(shard_of(pl.col("user_id"), num_shards).alias("_shard")).sort("user_id")
+    return write_shards(path, items, lambda s: seq.filter(pl.col("_shard") == s).drop("_shard"), manifest,
+                        num_shards, storage_cfg, overwrite)
+
+
+def write_shards(
+    path: str,
+    items: pl.DataFrame,
+    shard: Callable[[int], pl.DataFrame],
+    manifest: dict[str, Any],
+    num_shards: int,
+    storage_cfg: Any = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """:func:`write_dataset` with the sequences given one shard at a time: ``shard(s)`` returns the users of shard
+    ``s`` (``shard_of``) sorted by ``user_id``, so a writer never holds more than one shard."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    seq = sequences.with_columns(shard_of(pl.col("user_id"), num_shards).alias("_shard")).sort("user_id")
     shard_names = []
     with storage.commit_dir(path, storage_cfg, overwrite=overwrite) as out:
-        out.write_parquet(ITEMS_FILE, items.sort("item_id"))
+        # Prepare hands items sorted already: sorting again would copy the largest table (its text) once more.
+        out.write_parquet(ITEMS_FILE, items if items["item_id"].is_sorted() else items.sort("item_id"))
         for s in range(num_shards):
             name = f"{SEQUENCES_DIR}/part-{s:05d}.parquet"
-            out.write_parquet(name, seq.filter(pl.col("_shard") == s).drop("_shard"))
+            out.write_parquet(name, shard(s))
             shard_names.append(name)
         out.manifest = {
             "schema_version": SCHEMA_VERSION,

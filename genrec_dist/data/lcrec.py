@@ -5,19 +5,23 @@
 ``{"title", "description", "brand", "categories", ...}``. The item file is optional: without it the interactions
 are still prepared, every item gets the fallback title, and a warning says so (it is picked up automatically
 once the file appears).
+
+The interaction file is decoded one ``user: [items]`` entry at a time from blocks of the decompressed file
+(:func:`inter_entries`), so it is never held whole; the item file (one record per item) is read whole.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import polars as pl
 
 from genrec_dist import storage
 from genrec_dist.data.config import PrepareConfig
 from genrec_dist.data.errors import InputError
-from genrec_dist.data.raw import RawData, decompress, empty_items, read_source, records_to_items, text_of
+from genrec_dist.data.raw import (BLOCK_BYTES, RawData, Source, decompress, empty_items, read_source,
+                                  records_to_items, text_of)
 
 INTER, ITEM = ".inter.json", ".item.json"
 
@@ -96,11 +100,116 @@ def parse_items(path: str, data: bytes) -> pl.DataFrame:
     return records_to_items(records)
 
 
-def read(cfg: PrepareConfig, storage_cfg: Any = None) -> RawData:
+def inter_entries(src: Source) -> Iterator[tuple[str, Any, int]]:
+    """``(user, value, line)`` of each entry of the top-level JSON object, decoded incrementally from blocks."""
+    dec = json.JSONDecoder()
+    blocks = src.blocks()
+    buf, pos, line, done = "", 0, 1, False
+
+    def more() -> bool:
+        nonlocal buf, pos, done
+        for first, block in blocks:
+            buf, pos = buf[pos:] + text_of(src.path, block, first), 0
+            return True
+        done = True
+        return False
+
+    def skip_ws() -> None:
+        nonlocal pos, line
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                line += buf[pos] == "\n"
+                pos += 1
+            if pos < len(buf) or not more():
+                return
+
+    def fail(msg: str) -> InputError:
+        return InputError(src.path, msg, line)
+
+    def decode() -> Any:  # one JSON value at pos, reading more blocks while it is cut off
+        nonlocal pos, line
+        while True:
+            try:
+                value, end = dec.raw_decode(buf, pos)
+            except json.JSONDecodeError as exc:
+                if not done and more():
+                    continue
+                raise InputError(src.path, f"not valid JSON: {exc.msg} (column {exc.colno})",
+                                 line + buf.count("\n", pos, exc.pos)) from None
+            except RecursionError:
+                raise fail("not valid JSON: nested too deeply") from None
+            if end == len(buf) and not done and more():  # a number may continue in the next block
+                continue
+            line += buf.count("\n", pos, end)
+            pos = end
+            return value
+
+    def expect(chars: str) -> str:
+        skip_ws()
+        if pos >= len(buf) or buf[pos] not in chars:
+            got = repr(buf[pos]) if pos < len(buf) else "the end of the file"
+            raise fail(f"not valid JSON: expected {' or '.join(repr(c) for c in chars)}, got {got}")
+        return buf[pos]
+
+    skip_ws()
+    if pos >= len(buf) or buf[pos] != "{":
+        doc = decode()  # a valid document that is not an object, or the decoder's own error
+        raise InputError(src.path, f"expected a JSON object user -> item list, got {type(doc).__name__}", 1)
+    pos += 1
+    if expect('"}') == "}":
+        pos += 1
+    else:
+        while True:
+            expect('"')
+            key_line = line
+            key = decode()
+            expect(":")
+            pos += 1
+            skip_ws()
+            yield key, decode(), key_line
+            sep = expect(",}")
+            pos += 1
+            if sep == "}":
+                break
+            expect('"')
+    skip_ws()
+    if pos < len(buf):
+        raise fail("not valid JSON: Extra data after the object")
+
+
+def inter_batches(src: Source, batch_rows: int) -> Iterator[pl.DataFrame]:
+    """Rows ``user, item`` (timestamp null) in file order, in batches of about ``batch_rows`` rows."""
+    users: list[str] = []
+    items: list[str] = []
+    seen: set[str] = set()
+    for user, seq, line in inter_entries(src):
+        if user in seen:
+            raise InputError(src.path, f"user {user!r} appears twice in the object", line)
+        seen.add(user)
+        if not isinstance(seq, list):
+            raise InputError(src.path, f"user {user!r}: expected a list of items, got {type(seq).__name__}", line)
+        for it in seq:
+            if isinstance(it, bool) or not isinstance(it, (int, str)) or it == "":
+                raise InputError(src.path, f"user {user!r}: item {it!r} is not an item key (int or string)", line)
+        users.extend([user] * len(seq))
+        items.extend(str(it) for it in seq)
+        if len(users) >= batch_rows:
+            yield _inter_frame(users, items)
+            users, items = [], []
+    if users:
+        yield _inter_frame(users, items)
+
+
+def _inter_frame(users: list[str], items: list[str]) -> pl.DataFrame:
+    return pl.DataFrame({"user": users, "item": items, "timestamp": pl.Series([None] * len(users), dtype=pl.Int64)},
+                        schema={"user": pl.Utf8, "item": pl.Utf8, "timestamp": pl.Int64})
+
+
+def read(cfg: PrepareConfig, storage_cfg: Any = None, block_bytes: int = BLOCK_BYTES,
+         batch_rows: int = 1 << 20) -> RawData:
     inter_path = find(cfg.input_dir, cfg.name, INTER, storage_cfg)
-    data, entry = read_source(inter_path, storage_cfg)
-    interactions = parse_inter(inter_path, data)
-    files, warnings = [entry], []
+    src = Source(inter_path, storage_cfg, block_bytes)
+    files, warnings = [src.entry], []
     name = cfg.name or inter_path.rsplit("/", 1)[-1].split(INTER)[0]
     item_path = find(cfg.input_dir, name, ITEM, storage_cfg, required=False)
     if item_path is None:
@@ -111,5 +220,5 @@ def read(cfg: PrepareConfig, storage_cfg: Any = None) -> RawData:
         data, entry = read_source(item_path, storage_cfg)
         items = parse_items(item_path, data)
         files.append(entry)
-    return RawData(interactions=interactions, items=items, files=files, warnings=warnings,
+    return RawData(batches=inter_batches(src, batch_rows), items=items, files=files, warnings=warnings,
                    info={"timestamps": "none: position in the list is the order"})

@@ -23,7 +23,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import polars as pl
@@ -120,13 +120,16 @@ def write_semantic_ids(
     storage_cfg: Any = None,
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
+    extra_paths: dict[str, str] | None = None,
+    move_extra_paths: Collection[str] = (),
 ) -> dict:
     """Commit a semantic-ID directory atomically; returns the manifest written.
 
     ``item_ids`` (N,) must be a permutation of 1..N and ``codes`` (N, L) its codes. ``extra_files`` (name ->
     bytes, e.g. ``codebooks.npz``, ``stats.json``) are written alongside; without a ``stats.json`` there the
     basic :func:`code_stats` are written as it. ``extra_manifest`` keys (``source``, ``dedup``, ...) are merged
-    into the manifest.
+    into the manifest. ``extra_paths`` (name -> path of a file written elsewhere, e.g. embedding shards written by
+    Ray workers) are copied in (those named in ``move_extra_paths`` moved) without being read into this process.
     """
     item_ids = np.asarray(item_ids, dtype=np.int64)
     codes = np.asarray(codes, dtype=np.int64)
@@ -135,7 +138,7 @@ def write_semantic_ids(
     order = np.argsort(item_ids, kind="stable")
     table = pl.DataFrame({
         "item_id": pl.Series(item_ids[order], dtype=pl.Int32),
-        "codes": pl.Series(codes[order].tolist(), dtype=pl.List(pl.Int32)),
+        "codes": pl.Series(codes[order].astype(np.int32)).cast(pl.List(pl.Int32)),  # no Python list per item
     })
     stats = code_stats(codes, codebook_sizes)
     files = dict(extra_files or {})
@@ -145,6 +148,8 @@ def write_semantic_ids(
             out.write_json(STATS_FILE, stats)
         for name, data in files.items():
             out.write_bytes(name, data)
+        for name, src in (extra_paths or {}).items():
+            out.adopt(name, src, move=name in move_extra_paths)
         out.manifest = {
             "schema_version": SCHEMA_VERSION,
             "num_items": int(codes.shape[0]),
@@ -154,7 +159,7 @@ def write_semantic_ids(
             "unique_codes": stats["unique_codes"],
             "collision_rate": stats["collision_rate"],
             **(extra_manifest or {}),
-            "files": sorted({SIDS_FILE, STATS_FILE, *files}),
+            "files": sorted({SIDS_FILE, STATS_FILE, *files, *(extra_paths or {})}),
         }
     return out.manifest
 
@@ -270,13 +275,26 @@ def write_lcrec_index(sids: SemanticIds, items: pl.DataFrame, path: str, storage
         raise SemanticIdError(f"{path}: the index format has letters a..z for levels, got {sids.num_levels} levels")
     letters = [chr(ord("a") + l) for l in range(sids.num_levels)]
     ordered = items.select("item_id", pl.col("item").cast(pl.Utf8)).sort("item_id")
-    out = {}
-    for item_id, key in ordered.iter_rows():
-        if not 1 <= item_id <= sids.num_items:
-            raise SemanticIdError(f"{path}: item_id {item_id} ({key!r}) has no semantic ID "
+    # The text json.dumps({key: [tokens]}) gives, built in slices of items: a million-item catalog never holds a
+    # Python dict / list per item (several hundred MB), only the output bytes.
+    if ordered["item"].n_unique() < ordered.height:  # json.dumps of a dict would keep only the last one
+        raise SemanticIdError(f"{path}: item keys repeat; the index needs one entry per item")
+    parts = []
+    for start in range(0, ordered.height, 65536):
+        chunk = ordered.slice(start, 65536)
+        ids = chunk["item_id"].to_numpy()
+        bad = np.flatnonzero((ids < 1) | (ids > sids.num_items))
+        if len(bad):
+            i = int(bad[0])
+            raise SemanticIdError(f"{path}: item_id {int(ids[i])} ({chunk['item'][i]!r}) has no semantic ID "
                                   f"(table has 1..{sids.num_items})")
-        out[key] = [f"<{letters[l]}_{int(c)}>" for l, c in enumerate(sids.codes[item_id])]
-    data = json.dumps(out).encode("utf-8")
+        codes = sids.codes[ids]
+        keys = chunk["item"].to_list()
+        parts.append(", ".join(
+            f"{json.dumps(k)}: [" + ", ".join(f'"<{letters[l]}_{int(c)}>"' for l, c in enumerate(row)) + "]"
+            for k, row in zip(keys, codes.tolist())).encode("utf-8"))
+    data = b"{" + b", ".join(p for p in parts if p) + b"}"
+    del parts
     if str(path).endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     storage.write_bytes(path, data, storage_cfg)

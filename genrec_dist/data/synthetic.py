@@ -29,12 +29,19 @@ Users
 
     Timestamps start uniformly in 2010-2012 and advance by 10 minutes plus an exponential gap of mean 7 days.
 
+Scale: users are generated in chunks of ``users_per_chunk`` (interactions of one chunk at a time, handed to prepare
+as batches), so 100x Beauty (2.2M users) takes bounded memory. A catalog of at most one chunk of users is drawn
+exactly as a single block from the seed's generator; larger ones draw each chunk from its own generator
+(``SeedSequence(seed).spawn``), still a pure function of the seed and the sizes.
+
 Why it is learnable: the category of the last items, the ring drift and the product-line successor predict the
 next item far better than global popularity does, so a sequential model clearly beats most-popular, and models
 that see item text (semantic IDs) can exploit that items of one category share words.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -101,8 +108,10 @@ def generate(cfg: SyntheticConfig, seed: int) -> RawData:
     if not 1 <= cfg.min_length <= cfg.max_length:
         raise ConfigError(f"prepare.synthetic: need 1 <= min_length <= max_length, got "
                          f"{cfg.min_length}, {cfg.max_length}")
+    if cfg.users_per_chunk < 1:
+        raise ConfigError(f"prepare.synthetic.users_per_chunk must be >= 1, got {cfg.users_per_chunk}")
     rng = np.random.default_rng(seed)
-    n, u = cfg.num_items, cfg.num_users
+    n = cfg.num_items
     c_count = min(cfg.num_categories, n)
 
     # Items: category c holds slots offsets[c] .. offsets[c] + sizes[c] - 1, slot = offset + popularity rank.
@@ -111,49 +120,86 @@ def generate(cfg: SyntheticConfig, seed: int) -> RawData:
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     key_of_slot = rng.permutation(n)  # slot -> item key number
     items = _items(rng, sizes, key_of_slot)
-
-    # Users (vectorised over users, one step at a time).
-    lengths = cfg.min_length + np.floor(rng.exponential((cfg.max_length - cfg.min_length) / 6 + 1e-9, u))
-    lengths = np.clip(lengths, cfg.min_length, cfg.max_length).astype(np.int64)
-    steps = int(lengths.max())
-    cat_w = 1.0 / np.sqrt(np.arange(1, c_count + 1))
-    cat = rng.choice(c_count, size=u, p=cat_w / cat_w.sum())
+    world = _World(cfg, sizes, offsets, key_of_slot)
     n_best = min(n, max(3, n // 100))
-    best_slots = rng.choice(n, size=n_best, replace=False)
-    best_w = 1.0 / np.arange(1, n_best + 1)
-    best_w /= best_w.sum()
-
-    def draw_rank(c: np.ndarray) -> np.ndarray:
-        return np.minimum(np.floor(sizes[c] * rng.random(c.shape[0]) ** 2).astype(np.int64), sizes[c] - 1)
-
-    slots = np.empty((u, steps), dtype=np.int64)
-    rank = draw_rank(cat)
-    slots[:, 0] = offsets[cat] + rank
-    for t in range(1, steps):
-        r = rng.random((u, 4))
-        drift = r[:, 0] >= cfg.stay_prob
-        ring = r[:, 1] < cfg.next_category_prob
-        cat = np.where(drift, np.where(ring, (cat + 1) % c_count, rng.integers(0, c_count, u)), cat)
-        successor = ~drift & (r[:, 2] < cfg.successor_prob)
-        rank = np.where(successor, (rank + 1) % sizes[cat], draw_rank(cat))
-        popular = r[:, 3] < cfg.popular_prob
-        slots[:, t] = np.where(popular, best_slots[rng.choice(n_best, size=u, p=best_w)], offsets[cat] + rank)
-
-    mask = np.arange(steps)[None, :] < lengths[:, None]  # (U, T)
-    gaps = 600 + np.floor(rng.exponential(7 * 86_400, (u, steps))).astype(np.int64)
-    start = START_2010 + rng.integers(0, 2 * 365 * 86_400, u)
-    times = start[:, None] + np.cumsum(gaps, axis=1)  # (U, T)
-    interactions = pl.DataFrame({
-        "user": np.repeat(np.arange(u), lengths),
-        "item": key_of_slot[slots[mask]],
-        "timestamp": times[mask],
-    }).with_columns(pl.col("user").cast(pl.Utf8), pl.col("item").cast(pl.Utf8), pl.col("timestamp").cast(pl.Int64))
+    if cfg.num_users <= cfg.users_per_chunk:  # one block, drawn exactly as the generator always has
+        lengths, cat = world.draw_users(rng, cfg.num_users)
+        world.set_bestsellers(rng, n_best)
+        batches = iter([world.interactions(rng, 0, lengths, cat)])
+    else:
+        world.set_bestsellers(rng, n_best)
+        batches = _chunks(world, cfg, seed)
     info = {"generator": "genrec_dist.data.synthetic", "seed": seed, "categories": c_count,
             "bestsellers": n_best}
-    return RawData(interactions=interactions, items=items, info=info)
+    return RawData(batches=batches, items=None, load_items=items, info=info)
 
 
-def _items(rng: np.random.Generator, sizes: np.ndarray, key_of_slot: np.ndarray) -> pl.DataFrame:
+def _chunks(world: "_World", cfg: SyntheticConfig, seed: int):
+    starts = range(0, cfg.num_users, cfg.users_per_chunk)
+    for start, seq in zip(starts, np.random.SeedSequence(seed).spawn(len(starts))):
+        rng = np.random.default_rng(seq)
+        lengths, cat = world.draw_users(rng, min(cfg.users_per_chunk, cfg.num_users - start))
+        yield world.interactions(rng, start, lengths, cat)
+
+
+class _World:
+    """The catalog's fixed structure; draws users' sequences one chunk at a time."""
+
+    def __init__(self, cfg: SyntheticConfig, sizes: np.ndarray, offsets: np.ndarray, key_of_slot: np.ndarray):
+        self.cfg, self.sizes, self.offsets, self.key_of_slot = cfg, sizes, offsets, key_of_slot
+        self.c_count, self.n = len(sizes), int(sizes.sum())
+
+    def draw_users(self, rng: np.random.Generator, u: int) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.cfg
+        lengths = cfg.min_length + np.floor(rng.exponential((cfg.max_length - cfg.min_length) / 6 + 1e-9, u))
+        lengths = np.clip(lengths, cfg.min_length, cfg.max_length).astype(np.int64)
+        cat_w = 1.0 / np.sqrt(np.arange(1, self.c_count + 1))
+        return lengths, rng.choice(self.c_count, size=u, p=cat_w / cat_w.sum())
+
+    def set_bestsellers(self, rng: np.random.Generator, n_best: int) -> None:
+        self.n_best = n_best
+        self.best_slots = rng.choice(self.n, size=n_best, replace=False)
+        best_w = 1.0 / np.arange(1, n_best + 1)
+        self.best_w = best_w / best_w.sum()
+
+    def interactions(self, rng: np.random.Generator, first_user: int, lengths: np.ndarray, cat: np.ndarray
+                     ) -> pl.DataFrame:
+        """Users ``first_user ..`` with these lengths and home categories (vectorised over users, step by step)."""
+        cfg, sizes, offsets, c_count = self.cfg, self.sizes, self.offsets, self.c_count
+        u, steps = len(lengths), int(lengths.max())
+
+        def draw_rank(c: np.ndarray) -> np.ndarray:
+            return np.minimum(np.floor(sizes[c] * rng.random(c.shape[0]) ** 2).astype(np.int64), sizes[c] - 1)
+
+        slots = np.empty((u, steps), dtype=np.int64)
+        rank = draw_rank(cat)
+        slots[:, 0] = offsets[cat] + rank
+        for t in range(1, steps):
+            r = rng.random((u, 4))
+            drift = r[:, 0] >= cfg.stay_prob
+            ring = r[:, 1] < cfg.next_category_prob
+            cat = np.where(drift, np.where(ring, (cat + 1) % c_count, rng.integers(0, c_count, u)), cat)
+            successor = ~drift & (r[:, 2] < cfg.successor_prob)
+            rank = np.where(successor, (rank + 1) % sizes[cat], draw_rank(cat))
+            popular = r[:, 3] < cfg.popular_prob
+            slots[:, t] = np.where(popular, self.best_slots[rng.choice(self.n_best, size=u, p=self.best_w)],
+                                   offsets[cat] + rank)
+
+        mask = np.arange(steps)[None, :] < lengths[:, None]  # (U, T)
+        gaps = 600 + np.floor(rng.exponential(7 * 86_400, (u, steps))).astype(np.int64)
+        start = START_2010 + rng.integers(0, 2 * 365 * 86_400, u)
+        times = start[:, None] + np.cumsum(gaps, axis=1)  # (U, T)
+        return pl.DataFrame({
+            "user": np.repeat(np.arange(first_user, first_user + u), lengths),
+            "item": self.key_of_slot[slots[mask]],
+            "timestamp": times[mask],
+        }).with_columns(pl.col("user").cast(pl.Utf8), pl.col("item").cast(pl.Utf8),
+                        pl.col("timestamp").cast(pl.Int64))
+
+
+def _items(rng: np.random.Generator, sizes: np.ndarray, key_of_slot: np.ndarray) -> Callable[[Any], pl.DataFrame]:
+    """Draw every item's parts now (the generator's order); the strings are built when prepare asks for them,
+    after the interactions are cleaned."""
     cats = category_names(len(sizes))
     brands = [[_brand(rng) for _ in range(BRANDS_PER_CATEGORY)] for _ in cats]
     n = int(sizes.sum())
@@ -162,17 +208,26 @@ def _items(rng: np.random.Generator, sizes: np.ndarray, key_of_slot: np.ndarray)
     brand_ix = rng.integers(0, BRANDS_PER_CATEGORY, n)
     adj_ix = rng.integers(0, len(ADJECTIVES), n)
     var_ix = rng.integers(0, len(VARIANTS), n)
-    title, brand, categories, description = [], [], [], []
-    for s in range(n):
-        c = cat_of_slot[s]
-        name, nouns = cats[c]
-        noun, b, adj, var = nouns[noun_ix[s]], brands[c][brand_ix[s]], ADJECTIVES[adj_ix[s]], VARIANTS[var_ix[s]]
-        title.append(f"{b} {adj} {noun}, {var}")
-        brand.append(b)
-        categories.append(f"Catalog, {name}")
-        description.append(f"{adj} {noun.lower()} by {b} for everyday {name.lower()}. Variant: {var}.")
-    return pl.DataFrame({
-        "item": [str(k) for k in key_of_slot],
-        "title": title, "brand": brand, "categories": categories, "description": description,
-        "category": [cats[c][0] for c in cat_of_slot],
-    })
+    return lambda wanted: _item_frame(cats, brands, cat_of_slot, noun_ix, brand_ix, adj_ix, var_ix, key_of_slot)
+
+
+def _item_frame(cats, brands, cat_of_slot, noun_ix, brand_ix, adj_ix, var_ix, key_of_slot) -> pl.DataFrame:
+    # The same strings a per-item loop would format, built column-wise (1M+ items without 4M Python strings).
+    names = np.array([name for name, _ in cats], dtype=object)
+    noun = pl.Series(np.array([nouns[k] for _, nouns in cats for k in range(4)], dtype=object)[cat_of_slot * 4 + noun_ix],
+                     dtype=pl.Utf8)
+    b = pl.Series(np.array([x for row in brands for x in row], dtype=object)[cat_of_slot * BRANDS_PER_CATEGORY + brand_ix],
+                  dtype=pl.Utf8)
+    adj = pl.Series(np.array(ADJECTIVES, dtype=object)[adj_ix], dtype=pl.Utf8)
+    var = pl.Series(np.array(VARIANTS, dtype=object)[var_ix], dtype=pl.Utf8)
+    cat = pl.Series(names[cat_of_slot], dtype=pl.Utf8)
+    frame = pl.DataFrame({"noun": noun, "b": b, "adj": adj, "var": var, "cat": cat})
+    return frame.select(
+        pl.Series("item", key_of_slot).cast(pl.Utf8),
+        pl.format("{} {} {}, {}", "b", "adj", "noun", "var").alias("title"),
+        pl.col("b").alias("brand"),
+        pl.format("Catalog, {}", "cat").alias("categories"),
+        pl.format("{} {} by {} for everyday {}. Variant: {}.", "adj", pl.col("noun").str.to_lowercase(), "b",
+                  pl.col("cat").str.to_lowercase(), "var").alias("description"),
+        pl.col("cat").alias("category"),
+    )

@@ -11,7 +11,8 @@ from torch import nn
 
 
 class MostPopular(nn.Module):
-    """Same API as the models: ``recommend(history (B, T), k) -> (B, k)`` item ids (ties broken by lower id)."""
+    """Same API as the models: ``topk(history (B, T), k) -> (items (B, k), counts (B, k))`` and ``recommend`` (its
+    items); ties broken by lower id."""
 
     def __init__(self, counts: np.ndarray | torch.Tensor):
         super().__init__()
@@ -24,6 +25,7 @@ class MostPopular(nn.Module):
         order = torch.from_numpy(np.lexsort((np.arange(len(counts)), -counts.numpy())).copy())
         self.num_items = int(counts.shape[0]) - 1
         self.register_buffer("ranking", order[: self.num_items])  # (N,) best first
+        self.register_buffer("counts", counts)  # (N+1,) the score topk() reports
 
     @classmethod
     def fit(cls, sequences: Iterable[Sequence[int]], num_items: int) -> "MostPopular":
@@ -41,8 +43,16 @@ class MostPopular(nn.Module):
         return {"loss": torch.zeros((), device=self.ranking.device)}  # nothing to train
 
     @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:
+    def topk(self, history: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most popular items (B, k) and their training counts as scores (B, k); 0 / -inf past the catalog."""
         top = self.ranking[:k]
+        scores = self.counts[top].float()
         if top.shape[0] < k:
             top = F.pad(top, (0, k - top.shape[0]))
-        return top[None, :].expand(history.shape[0], k).to(history.device)
+            scores = F.pad(scores, (0, k - scores.shape[0]), value=float("-inf"))
+        b = history.shape[0]
+        return (top[None, :].expand(b, k).to(history.device), scores[None, :].expand(b, k).to(history.device))
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:
+        return self.topk(history, k)[0]

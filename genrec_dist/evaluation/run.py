@@ -15,21 +15,25 @@ import torch
 
 from genrec_dist import reports, storage
 from genrec_dist.config import ConfigError, config_from_dict, section_from_dict, to_dict
+from genrec_dist.data import examples as D
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.evaluation.popular import MostPopular
 from genrec_dist.models import ModelConfig, build_model, inference_fields
 from genrec_dist.tracking import default_uri, run_tags
-from genrec_dist.training import data as D
 from genrec_dist.training import runs
 from genrec_dist.training.export import model_semantic_ids, read_meta, read_model
 
 
-def recommend_kwargs(model: torch.nn.Module, beam_width: int) -> dict[str, Any]:
-    """``beam_width`` for models whose ``recommend`` takes it (beam search) when the evaluation sets one (> 0);
-    otherwise nothing, so the model uses its own configured width."""
+def recommend_kwargs(model: torch.nn.Module, beam_width: int, score_block: int | None = None) -> dict[str, Any]:
+    """``beam_width`` for models whose ``recommend`` takes it (beam search) when the evaluation sets one (> 0),
+    ``block`` for models that rank the catalog block-wise when ``score_block`` is set; otherwise nothing, so the
+    model uses its own configured width and the default block."""
     params = inspect.signature(model.recommend).parameters
-    return {"beam_width": beam_width} if beam_width > 0 and "beam_width" in params else {}
+    out: dict[str, Any] = {"beam_width": beam_width} if beam_width > 0 and "beam_width" in params else {}
+    if "block" in params and score_block is not None:
+        out["block"] = score_block if score_block > 0 else max(1, getattr(model, "num_items", 1))
+    return out
 
 
 def load_exported(run_dir: str, storage_cfg: Any = None,
@@ -73,10 +77,24 @@ def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir:
     return out
 
 
-def _split_batches(seqs: Any, dataset: Dataset, cfg: Any, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Evaluation batches of ``split`` from ``seqs`` (``dataset.sequences()``, read once by the caller)."""
-    ex = D.eval_examples(seqs, dataset.max_history, split)
-    return [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(ex, cfg.evaluate.batch_size)]
+class SplitBatches:
+    """Evaluation batches of ``split`` for every user of ``dataset``, read chunk by chunk each time they are iterated
+    (one chunk and one batch in memory, whatever the number of users)."""
+
+    def __init__(self, dataset: Dataset, cfg: Any, split: str, batch_size: int | None = None):
+        chunks = D.plan_chunks(sorted(dataset.shard_files), cfg.train.chunk_rows, dataset.storage_cfg)
+        self.source = D.ExampleSource(chunks, dataset.max_history, split, storage_cfg=dataset.storage_cfg)
+        self.batch_size = batch_size or cfg.evaluate.batch_size
+
+    def __iter__(self):
+        for h, t in D.stream_batches(self.source, self.batch_size):
+            yield torch.from_numpy(h), torch.from_numpy(t)
+
+
+def train_sequences(dataset: Dataset, chunk_rows: int) -> Any:
+    """Every user's training sequence ``items[:-2]`` (users with at least 3 items), read chunk by chunk."""
+    for chunk in D.plan_chunks(sorted(dataset.shard_files), chunk_rows, dataset.storage_cfg):
+        yield from (s[:-2] for s in D.read_chunk(chunk, dataset.storage_cfg)["items"].to_list() if len(s) >= 3)
 
 
 def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
@@ -89,7 +107,7 @@ def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
     choices = getattr(model, "validation_choices", {})
     if not choices:
         return {}
-    batches = _split_batches(dataset.sequences(), dataset, cfg, "valid")
+    batches = SplitBatches(dataset, cfg, "valid")
     metric = cfg.train.early_stop_metric
     chosen: dict[str, dict[str, Any]] = {}
     for name, (mode, candidates) in choices.items():
@@ -106,14 +124,13 @@ def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
 def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: str,
                    device: torch.device) -> dict[str, dict[str, float]]:
     """``model`` and most-popular on ``split`` for every user of ``dataset``."""
-    seqs = dataset.sequences()
-    batches = _split_batches(seqs, dataset, cfg, split)
+    batches = SplitBatches(dataset, cfg, split)
     model_m = evaluate_model(model, batches, cfg.evaluate.ks, device,
-                             **recommend_kwargs(model, cfg.evaluate.beam_width))
+                             **recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block))
     for mode in getattr(model, "inference_modes", ()):  # CAR: fast and slow, logged separately as "<mode>/<metric>"
         mode_m = evaluate_model(model, batches, cfg.evaluate.ks, device, inference=mode)
         model_m.update({f"{mode}/{k}": v for k, v in mode_m.items()})
-    pop = MostPopular.fit((s[:-2] for s in seqs["items"].to_list() if len(s) >= 3), dataset.num_items)
+    pop = MostPopular.fit(train_sequences(dataset, cfg.train.chunk_rows), dataset.num_items)
     pop_m = evaluate_model(pop, batches, cfg.evaluate.ks, torch.device("cpu"))
     return {"model": model_m, "most_popular": pop_m}
 
@@ -124,11 +141,10 @@ def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any
     split, ks = cfg.evaluate.split, cfg.evaluate.ks
     tracker.log_text(reports.metrics_table({name: results["model"], "most-popular": results["most_popular"]}, ks,
                                            title), "reports/metrics.md")
-    ex = D.eval_examples(dataset.sequences(), dataset.max_history, split)
-    ex = ex.take(np.arange(min(users, len(ex))))
+    history, target = next(iter(SplitBatches(dataset, cfg, split, users)))  # the first users in storage order
     with torch.no_grad():
-        ranked = model.recommend(torch.from_numpy(ex.history).to(device), max(ks),
-                                 **recommend_kwargs(model, cfg.evaluate.beam_width)).cpu().numpy()  # (N, k)
+        kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
+        ranked = model.recommend(history.to(device), max(ks), **kwargs).cpu().numpy()  # (N, k)
     items = dataset.items(["item_id", "title"])
     titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
     codes = None
@@ -136,7 +152,7 @@ def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any
         from genrec_dist.data.semantic_ids import read_semantic_ids
 
         codes = read_semantic_ids(sids_dir, cfg.storage).codes
-    tracker.log_text(reports.example_recommendations(ex.history, ex.target, ranked, titles, codes,
+    tracker.log_text(reports.example_recommendations(history.numpy(), target.numpy(), ranked, titles, codes,
                                                      title=f"{title}: example recommendations"),
                      "reports/examples.md")
 
@@ -157,18 +173,20 @@ def find_run_dir(cfg: Any, run: str) -> str:
     return tags["genrec.run_dir"]
 
 
-def run_own_config(cfg: Any, run: str, overrides: Sequence[str] = ()) -> tuple[Any, str, str | None]:
+def run_own_config(cfg: Any, run: str, overrides: Sequence[str] = (),
+                   section: str = "evaluate") -> tuple[Any, str, str | None]:
     """``jobs/evaluate.py --run`` without ``--config``: ``(config, run dir, source)`` where the config is the one the
     run saved when it started (``config.yaml``) with the command's ``overrides`` on top, so the evaluation logs to the
     training run's MLflow store and uses its ``evaluate.*`` settings; ``cfg`` (defaults + overrides, which located
-    the run) and source ``None`` for a run from before runs saved their config."""
+    the run) and source ``None`` for a run from before runs saved their config. ``section``: the job whose bare
+    override keys these are (``jobs/recommend.py``: ``k=50`` is ``recommend.k``)."""
     run_dir = find_run_dir(cfg, run)
     source = storage.join(run_dir, runs.CONFIG_FILE)
     try:
         saved = runs.read_run_config(run_dir, cfg.storage)
         if saved is None:
             return cfg, run_dir, None
-        return config_from_dict(saved, source, list(overrides), "evaluate"), run_dir, source
+        return config_from_dict(saved, source, list(overrides), section), run_dir, source
     except ConfigError as exc:
         raise ConfigError(f"{exc} (pass --config to evaluate with another config)") from None
 

@@ -96,15 +96,26 @@ class CodeTrie(nn.Module):
     def items_of(self, leaves: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
         """Ranked leaves (B, W) -> the first k distinct items (B, k), each leaf expanded to all its items in item-id
         order; 0 where fewer exist. Leaves are distinct per row and partition the items, so items are distinct."""
+        scores = torch.where(valid, 0.0, NEG_INF)
+        return self.items_and_scores(leaves, scores, k)[0]
+
+    def items_and_scores(self, leaves: torch.Tensor, scores: torch.Tensor, k: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`items_of` for beams with ``scores`` (B, W) (-inf = no item): the items (B, k) and each item's
+        beam score (B, k) (items sharing a code share its score); 0 / -inf where fewer exist."""
         b = leaves.shape[0]
+        valid = torch.isfinite(scores)
         items = self.leaf_items[leaves] * valid[..., None]  # (B, W, M); invalid beams contribute nothing
         items = items.reshape(b, -1)
+        item_scores = scores[..., None].expand(-1, -1, self.leaf_items.shape[1]).reshape(b, -1).float()
         empty = (items == 0).to(torch.int8)
-        order = torch.sort(empty, dim=1, stable=True).indices  # real items first, rank order kept
-        items = items.gather(1, order)[:, :k]
+        order = torch.sort(empty, dim=1, stable=True).indices[:, :k]  # real items first, rank order kept
+        items, item_scores = items.gather(1, order), item_scores.gather(1, order)
+        item_scores = item_scores.masked_fill(items == 0, NEG_INF)
         if items.shape[1] < k:
             items = F.pad(items, (0, k - items.shape[1]))
-        return items
+            item_scores = F.pad(item_scores, (0, k - item_scores.shape[1]), value=NEG_INF)
+        return items, item_scores
 
 
 @dataclass

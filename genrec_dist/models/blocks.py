@@ -308,13 +308,14 @@ class TiedEmbedding(nn.Embedding):
     ``emb.weight`` directly from another module's code would see an empty shard there.
     """
 
-    def forward(self, x: torch.Tensor, scores: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scores: bool = False, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         if scores:
-            return F.linear(x, self.weight)  # (..., num_embeddings)
+            return F.linear(x, self.weight[lo:hi])  # (..., hi - lo) rows lo..hi-1 (all by default)
         return super().forward(x)
 
-    def scores(self, h: torch.Tensor) -> torch.Tensor:
-        return self(h, scores=True)
+    def scores(self, h: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Scores against rows ``lo .. hi-1`` of the table (block-wise ranking never builds all N columns)."""
+        return self(h, scores=True, lo=lo, hi=hi)
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -31,7 +31,8 @@ Choices the paper's recoverable text leaves open (docs/design.md, "CAR"), each a
   recoverable, so w is chosen on the validation split at the end of training among ``slow_weight_grid``
   (:attr:`CAR.validation_choices`) and kept in the exported model. Neither needs beam search, so their cost does
   not depend on a beam width.
-- **Large catalogs** (``uid_loss``): ``full`` (default) is an exact softmax over all N items. Its logits cost
+- **Large catalogs** (``uid_loss``): ``auto`` (default) is ``full`` up to ``full_softmax_max_items`` (100k) items
+  and ``sampled`` above. ``full`` is an exact softmax over all N items. Its logits cost
   M x N floats with M = B*T training positions (B=256, T=20: M=5120): 0.25 GB at N=12k (Amazon Beauty), 2 GB at
   100k and 20 GB at 1M, before the softmax's gradient doubles it. Switch to ``sampled`` (``num_negatives`` uniform
   negatives shared by the batch; uniform sampling needs no logQ correction) or ``in_batch`` (the other positions'
@@ -61,6 +62,7 @@ from genrec_dist.errors import ConfigError
 from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
                                        attention_mask, init_weights)
 from genrec_dist.models.config import CARConfig
+from genrec_dist.models.ranking import blockwise_topk, full_or_sampled, logsumexp_blocks
 
 NEG_INF = float("-inf")
 
@@ -123,6 +125,7 @@ class ChunkBackbone(nn.Module):
         self.cfg = cfg
         self.codes_np = codes  # (N+1, L): the levels read (after drop_dedup_level / levels)
         self.num_items = int(codes.shape[0]) - 1
+        self.uid_loss = full_or_sampled(cfg.uid_loss, self.num_items, cfg.full_softmax_max_items)
         self.num_levels = len(sizes)
         self.sizes = sizes
         self.chunk = self.num_levels + 1  # tokens per item
@@ -207,9 +210,9 @@ class ChunkBackbone(nn.Module):
     # ----- act loss -----
     def _uid_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Act loss of states ``h`` (M, D) for target items ``y`` (M,): full, sampled or in-batch softmax."""
-        if self.cfg.uid_loss == "full":
+        if self.uid_loss == "full":
             return F.cross_entropy(self.uid_logits(h), y)
-        if self.cfg.uid_loss == "sampled":
+        if self.uid_loss == "sampled":
             neg = torch.randint(1, self.num_items + 1, (self.cfg.num_negatives,), device=h.device)  # (S,)
             rows = self._uid_out()(torch.cat([y, neg]))  # (M + S, D) output rows of the targets and negatives
             pos_logit = (h * rows[: y.numel()]).sum(-1, keepdim=True)  # (M, 1)
@@ -294,10 +297,38 @@ class CAR(ChunkBackbone):
         return score
 
     @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int, inference: str | None = None) -> torch.Tensor:
+    def topk(self, history: torch.Tensor, k: int, inference: str | None = None,
+             block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best distinct items (B, k) and their scores (B, k), best first; 0 / -inf where fewer exist.
+
+        The scores of :meth:`scores` (log-probs), computed ``block`` items at a time with a running top-k merge
+        (:func:`~genrec_dist.models.ranking.blockwise_topk`), so no (B, N) matrix is built. Items are ranked by the
+        unnormalised score (uid logit + slow_weight x SID log-probs); the log-partition of the uid softmax, summed
+        from each block's logsumexp, is subtracted from the k winners only."""
+        inference = inference or self.cfg.inference
+        if inference not in _INFERENCES:
+            raise ValueError(f"inference must be one of {'|'.join(_INFERENCES)}, got {inference!r}")
+        history = self._history(history)
+        h = self.encode(history, self.cfg.max_history - history.shape[1])[:, -1, -1]  # (B, D)
+        sid_logp = ([logits.float().log_softmax(dim=-1) for logits in self.sid_logits_all(h)]  # L x (B, K_l)
+                    if inference == "slow" else [])
+        lses: list[torch.Tensor] = []  # (B,) per block; the padding column (-inf) adds nothing
+
+        def score_block(lo: int, hi: int) -> torch.Tensor:
+            logits = self._uid_out().scores(h, lo, hi).float()  # (B, hi - lo)
+            lses.append(logits.logsumexp(dim=-1))
+            for level, logp in enumerate(sid_logp):
+                logits = logits + self.cfg.slow_weight * logp[:, self.codes[lo:hi, level]]
+            return logits
+
+        items, keys = blockwise_topk(score_block, self.num_items, k, h.shape[0], h.device, block)
+        return items, keys - logsumexp_blocks(lses)[:, None]
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int, inference: str | None = None,
+                  block: int | None = None) -> torch.Tensor:
         """The k best distinct items (B, k), best first; 0 where fewer exist."""
-        top = self.scores(history, inference).topk(min(k, self.num_items), dim=1).indices  # (B, min(k, N))
-        return F.pad(top, (0, k - top.shape[1])) if top.shape[1] < k else top
+        return self.topk(history, k, inference, block)[0]
 
 
 _INFERENCES = typing.get_args(typing.get_type_hints(CARConfig)["inference"])  # ("fast", "slow")

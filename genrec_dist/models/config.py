@@ -47,9 +47,13 @@ class SASRecConfig:
     max_history: int = 50  # SASRec: n=50 on Amazon; our datasets cut histories to 20 anyway
     # Full-softmax CE over the catalog is far stronger than the paper's BCE with one negative (numbers:
     # docs/results.md); 'sampled' (uniform negatives, accidental hits masked) is for
-    # catalogs too large for a (B, num_items) logit matrix.
-    loss: Literal["softmax", "sampled"] = "softmax"
+    # catalogs too large for a (B, num_items) logit matrix; 'auto' = softmax up to full_softmax_max_items, sampled
+    # above.
+    loss: Literal["auto", "softmax", "sampled"] = "auto"
     num_negatives: int = 256
+    # The softmax's logits and their gradient are 2 x B x N float32 per rank: at B = 256 and N = 1M that is 2 GiB,
+    # half of a 4 GB training rank; above it the logits alone would outgrow the model, so 'auto' samples.
+    full_softmax_max_items: int = 1_000_000
 
 
 @dataclass
@@ -71,9 +75,13 @@ class CARConfig:
     alpha: float = 1.0  # loss = act + alpha * think; CAR's objective is L_think + L_act (docs/design.md); 0 = "w/o T"
     all_positions: bool = True  # every history chunk predicts the next one (T signals per example), not only the last
     tie_embeddings: bool = True  # heads share the input tables (GPT-2)
-    # full softmax over items; sampled / in_batch from ~100k items (memory of M x N logits, see car.py)
-    uid_loss: Literal["full", "sampled", "in_batch"] = "full"
+    # full softmax over items; sampled / in_batch from ~100k items (memory of M x N logits, see car.py);
+    # auto = full up to full_softmax_max_items, sampled above.
+    uid_loss: Literal["auto", "full", "sampled", "in_batch"] = "auto"
     num_negatives: int = 1024  # uniform negatives shared by the batch (uid_loss=sampled)
+    # Every chunk trains, so the uid softmax has M = B x T = 256 x 20 = 5120 rows: its logits and their gradient are
+    # 2 x 5120 x N float32, 4 GiB at N = 100k, a whole 4 GB rank; above it 'auto' samples.
+    full_softmax_max_items: int = 100_000
     # fast: uid head; slow: + slow_weight x SID-path log-probs
     inference: Literal["fast", "slow"] = field(default="fast", metadata=INFERENCE)
     slow_weight: float = field(default=1.0, metadata=INFERENCE)  # 1 = the chunk's joint log-prob (CAR's factorisation)

@@ -18,6 +18,7 @@ from genrec_dist.errors import ConfigError
 from genrec_dist.models.blocks import (PositionalEmbedding, TiedEmbedding, TransformerStack, attention_mask,
                                        init_weights)
 from genrec_dist.models.config import SASRecConfig
+from genrec_dist.models.ranking import blockwise_topk, full_or_sampled
 
 
 class SASRec(nn.Module):
@@ -31,7 +32,8 @@ class SASRec(nn.Module):
         super().__init__()
         if num_items < 1:
             raise ValueError(f"SASRec needs at least one item, got num_items={num_items}")
-        if cfg.loss == "sampled" and cfg.num_negatives < 1:
+        self.loss = full_or_sampled(cfg.loss, num_items, cfg.full_softmax_max_items, "softmax")
+        if self.loss == "sampled" and cfg.num_negatives < 1:
             raise ConfigError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
         self.cfg = cfg
         self.num_items = num_items
@@ -60,7 +62,7 @@ class SASRec(nn.Module):
         return logits
 
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.cfg.loss == "softmax":
+        if self.loss == "softmax":
             # float32 softmax even when the model runs in bf16 (DeepSpeed on GPU)
             return {"loss": F.cross_entropy(self.scores(history).float(), target)}
         h = self.hidden(history)  # (B, D)
@@ -72,10 +74,15 @@ class SASRec(nn.Module):
         return {"loss": F.cross_entropy(logits.float(), torch.zeros_like(target))}
 
     @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:
+    def topk(self, history: torch.Tensor, k: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k highest-scoring items (B, k) and their logits (B, k), best first (lower id first on ties); 0 / -inf
+        where the catalog has fewer than k items. The catalog is scored ``block`` items at a time
+        (:func:`~genrec_dist.models.ranking.blockwise_topk`), never as one (B, N) matrix."""
+        h = self.hidden(history)  # (B, D)
+        return blockwise_topk(lambda lo, hi: self.item_emb.scores(h, lo, hi), self.num_items, k, h.shape[0],
+                              h.device, block)
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
         """The k highest-scoring items (B, k), best first; 0 where the catalog has fewer than k items."""
-        scores = self.scores(history)
-        top = scores.topk(min(k, self.num_items), dim=1).indices  # (B, min(k, N))
-        if top.shape[1] < k:
-            top = F.pad(top, (0, k - top.shape[1]))
-        return top
+        return self.topk(history, k, block)[0]

@@ -119,9 +119,16 @@ class Tiger(nn.Module):
         return beam_search(step, self.trie, b, beam_width)
 
     @torch.no_grad()
-    def recommend(self, history: torch.Tensor, k: int, beam_width: int | None = None) -> torch.Tensor:
-        """The k best distinct items (B, k), best first, 0 where fewer exist. Beam width: ``beam_width`` or
-        ``cfg.beam_width``, at least k (so k items are found whenever k codes exist)."""
+    def topk(self, history: torch.Tensor, k: int, beam_width: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best distinct items (B, k) and their beam log-probs (B, k), best first; 0 / -inf where fewer
+        exist (items sharing a code share its beam's score). Beam width: ``beam_width`` or ``cfg.beam_width``, at
+        least k (so k items are found whenever k codes exist)."""
         width = max(beam_width or self.cfg.beam_width, k)
         result = self.beam_search(history, width)
-        return self.trie.items_of(result.leaves, result.valid, k)
+        return self.trie.items_and_scores(result.leaves, result.scores, k)
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int, beam_width: int | None = None) -> torch.Tensor:
+        """The k best distinct items (B, k), best first, 0 where fewer exist (:meth:`topk`'s items)."""
+        return self.topk(history, k, beam_width)[0]

@@ -30,7 +30,7 @@ aside in ``tracking_rejected-<run id>.jsonl`` beside the spool, with a warning.
 MLflow retries each HTTP request itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, backoff factor 2: minutes
 against a stopped server; ``MLFLOW_HTTP_REQUEST_TIMEOUT`` default 120 s) and reads these environment variables at
 every request, with no per-client setting (mlflow 3: ``mlflow/utils/rest_utils.py::http_request``). The tracker
-does its own retrying, so while its requests run it sets them small (see ``outbox._quick_requests``).
+does its own retrying, so it sets them small for the process (see ``outbox._quick_requests``).
 
 Modules: ``base`` (the protocol, :class:`NullTracker`, :class:`TrackingError`), ``mlflow_client`` (starting an
 MLflow run, the protocol calls), ``outbox`` (queue, delivery thread, spool, :func:`replay`), ``lookup`` (store URI,

@@ -291,36 +291,25 @@ def _rejected(exc: Exception) -> bool:
 
 
 _env_lock = threading.Lock()
-_env_users = 0
-_env_saved: dict[str, str | None] = {}
 
 
 @contextlib.contextmanager
 def _quick_requests(retries: int, timeout_s: float) -> Iterator[None]:
-    """MLflow's per-request HTTP retries and timeout set small while the block runs (module docstring: mlflow
-    reads them from the environment at each request and has no per-client setting). The environment is the
-    process's: a request another thread makes meanwhile gets the same settings. Nested or concurrent blocks share
-    the first one's values; the last to leave restores what was there."""
-    global _env_users
+    """MLflow's per-request HTTP retries and timeout set small for this process (module docstring: mlflow reads them
+    from the environment at each request and has no per-client setting), before the block runs.
+
+    They are set, never removed again: removing an environment variable while another thread copies
+    ``os.environ`` (botocore does at every S3 request, e.g. a checkpoint upload beside the delivery thread) raised
+    ``KeyError`` in that thread. Only the tracker's own requests go to MLflow in a job, and all of them want these
+    small values; a block with other values replaces them (a key that exists changes value in place, which no
+    concurrent reader of ``os.environ`` trips over)."""
     values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
               "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(round(timeout_s))))}
     with _env_lock:
-        if _env_users == 0:
-            _env_saved.update({k: os.environ.get(k) for k in values})
-            os.environ.update(values)
-        _env_users += 1
-    try:
-        yield
-    finally:
-        with _env_lock:
-            _env_users -= 1
-            if _env_users == 0:
-                for k, v in _env_saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-                _env_saved.clear()
+        for k, v in values.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
+    yield
 
 
 def _short(exc: Exception) -> str:

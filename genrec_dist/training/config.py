@@ -1,4 +1,4 @@
-"""The ``train:`` and ``evaluate:`` sections.
+"""The ``train:``, ``evaluate:`` and ``recommend:`` sections.
 
 Paper defaults, cited where set: Adam, lr 1e-3, batch 256, linear warm-up over 2000 steps from lr 1e-7, weight decay
 1e-7 (UNGER Table 4, the same values as EAGER's released ``train_rec.py``; TIGER §4 trains with batch 256).
@@ -58,6 +58,11 @@ class TrainConfig:
     #           every position (CAR with all_positions): the same transitions, each once, in ~1/mean-length the steps.
     # auto: windows for such models, else prefixes.
     examples: Literal["auto", "prefixes", "windows"] = "auto"
+    # Examples stream from the Parquet shards in chunks of at most chunk_rows users; an epoch's order shuffles the
+    # chunks, then the examples within windows of at most shuffle_buffer examples (genrec_dist/data/examples.py).
+    # A window of H = 20 int64 histories costs ~170 B per example: 1M examples ~ 170 MB, the data memory of a rank.
+    chunk_rows: int = 4096
+    shuffle_buffer: int = 1_000_000
 
     # ----- validation, early stopping, checkpoints -----
     eval_every: int = 200                # steps between validations (NDCG@10 on the validation split); 0 = never
@@ -84,3 +89,30 @@ class EvaluateConfig:
     beam_width: int = 0
     batch_size: int = 256
     split: Literal["test", "valid"] = "test"
+    # Full-catalog ranking scores this many items at a time with a running top-k merge, so memory is one
+    # (batch_size, score_block) float32 matrix (256 x 65536 = 64 MiB) whatever the catalog size; 0 = one block.
+    score_block: int = 65536
+
+
+@dataclass
+class RecommendConfig:
+    """Batch top-k recommendations of an exported model for a table of users (``jobs/recommend.py``)."""
+
+    k: int = 10
+    # Off by default: the shipped lists are then exactly what evaluation scored (leave-one-out ranks the full catalog,
+    # the history included) and what the served model returns; on for catalogs where a repeat is never wanted.
+    exclude_seen: bool = False
+    # "" = the run's prepared dataset, history = each user's whole sequence (recommends the item after the last one);
+    # else a Parquet file or folder of ``user, history`` rows (history: list of item ids, oldest first), or s3://.
+    users: str = ""
+    output: str = ""                     # "" = <run dir>/recommendations; Parquet shards + manifest.json, or s3://
+    overwrite: bool = False
+    batch_size: int = 1024               # users per model call
+    num_workers: int = 2                 # Ray actors, each loading the model once (one GPU each when the cluster has)
+    # CPUs each actor reserves (and its torch threads); 0 = share the cluster's CPUs but one among the actors, at most
+    # a node's worth: one CPU stays free for the read and write tasks (all-CPU actors would leave them none: a hang).
+    cpus_per_worker: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: a GPU per actor when the Ray cluster has GPUs
+    # Beam width for TIGER/UNGER/CAR-AR; 0 = the exported model's own (as evaluate.beam_width).
+    beam_width: int = 0
+    ray_address: str = ""                # "" = RAY_ADDRESS (set by ray job submit) or a new local Ray

@@ -6,7 +6,7 @@ launcher only decides the environment it reads (:mod:`genrec_dist.training.dist`
 
 1. who am I (rank, world), device, process group (gloo on CPU, NCCL on GPU);
 2. the run: new or resumed (``train.resume``), its directory, MLflow run (rank 0 only);
-3. data: this rank's examples (:mod:`genrec_dist.training.data`) and the epoch length shared by every rank;
+3. data: this rank's examples, streamed (:mod:`genrec_dist.data.examples`) and the epoch length shared by every rank;
 4. model (same seed on every rank) wrapped by ``deepspeed.initialize`` (config: :mod:`ds_config`);
 5. resume: weights, optimizer, lr schedule, RNG states and data cursor from the newest complete checkpoint;
 6. the loop: forward/backward/step per micro batch, metrics every ``log_every`` steps, validation every
@@ -24,16 +24,15 @@ import tempfile
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 
 from genrec_dist import reports, storage
+from genrec_dist.data import examples as D
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.models import build_model, needs_semantic_ids, trains_every_position
 from genrec_dist.training import checkpoint as ckpt
-from genrec_dist.training import data as D
 from genrec_dist.training import runs
 from genrec_dist.training.dist import world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
@@ -88,22 +87,23 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
 
     # ----- 3. data ------------------------------------------------------------------------------------------
     H = dataset.max_history
-    seqs = D.rank_sequences(dataset, rank, ws, tc.data_split)
     examples = tc.examples if tc.examples != "auto" else (
         "windows" if trains_every_position(tc.model, cfg.model) else "prefixes")
-    train_ex = D.train_examples(seqs, H, examples)
-    valid_ex = D.eval_examples(seqs, H, "valid")
-    owns_all = tc.data_split == "global" or ws == 1
-    if owns_all:  # every rank holds every user: validate on this rank's share only
-        valid_ex = valid_ex.take(np.arange(len(valid_ex))[D.eval_slice(len(valid_ex), rank, ws)])
+    # streamed chunk by chunk: a rank holds one shuffle window of examples, never all of them
+    train_src = D.ExampleSource(D.rank_chunks(dataset, rank, ws, tc.data_split, tc.chunk_rows), H, "train",
+                                examples, cfg.storage)
+    # validation: every user on exactly one rank (in global mode too), each rank scores its share
+    valid_src = D.ExampleSource(D.rank_chunks(dataset, rank, ws, "shards", tc.chunk_rows), H, "valid",
+                                storage_cfg=cfg.storage)
     mb = micro_batch(tc, ws)
-    usable = torch.tensor([len(train_ex) // ws if tc.data_split == "global" else len(train_ex)])
+    usable = torch.tensor([len(train_src) // ws if tc.data_split == "global" else len(train_src)])
     tdist.all_reduce(usable, op=tdist.ReduceOp.MIN)
     spe = D.steps_per_epoch([int(usable)], mb * tc.grad_accum)
     total_steps = tc.max_steps if tc.max_steps > 0 else max(1, tc.epochs) * spe
-    plan = D.BatchPlan(len(train_ex), mb, tc.grad_accum, ws, rank, cfg.seed, tc.data_split)
-    log0(f"data: {len(train_ex)} training examples ({examples}) on rank 0, micro batch {mb} x grad_accum "
-         f"{tc.grad_accum} x world {ws} = {tc.batch_size}; {spe} steps/epoch; {total_steps} steps")
+    plan = D.BatchPlan(train_src.sizes, mb, tc.grad_accum, ws, rank, cfg.seed, tc.data_split, tc.shuffle_buffer)
+    log0(f"data: {len(train_src)} training examples ({examples}) in {len(train_src.sizes)} chunks on rank 0, "
+         f"micro batch {mb} x grad_accum {tc.grad_accum} x world {ws} = {tc.batch_size}; {spe} steps/epoch; "
+         f"{total_steps} steps")
 
     # ----- 4. model + DeepSpeed -------------------------------------------------------------------------------
     sids, sids_dir = None, None
@@ -149,19 +149,20 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
     elif resuming:
         log0(f"no complete checkpoint under {ckpt_root}: starting {run_name} from step 0")
 
-    rec_kwargs = recommend_kwargs(eval_model, cfg.evaluate.beam_width)
+    rec_kwargs = recommend_kwargs(eval_model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
 
     def validate() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """All ranks: consolidated weights into the plain copy, each rank scores its users, sums all-reduced."""
         state = consolidated_state_dict(engine)
         eval_model.load_state_dict(state)
-        batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(valid_ex, tc.eval_batch_size)]
+        batches = ((torch.from_numpy(h), torch.from_numpy(t))
+                   for h, t in D.stream_batches(valid_src, tc.eval_batch_size))  # read chunk by chunk
         m = evaluate_model(eval_model, batches, cfg.evaluate.ks, device, **rec_kwargs)
         return _allreduce_means(m, device if use_cuda else torch.device("cpu")), state
 
     # ----- 6. the loop --------------------------------------------------------------------------------------
     engine.train()
-    batches = D.iterate(train_ex, plan, cursor, spe)
+    batches = D.iterate(train_src, plan, cursor, spe)
     t_last, steps_since = time.perf_counter(), 0
     stop = False
     while step < total_steps and not stop:

@@ -271,3 +271,12 @@ def test_parameters_are_read_only_inside_their_module(kw, gen):
     torch.manual_seed(0)
     model = toy_model(**kw).eval()
     assert_same_under_partition(model, N, 4, gen)
+
+
+def test_auto_uid_loss_switches_to_sampled_above_the_threshold():
+    assert toy_model().uid_loss == "full"  # 30 items, default threshold 100k
+    assert toy_model(full_softmax_max_items=N).uid_loss == "full"
+    model = toy_model(full_softmax_max_items=N - 1, num_negatives=4)
+    assert model.uid_loss == "sampled"
+    history, target = successor_batch(N, 8, 6, torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(history, target)["loss"])

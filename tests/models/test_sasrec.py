@@ -66,3 +66,15 @@ def test_config_section_loads_from_overrides():
     cfg = load_config(None, ["model.sasrec.loss=sampled", "model.sasrec.num_negatives=16", "model.tiger.beam_width=7"])
     assert cfg.model.sasrec.loss == "sampled" and cfg.model.sasrec.num_negatives == 16
     assert cfg.model.tiger.beam_width == 7
+
+
+def test_auto_loss_is_full_softmax_up_to_the_threshold_then_sampled():
+    """loss=auto: the exact softmax up to full_softmax_max_items items, sampled negatives above (the loss then no
+    longer equals the full cross-entropy)."""
+    history, target = successor_batch(N, 8, 6, torch.Generator().manual_seed(0))
+    for limit, want in ((N, "softmax"), (N - 1, "sampled")):
+        torch.manual_seed(0)
+        model = build_model("sasrec", small_cfg(full_softmax_max_items=limit, num_negatives=4), N)
+        assert model.cfg.loss == "auto" and model.loss == want
+        full = torch.nn.functional.cross_entropy(model.scores(history), target)
+        assert torch.isclose(model(history, target)["loss"], full) == (want == "softmax")

@@ -179,7 +179,7 @@ def test_residual_kmeans_codes_equal_the_all_float64_run(monkeypatch):
     x = _mixture(n=3000, d=24, c=30, seed=4)
     p = KMeansParams(k=16, seed=1)
     fast = kmeans_local(x, 3, p, dedup=True, shards=3)
-    monkeypatch.setattr(KMeansShard, "assign", lambda self, c: self.assign_f64(c))
+    monkeypatch.setattr(KMeansShard, "assign", lambda self, c, idx=None: self.assign_f64(c, idx))
     slow = kmeans_local(x, 3, p, dedup=True)
     np.testing.assert_array_equal(fast.codes, slow.codes)
     for a, b in zip(fast.codebooks, slow.codebooks):

@@ -208,3 +208,53 @@ def test_ray_job_submit_to_a_real_head(job_run, tiny_dataset, tmp_path):
     finally:
         subprocess.run(["bash", os.path.join(REPO, "cluster", "stop_ray.sh")], env=env, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _hash_embedder() -> type:
+    # Defined in a function so cloudpickle ships the class by value to the Ray workers.
+    class HashEmbedder:
+        """A cheap deterministic 8-d embedding of the text (the TextEmbedder call signature)."""
+
+        def __init__(self, **kwargs):
+            self.dim = 8
+
+        def __call__(self, batch):
+            import hashlib
+
+            vecs = [np.frombuffer(hashlib.sha256(str(t).encode()).digest()[:8], dtype=np.uint8) for t in batch["text"]]
+            return {"item_id": np.asarray(batch["item_id"]), "embedding": np.stack(vecs).astype(np.float32) / 255}
+
+    return HashEmbedder
+
+
+def test_embedding_workers_write_shards_to_s3_that_k_means_workers_read(tiny_dataset, s3_bucket, ray_local):
+    """Embedding actors write their pieces under a temporary area beside the S3 output; pieces of one shard are
+    joined, the shards are moved into the committed output, and the codes equal in-memory k-means of the same
+    vectors. Nothing is left in the temporary area."""
+    import s3fs
+
+    from tokenization.embedding_store import read_embeddings
+    from tokenization.kmeans import KMeansParams, kmeans_local
+    from tokenization.pipeline import run_tokenize
+
+    endpoint, bucket = s3_bucket
+    lines = []
+    cfg = _cfg(f"{bucket}/work", tiny_dataset, f"paths.semantic_ids={bucket}/sids", f"storage.endpoint_url={endpoint}",
+               "tokenize.levels=2", "tokenize.codebook_size=8", "tokenize.num_workers=2", "tokenize.batch_size=8",
+               "tokenize.rows_per_shard=50", "tracking.enabled=false")
+    run_tokenize(cfg, log=lines.append, embedder_cls=_hash_embedder(), tracking=make_tracker)
+    ds = Dataset.open(tiny_dataset)
+    n = ds.num_items
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/sids/embeddings"))
+    assert names == [f"part-{i:05d}.parquet" for i in range(-(-n // 50))]
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(bucket)] == ["sids"]  # no staging / temporary area left
+    assert any(line.startswith(f"embedded {n}/{n} items") and "ETA" in line for line in lines)
+    ids, emb = read_embeddings(f"{bucket}/sids/embeddings", cfg.storage)
+    np.testing.assert_array_equal(ids, np.arange(1, n + 1))
+    texts = ds.items(["item_id", "text"]).sort("item_id")
+    want = _hash_embedder()()({"item_id": texts["item_id"].to_numpy(), "text": texts["text"].to_list()})["embedding"]
+    np.testing.assert_array_equal(emb, want)
+    tc = cfg.tokenize
+    ref = kmeans_local(want, 2, KMeansParams(k=8, max_iters=tc.max_iters, tol=tc.tol, seed=cfg.seed), dedup=True)
+    np.testing.assert_array_equal(read_semantic_ids(f"{bucket}/sids", cfg.storage).codes[1:], ref.codes)

@@ -23,7 +23,7 @@ from genrec_dist.evaluation.evaluate import evaluate_model
 from genrec_dist.evaluation.popular import MostPopular
 from genrec_dist.models import ModelConfig, build_model
 from genrec_dist.tracking import make_tracker
-from genrec_dist.training.data import eval_examples, train_examples
+from genrec_dist.data.examples import eval_examples, train_examples
 from tokenization.embedding_store import read_embeddings
 from tokenization.unger import REFERENCE_FILE, concat_embeddings, modality_share
 

@@ -1,0 +1,224 @@
+"""Batch recommendations on Ray Data (``jobs/recommend.py``): read a users table, ``map_batches`` the
+:class:`~genrec_dist.evaluation.recommend.Recommender` over an actor pool (each actor loads the exported model once,
+on a GPU when the cluster has one), write Parquet shards ``user, items[k], scores[k]`` from the workers and commit
+them with a manifest (:func:`genrec_dist.storage.commit_dir`): a failed run leaves nothing at the output.
+
+Users: the run's prepared dataset (history = each user's whole sequence, so the list is for the item after the last
+one), or ``recommend.users``: a Parquet file or folder of ``user, history`` rows, local or ``s3://``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import polars as pl
+
+from genrec_dist import storage
+from genrec_dist.config import ConfigError, to_dict
+from genrec_dist.data.dataset import Dataset
+from genrec_dist.evaluation.recommend import Recommender, RecommendInputError
+from genrec_dist.tracking import make_tracker
+from genrec_dist.training import runs
+from genrec_dist.evaluation.run import inference_overrides
+from genrec_dist.training.export import read_meta
+
+OUTPUT_DIR = "recommendations"
+# Users per output shard (the writer bundles the actors' batches up to this): 20M users -> ~200 files, not 20k.
+ROWS_PER_FILE = 100_000
+PROGRESS_EVERY_S = 10.0
+
+
+def output_path(cfg: Any, run_dir: str) -> str:
+    return cfg.recommend.output or storage.join(run_dir, OUTPUT_DIR)
+
+
+def check_paths(cfg: Any, run_dir: str) -> None:
+    """Under ``ray job submit --working-dir`` the driver runs in a temporary copy of that folder: a relative users
+    table or output would be read from / written into the copy (and lost): refuse it, naming it."""
+    from genrec_dist.cli import ray_job_working_dir
+
+    if ray_job_working_dir() is None:
+        return
+    places = {"--run": run_dir, "recommend.users": cfg.recommend.users, "recommend.output": output_path(cfg, run_dir)}
+    relative = [f"{k}={v}" for k, v in places.items() if v and "://" not in v and not os.path.isabs(v)]
+    if relative:
+        raise ConfigError(f"running as a Ray job with a working_dir (ray job submit --working-dir): "
+                          f"{', '.join(relative)} would be resolved in its temporary copy; give absolute paths every "
+                          "node sees (shared storage) or s3://")
+
+
+def make_recommend_tracker(cfg: Any, run_dir: str) -> Any:
+    """The job's MLflow run, beside the training run (its id, dir and model as tags; the dataset's tags when the
+    users are the run's dataset)."""
+    info = runs.read_run(run_dir, cfg.storage) or {}
+    meta = read_meta(storage.join(run_dir, "model"), cfg.storage)
+    tags = {"genrec.train_run_id": str(info.get("mlflow_run_id")), "genrec.run_dir": run_dir,
+            "genrec.model": meta["model"]}
+    if not cfg.recommend.users:
+        tags.update(Dataset.open(info.get("dataset") or cfg.dataset_dir, cfg.storage).tags())
+    return make_tracker(cfg, "recommend", 0, run_name=f"{info.get('run_name', meta['model'])}-recommend",
+                        extra_tags=tags, spool_dir=run_dir)
+
+
+def _ray_path(path: str, storage_cfg: Any) -> tuple[str, Any]:
+    """A path and the pyarrow filesystem Ray Data reads it with: the project's own fsspec filesystem (endpoint,
+    retries and timeouts of ``storage``) for ``s3://``, Ray's default for local paths."""
+    if not storage.is_remote(path):
+        return os.path.abspath(path), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, fs_path = storage.filesystem(path, storage_cfg)
+    return fs_path, PyFileSystem(FSSpecHandler(fs))
+
+
+def read_users(cfg: Any, run_dir: str) -> tuple[Any, int, str]:
+    """``(Ray dataset of user, history, path rows, number of users, description)``."""
+    import ray.data
+
+    users = cfg.recommend.users
+    if not users:
+        info = runs.read_run(run_dir, cfg.storage) or {}
+        dataset = Dataset.open(info.get("dataset") or cfg.dataset_dir, cfg.storage)
+        files = [_ray_path(f, cfg.storage) for f in dataset.shard_files]
+        ds = ray.data.read_parquet([p for p, _ in files], filesystem=files[0][1], include_paths=True)
+        ds = ds.select_columns(["user", "items", "path"]).rename_columns({"items": "history"})
+        return ds, dataset.num_users, f"dataset {dataset.path}"
+    path, fs = _ray_path(users, cfg.storage)
+    try:
+        ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True, file_extensions=["parquet"])
+        names = ds.schema().names
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(f"recommend.users={users}: cannot read Parquet there ({exc})") from None
+    missing = [c for c in ("user", "history") if c not in names]
+    if missing:
+        raise RecommendInputError(f"recommend.users={users}: no column {missing[0]!r} (columns: {', '.join(names)}); "
+                                  "a users table has 'user' and 'history' (list of item ids, oldest first)")
+    return ds.select_columns(["user", "history", "path"]), ds.count(), f"users table {users}"
+
+
+def _write_shard(batch: dict[str, Any], staging: str, storage_cfg: Any) -> dict[str, Any]:
+    """Write one batch of recommendations as a Parquet shard of the staged output; returns its name and rows."""
+    n = len(batch["user"])
+    if n == 0:
+        return {"file": np.array([], dtype=object), "rows": np.array([], dtype=np.int64)}
+    df = pl.DataFrame({"user": batch["user"],
+                       "items": pl.Series(np.asarray(batch["items"])).cast(pl.List(pl.Int64)),
+                       "scores": pl.Series(np.asarray(batch["scores"], dtype=np.float32)).cast(pl.List(pl.Float32))})
+    name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+    storage.write_bytes(storage.join(staging, name), storage.parquet_bytes(df), storage_cfg)
+    return {"file": np.array([name], dtype=object), "rows": np.array([n], dtype=np.int64)}
+
+
+def worker_cpus(cfg_cpus: float, workers: int, cluster_cpus: float, node_cpus: float) -> float:
+    """CPUs one actor reserves: ``recommend.cpus_per_worker``, or (0) the cluster's CPUs but one shared among the
+    actors, at most one node's; the free CPU runs the read and write tasks beside a full actor pool."""
+    if cfg_cpus > 0:
+        return cfg_cpus
+    return max(min((cluster_cpus - 1) / max(workers, 1), node_cpus), 0.1)
+
+
+def _input_error(exc: BaseException) -> str | None:
+    """The message of a :class:`RecommendInputError` a worker raised, out of Ray's wrappers: the exception itself
+    when it crossed the process boundary intact (``RayTaskError.cause``, ``__cause__``), else the line Ray's worker
+    traceback ends it with (Ray Data wraps it in ``UserCodeException``, which keeps only the text)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is RecommendInputError:
+            return str(e)
+        cause = getattr(e, "cause", None)
+        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+    found = re.search(rf"{RecommendInputError.__name__}: (.+)", str(exc))
+    return found.group(1).strip() if found else None
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_recommend(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Top-``recommend.k`` items and scores for every user of the users table, committed at the output; the
+    counts, users/s and the output location logged to ``tracker`` (closed here: FAILED when the run fails).
+    ``overrides`` (the command line's) may change the exported model's inference-time fields
+    (``model.car.inference=slow``), nothing else of it."""
+    try:
+        summary = _run(cfg, run_dir, overrides, tracker, log)
+    except Exception as exc:
+        tracker.close("FAILED")
+        err = _input_error(exc)
+        if err is not None:  # one line naming the file and user, not Ray's wrapped worker traceback
+            raise RecommendInputError(err) from None
+        raise
+    tracker.log({k: summary[k] for k in ("users", "users_per_s", "seconds", "files")})
+    tracker.close()
+    return {**summary, "mlflow_run_id": tracker.run_id}
+
+
+def _run(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any, log: Callable[[str], None]
+         ) -> dict[str, Any]:
+    import ray
+
+    from genrec_dist.ray_runtime import ensure_ray
+
+    rc = cfg.recommend
+    check_paths(cfg, run_dir)
+    meta = read_meta(storage.join(run_dir, "model"), cfg.storage)
+    inference = inference_overrides(cfg, overrides, meta["model"], run_dir, meta["model_config"][meta["model"]])
+    output = output_path(cfg, run_dir)
+    tracker.log_config(cfg)
+    tracker.set_tags({"genrec.recommend_output": output})
+    done, shards = 0, []
+    # Entered first: an existing output is refused before Ray starts; a failure below commits nothing.
+    with storage.commit_dir(output, cfg.storage, overwrite=rc.overwrite) as out:
+        how = ensure_ray(rc.ray_address)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours: users/s and ETA, below
+        use_gpu = rc.device == "cuda" or (rc.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+        cpus = worker_cpus(rc.cpus_per_worker, rc.num_workers, ray.cluster_resources().get("CPU", 1),
+                           max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1))
+        ds, total, source = read_users(cfg, run_dir)
+        # Blocks of one batch each, streamed: a read gives one block per file (or fewer), and an actor pool only
+        # runs as many batches at once as there are blocks in flight (a 2-file dataset kept a 2nd actor idle).
+        ds = ds.repartition(target_num_rows_per_block=rc.batch_size)
+        tracker.set_tags({"genrec.users": source})
+        log(f"recommend: {meta['model']} of {run_dir} -> top {rc.k} for {total:,} users of {source}, "
+            f"{rc.num_workers} workers ({cpus:g} CPUs{', 1 GPU' if use_gpu else ''} each) on Ray ({how}); "
+            f"exclude_seen={rc.exclude_seen}" + "".join(f", {k}={v}" for k, v in inference.items()))
+        start = time.perf_counter()  # users/s counts the actors' start and model load: the job's own rate
+        recs = ds.map_batches(
+            Recommender, batch_size=rc.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=rc.num_workers), num_gpus=1 if use_gpu else 0, num_cpus=cpus,
+            fn_constructor_kwargs={"run_dir": run_dir, "k": rc.k, "exclude_seen": rc.exclude_seen,
+                                   "storage_cfg": cfg.storage, "inference": inference, "beam_width": rc.beam_width,
+                                   "device": "cuda" if use_gpu else "cpu", "threads": max(1, int(cpus))})
+        written = recs.map_batches(_write_shard, batch_size=ROWS_PER_FILE, batch_format="numpy",
+                                   fn_kwargs={"staging": out.staging, "storage_cfg": cfg.storage})
+        last = start
+        for row in written.iter_rows():  # one row per shard written by a worker
+            shards.append(str(row["file"]))
+            done += int(row["rows"])
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S:
+                rate = done / (now - start)
+                log(f"recommend: {done:,}/{total:,} users ({100 * done / max(total, 1):.0f}%), {rate:,.0f} "
+                    f"users/s, ETA {_duration((total - done) / rate) if rate > 0 else '?'}")
+                last = now
+        seconds = time.perf_counter() - start
+        out.files += shards  # (what an s3:// commit copies)
+        out.manifest = {"kind": "genrec-dist recommendations", "users": done, "files": sorted(shards),
+                        "columns": {"user": "as in the users table", "items": f"list<int64> of {rc.k}, best first, "
+                                    "0 = none", "scores": f"list<float32> of {rc.k}, -inf = none"},
+                        "run_dir": run_dir, "model": meta["model"], "model_step": meta.get("step"),
+                        "users_source": source, "inference_overrides": inference, "config": to_dict(rc)}
+    rate = done / seconds if seconds > 0 else 0.0
+    log(f"recommend: {done:,} users in {seconds:.1f} s ({rate:,.0f} users/s), {len(shards)} files -> {output}")
+    return {"output": output, "users": done, "seconds": seconds, "users_per_s": rate, "files": len(shards)}

@@ -1,0 +1,247 @@
+"""Batch recommendations (jobs/recommend.py) of tiny trained runs: one row per user, the model's own top-k with its
+scores in every inference mode (CAR fast and slow, TIGER's beam), seen items excluded on request, nothing committed
+by a failed run, and the same output from `ray job submit` on a real head as from a local run.
+
+Two tiny models are trained once for the module with the real training job (30 steps: the ranking only has to be
+the model's, not a good one). Semantic IDs are the deterministic category codes of test_train_tiger.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from _util import REPO, free_port, run_job
+from genrec_dist import storage
+from genrec_dist.config import load_config
+from genrec_dist.data.dataset import Dataset
+from genrec_dist.data.semantic_ids import write_semantic_ids
+from genrec_dist.evaluation.recommend import Recommender, RecommendInputError
+from genrec_dist.evaluation.run import load_exported
+from training.test_train_tiger import _category_codes
+
+CONFIG = os.path.join(REPO, "configs", "synthetic.yaml")
+SHORT = ["batch_size=64", "max_steps=30", "lr=0.003", "warmup_steps=10", "eval_every=0", "checkpoint_every=0",
+         "log_every=10", "patience=0"]
+TINY_CAR = ["train.model=car", "model.car.d_model=32", "model.car.n_heads=2", "model.car.n_layers=1",
+            "model.car.d_ff=64", "model.car.slow_weight_grid=[0.5,1.0]"]
+TINY_TIGER = ["train.model=tiger", "model.tiger.d_model=32", "model.tiger.n_heads=2", "model.tiger.head_dim=16",
+              "model.tiger.d_ff=64", "model.tiger.encoder_layers=1", "model.tiger.decoder_layers=1",
+              "model.tiger.beam_width=12", "evaluate.beam_width=12"]
+
+
+@pytest.fixture(scope="module")
+def sids(tiny_cfg, tiny_dataset, tmp_path_factory):
+    items = pl.read_parquet(os.path.join(tiny_dataset, "items.parquet"))
+    item_ids, codes, sizes = _category_codes(items)
+    path = str(tmp_path_factory.mktemp("rec-sids") / "sids")
+    write_semantic_ids(path, item_ids, codes, sizes, {"source": "test: category + rank in category"})
+    return path
+
+
+def _train(tiny_cfg, sids, name, args) -> str:
+    run_job("train", "--config", CONFIG, f"workdir={tiny_cfg.workdir}", f"paths.semantic_ids={sids}", *args, *SHORT,
+            f"run_name={name}")
+    return os.path.join(tiny_cfg.workdir, "runs", name)
+
+
+@pytest.fixture(scope="module")
+def car_run(tiny_cfg, sids):
+    return _train(tiny_cfg, sids, "rec-car", TINY_CAR)
+
+
+@pytest.fixture(scope="module")
+def tiger_run(tiny_cfg, sids):
+    return _train(tiny_cfg, sids, "rec-tiger", TINY_TIGER)
+
+
+def _users(tiny_dataset) -> pl.DataFrame:
+    """The dataset's users: ``user`` (source id) and ``history`` (the whole sequence, oldest first)."""
+    return Dataset.open(tiny_dataset).sequences().select("user", pl.col("items").alias("history"))
+
+
+def _padded(history, width: int) -> torch.Tensor:
+    h = list(history)[-width:]
+    return torch.tensor([[0] * (width - len(h)) + h])
+
+
+def _read(path: str) -> pl.DataFrame:
+    manifest = storage.require_manifest(path)
+    return pl.concat([pl.read_parquet(os.path.join(path, f)) for f in manifest["files"]]).sort("user")
+
+
+def _cfg(tiny_cfg, *overrides):
+    return load_config(CONFIG, [f"workdir={tiny_cfg.workdir}", f"paths.dataset={tiny_cfg.dataset_dir}", *overrides],
+                       default_section="recommend")
+
+
+# ----- the callable class alone: the model's own top-k and scores, every inference mode ----------------------------
+
+def test_recommender_is_the_models_own_topk_in_every_mode(car_run, tiger_run, tiny_dataset):
+    users = _users(tiny_dataset).head(40)
+    batch = {"user": users["user"].to_numpy(), "history": np.array([np.array(h) for h in users["history"]],
+                                                                   dtype=object)}
+    for run, inference, kwargs in ((car_run, {}, {"inference": "fast"}),
+                                   (car_run, {"inference": "slow"}, {"inference": "slow"}),
+                                   (tiger_run, {}, {"beam_width": 12})):
+        rec = Recommender(run, k=10, inference=inference)
+        out = rec(batch)
+        model, _ = load_exported(run, None, inference)
+        width = model.cfg.max_history
+        assert out["items"].shape == out["scores"].shape == (40, 10)
+        assert list(out["user"]) == users["user"].to_list()
+        for row, history in enumerate(users["history"]):
+            want = model.recommend(_padded(history, width), 10, **kwargs)[0].tolist()
+            assert out["items"][row].tolist() == want, (run, inference, row)
+        assert (np.diff(out["scores"], axis=1) <= 1e-6).all()  # best first
+        if "inference" in kwargs:  # CAR: the item's own ranking score (log-prob, + slow_weight x SID path)
+            h = _padded(users["history"][0], width)
+            np.testing.assert_allclose(out["scores"][0], model.scores(h, kwargs["inference"])[0, out["items"][0]],
+                                       rtol=1e-5, atol=1e-5)
+        else:  # a beam's log-probability: negative, and finite for the items found
+            assert (out["scores"] < 0).all() and np.isfinite(out["scores"]).all()
+
+    # exclusion: none of the user's items; for CAR exactly the unexcluded ranking with the seen items taken out
+    rec = Recommender(car_run, k=10, exclude_seen=True)
+    full = Recommender(car_run, k=60)(batch)
+    out = rec(batch)
+    for row, history in enumerate(users["history"]):
+        assert not set(out["items"][row].tolist()) & set(history)
+        assert out["items"][row].tolist() == [i for i in full["items"][row].tolist() if i not in set(history)][:10]
+    # a row the model cannot read names the user and the item
+    bad = {"user": np.array(["a", "b"]), "history": np.array([np.array([1, 2]), np.array([3, 9999])], dtype=object),
+           "path": np.array(["f.parquet", "f.parquet"])}
+    with pytest.raises(RecommendInputError, match=r"f.parquet: user 'b': 'history' item 9999 is not an item id"):
+        rec(bad)
+
+
+# ----- the job ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def job_output(car_run, tmp_path_factory):
+    """`python jobs/recommend.py --run <run dir>` from another working dir (the run's own saved config)."""
+    cwd = tmp_path_factory.mktemp("rec-cwd")
+    proc = run_job("recommend", "--run", car_run, "k=10", "num_workers=2", "batch_size=64", cwd=str(cwd))
+    return os.path.join(car_run, "recommendations"), proc
+
+
+def test_job_one_row_per_user_the_models_topk_and_mlflow(job_output, car_run, tiny_cfg, tiny_dataset):
+    path, proc = job_output
+    assert "users/s" in proc.stdout and "recommendations: " + path in proc.stdout
+    out = _read(path)
+    users = _users(tiny_dataset).sort("user")
+    assert out["user"].to_list() == users["user"].to_list()  # one row per user, each once
+    assert out.schema["items"] == pl.List(pl.Int64) and out.schema["scores"] == pl.List(pl.Float32)
+    model, _ = load_exported(car_run)
+    for row in (0, 123):
+        want = model.recommend(_padded(users["history"][row], model.cfg.max_history), 10)[0].tolist()
+        assert out["items"][row].to_list() == want
+    manifest = storage.require_manifest(path)
+    assert manifest["users"] == len(users) and manifest["model"] == "car"
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{os.path.join(tiny_cfg.workdir, 'mlflow.db')}")
+    exp = client.get_experiment_by_name("genrec-dist")
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'rec-car-recommend'")
+    assert run.info.status == "FINISHED" and run.data.tags["genrec.recommend_output"] == path
+    assert run.data.metrics["users"] == len(users) and run.data.metrics["users_per_s"] > 0
+    assert run.data.params["recommend.k"] == "10"
+    # an existing output is not replaced without overwrite=true, before any work (one line, no traceback)
+    again = run_job("recommend", "--run", car_run, check=False)
+    assert again.returncode == 1 and "already exists (pass overwrite=true" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_users_table_slow_beam_exclusion_and_failed_write(car_run, tiger_run, tiny_cfg, tiny_dataset, tmp_path,
+                                                         ray_local):
+    """In process on the session's Ray: a Parquet users table (two files), CAR slow with exclusion, TIGER's beam,
+    and a table with a bad row in its second file: the error names the file and user; nothing is committed."""
+    from genrec_dist.ray_recommend import run_recommend
+    from genrec_dist.tracking import NullTracker
+
+    users = _users(tiny_dataset).head(50).with_columns(pl.col("user").str.to_uppercase())
+    table = tmp_path / "users"
+    table.mkdir()
+    users.head(30).write_parquet(table / "a.parquet")
+    users.tail(20).write_parquet(table / "b.parquet")
+    out_dir = tmp_path / "out"
+    cfg = _cfg(tiny_cfg, f"users={table}", f"output={out_dir}/slow", "k=5", "exclude_seen=true", "num_workers=1",
+               "model.car.inference=slow", "batch_size=16")
+    summary = run_recommend(cfg, car_run, ["model.car.inference=slow"], NullTracker(), log=lambda m: None)
+    got = _read(summary["output"])
+    assert summary["users"] == 50 and got["user"].to_list() == sorted(users["user"].to_list())
+    model, _ = load_exported(car_run, None, {"inference": "slow"})
+    for user, history, items in zip(*[got.join(users, on="user")[c] for c in ("user", "history", "items")]):
+        assert not set(items) & set(history), user
+        full = model.recommend(_padded(history, model.cfg.max_history), 60)[0].tolist()
+        assert list(items) == [i for i in full if i not in set(history)][:5]
+    assert storage.require_manifest(summary["output"])["inference_overrides"] == {"inference": "slow"}
+
+    cfg = _cfg(tiny_cfg, f"output={out_dir}/tiger", "k=5", "num_workers=1", "beam_width=12")
+    got = _read(run_recommend(cfg, tiger_run, [], NullTracker(), log=lambda m: None)["output"])
+    model, _ = load_exported(tiger_run)
+    row = got.join(_users(tiny_dataset), on="user").row(7, named=True)
+    assert row["items"] == model.recommend(_padded(row["history"], model.cfg.max_history), 5, beam_width=12)[0].tolist()
+
+    bad = users.tail(20).with_columns(pl.when(pl.col("user") == users["user"][40]).then(pl.lit([1, 5000]))
+                                      .otherwise(pl.col("history")).alias("history"))
+    bad.write_parquet(table / "b.parquet")
+    cfg = _cfg(tiny_cfg, f"users={table}", f"output={out_dir}/bad", "k=5", "num_workers=1", "batch_size=8")
+    with pytest.raises(RecommendInputError, match=rf"b.parquet: user '{users['user'][40]}': 'history' item 5000 is"):
+        run_recommend(cfg, car_run, [], NullTracker(), log=lambda m: None)
+    assert sorted(os.listdir(out_dir)) == ["slow", "tiger"]  # no "bad", no staging area left behind
+    # a table without a history column is named as such
+    users.select("user").write_parquet(table / "b.parquet")
+    os.remove(table / "a.parquet")
+    with pytest.raises(RecommendInputError, match=r"no column 'history'"):
+        run_recommend(cfg, car_run, [], NullTracker(), log=lambda m: None)
+
+
+def test_ray_job_submit_to_a_real_head_equals_the_local_run(job_output, car_run, tmp_path):
+    """`cluster/start_ray.sh head` -> `ray job submit --working-dir` -> SUCCEEDED, the same rows as the local run."""
+    import tempfile
+    import uuid
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's unix socket paths live under it
+    dash = free_port()
+    env = {**os.environ, "RAY_BIN": ray_bin, "GENREC_RAY_TEMP_DIR": temp_dir, "GENREC_RAY_PORT": str(free_port()),
+           "GENREC_RAY_DASHBOARD_PORT": str(dash), "GENREC_RAY_DASHBOARD_HOST": "127.0.0.1",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    subprocess.run(["bash", os.path.join(REPO, "cluster", "start_ray.sh"), "head", "--num-cpus=2",
+                    f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
+                   env=env, check=True, timeout=180)
+    try:
+        runtime_env = {"excludes": ["outputs/", ".venv/", "venv/", ".git/", "benchmarks/results/", "mlflow-server/",
+                                    ".hypothesis/", ".pytest_cache/", "**/__pycache__/"]}
+        out = str(tmp_path / "cluster-recs")
+        proc = subprocess.run(
+            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--submission-id", "recommend-test",
+             "--working-dir", REPO, "--runtime-env-json", json.dumps(runtime_env), "--",
+             sys.executable, "jobs/recommend.py", "--run", car_run, "k=10", "num_workers=2", "batch_size=64",
+             f"output={out}"], env=env, capture_output=True, text=True, timeout=600)
+        status = subprocess.run([ray_bin, "job", "status", "--address", f"http://127.0.0.1:{dash}", "recommend-test"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert "recommend-test' succeeded" in status.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert "on Ray (" in proc.stdout and "(local)" not in proc.stdout  # it joined the head, no Ray of its own
+        local, cluster = _read(job_output[0]), _read(out)
+        assert cluster["user"].to_list() == local["user"].to_list()
+        assert cluster["items"].to_list() == local["items"].to_list()
+        np.testing.assert_allclose(np.array(cluster["scores"].to_list()), np.array(local["scores"].to_list()),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        subprocess.run(["bash", os.path.join(REPO, "cluster", "stop_ray.sh")], env=env, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_help_runs():
+    proc = run_job("recommend", "--help")
+    assert "usage: jobs/recommend.py" in proc.stdout and proc.stdout.count("usage:") == 1
