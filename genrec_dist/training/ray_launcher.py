@@ -2,8 +2,9 @@
 
 Ray Train starts ``train.num_workers`` workers (one GPU each when the cluster has GPUs), sets
 RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in each and initialises the torch process group (gloo on CPU,
-NCCL on GPU); DeepSpeed then initialises inside each worker from that group. The driver picks the run name first so
-it can read the run's ``metrics.json`` when the workers are done. Under ``ray job submit`` the driver connects to
+NCCL on GPU); DeepSpeed then initialises inside each worker from that group. The driver resolves the run first
+(:class:`~genrec_dist.training.runs.RunDir`: named, read and checked once; the workers start from it) so it can read
+the run's ``metrics.json`` when the workers are done. Under ``ray job submit`` the driver connects to
 the cluster it was submitted to (``RAY_ADDRESS``); otherwise ``train.ray_address`` or a new local Ray.
 """
 
@@ -22,7 +23,7 @@ def _worker_loop(config: dict) -> None:
 
     from genrec_dist.training.trainer import train_worker
 
-    summary = train_worker(config["cfg"], config["tracking"])
+    summary = train_worker(config["cfg"], config["tracking"], config["run"])
     # Every worker reports (a Ray Train sync point); rank 0's carries the summary's scalar test metrics.
     metrics = {}
     if summary:
@@ -42,21 +43,20 @@ def run_ray(cfg: Any, tracking: Callable) -> dict[str, Any]:
     use_gpu = cfg.train.device == "cuda" or (
         cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     cfg = copy.deepcopy(cfg)
-    run_name, resuming = runs.resolve_run_name(cfg)
-    cfg.train.run_name = run_name
-    if resuming:
+    run = runs.RunDir.resolve(cfg)  # read once and checked here; the workers start from it
+    run_name = cfg.train.run_name = run.name
+    if run.resuming:
         cfg.train.resume = run_name
     storage_path = os.path.abspath(os.path.join(
         cfg.workdir if not storage.is_remote(cfg.workdir) else "/tmp", "ray_results"))
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": cfg, "tracking": tracking},
+        train_loop_config={"cfg": cfg, "tracking": tracking, "run": run},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage_path),
     )
     trainer.fit()
-    run_dir = runs.run_dir(cfg, run_name)
-    metrics = storage.read_json(storage.join(run_dir, "metrics.json"), cfg.storage)
-    meta = runs.read_run(run_dir, cfg.storage) or {}
-    return {"run_name": run_name, "run_dir": run_dir, "mlflow_run_id": meta.get("mlflow_run_id"), **metrics}
+    metrics = storage.read_json(storage.join(run.path, "metrics.json"), cfg.storage)
+    meta = runs.read_run(run.path, cfg.storage) or {}  # as the workers left it (the MLflow run id is theirs)
+    return {"run_name": run_name, "run_dir": run.path, "mlflow_run_id": meta.get("mlflow_run_id"), **metrics}

@@ -1,4 +1,5 @@
-"""Run directories: naming a new run, finding the run ``--resume`` continues, and the locations inside a run.
+"""Run directories: naming a new run, finding the run ``--resume`` continues and checking it against the command
+(:class:`RunDir`, which reads a run's state once), and the locations inside a run.
 
 A run lives in ``<runs dir>/<run name>/`` (local or ``s3://``)::
 
@@ -20,6 +21,7 @@ import json
 import os
 import secrets
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,8 @@ from genrec_dist.config import Config, flatten, marked_fields, read_yaml_mapping
 from genrec_dist.data.dataset import MANIFEST_TAG, Dataset
 from genrec_dist.data.semantic_ids import read_semantic_ids
 from genrec_dist.errors import GenrecError
+from genrec_dist.models import needs_semantic_ids
+from genrec_dist.training import checkpoint as ckpt
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -59,44 +63,9 @@ def run_dir(cfg: Any, run_name: str) -> str:
     return storage.join(cfg.runs_dir, run_name)
 
 
-def checkpoint_root(cfg: Any, run_name: str) -> str:
-    if cfg.train.checkpoint_dir:
-        return storage.join(cfg.train.checkpoint_dir, run_name)
-    return storage.join(run_dir(cfg, run_name), "checkpoints")
-
-
-def checkpoint_staging(root: str, run_name: str) -> str:
-    """The local directory DeepSpeed writes to: the root itself when local, else a local staging copy."""
-    if not storage.is_remote(root):
-        return storage.filesystem(root)[1]
-    return os.path.join(tempfile.gettempdir(), "genrec-dist-checkpoints", run_name)
-
-
 def read_run(path: str, storage_cfg: Any = None) -> dict[str, Any] | None:
     p = storage.join(path, RUN_FILE)
     return storage.read_json(p, storage_cfg) if storage.exists(p, storage_cfg) else None
-
-
-def resolve_resume(cfg: Any) -> str:
-    """The run name ``train.resume`` names: ``latest`` = the newest run of ``train.model`` under the runs dir;
-    a path = that run dir's name (it must sit in the runs dir); else the name itself. Errors name what is missing."""
-    want = cfg.train.resume
-    if want == "latest":
-        fs, root = storage.filesystem(cfg.runs_dir, cfg.storage)
-        runs = []
-        if fs.exists(root):
-            for name in fs.ls(root, detail=False):
-                base = os.path.basename(name.rstrip("/"))
-                meta = read_run(storage.join(cfg.runs_dir, base), cfg.storage)
-                if meta and meta.get("model") == cfg.train.model:
-                    runs.append((meta.get("created", ""), base))
-        if not runs:
-            raise RunNotFoundError(f"--resume latest: no {cfg.train.model} run under {cfg.runs_dir}")
-        return max(runs)[1]
-    name = want.rstrip("/").rsplit("/", 1)[-1]
-    if read_run(run_dir(cfg, name), cfg.storage) is None:
-        raise RunNotFoundError(f"--resume {want}: no run '{name}' under {cfg.runs_dir} (no {RUN_FILE})")
-    return name
 
 
 def config_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
@@ -138,43 +107,114 @@ def input_fingerprints(cfg: Any, uses_codes: bool) -> dict[str, str]:
     return out
 
 
-def check_same_config(cfg: Any, run_name: str) -> None:
-    """Raise :class:`RunConfigError` when ``cfg`` would continue run ``run_name`` with other settings than it started
-    with, or on other data or codes at the same paths: its checkpoints, MLflow params and metrics would then describe
-    a run nobody configured."""
-    saved = read_run_config(run_dir(cfg, run_name), cfg.storage)
-    diff = config_differences(saved, cfg) if saved is not None else []
-    if diff:
-        raise RunConfigError(f"--resume {run_name}: run {run_dir(cfg, run_name)} started with other settings ("
-                             f"{'; '.join(diff)}); resume with its own ({CONFIG_FILE} in the run dir) or start a "
-                             "new run")
-    was = (read_run(run_dir(cfg, run_name), cfg.storage) or {}).get("inputs") or {}
-    if was:
-        now = input_fingerprints(cfg, "semantic_ids_sha256" in was)
-        where = {"dataset_manifest_sha256": f"the dataset at {cfg.dataset_dir}",
-                 "semantic_ids_sha256": f"the semantic IDs at {cfg.semantic_ids_dir}"}
-        changed = [f"{where[k]} (sha256 {was[k][:12]}... then, {now[k][:12]}... now)" for k in sorted(was)
-                   if k in now and was[k] != now[k]]
-        if changed:
-            raise RunConfigError(f"--resume {run_name}: {'; '.join(changed)} changed since the run started (prepared "
-                                 "or tokenized again); its checkpoints were trained on the old ones: restore them or "
-                                 "start a new run")
-
-
-def resolve_run_name(cfg: Any) -> tuple[str, bool]:
-    """``(run name, resuming)`` for a config (decided once, by rank 0 or the Ray driver). A resumed run must be
-    configured as it started (:func:`check_same_config`)."""
-    if cfg.train.resume:
-        name = resolve_resume(cfg)
-        check_same_config(cfg, name)
-        return name, True
-    name = cfg.train.run_name
-    if name and read_run(run_dir(cfg, name), cfg.storage) is not None:
-        # A second run in the same dir would mix its export, metrics and history with the first one's.
-        raise RunExistsError(f"train.run_name={name}: a run of that name exists under {cfg.runs_dir} ({RUN_FILE}); "
-                              f"continue it with --resume {name} or choose another name")
-    return name or new_run_name(cfg.train.model), False
-
-
 def created_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat()
+
+
+@dataclass
+class RunDir:
+    """The run a training command starts or continues, read once (by rank 0, or by the Ray driver) in
+    :meth:`resolve`: its name and directory, whether it resumes, what the directory holds (``run.json``, the saved
+    ``config.yaml``) and the newest complete checkpoint. The resume checks answer from these fields
+    (:meth:`check_resume`), and :meth:`start` writes the run's files. Plain values, so rank 0 broadcasts it."""
+
+    name: str
+    path: str
+    resuming: bool
+    checkpoints: str  # the checkpoint root: train.checkpoint_dir/<name> when set, else <run dir>/checkpoints
+    meta: dict[str, Any] = field(default_factory=dict)  # run.json as the run left it ({} for a new run)
+    saved_config: dict[str, Any] | None = None  # config.yaml; None for a new run or one from before runs saved it
+    latest_step: int | None = None  # the newest complete checkpoint to resume from (None: start from step 0)
+
+    @classmethod
+    def resolve(cls, cfg: Any) -> RunDir:
+        """The run of ``cfg``: a new one (``train.run_name``, which no run may have yet, or a new name), or the one
+        ``train.resume`` names (``latest`` = the newest run of ``train.model`` under the runs dir; a path = that run
+        dir's name, which must sit in the runs dir; else the name itself), checked against ``cfg``
+        (:meth:`check_resume`). Errors name what is missing or differs."""
+        if not cfg.train.resume:
+            name = cfg.train.run_name
+            if name and read_run(run_dir(cfg, name), cfg.storage) is not None:
+                # A second run in the same dir would mix its export, metrics and history with the first one's.
+                raise RunExistsError(f"train.run_name={name}: a run of that name exists under {cfg.runs_dir} "
+                                     f"({RUN_FILE}); continue it with --resume {name} or choose another name")
+            name = name or new_run_name(cfg.train.model)
+            return cls(name, run_dir(cfg, name), False, _checkpoint_root(cfg, name))
+        name, meta = _resumed(cfg)
+        path, root = run_dir(cfg, name), _checkpoint_root(cfg, name)
+        run = cls(name, path, True, root, meta, read_run_config(path, cfg.storage),
+                  ckpt.latest_complete(root, cfg.storage))
+        run.check_resume(cfg)
+        return run
+
+    @property
+    def staging(self) -> str:
+        """The local directory DeepSpeed writes checkpoints to: the root itself when local, else a local staging
+        copy."""
+        if not storage.is_remote(self.checkpoints):
+            return storage.filesystem(self.checkpoints)[1]
+        return os.path.join(tempfile.gettempdir(), "genrec-dist-checkpoints", self.name)
+
+    def check_resume(self, cfg: Any) -> None:
+        """Raise :class:`RunConfigError` when ``cfg`` would continue this run with other settings than it started
+        with, or on other data or codes at the same paths: its checkpoints, MLflow params and metrics would then
+        describe a run nobody configured. Answers from the fields read by :meth:`resolve`; only the inputs' current
+        fingerprints are read now, and only for a run that recorded its own."""
+        diff = config_differences(self.saved_config, cfg) if self.saved_config is not None else []
+        if diff:
+            raise RunConfigError(f"--resume {self.name}: run {self.path} started with other settings ("
+                                 f"{'; '.join(diff)}); resume with its own ({CONFIG_FILE} in the run dir) or start a "
+                                 "new run")
+        was = self.meta.get("inputs") or {}
+        if was:
+            now = input_fingerprints(cfg, "semantic_ids_sha256" in was)
+            where = {"dataset_manifest_sha256": f"the dataset at {cfg.dataset_dir}",
+                     "semantic_ids_sha256": f"the semantic IDs at {cfg.semantic_ids_dir}"}
+            changed = [f"{where[k]} (sha256 {was[k][:12]}... then, {now[k][:12]}... now)" for k in sorted(was)
+                       if k in now and was[k] != now[k]]
+            if changed:
+                raise RunConfigError(f"--resume {self.name}: {'; '.join(changed)} changed since the run started "
+                                     "(prepared or tokenized again); its checkpoints were trained on the old ones: "
+                                     "restore them or start a new run")
+
+    def start(self, cfg: Any, mlflow_run_id: str | None) -> dict[str, str]:
+        """Rank 0, once the MLflow run is known: a new run saves its config (``config.yaml``); ``run.json`` is written
+        with the MLflow run id and what the run trains on, which a resumed run keeps (``--resume`` compared them).
+        Returns those inputs (:func:`input_fingerprints`)."""
+        if not self.resuming:
+            write_run_config(cfg, self.name)
+        inputs = self.meta.get("inputs") or input_fingerprints(cfg, needs_semantic_ids(cfg.train.model))
+        storage.write_bytes(storage.join(self.path, RUN_FILE), json.dumps({
+            "run_name": self.name, "model": cfg.train.model, "mlflow_run_id": mlflow_run_id,
+            "created": self.meta.get("created") or created_now(), "dataset": cfg.dataset_dir, "inputs": inputs,
+        }, indent=2).encode(), cfg.storage)
+        return inputs
+
+
+def _resumed(cfg: Any) -> tuple[str, dict[str, Any]]:
+    """``(name, run.json)`` of the run ``train.resume`` names (see :meth:`RunDir.resolve`)."""
+    want = cfg.train.resume
+    if want == "latest":
+        fs, root = storage.filesystem(cfg.runs_dir, cfg.storage)
+        found = []
+        if fs.exists(root):
+            for entry in fs.ls(root, detail=False):
+                base = os.path.basename(entry.rstrip("/"))
+                meta = read_run(storage.join(cfg.runs_dir, base), cfg.storage)
+                if meta and meta.get("model") == cfg.train.model:
+                    found.append((meta.get("created", ""), base, meta))
+        if not found:
+            raise RunNotFoundError(f"--resume latest: no {cfg.train.model} run under {cfg.runs_dir}")
+        _, name, meta = max(found, key=lambda f: f[:2])
+        return name, meta
+    name = want.rstrip("/").rsplit("/", 1)[-1]
+    meta = read_run(run_dir(cfg, name), cfg.storage)
+    if meta is None:
+        raise RunNotFoundError(f"--resume {want}: no run '{name}' under {cfg.runs_dir} (no {RUN_FILE})")
+    return name, meta
+
+
+def _checkpoint_root(cfg: Any, run_name: str) -> str:
+    if cfg.train.checkpoint_dir:
+        return storage.join(cfg.train.checkpoint_dir, run_name)
+    return storage.join(run_dir(cfg, run_name), "checkpoints")

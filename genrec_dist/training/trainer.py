@@ -43,10 +43,11 @@ from genrec_dist.training.export import (consolidated_state_dict, model_meta, mo
                                          write_model)
 
 
-def train_worker(cfg: Any, tracking: Callable) -> dict[str, Any] | None:
+def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -> dict[str, Any] | None:
     """Train ``cfg.train.model`` as this process's rank. Returns the run summary on rank 0, None elsewhere.
     ``tracking`` (the job's, e.g. ``genrec_dist.tracking.make_tracker``) makes this rank's tracker once the run is
-    known (MLflow on rank 0, a null tracker elsewhere)."""
+    known (MLflow on rank 0, a null tracker elsewhere). ``run``: the run a launcher resolved already (the Ray
+    driver); else rank 0 resolves it from ``cfg``."""
     import deepspeed
 
     tc = cfg.train
@@ -65,32 +66,22 @@ def train_worker(cfg: Any, tracking: Callable) -> dict[str, Any] | None:
             print(msg, flush=True)
 
     # ----- 2. the run ---------------------------------------------------------------------------------------
-    decided = [runs.resolve_run_name(cfg) if main else None]
+    decided = [(run or runs.RunDir.resolve(cfg)) if main else None]  # read once, resume checked
     tdist.broadcast_object_list(decided, src=0)
-    run_name, resuming = decided[0]
-    run_dir = runs.run_dir(cfg, run_name)
-    ckpt_root = runs.checkpoint_root(cfg, run_name)
-    store = ckpt.CheckpointStore(ckpt_root, runs.checkpoint_staging(ckpt_root, run_name), rank,
+    run = decided[0]
+    run_name, resuming, run_dir, ckpt_root = run.name, run.resuming, run.path, run.checkpoints
+    store = ckpt.CheckpointStore(ckpt_root, run.staging, rank,
                                  node_leader=world.local_rank == 0, barrier=tdist.barrier, storage_cfg=cfg.storage)
-    resume_step = ckpt.latest_complete(ckpt_root, cfg.storage) if resuming else None
-    prior = runs.read_run(run_dir, cfg.storage) if resuming and main else None
+    resume_step = run.latest_step
 
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
     H = model_history(cfg, tc.model, dataset)  # the model's own history length (SASRec 50, the SID models 20)
     tracker = tracking(cfg, "train", rank, run_name=run_name,
                            extra_tags={**dataset.tags(), "genrec.run_dir": run_dir, "genrec.model": tc.model},
-                           run_id=(prior or {}).get("mlflow_run_id"), spool_dir=run_dir)
+                           run_id=run.meta.get("mlflow_run_id"), spool_dir=run_dir)
     inputs: dict[str, str] = {}
     if main:
-        if not resuming:
-            runs.write_run_config(cfg, run_name)
-        # --resume compares them (a resumed run got here only with the ones it started with)
-        inputs = (prior or {}).get("inputs") or runs.input_fingerprints(cfg, needs_semantic_ids(tc.model))
-        storage.write_bytes(storage.join(run_dir, runs.RUN_FILE), json.dumps({
-            "run_name": run_name, "model": tc.model, "mlflow_run_id": tracker.run_id,
-            "created": (prior or {}).get("created") or runs.created_now(), "dataset": cfg.dataset_dir,
-            "inputs": inputs,
-        }, indent=2).encode(), cfg.storage)
+        inputs = run.start(cfg, tracker.run_id)  # config.yaml (a new run) and run.json
         if not resuming:
             tracker.log_config(cfg)
             tracker.log_input(**dataset.input_spec(), context="training")

@@ -196,16 +196,16 @@ def test_resume_refuses_a_dataset_or_codes_changed_under_the_run(tmp_path, tiny_
     inputs = runs.input_fingerprints(cfg, uses_codes=True)
     with open(os.path.join(tmp_path, "runs", "a", "run.json"), "w") as fh:
         json.dump({"run_name": "a", "model": "tiger", "inputs": inputs}, fh)
-    runs.check_same_config(cfg, "a")  # the same inputs: resumable
+    run = runs.RunDir.resolve(_resuming(cfg, "a"))  # the same inputs: resumable
     assert runs.input_fingerprints(cfg, uses_codes=False) == {"dataset_manifest_sha256": inputs[
         "dataset_manifest_sha256"]}
     # the same codes written again (another file, same content) are the same codes
     write_semantic_ids(sids, item_ids[::-1], codes[::-1], [7, 5], {"source": "test"}, overwrite=True)
-    runs.check_same_config(cfg, "a")
+    run.check_resume(cfg)
     # tokenized again with other codes: refused, naming the codes' place
     write_semantic_ids(sids, item_ids, codes[:, ::-1] % 5, [5, 5], {"source": "test"}, overwrite=True)
     with pytest.raises(runs.RunConfigError, match=f"the semantic IDs at {re.escape(sids)} .* changed since the run"):
-        runs.check_same_config(cfg, "a")
+        run.check_resume(cfg)
     # prepared again (another manifest): refused, naming the dataset
     write_semantic_ids(sids, item_ids, codes, [7, 5], {"source": "test"}, overwrite=True)
     manifest = os.path.join(dataset, "manifest.json")
@@ -214,8 +214,54 @@ def test_resume_refuses_a_dataset_or_codes_changed_under_the_run(tmp_path, tiny_
     with open(manifest, "w") as fh:
         json.dump({**m, "prepared_again": True}, fh)
     with pytest.raises(runs.RunConfigError, match=f"the dataset at {re.escape(dataset)} .* changed") as err:
-        runs.check_same_config(cfg, "a")
+        runs.RunDir.resolve(_resuming(cfg, "a"))
     assert "semantic IDs" not in str(err.value)
+
+
+def _resuming(cfg, name):
+    """``cfg`` as ``--resume name`` makes it."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.resume = name
+    return cfg
+
+
+def test_run_dir_reads_its_state_once_and_checks_resume_from_it(tmp_path, tiny_dataset):
+    """RunDir.resolve reads the run's files once; the resume checks then answer from its fields (here with the
+    files gone), and start() writes config.yaml (a new run) and run.json whole."""
+    base = [f"workdir={tmp_path}", f"paths.dataset={tiny_dataset}", "model=sasrec"]
+    cfg = load_config(None, [*base, "run_name=a"], default_section="train")
+    new = runs.RunDir.resolve(cfg)
+    assert (new.name, new.resuming, new.meta, new.saved_config, new.latest_step) == ("a", False, {}, None, None)
+    assert new.path == os.path.join(tmp_path, "runs", "a") and new.checkpoints == os.path.join(new.path, "checkpoints")
+    assert new.staging == new.checkpoints  # a local checkpoint root is written in place
+    inputs = new.start(cfg, "mlflow-id")
+    assert sorted(os.listdir(new.path)) == ["config.yaml", "run.json"]  # no temporary file left beside them
+    assert inputs == runs.input_fingerprints(cfg, uses_codes=False)
+    with pytest.raises(runs.RunExistsError, match="--resume a"):
+        runs.RunDir.resolve(cfg)
+    for step in (3, 7, 9):  # 9 is incomplete (no marker): not resumed from
+        os.makedirs(os.path.join(new.checkpoints, ckpt.tag_of(step)))
+        if step < 9:
+            open(os.path.join(new.checkpoints, ckpt.tag_of(step), ckpt.MARKER), "w").close()
+
+    latest = load_config(None, [*base, "resume=latest"], default_section="train")
+    run = runs.RunDir.resolve(latest)
+    assert (run.name, run.resuming, run.latest_step) == ("a", True, 7)
+    assert run.meta["mlflow_run_id"] == "mlflow-id" and run.meta["inputs"] == inputs
+    assert run.saved_config["train"]["model"] == "sasrec"
+    import shutil
+
+    shutil.rmtree(new.path)  # what the run dir held is in the object now
+    run.check_resume(latest)
+    other = load_config(None, [*base, "resume=a", "lr=0.0123"], default_section="train")
+    with pytest.raises(runs.RunConfigError, match=rf"--resume a: run {re.escape(run.path)} started with other "
+                                                  r"settings \(train.lr: 0.001 in the run, 0.0123 now\)"):
+        run.check_resume(other)
+    run.start(latest, "mlflow-id")  # a resumed run keeps its creation time and inputs, writes no config.yaml
+    assert sorted(os.listdir(run.path)) == ["run.json"]
+    assert runs.read_run(run.path) == {**run.meta, "mlflow_run_id": "mlflow-id"}
 
 
 def test_table_read_back_checks_the_finished_runs_config(tmp_path, capsys, monkeypatch):
