@@ -93,7 +93,7 @@ def read_users(cfg: Any, run_dir: str) -> tuple[Any, int, str]:
         ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True, file_extensions=["parquet"])
         names = ds.schema().names
     except (FileNotFoundError, OSError) as exc:
-        raise FileNotFoundError(f"recommend.users={users}: cannot read Parquet there ({exc})") from None
+        raise RecommendInputError(f"recommend.users={users}: cannot read Parquet there ({exc})") from None
     missing = [c for c in ("user", "history") if c not in names]
     if missing:
         raise RecommendInputError(f"recommend.users={users}: no column {missing[0]!r} (columns: {', '.join(names)}); "

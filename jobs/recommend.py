@@ -14,7 +14,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 from genrec_dist import cli  # noqa: E402
 from genrec_dist.config import load_config  # noqa: E402
-from genrec_dist.errors import GenrecError  # noqa: E402
 from genrec_dist.evaluation.run import find_run_dir, run_own_config  # noqa: E402
 from genrec_dist.ray_recommend import check_paths, make_recommend_tracker, run_recommend  # noqa: E402
 
@@ -25,19 +24,14 @@ def job() -> None:
                         help="MLflow run id of a training run, a run name or a run dir; without --config the run's "
                              "own saved config (config.yaml in its run dir) is used, the overrides on top")
     args = parser.parse_intermixed_args()
-    try:
-        cfg = load_config(args.config, args.overrides, default_section="recommend")
-        if args.config is None:  # the defaults only locate the run; its saved config (absolute paths) is used
-            cfg, run_dir, _ = run_own_config(cfg, args.run, args.overrides, "recommend")
-        else:
-            run_dir = find_run_dir(cfg, args.run)
-        cli.check_ray_job_paths(cfg)
-        check_paths(cfg, run_dir)
-        summary = run_recommend(cfg, run_dir, args.overrides, make_recommend_tracker(cfg, run_dir))
-    except GenrecError:
-        raise
-    except (FileNotFoundError, ValueError) as exc:  # a run that is not there, a field the export fixes
-        raise GenrecError(str(exc).splitlines()[0]) from None
+    cfg = load_config(args.config, args.overrides, default_section="recommend")
+    if args.config is None:  # the defaults only locate the run; its saved config (absolute paths) is used
+        cfg, run_dir, _ = run_own_config(cfg, args.run, args.overrides, "recommend")
+    else:
+        run_dir = find_run_dir(cfg, args.run)
+    cli.check_ray_job_paths(cfg)
+    check_paths(cfg, run_dir)
+    summary = run_recommend(cfg, run_dir, args.overrides, make_recommend_tracker(cfg, run_dir))
     print(f"recommendations: {summary['output']} ({summary['users']} users, {summary['users_per_s']:.0f} users/s; "
           f"MLflow run {summary['mlflow_run_id']})", flush=True)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genrec_dist.errors import GenrecError
+from genrec_dist.errors import ConfigError, GenrecError
 from genrec_dist.evaluation.run import load_exported
 
 NEG_INF = float("-inf")
@@ -101,7 +101,7 @@ class Recommender:
                  inference: dict[str, Any] | None = None, beam_width: int = 0, device: str = "auto",
                  threads: int = 0):
         if k < 1:
-            raise ValueError(f"recommend.k must be >= 1, got {k}")
+            raise ConfigError(f"recommend.k must be >= 1, got {k}")
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
