@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -20,6 +19,7 @@ from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import write_semantic_ids
 from genrec_dist.evaluation.run import evaluate_split, load_exported
+from training.test_train_tiger import _category_codes
 
 BUDGET_MIN = 0.08  # 4.8 s of training per model
 TINY = {
@@ -30,24 +30,12 @@ TINY = {
 }
 
 
-def _category_codes(items: pl.DataFrame, sids_dir: str) -> None:
-    cats = items["categories"].to_list()
-    cat_id = {c: i for i, c in enumerate(sorted(set(cats)))}
-    level0 = np.array([cat_id[c] for c in cats])
-    level1 = np.zeros(len(cats), dtype=np.int64)
-    for c in set(level0):
-        idx = np.flatnonzero(level0 == c)
-        level1[idx] = np.arange(len(idx))
-    codes = np.stack([level0, level1], axis=1)
-    write_semantic_ids(sids_dir, items["item_id"].to_numpy(), codes, [len(cat_id), int(level1.max()) + 1],
-                       {"source": "test: category + rank in category"})
-
-
 @pytest.fixture(scope="module")
 def board(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("board")
     sids = str(root / "sids")
-    _category_codes(pl.read_parquet(os.path.join(tiny_dataset, "items.parquet")), sids)
+    write_semantic_ids(sids, *_category_codes(pl.read_parquet(os.path.join(tiny_dataset, "items.parquet"))),
+                       {"source": "test: category + rank in category"})
     out = str(root / "leaderboard.json")
     overrides = [f"workdir={root}", f"paths.dataset={tiny_dataset}", f"paths.semantic_ids={sids}",
                  "train.batch_size=64", "train.lr=0.003", "train.warmup_steps=10"]
