@@ -11,7 +11,7 @@ from typing import Any
 
 from genrec_dist import storage
 from genrec_dist.config import load_config
-from genrec_dist.training.runs import CONFIG_FILE, config_differences, read_run_config
+from genrec_dist.training.runs import CONFIG_FILE, config_differences, read_run, read_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,8 +80,7 @@ def _adopt(parent: Any, run_dir: str) -> None:
     """Make a finished row's MLflow run (trained before this table's parent existed) a child of ``parent``."""
     from genrec_dist.tracking import tag_run
 
-    with open(os.path.join(run_dir, "run.json")) as fh:
-        child = json.load(fh).get("mlflow_run_id")
+    child = (read_run(run_dir) or {}).get("mlflow_run_id")  # a run without run.json (or an MLflow run): nothing
     if not child:
         return
     try:
