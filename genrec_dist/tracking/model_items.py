@@ -15,6 +15,9 @@ from genrec_dist.tracking.outbox import _rejected, _short
 _log = logging.getLogger("genrec_dist.tracking")
 
 
+LOGGED_MODEL_NAME = "recommender"
+
+
 def log_saved_model(sender: Any, path: str, registered_name: str | None, step: int) -> None:
     """What ``mlflow.pyfunc.log_model`` does with a model saved beforehand: a LoggedModel of the run (its ``MLmodel``
     rewritten to name it), its files, READY; then a registry version whose source is that model."""
@@ -23,7 +26,10 @@ def log_saved_model(sender: Any, path: str, registered_name: str | None, step: i
 
     client, run_id = sender.client, sender.run_id
     mlmodel = Model.load(path)
-    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model",
+    # Not "model": MLflow's list_artifacts(run, "model/...") also lists the files of the run's logged model of that
+    # name, looked up in the process's default store (not the client's), so the export's own "model/" folder would
+    # clash with it ("Logged model ... not found").
+    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=LOGGED_MODEL_NAME,
                                         source_run_id=run_id, tags={"mlflow.modelFlavor": ",".join(mlmodel.flavors)})
     mlmodel.run_id, mlmodel.model_id, mlmodel.model_uuid = run_id, logged.model_id, logged.model_id
     mlmodel.artifact_path = logged.artifact_location
