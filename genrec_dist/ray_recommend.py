@@ -19,7 +19,6 @@ import numpy as np
 import polars as pl
 
 from genrec_dist import storage
-from genrec_dist.progress import Progress
 from genrec_dist.config import ConfigError, to_dict
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.recommend import Recommender, RecommendInputError
@@ -141,6 +140,11 @@ def _input_error(exc: BaseException) -> str | None:
     return found.group(1).strip() if found else None
 
 
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def run_recommend(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Top-``recommend.k`` items and scores for every user of the users table, committed at the output; the
@@ -198,11 +202,16 @@ def _run(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any, log: Ca
                                    "device": "cuda" if use_gpu else "cpu", "threads": max(1, int(cpus))})
         written = recs.map_batches(_write_shard, batch_size=ROWS_PER_FILE, batch_format="numpy",
                                    fn_kwargs={"staging": out.staging, "storage_cfg": cfg.storage})
-        progress = Progress("recommend:", total, log, unit="users", every=PROGRESS_EVERY_S)
+        last = start
         for row in written.iter_rows():  # one row per shard written by a worker
             shards.append(str(row["file"]))
             done += int(row["rows"])
-            progress.add(int(row["rows"]))
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S:
+                rate = done / (now - start)
+                log(f"recommend: {done:,}/{total:,} users ({100 * done / max(total, 1):.0f}%), {rate:,.0f} "
+                    f"users/s, ETA {_duration((total - done) / rate) if rate > 0 else '?'}")
+                last = now
         seconds = time.perf_counter() - start
         out.files += shards  # (what an s3:// commit copies)
         out.manifest = {"kind": "genrec-dist recommendations", "users": done, "files": sorted(shards),

@@ -23,7 +23,6 @@ PACKAGES = ("genrec_dist", "tokenization", "jobs")
 GROUPS = {
     "genrec_dist": "root",  # the package's own __init__ only (a new top-level module must be placed in the table)
     "genrec_dist.errors": "errors",
-    "genrec_dist.progress": "progress",  # progress lines with items/s and ETA (tokenize, recommend)
     "genrec_dist.data.config": "settings",
     "genrec_dist.models.config": "settings",
     "genrec_dist.training.config": "train_settings",  # train.model's choices are the model registry's
@@ -51,11 +50,12 @@ GROUPS = {
     "tokenization.kmeans": "tokenization_core",
     "tokenization.embed": "tokenization_core",
     "tokenization.embedding_store": "tokenization_core",
+    "tokenization.progress": "tokenization_core",
     "tokenization.config": "tokenization_core",
     "jobs": "jobs",
 }
 
-_BASE = {"root", "errors", "settings", "progress"}
+_BASE = {"root", "errors", "settings"}
 _CORE = _BASE | {"train_settings", "storage", "config", "data", "models", "metrics", "reports"}
 # group -> the other groups it may import (its own group is always allowed). No group lists "jobs", and no
 # genrec_dist group lists a tokenization group. Only the jobs make trackers: the engines (training, tokenization) get
@@ -63,7 +63,6 @@ _CORE = _BASE | {"train_settings", "storage", "config", "data", "models", "metri
 ALLOWED = {
     "root": set(),
     "errors": set(),
-    "progress": set(),
     "settings": {"root", "errors"},
     "train_settings": {"root", "errors", "settings", "models"},
     "storage": _BASE,
@@ -89,7 +88,7 @@ ALLOWED = {
 
 ENGINES = ("ray", "deepspeed", "mlflow", "torch.distributed")
 # Groups that must run with none of the engines installed: the pure core.
-ENGINE_FREE = {"root", "errors", "progress", "settings", "train_settings", "storage", "config", "data", "models", "metrics",
+ENGINE_FREE = {"root", "errors", "settings", "train_settings", "storage", "config", "data", "models", "metrics",
                "reports", "tokenization_core"}
 
 

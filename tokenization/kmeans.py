@@ -33,7 +33,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from genrec_dist.errors import GenrecError
-from genrec_dist.progress import Progress
+from tokenization.progress import Progress
 
 # Rows per distance block: bounds the (rows, K) distance matrix to ~64 MiB at K = 256 in float64.
 _BLOCK = 32768

@@ -23,7 +23,7 @@ import ray
 from genrec_dist import storage
 from tokenization.embed import ShardEmbedder, TextEmbedder
 from tokenization.embedding_store import read_embeddings, read_shard, shard_bytes
-from genrec_dist.progress import Progress
+from tokenization.progress import Progress
 
 
 def _cluster_gpus() -> float:

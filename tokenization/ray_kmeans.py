@@ -18,7 +18,7 @@ import ray
 from tokenization.embedding_store import EmbeddingError, read_rows, shards_for
 from tokenization.kmeans import (KMeansError, KMeansParams, KMeansShard, ResidualResult, check_finite,
                                  residual_kmeans, split_rows)
-from genrec_dist.progress import Progress
+from tokenization.progress import Progress
 
 
 class FileShard(KMeansShard):
