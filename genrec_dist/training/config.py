@@ -100,6 +100,10 @@ class EvaluateConfig:
     # Full-catalog ranking scores this many items at a time with a running top-k merge, so memory is one
     # (batch_size, score_block) float32 matrix (256 x 65536 = 64 MiB) whatever the catalog size; 0 = one block.
     score_block: int = 65536
+    # Evaluate only the first max_users users of the split, in the dataset's user order (ids are given in the order
+    # of the raw user keys, unrelated to activity): a bounded check of a very large dataset. 0 = every user, as the
+    # papers report; a partial evaluation says so in its output ("users").
+    max_users: int = 0
 
 
 @dataclass

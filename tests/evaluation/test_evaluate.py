@@ -70,3 +70,27 @@ def test_format_results_gives_each_inference_mode_its_row():
     lines = format_results({"car": row}, ks=[10]).splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| car", "| car fast", "| car slow"]
     assert lines[4].split(" | ")[1:3] == ["0.2000", "0.0700"]
+
+
+def test_max_users_evaluates_the_first_users_of_the_split(tiny_cfg, tiny_dataset):
+    """``evaluate.max_users`` cuts the split to its first N users (across batch and chunk borders), same rows as the
+    whole split's first N; 0 is every user."""
+    import copy
+
+    from genrec_dist.data.dataset import Dataset
+    from genrec_dist.evaluation.run import SplitBatches
+
+    dataset = Dataset.open(tiny_dataset)
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.train.chunk_rows = 64  # several chunks, so the cut may fall inside any of them
+    every = list(SplitBatches(dataset, cfg, "test", 20, batch_size=32))
+    hist = torch.cat([h for h, _ in every])
+    assert len(hist) == dataset.num_users > 150
+    for n in (1, 32, 45, 150):
+        cfg.evaluate.max_users = n
+        cut = list(SplitBatches(dataset, cfg, "test", 20, batch_size=32))
+        assert [len(h) for h, _ in cut][:-1] == [32] * ((n - 1) // 32)
+        assert torch.equal(torch.cat([h for h, _ in cut]), hist[:n])
+        assert torch.equal(torch.cat([t for _, t in cut]), torch.cat([t for _, t in every])[:n])
+    cfg.evaluate.max_users = 0
+    assert sum(len(h) for h, _ in SplitBatches(dataset, cfg, "test", 20, batch_size=32)) == dataset.num_users
