@@ -13,7 +13,8 @@ subprocess from the repo root:
 * ``tokenize``: ``jobs/tokenize.py`` on stored 384-d embeddings from a cheap deterministic embedder (category
   centroid + per-item noise, written here first as ``embeddings/`` shards), 4 x 256 codes, 20 Lloyd steps;
 * ``train``: ``jobs/train.py``, ``--train-steps`` steps of CAR and of SASRec (one row each), no validation or
-  checkpoints; ``--train-set`` adds overrides such as the sampled-softmax switch;
+  checkpoints, and the test evaluation that ends the run on ``--eval-users`` users; ``--train-set`` adds
+  overrides such as the sampled-softmax switch;
 * ``evaluate``: ``jobs/evaluate.py`` on each trained run over the full catalog; ``--eval-set`` adds overrides
   (``evaluate.max_users=<--eval-users>`` is passed when the config has that setting);
 * ``minilm``: one row (scale-free): MiniLM's items/s with 2 Ray Data workers on ``--minilm-items`` item texts.
@@ -236,7 +237,10 @@ def run_scale(scale: float, args, rows: list[dict]) -> None:
         elif "train" in args.stages and have_data:
             over = [f"train.model={model}", f"train.max_steps={args.train_steps}", "train.eval_every=0",
                     "train.checkpoint_every=0", "train.patience=0", f"train.run_name={run_name}",
-                    f"train.warmup_steps={min(100, args.train_steps)}", *args.train_set]
+                    f"train.warmup_steps={min(100, args.train_steps)}",
+                    # the test evaluation that ends every training run: the same users as the evaluate stage, not
+                    # all 2.2M users of 100x (CAR also ranks the validation split once per slow weight there)
+                    f"evaluate.max_users={args.eval_users}", *args.train_set]
             kept, dropped = accepted(args.config, over)
             row = measure([py, "jobs/train.py", *base, *kept], os.path.join(work, f"train-{model}.log"))
             batch = int(next((o.split("=", 1)[1] for o in kept if o.startswith("train.batch_size=")), 128))
