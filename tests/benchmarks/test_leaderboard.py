@@ -98,6 +98,16 @@ def test_reported_metrics_are_the_best_validation_export(board):
             assert again[prefix + k] == pytest.approx(v, abs=1e-9), (name, k)
             if name == "car_fast":
                 assert result["rows"]["car_slow"]["test"][k] == pytest.approx(again[f"slow/{k}"], abs=1e-9)
+    # CAR's rule for the SASRec comparison is the one with the higher validation score, from the run's own records
+    with open(os.path.join(result["rows"]["car_fast"]["run_dir"], "metrics.json")) as fh:
+        metrics = json.load(fh)
+    slow = metrics["chosen_on_valid"]["slow_weight"]
+    valid = {"fast": metrics["best_valid"], "slow": slow["valid"][str(slow["chosen"])]}
+    car = result["car_vs_sasrec"]
+    assert car["valid"] == pytest.approx(valid)
+    assert car["rule"] == ("slow" if valid["slow"] > valid["fast"] else "fast")
+    assert car["test_ndcg@10"] == result["rows"][f"car_{car['rule']}"]["test"]["ndcg@10"]
+    assert car["ratio"] == pytest.approx(car["test_ndcg@10"] / result["rows"]["sasrec"]["test"]["ndcg@10"])
 
 
 def test_one_mlflow_parent_run_with_a_child_per_row(board):
