@@ -261,7 +261,8 @@ def main() -> None:
                 "overrides": args.overrides, "cuda": torch.cuda.is_available(),
                 "unger_stage1": "training seconds counted in UNGER's budget (Stage II gets the rest; its curve starts "
                                 "after Stage I); embedding and k-means not counted"}
-    result = {**settings, "sasrec_best_valid_ndcg@10": target, "rows": rows, "most_popular": pop, "plot": png,
+    result = {**settings, "sasrec_best_valid_ndcg@10": target, "rows": rows, "most_popular": pop,
+              "plot": os.path.basename(png),  # beside the JSON (no machine's absolute path in a shared result)
               "car_vs_sasrec": car}
     write_result(out, result)
     with tempfile.TemporaryDirectory() as tmp:

@@ -350,6 +350,9 @@ def main() -> None:
     try:
         for scale in sorted(args.scales):
             run_scale(scale, args, rows)
+        for r in rows:  # logs named relative to --work: no machine's absolute path in the shared JSON
+            if "log" in r:
+                r["log"] = os.path.relpath(r["log"], args.work)
         growth = exponents(rows)
         text = table(rows, growth)
         print(text, flush=True)

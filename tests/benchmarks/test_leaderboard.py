@@ -46,7 +46,7 @@ def board(tiny_dataset, tmp_path_factory):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
     with open(out) as fh:
-        return json.load(fh), proc.stdout, overrides
+        return {**json.load(fh), "_path": out}, proc.stdout, overrides
 
 
 def _cfg(overrides: list[str], model: str):
@@ -56,6 +56,7 @@ def _cfg(overrides: list[str], model: str):
 
 def test_every_model_stops_on_its_budget(board):
     result, stdout, _ = board
+    out = result.pop("_path")
     rows = result["rows"]
     assert set(rows) == {"sasrec", "car_fast", "car_slow", "tiger"}
     assert result["threads"] == 1
@@ -77,7 +78,7 @@ def test_every_model_stops_on_its_budget(board):
     # one table row per model and the picture beside the JSON
     for label in ("SASRec", "CAR fast", "CAR slow", "TIGER", "most-popular"):
         assert f"| {label}" in stdout
-    assert os.path.getsize(result["plot"]) > 1000
+    assert os.path.getsize(os.path.join(os.path.dirname(out), result["plot"])) > 1000
 
 
 def test_reported_metrics_are_the_best_validation_export(board):
