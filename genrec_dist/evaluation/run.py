@@ -94,21 +94,20 @@ class SplitBatches:
     model's own ``max_history``), read chunk by chunk each time they are iterated (one chunk and one batch in memory,
     whatever the number of users)."""
 
-    def __init__(self, dataset: Dataset, cfg: Any, split: str, history: int, batch_size: int | None = None,
-                 max_users: int | None = None):
+    def __init__(self, dataset: Dataset, cfg: Any, split: str, history: int, batch_size: int | None = None):
         chunks = D.plan_chunks(sorted(dataset.shard_files), cfg.train.chunk_rows, dataset.storage_cfg)
         self.source = D.ExampleSource(chunks, history, split, storage_cfg=dataset.storage_cfg)
         self.batch_size = batch_size or cfg.evaluate.batch_size
-        self.max_users = cfg.evaluate.max_users if max_users is None else max_users  # 0 = every user
+        self.max_users = cfg.evaluate.max_users  # 0 = every user
 
     def __iter__(self):
-        left = self.max_users or -1
+        left = self.max_users or None  # users still to yield; None = no limit
         for h, t in D.stream_batches(self.source, self.batch_size):
-            if left == 0:
-                return
-            if 0 < left < len(h):
+            if left is not None:
+                if left <= 0:
+                    return
                 h, t = h[:left], t[:left]
-            left -= len(h)
+                left -= len(h)
             yield torch.from_numpy(h), torch.from_numpy(t)
 
 
