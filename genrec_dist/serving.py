@@ -159,16 +159,20 @@ def _code_paths() -> list[str]:
     return [os.path.dirname(os.path.abspath(__file__))]
 
 
-def save_model(export_dir: str, path: str, example_histories: list[list[int]]) -> str:
+def save_model(export_dir: str, path: str, example_histories: list[list[int]],
+               model: torch.nn.Module | None = None) -> str:
     """Save the export at ``export_dir`` (a run's local ``model/``) as an MLflow pyfunc model folder ``path`` with a
-    signature and an input example (``example_histories``: a few real histories). Returns ``path``."""
+    signature and an input example (``example_histories``: a few real histories). ``model``: that export already
+    loaded (the end of training has it), so it is not loaded a second time (at a million items each copy of the
+    item table is hundreds of MB). Returns ``path``."""
     import pandas as pd
-
-    from genrec_dist.evaluation.run import load_exported
 
     if os.path.basename(os.path.normpath(export_dir)) != _ARTIFACT:
         raise ValueError(f"{export_dir}: expected a run's exported '{_ARTIFACT}' folder")
-    model, _ = load_exported(os.path.dirname(os.path.normpath(export_dir)))
+    if model is None:
+        from genrec_dist.evaluation.run import load_exported
+
+        model, _ = load_exported(os.path.dirname(os.path.normpath(export_dir)))
     example = pd.DataFrame({"user": [f"example-{i}" for i in range(len(example_histories))],
                             "history": [list(map(int, h)) for h in example_histories]})
     mlflow.pyfunc.save_model(path, python_model=GenRecModel(), artifacts={_ARTIFACT: export_dir},

@@ -376,7 +376,9 @@ def _epoch_stream(source: Any, plan: BatchPlan, epoch: int, skip: int) -> Iterat
             seen += size
             continue
         window = source.load_many(chunks)  # (size, H): its chunks one after the other
-        yield window.take(plan.window_order(epoch, w, size)[max(0, skip - seen):])
+        window = window.take(plan.window_order(epoch, w, size)[max(0, skip - seen):])  # (the unshuffled one goes)
+        yield window
+        window = None  # only the consumer holds it now: one window in memory, not two
         seen += size
 
 
@@ -394,13 +396,17 @@ def iterate(source: Any, plan: BatchPlan, cursor: Cursor, steps_per_epoch: int
         while cursor.epoch == epoch:
             end = (cursor.step + 1) * width
             while base + len(pending) - off < end:  # the step's rows run past this window: add the next one
+                # < one step of rows, copied so the old window is gone before the next one is read
+                left = Examples(pending.history[off:].copy(), pending.target[off:].copy())
+                pending = None
                 part = next(stream)
-                left = Examples(pending.history[off:], pending.target[off:])  # < one step of rows
                 pending, off = Examples.concat([left, part] if len(left) else [part], 0), 0
+                left = part = None  # the window lives in pending alone (a concatenation copied it)
             micro = []
             for m in range(plan.grad_accum):
                 lo, hi = (i - base + off for i in plan.micro_span(cursor.step, m))
-                micro.append(Examples(pending.history[lo:hi], pending.target[lo:hi]))  # views, no copy
+                # copies (a step's rows): a consumer that keeps a step's batches does not keep the window alive
+                micro.append(Examples(pending.history[lo:hi].copy(), pending.target[lo:hi].copy()))
             off += end - base
             base = end
             yield cursor, micro

@@ -11,6 +11,7 @@ import json
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import polars as pl
 import torch
 
 from genrec_dist import reports, storage
@@ -18,7 +19,7 @@ from genrec_dist.config import ConfigError, config_from_dict, section_from_dict,
 from genrec_dist.config import model_history as check_history  # (the name model_history is this module's)
 from genrec_dist.data import examples as D
 from genrec_dist.data.dataset import Dataset
-from genrec_dist.evaluation.evaluate import evaluate_model, format_results
+from genrec_dist.evaluation.evaluate import evaluate_model, evaluate_variants, format_results
 from genrec_dist.evaluation.popular import MostPopular
 from genrec_dist.models import ModelConfig, build_model, inference_fields
 from genrec_dist.tracking import default_uri, run_tags
@@ -111,6 +112,20 @@ class SplitBatches:
             yield torch.from_numpy(h), torch.from_numpy(t)
 
 
+def first_users(dataset: Dataset, cfg: Any, split: str, history: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` users of ``split`` in :class:`SplitBatches` order, as ``(history (n, history), target (n,))``,
+    reading only the chunks they are in (SplitBatches counts every chunk first)."""
+    hs, ts, got = [], [], 0
+    for chunk in D.plan_chunks(sorted(dataset.shard_files), cfg.train.chunk_rows, dataset.storage_cfg):
+        ex = D.eval_examples(D.read_chunk(chunk, dataset.storage_cfg), history, split)
+        hs.append(ex.history[:n - got])
+        ts.append(ex.target[:n - got])
+        got += len(ts[-1])
+        if got >= n:
+            break
+    return torch.from_numpy(np.concatenate(hs)), torch.from_numpy(np.concatenate(ts))
+
+
 def train_sequences(dataset: Dataset, chunk_rows: int) -> Any:
     """Every user's training sequence ``items[:-2]`` (users with at least 3 items), read chunk by chunk."""
     for chunk in D.plan_chunks(sorted(dataset.shard_files), chunk_rows, dataset.storage_cfg):
@@ -130,11 +145,10 @@ def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
     batches = SplitBatches(dataset, cfg, "valid", _history(model, dataset))
     metric = cfg.train.early_stop_metric
     chosen: dict[str, dict[str, Any]] = {}
-    for name, (mode, candidates) in choices.items():
-        scores = []
-        for value in candidates:
-            setattr(model.cfg, name, value)
-            scores.append(evaluate_model(model, batches, cfg.evaluate.ks, device, inference=mode)[metric])
+    for name, (mode, candidates) in choices.items():  # every candidate in one pass (the field is a recommend kwarg)
+        found = evaluate_variants(model, batches, cfg.evaluate.ks, device,
+                                  {str(v): {"inference": mode, name: v} for v in candidates})
+        scores = [found[str(v)][metric] for v in candidates]
         best = candidates[int(np.argmax(scores))]
         setattr(model.cfg, name, best)
         chosen[name] = {"chosen": best, "metric": metric, "valid": {str(v): s for v, s in zip(candidates, scores)}}
@@ -145,10 +159,13 @@ def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: st
                    device: torch.device) -> dict[str, dict[str, float]]:
     """``model`` and most-popular on ``split`` for every user of ``dataset``."""
     batches = SplitBatches(dataset, cfg, split, _history(model, dataset))
-    model_m = evaluate_model(model, batches, cfg.evaluate.ks, device,
-                             **recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block))
+    kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
+    model_m = evaluate_model(model, batches, cfg.evaluate.ks, device, **kwargs)
+    configured = dict(model_m)
     for mode in getattr(model, "inference_modes", ()):  # CAR: fast and slow, logged separately as "<mode>/<metric>"
-        mode_m = evaluate_model(model, batches, cfg.evaluate.ks, device, inference=mode)
+        # the configured mode is the pass above: not ranked again
+        mode_m = configured if mode == model.cfg.inference else evaluate_model(
+            model, batches, cfg.evaluate.ks, device, **kwargs, inference=mode)
         model_m.update({f"{mode}/{k}": v for k, v in mode_m.items()})
     pop = MostPopular.fit(train_sequences(dataset, cfg.train.chunk_rows), dataset.num_items)
     pop_m = evaluate_model(pop, batches, cfg.evaluate.ks, torch.device("cpu"))
@@ -161,11 +178,12 @@ def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any
     split, ks = cfg.evaluate.split, cfg.evaluate.ks
     tracker.log_text(reports.metrics_table({name: results["model"], "most-popular": results["most_popular"]}, ks,
                                            title), "reports/metrics.md")
-    history, target = next(iter(SplitBatches(dataset, cfg, split, _history(model, dataset), users)))  # first users
+    history, target = first_users(dataset, cfg, split, _history(model, dataset), users)
     with torch.no_grad():
         kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
         ranked = model.recommend(history.to(device), max(ks), **kwargs).cpu().numpy()  # (N, k)
-    items = dataset.items(["item_id", "title"])
+    shown = np.unique(np.concatenate([history.numpy().ravel(), target.numpy(), ranked.ravel()]))
+    items = dataset.items(["item_id", "title"]).filter(pl.col("item_id").is_in(shown.tolist()))  # not every title
     titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
     codes = None
     if sids_dir:

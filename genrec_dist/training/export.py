@@ -79,8 +79,11 @@ def model_semantic_ids(path: str, meta: dict[str, Any], storage_cfg: Any = None)
 def read_model(path: str, storage_cfg: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, meta)`` of an exported model; the weights load with ``weights_only=True``."""
     storage.require_manifest(path, storage_cfg)
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, MODEL_FILE), storage_cfg)),
-                       weights_only=True, map_location="cpu")
+    weights = storage.join(path, MODEL_FILE)
+    if storage.is_remote(weights):
+        state = torch.load(io.BytesIO(storage.read_bytes(weights, storage_cfg)), weights_only=True, map_location="cpu")
+    else:  # memory-mapped: the tensors are the file's pages, not a read buffer plus a copy of it
+        state = torch.load(storage.filesystem(weights)[1], weights_only=True, map_location="cpu", mmap=True)
     return state, storage.read_json(storage.join(path, META_FILE), storage_cfg)
 
 

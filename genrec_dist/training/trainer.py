@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import os
 import tempfile
@@ -35,10 +36,10 @@ from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.models import build_model, needs_semantic_ids, trains_every_position
 from genrec_dist.training import checkpoint as ckpt
 from genrec_dist.training import runs
-from genrec_dist.training.dist import world_from_env
+from genrec_dist.training.dist import release_shm_buffer, world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
-from genrec_dist.evaluation.run import (choose_on_valid, evaluate_split, load_exported, log_reports, model_history,
-                                       recommend_kwargs)
+from genrec_dist.evaluation.run import (choose_on_valid, evaluate_split, first_users, load_exported, log_reports,
+                                       model_history, recommend_kwargs)
 from genrec_dist.training.export import (consolidated_state_dict, model_meta, model_semantic_ids, semantic_id_files,
                                          write_model)
 
@@ -123,14 +124,16 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
         tracker.log_input(name, sids_dir, inputs["semantic_ids_sha256"], "training", CODES_SCHEMA, profile)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = build_model(tc.model, cfg.model, dataset.num_items, sids)
-    eval_model = copy.deepcopy(model).to(device).eval()  # plain copy that validation loads weights into
+    validates = bool(tc.eval_every or tc.eval_every_s)
+    # the plain copy validation loads weights into; none without validation (one item table less at 1M items)
+    eval_model = copy.deepcopy(model).to(device).eval() if validates else None
     ds_cfg = deepspeed_config(tc, ws, use_cuda, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=client_optimizer(tc, model.parameters(), use_cuda),
         model_parameters=model.parameters(), config=ds_cfg)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout streams differ per rank
     if main and not resuming:
-        n_params = sum(p.numel() for p in eval_model.parameters())
+        n_params = sum(p.numel() for p in model.parameters())
         tracker.log_params({"world_size": ws, "micro_batch": mb, "steps_per_epoch": spe, "total_steps": total_steps,
                             "num_parameters": n_params, "deepspeed_config": json.dumps(ds_cfg, sort_keys=True)})
         if sids_dir:
@@ -152,7 +155,7 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
     elif resuming:
         log0(f"no complete checkpoint under {ckpt_root}: starting {run_name} from step 0")
 
-    rec_kwargs = recommend_kwargs(eval_model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
+    rec_kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
 
     def validate() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """All ranks: consolidated weights into the plain copy, each rank scores its users, sums all-reduced."""
@@ -209,7 +212,7 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
             log0(f"step {step}/{total_steps} loss {metrics['train/loss']:.5f} lr {metrics['train/lr']:.2e} "
                  f"{metrics['train/samples_per_s']:.0f} samples/s")
 
-        if (tc.eval_every or tc.eval_every_s) and ((tc.eval_every and step % tc.eval_every == 0) or eval_due or last):
+        if validates and ((tc.eval_every and step % tc.eval_every == 0) or eval_due or last):
             with clock.paused():
                 vm, state = validate()
             value = vm[tc.early_stop_metric]
@@ -222,6 +225,7 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
                                     cfg.storage, sids_files)
             else:
                 bad_evals += 1
+            del state  # a whole copy of the weights; the next validation makes its own
             tracker.log({f"valid/{k}": v for k, v in vm.items()} | {"valid/best": best}, step)
             valid_at = clock.seconds()
             history_log.append({"step": step, "elapsed_s": valid_at,
@@ -248,7 +252,16 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
                         model_meta(tc.model, cfg.model, dataset.num_items, sids_dir, step, {}), cfg.storage,
                         sids_files)
             best_step = step
+        del state
     tdist.barrier()
+    # The end reads the best model back from its export: what training held goes first (weights, gradients and
+    # optimizer moments in the engine, the validation copy, the shuffle window), so rank 0's peak is the larger of
+    # the loop's and the evaluation's, not their sum.
+    release_shm_buffer(world)  # no collective after the barrier
+    engine.destroy()
+    # (the last micro batches are views into the window; rebinding works whether or not the loop ran)
+    engine = model = eval_model = scheduler = batches = micro = mbatch = history = target = out = None
+    gc.collect()
 
     # ----- 7. the end: test evaluation on rank 0 ------------------------------------------------------------
     if not main:
@@ -305,9 +318,10 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
         if tracker.run_id is not None:  # the export as an MLflow model, registered (genrec_dist/serving.py)
             from genrec_dist import serving
 
-            ex = D.eval_examples(dataset.sequences(), model.cfg.max_history, cfg.evaluate.split)
-            examples = [[int(i) for i in h if i] for h in ex.history[:2]]
-            tracker.log_model(serving.save_model(model_path, os.path.join(tmp, "mlflow-model"), examples),
+            # the input example: the first two users' histories (read from the first chunk, not every sequence)
+            history = first_users(dataset, cfg, split, int(model.cfg.max_history), 2)[0]
+            examples = [[int(i) for i in h if i] for h in history.tolist()]
+            tracker.log_model(serving.save_model(model_path, os.path.join(tmp, "mlflow-model"), examples, model),
                               serving.registered_name(cfg.name, tc.model), step=best_step)
         tracker.log_artifact(reports.plot_curves(history_log, os.path.join(tmp, "curves.png")), "reports")
     log_reports(tracker, model, dataset, cfg, results, tc.model, sids_dir, device,
