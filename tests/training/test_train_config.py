@@ -69,6 +69,11 @@ def test_cpu_uses_torch_adam_with_the_same_settings():
     assert "optimizer" not in deepspeed_config(tc, 1, use_cuda=False, total_steps=10)
     opt = client_optimizer(tc, [torch.nn.Parameter(torch.zeros(2))], use_cuda=False)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.01
+    assert opt.defaults["fused"] is True  # no parameter-sized temporaries per step (docs/scale.md)
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.tensor([1.0, -2.0, 0.0])
+    client_optimizer(_train("lr=0.1", "weight_decay=0"), [w], False).step()  # first step: lr x sign(grad)
+    torch.testing.assert_close(w.detach(), torch.tensor([0.9, 1.1, 1.0]))
     assert isinstance(client_optimizer(_train(), [torch.nn.Parameter(torch.zeros(2))], False), torch.optim.Adam)
     assert client_optimizer(tc, [], use_cuda=True) is None
 
