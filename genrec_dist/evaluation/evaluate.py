@@ -31,6 +31,20 @@ def evaluate_model(
     ``recommend_kwargs`` go to ``model.recommend`` (e.g. ``beam_width=100`` for TIGER). The model's train/eval mode
     is restored afterwards.
     """
+    return evaluate_variants(model, batches, ks, device, {"": recommend_kwargs})[""]
+
+
+def evaluate_variants(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    ks: Sequence[int],
+    device: str | torch.device | None,
+    variants: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, float]]:
+    """:func:`evaluate_model` of several inference settings in one pass over ``batches``: ``{name: metrics}`` for
+    ``variants`` ``{name: recommend kwargs}``. A model with ``topk_many`` (CAR) ranks every setting of a batch in one
+    call, sharing what they have in common; any other model is called once per setting. The speed fields of a
+    several-setting pass time all of them together."""
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
@@ -38,9 +52,11 @@ def evaluate_model(
         device = next(itertools.chain((p.device for p in model.parameters()), (b.device for b in model.buffers())),
                       torch.device("cpu"))
     device = torch.device(device)
+    names, settings = list(variants), [dict(v) for v in variants.values()]
+    together = len(settings) > 1 and hasattr(model, "topk_many")
     was_training = model.training
     model.eval()
-    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    sums = [{f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")} for _ in names]
     users, total_s, per_user_ms = 0, 0.0, []
     try:
         for history, target in batches:
@@ -49,26 +65,29 @@ def evaluate_model(
                 continue
             _sync(device)
             start = time.perf_counter()
-            ranked = model.recommend(history, ks[-1], **recommend_kwargs)
+            if together:
+                ranked = [items for items, _ in model.topk_many(history, ks[-1], settings, scores=False)]
+            else:
+                ranked = [model.recommend(history, ks[-1], **kw) for kw in settings]
             _sync(device)
             elapsed = time.perf_counter() - start
-            for name, value in recall_ndcg(ranked, target, ks, reduce="sum").items():
-                sums[name] += value
+            for j, r in enumerate(ranked):
+                for name, value in recall_ndcg(r, target, ks, reduce="sum").items():
+                    sums[j][name] += value
             users += history.shape[0]
             total_s += elapsed
             per_user_ms.append(1000.0 * elapsed / history.shape[0])
     finally:
         model.train(was_training)
-    out: dict[str, float] = {name: value / max(users, 1) for name, value in sums.items()}
     lat = np.asarray(per_user_ms) if per_user_ms else np.zeros(1)
-    out.update({
+    speed = {
         "users": float(users),
         "users_per_s": users / total_s if total_s > 0 else 0.0,
         "latency_ms_per_user": float(lat.mean()),
         "latency_ms_per_user_p50": float(np.percentile(lat, 50)),
         "latency_ms_per_user_p95": float(np.percentile(lat, 95)),
-    })
-    return out
+    }
+    return {name: {m: v / max(users, 1) for m, v in sums[j].items()} | speed for j, name in enumerate(names)}
 
 
 def _sync(device: torch.device) -> None:

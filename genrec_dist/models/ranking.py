@@ -40,30 +40,41 @@ def blockwise_topk(score_block: ScoreBlock, num_items: int, k: int, batch: int, 
 
     ``score_block(lo, hi)`` returns the (batch, hi - lo) scores of items lo..hi-1. Returns (items (B, k) int64,
     scores (B, k) float32), best first, lower id first on ties, 0 / -inf where num_items < k."""
+    return blockwise_topk_many(lambda lo, hi: [score_block(lo, hi)], 1, num_items, k, batch, device, block)[0]
+
+
+def blockwise_topk_many(score_blocks: Callable[[int, int], list[torch.Tensor]], n: int, num_items: int, k: int,
+                        batch: int, device: torch.device, block: int | None = None
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`blockwise_topk` of ``n`` scorings of the same items in one pass over the catalog: ``score_blocks(lo,
+    hi)`` returns the ``n`` (batch, hi - lo) score matrices of one block, so what they share (CAR: the item logits)
+    is computed once per block. Each result is exactly what :func:`blockwise_topk` gives for that scoring alone."""
     block = int(block or DEFAULT_SCORE_BLOCK)
     if block < 1 or k < 1:
         raise ValueError(f"block and k must be >= 1, got block={block}, k={k}")
-    best_ids = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    best = torch.zeros(batch, 0, dtype=torch.float32, device=device)
+    best_ids = [torch.zeros(batch, 0, dtype=torch.long, device=device) for _ in range(n)]
+    best = [torch.zeros(batch, 0, dtype=torch.float32, device=device) for _ in range(n)]
     for lo in range(1, num_items + 1, block):
         hi = min(lo + block, num_items + 1)
-        keys = score_block(lo, hi).float()  # (B, hi - lo)
-        pos, vals = _block_top(keys, k)  # (B, <=k) positions in the block, exact order
-        ids = torch.cat([best_ids, pos + lo], dim=1)  # (B, <=2k): running ids all < this block's ids
-        merged = torch.cat([best, vals], dim=1)
-        order = torch.sort(merged, dim=1, descending=True, stable=True).indices[:, :k]
-        best_ids, best = ids.gather(1, order), merged.gather(1, order)
-    return _pad(best_ids, best, k)
+        for j, keys in enumerate(score_blocks(lo, hi)):  # each (B, hi - lo)
+            pos, vals = _block_top(keys.float(), k)  # (B, <=k) positions in the block, exact order
+            ids = torch.cat([best_ids[j], pos + lo], dim=1)  # (B, <=2k): running ids all < this block's ids
+            merged = torch.cat([best[j], vals], dim=1)
+            order = torch.sort(merged, dim=1, descending=True, stable=True).indices[:, :k]
+            best_ids[j], best[j] = ids.gather(1, order), merged.gather(1, order)
+    return [_pad(i, v, k) for i, v in zip(best_ids, best)]
 
 
 def _block_top(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, n) -> positions and values of the k best, ordered (value desc, position asc): exact under ties."""
     n = keys.shape[1]
     if n > k:
-        thr = keys.topk(k, dim=1).values[:, -1:]  # (B, 1) the k-th best value
+        vals, pos = keys.topk(k, dim=1)
+        thr = vals[:, -1:]  # (B, 1) the k-th best value
         wide = int((keys >= thr).sum(dim=1).max())  # candidates of the row with the most ties at the threshold
         if wide < 4 * k:  # usual case: take the candidates, then order them exactly
-            vals, pos = keys.topk(wide, dim=1)  # (B, wide), every row's candidates included
+            if wide > k:  # ties at the threshold: every row's tied candidates included (else the k are the set)
+                vals, pos = keys.topk(wide, dim=1)  # (B, wide)
             pos, sort = pos.sort(dim=1)  # position ascending ...
             vals = vals.gather(1, sort)
             order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]  # ... then value, stably

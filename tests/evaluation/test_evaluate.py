@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from genrec_dist.evaluation.evaluate import evaluate_model, format_results
+from genrec_dist.evaluation.evaluate import evaluate_model, evaluate_variants, format_results
 from genrec_dist.evaluation.popular import MostPopular
 
 
@@ -27,6 +27,21 @@ def test_evaluate_model_adds_up_over_batches():
     table = format_results({"most-popular": out}, ks=[1, 3])
     assert table.splitlines()[0].startswith("| model | R@1 | N@1 | R@3 | N@3")
     assert "| most-popular | 0.2500 |" in table
+
+
+def test_evaluate_variants_of_a_model_without_topk_many_call_it_per_setting():
+    """A model with no shared pass is ranked once per setting, and each setting's metrics are its own."""
+    class Shifted(MostPopular):  # recommend(shift=s) rotates the ranking by s places
+        def recommend(self, history, k, shift=0):
+            return super().recommend(history, 4).roll(-shift, dims=1)[:, :k]
+
+    model = Shifted.fit([[1, 2, 2, 3], [3, 2]], num_items=4)  # ranking 2, 3, 1, 4
+    hist = torch.zeros(2, 2, dtype=torch.long)
+    batches = [(hist, torch.tensor([2, 3]))]
+    out = evaluate_variants(model, batches, [1], None, {"a": {}, "b": {"shift": 1}})
+    assert out["a"]["recall@1"] == 0.5 and out["b"]["recall@1"] == 0.5  # 2 first, then 3 first
+    assert out["a"]["ndcg@1"] == evaluate_model(model, batches, [1])["ndcg@1"]
+    assert evaluate_variants(model, batches, [1], None, {"b": {"shift": 2}})["b"]["recall@1"] == 0.0  # 1 first
 
 
 class _Slow(MostPopular):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from genrec_dist.config import load_config
-from genrec_dist.evaluation.evaluate import evaluate_model
+from genrec_dist.evaluation.evaluate import evaluate_model, evaluate_variants
 from genrec_dist.evaluation.popular import MostPopular
 from genrec_dist.models import ModelConfig, build_model
 from genrec_dist.models.car import CAR, chunk_tokens, fuse_chunks
@@ -199,6 +199,31 @@ def test_slow_score_is_uid_plus_weighted_sid_path_logprobs():
         model.sid_logits(h, l).log_softmax(-1)[0, TOY_CODES[item - 1, l]] for l in range(2))
     torch.testing.assert_close(model.scores(history, "slow")[0, item], expected)
     torch.testing.assert_close(model.scores(history, "fast")[0, item], model.uid_logits(h).log_softmax(-1)[0, item])
+
+
+@pytest.mark.parametrize("block", [7, None])
+def test_topk_many_equals_each_setting_alone(block, gen):
+    """One pass for several settings (what choosing slow_weight on validation does) gives each setting's own top-k
+    bit for bit: items and scores, whatever the block size; and evaluate_variants' metrics equal evaluate_model's."""
+    torch.manual_seed(0)
+    model = toy_model(slow_weight=0.5).eval()
+    history, target = successor_batch(N, 16, 6, gen)
+    settings = [{"inference": "fast"}, {"inference": "slow"}, {"inference": "slow", "slow_weight": 0.1},
+                {"inference": "slow", "slow_weight": 2.0}, {}]
+    many = model.topk_many(history, 10, settings, block)
+    for kw, (items, scores) in zip(settings, many):
+        alone_items, alone_scores = model.topk(history, 10, block=block, **kw)
+        assert torch.equal(items, alone_items) and torch.equal(scores, alone_scores), kw
+    assert not torch.equal(many[2][0], many[3][0])  # the weights do change the ranking of this toy
+    ranked = model.topk_many(history, 10, settings, block, scores=False)  # ranking only: no normaliser
+    assert all(torch.equal(r, m[0]) and s is None for (r, s), m in zip(ranked, many))
+    assert torch.equal(model.recommend(history, 10, "slow", block, 0.1), many[2][0])
+    batches = [(history[:9], target[:9]), (history[9:], target[9:])]
+    found = evaluate_variants(model, batches, [5, 10], None, {str(i): kw for i, kw in enumerate(settings)})
+    for i, kw in enumerate(settings):
+        alone = evaluate_model(model, batches, [5, 10], **kw)
+        assert {m: found[str(i)][m] for m in ("recall@5", "ndcg@10", "users")} == \
+            {m: alone[m] for m in ("recall@5", "ndcg@10", "users")}
 
 
 def test_ar_decodes_only_existing_paths_and_scores_match_teacher_forcing():
