@@ -124,7 +124,8 @@ def measure(cmd: list[str], log_path: str) -> dict:
         mon.start()
         rc = proc.wait()
         seconds = time.perf_counter() - t0
-    row = {"rc": rc, "seconds": seconds, **mon.stop(), "log": log_path}
+    row = {"rc": rc, "seconds": seconds, **mon.stop(), "log": log_path,
+           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     shutil.rmtree(ray_tmp, ignore_errors=True)
     if rc != 0:
         with open(log_path) as fh:
@@ -268,6 +269,18 @@ def run_scale(scale: float, args, rows: list[dict]) -> None:
             rows.append({"scale": None, "stage": "minilm", **row})
 
 
+def merged(path: str, rows: list[dict]) -> list[dict]:
+    """``rows`` plus the rows of the JSON at ``path`` whose (scale, stage) this run did not measure, in scale and
+    stage order (a row from before rows carried ``measured`` keeps that unknown)."""
+    if not os.path.exists(path):
+        return rows
+    new = {(r["scale"], r["stage"]) for r in rows}
+    old = [r for r in json.load(open(path))["rows"] if (r["scale"], r["stage"]) not in new]
+    order = {s: i for i, s in enumerate(["prepare", "tokenize", *(f"{st}-{m}" for m in MODELS
+                                                                   for st in ("train", "evaluate")), "minilm"])}
+    return sorted(old + rows, key=lambda r: (r["scale"] is None, r["scale"] or 0, order.get(r["stage"], 99)))
+
+
 def exponents(rows: list[dict]) -> list[dict]:
     """Time exponent between consecutive scales of each stage: log(t_b / t_a) / log(b / a)."""
     out = []
@@ -340,6 +353,9 @@ def main() -> None:
     ap.add_argument("--train-set", nargs="*", default=[], help="extra train overrides, e.g. a sampled-softmax switch")
     ap.add_argument("--eval-set", nargs="*", default=[])
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "scale.json"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of --out this run does not remeasure (other scales or stages), e.g. after "
+                         "a change to training only; each row says when it was measured")
     ap.add_argument("--minilm-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.minilm_child:
@@ -353,6 +369,8 @@ def main() -> None:
         for r in rows:  # logs named relative to --work: no machine's absolute path in the shared JSON
             if "log" in r:
                 r["log"] = os.path.relpath(r["log"], args.work)
+        if args.merge:
+            rows = merged(args.out, rows)
         growth = exponents(rows)
         text = table(rows, growth)
         print(text, flush=True)
