@@ -240,7 +240,7 @@ def run_scale(scale: float, args, rows: list[dict]) -> None:
                     "train.checkpoint_every=0", "train.patience=0", f"train.run_name={run_name}",
                     f"train.warmup_steps={min(100, args.train_steps)}",
                     # the test evaluation that ends every training run: the same users as the evaluate stage, not
-                    # all 2.2M users of 100x (CAR also ranks the validation split once per slow weight there)
+                    # all 2.2M users of 100x (CAR also ranks the validation split for its slow-weight choice)
                     f"evaluate.max_users={args.eval_users}", *args.train_set]
             kept, dropped = accepted(args.config, over)
             row = measure([py, "jobs/train.py", *base, *kept], os.path.join(work, f"train-{model}.log"))
