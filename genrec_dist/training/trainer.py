@@ -124,6 +124,7 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
         tracker.log_input(name, sids_dir, inputs["semantic_ids_sha256"], "training", CODES_SCHEMA, profile)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = build_model(tc.model, cfg.model, dataset.num_items, sids)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     validates = bool(tc.eval_every or tc.eval_every_s)
     # the plain copy validation loads weights into; none without validation (one item table less at 1M items)
     eval_model = copy.deepcopy(model).to(device).eval() if validates else None
@@ -133,7 +134,6 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
         model_parameters=model.parameters(), config=ds_cfg)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout streams differ per rank
     if main and not resuming:
-        n_params = sum(p.numel() for p in model.parameters())
         tracker.log_params({"world_size": ws, "micro_batch": mb, "steps_per_epoch": spe, "total_steps": total_steps,
                             "num_parameters": n_params, "deepspeed_config": json.dumps(ds_cfg, sort_keys=True)})
         if sids_dir:

@@ -149,11 +149,14 @@ def test_zero3_two_nodes_matches_one_process(tiny_cfg, world1, zero3_two_nodes):
     assert len(v1) == len(v3) == 2 and max(abs(x - y) for x, y in zip(v1, v3)) < 1e-3
 
 
-def test_multi_rank_launch_makes_one_mlflow_run(tiny_cfg, zero2_two_ranks, zero3_two_nodes):
+def test_multi_rank_launch_makes_one_mlflow_run(tiny_cfg, world1, zero2_two_ranks, zero3_two_nodes):
+    (one,) = _runs_named(tiny_cfg, world1)
     for name in (zero2_two_ranks, zero3_two_nodes):
         found = _runs_named(tiny_cfg, name)
         assert len(found) == 1, f"{name}: {len(found)} MLflow runs (only rank 0 may log)"
         assert found[0].data.params["world_size"] == "2"
+        # the whole model's size, also when ZeRO-3 keeps a slice of each parameter per rank
+        assert found[0].data.params["num_parameters"] == one.data.params["num_parameters"] != "0"
 
 
 def test_ray_train_launcher(tiny_cfg, world1):
