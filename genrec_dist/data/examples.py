@@ -36,6 +36,7 @@ one would have seen.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -208,7 +209,8 @@ def count_train_examples(lengths: np.ndarray, max_history: int, mode: str) -> in
 
 class ExampleSource:
     """A rank's examples of one kind (``train`` with ``mode`` prefixes/windows, or the ``valid``/``test`` split),
-    chunk by chunk; ``sizes[i]`` is chunk i's example count (counted from the list lengths alone)."""
+    chunk by chunk; ``sizes[i]`` is chunk i's example count (counted from the list lengths alone, on first use: a
+    training plan needs them, streaming every chunk once for evaluation does not)."""
 
     def __init__(self, chunks: Sequence[Chunk], max_history: int, kind: str, mode: str = "prefixes",
                  storage_cfg: Any = None):
@@ -218,7 +220,14 @@ class ExampleSource:
             raise ValueError(f"train.examples must be 'prefixes' or 'windows', got {mode!r}")
         self.chunks, self.max_history, self.kind, self.mode = list(chunks), max_history, kind, mode
         self.storage_cfg = storage_cfg
-        self.sizes = tuple(self._count(c) for c in self.chunks)
+
+    @functools.cached_property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(self._count(c) for c in self.chunks)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunks)
 
     def _count(self, chunk: Chunk) -> int:
         lengths = read_chunk(chunk, self.storage_cfg)["items"].list.len().to_numpy()
@@ -248,6 +257,10 @@ class InMemorySource:
             raise ValueError(f"chunk sizes sum to {sum(sizes)}, there are {len(examples)} examples")
         self.examples, self.sizes = examples, tuple(int(s) for s in sizes)
         self._starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.sizes)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -425,12 +438,13 @@ def eval_batches(examples: Examples, batch_size: int, num_batches: int | None = 
 
 def stream_batches(source: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(history, target)`` batches of ``batch_size`` rows (the last one may be shorter) in storage order, read one
-    chunk at a time: evaluating any number of users holds one chunk and one batch."""
+    chunk at a time: evaluating any number of users holds one chunk and one batch. The chunks are not counted
+    first (each is read once), so the first batches cost only the chunks they come from."""
     pending: Examples | None = None
-    for i, size in enumerate(source.sizes):
-        if not size:
-            continue
+    for i in range(source.num_chunks):
         part = source.load_many([i])
+        if not len(part):
+            continue
         pending = part if pending is None else Examples.concat([pending, part], part.history.shape[1])
         full = len(pending) - len(pending) % batch_size
         for lo in range(0, full, batch_size):

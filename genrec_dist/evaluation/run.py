@@ -105,25 +105,11 @@ class SplitBatches:
         left = self.max_users or None  # users still to yield; None = no limit
         for h, t in D.stream_batches(self.source, self.batch_size):
             if left is not None:
-                if left <= 0:
-                    return
                 h, t = h[:left], t[:left]
                 left -= len(h)
             yield torch.from_numpy(h), torch.from_numpy(t)
-
-
-def first_users(dataset: Dataset, cfg: Any, split: str, history: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` users of ``split`` in :class:`SplitBatches` order, as ``(history (n, history), target (n,))``,
-    reading only the chunks they are in (SplitBatches counts every chunk first)."""
-    hs, ts, got = [], [], 0
-    for chunk in D.plan_chunks(sorted(dataset.shard_files), cfg.train.chunk_rows, dataset.storage_cfg):
-        ex = D.eval_examples(D.read_chunk(chunk, dataset.storage_cfg), history, split)
-        hs.append(ex.history[:n - got])
-        ts.append(ex.target[:n - got])
-        got += len(ts[-1])
-        if got >= n:
-            break
-    return torch.from_numpy(np.concatenate(hs)), torch.from_numpy(np.concatenate(ts))
+            if left == 0:  # stop before the next chunk is read
+                return
 
 
 def train_sequences(dataset: Dataset, chunk_rows: int) -> Any:
@@ -178,7 +164,7 @@ def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any
     split, ks = cfg.evaluate.split, cfg.evaluate.ks
     tracker.log_text(reports.metrics_table({name: results["model"], "most-popular": results["most_popular"]}, ks,
                                            title), "reports/metrics.md")
-    history, target = first_users(dataset, cfg, split, _history(model, dataset), users)
+    history, target = next(iter(SplitBatches(dataset, cfg, split, _history(model, dataset), users)))  # first users
     with torch.no_grad():
         kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
         ranked = model.recommend(history.to(device), max(ks), **kwargs).cpu().numpy()  # (N, k)

@@ -38,7 +38,7 @@ from genrec_dist.training import checkpoint as ckpt
 from genrec_dist.training import runs
 from genrec_dist.training.dist import release_shm_buffer, world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
-from genrec_dist.evaluation.run import (choose_on_valid, evaluate_split, first_users, load_exported, log_reports,
+from genrec_dist.evaluation.run import (SplitBatches, choose_on_valid, evaluate_split, load_exported, log_reports,
                                        model_history, recommend_kwargs)
 from genrec_dist.training.export import (consolidated_state_dict, model_meta, model_semantic_ids, semantic_id_files,
                                          write_model)
@@ -319,7 +319,7 @@ def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any
             from genrec_dist import serving
 
             # the input example: the first two users' histories (read from the first chunk, not every sequence)
-            history = first_users(dataset, cfg, split, int(model.cfg.max_history), 2)[0]
+            history = next(iter(SplitBatches(dataset, cfg, split, int(model.cfg.max_history), 2)))[0]
             examples = [[int(i) for i in h if i] for h in history.tolist()]
             tracker.log_model(serving.save_model(model_path, os.path.join(tmp, "mlflow-model"), examples, model),
                               serving.registered_name(cfg.name, tc.model), step=best_step)
