@@ -54,11 +54,11 @@ def worker(args: argparse.Namespace) -> None:
     from genrec_dist.models import ModelConfig, build_model
     from genrec_dist.models.config import CARConfig, SASRecConfig
     from genrec_dist.training.config import TrainConfig
-    from genrec_dist.training.dist import world_from_env
+    from genrec_dist.training.dist import init_process_group, world_from_env
     from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
 
     world = world_from_env()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_process_group(use_cuda=False)
     row: dict = {"rank": world.rank, "rss_start_mb": _rss_mb()}
     tc = TrainConfig(model=args.model, zero_stage=args.stage, batch_size=args.batch_size, warmup_steps=1)
     n, d = args.items, args.d_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -76,12 +77,26 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a session of its own: on a timeout, or when pytest-timeout interrupts the test, the
+    whole process group goes (a launcher's ranks too), so a hung job cannot outlive its test and hold the CPU, a port
+    or a build lock under the tests that follow."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_job(job: str, *args: str, env: dict | None = None, timeout: float = 900, check: bool = True,
             cwd: str = REPO) -> subprocess.CompletedProcess:
     """Run ``jobs/<job>.py`` as a subprocess, the way a user does."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "jobs", f"{job}.py"), *args], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = run_group([sys.executable, os.path.join(REPO, "jobs", f"{job}.py"), *args], timeout, cwd=cwd,
+                     env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"jobs/{job}.py failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                              f"STDERR:\n{proc.stderr[-6000:]}")

@@ -60,23 +60,22 @@ def world_from_env(env: dict | None = None) -> WorldInfo:
                          ) from None
 
 
-# DeepSpeed's CPU shared-memory all-reduce (ops/csrc/cpu/comm/shm.cpp, used when every rank is on one machine) names a
-# segment per rank <prefix>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> and never unlinks it: each finished CPU launch
-# left 2 x 66 MB in /dev/shm, which is RAM (4 GB after a day of test runs on a 24 GB machine).
-SHM_DIR = "/dev/shm"
-SHM_PREFIX = "deepspeed_allreduce_buffer"
+# DeepSpeed's CPU backend loads one C++ op at every process-group start, whatever the job: the shared-memory
+# all-reduce (ops/csrc/cpu/comm/shm.cpp) that only its tensor-parallel inference calls (``inference_all_reduce``);
+# ZeRO training reduces through torch.distributed (gloo) either way. Loading it compiles it on a machine that has not
+# yet (about a minute on 2 cores), under a lock file in $TORCH_EXTENSIONS_DIR that every later start waits on, forever
+# and silently, if the building process died; and each rank makes a 66 MB /dev/shm segment that it never unlinks
+# (RAM: 4 GB after a day of test runs here).
+SHM_COMM_OP = "deepspeed_shm_comm"
 
 
-def shm_buffer_path(world: WorldInfo) -> str:
-    """This rank's DeepSpeed shared-memory all-reduce segment (it exists only when every rank is local)."""
-    return os.path.join(SHM_DIR, f"{SHM_PREFIX}_{os.getuid()}_{world.master_addr}_{world.master_port}_{world.rank}")
+def init_process_group(use_cuda: bool) -> None:
+    """``deepspeed.init_distributed`` (NCCL on GPU, gloo on CPU), reusing a process group a launcher made already
+    (Ray Train), without DeepSpeed's CPU shared-memory all-reduce op (above): DeepSpeed skips an op its registry marks
+    incompatible, and the registry is one dict that keeps edits (deepspeed/ops/__init__.py)."""
+    import deepspeed
+    import deepspeed.ops
 
-
-def release_shm_buffer(world: WorldInfo) -> bool:
-    """Unlink this rank's segment once no collective is left to run: the mappings stay valid until the processes
-    exit, the name (and, at exit, the memory) goes. Returns whether there was one."""
-    try:
-        os.unlink(shm_buffer_path(world))
-        return True
-    except FileNotFoundError:
-        return False
+    if not use_cuda:
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")

@@ -36,7 +36,7 @@ from genrec_dist.evaluation.evaluate import evaluate_model, format_results
 from genrec_dist.models import build_model, needs_semantic_ids, trains_every_position
 from genrec_dist.training import checkpoint as ckpt
 from genrec_dist.training import runs
-from genrec_dist.training.dist import release_shm_buffer, world_from_env
+from genrec_dist.training.dist import init_process_group, world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
 from genrec_dist.evaluation.run import (SplitBatches, choose_on_valid, evaluate_split, load_exported, log_reports,
                                        model_history, recommend_kwargs)
@@ -59,7 +59,7 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
     if use_cuda:
         torch.cuda.set_device(device)
     # Reuses a process group a launcher made already (Ray Train), else creates it from the env variables.
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    init_process_group(use_cuda)
     rank, ws, main = world.rank, world.world_size, world.is_main
 
     def log0(msg: str) -> None:
@@ -257,7 +257,6 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
     # The end reads the best model back from its export: what training held goes first (weights, gradients and
     # optimizer moments in the engine, the validation copy, the shuffle window), so rank 0's peak is the larger of
     # the loop's and the evaluation's, not their sum.
-    release_shm_buffer(world)  # no collective after the barrier
     engine.destroy()
     # (the last micro batches are views into the window; rebinding works whether or not the loop ran)
     engine = model = eval_model = scheduler = batches = micro = mbatch = history = target = out = None

@@ -19,7 +19,7 @@ import pytest
 from _util import free_port, run_job
 from genrec_dist.data.semantic_ids import write_semantic_ids
 from genrec_dist.tracking import make_tracker
-from genrec_dist.training.dist import SHM_DIR, SHM_PREFIX
+from genrec_dist.training.dist import SHM_COMM_OP
 from test_train_runs import _base, _client, _deepspeed, _runs_named
 from test_train_tiger import _category_codes
 
@@ -36,14 +36,19 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     assert len(np.unique(codes, axis=0)) < len(codes)
     sids_dir = str(tmp_path / "sids")
     write_semantic_ids(sids_dir, item_ids, codes, sizes, {"source": "test: category + rank in category // 3"})
+    # DeepSpeed's CPU shared-memory all-reduce op is not built: an extensions folder holding the lock of a build
+    # that died (every start would wait on it forever) does not stop the ranks, and no segment of the op (RAM under
+    # /dev/shm) is made for this launch (genrec_dist/training/dist.py)
+    extensions = tmp_path / "torch_extensions"
+    (extensions / SHM_COMM_OP).mkdir(parents=True)
+    (extensions / SHM_COMM_OP / "lock").touch()  # torch.utils.cpp_extension's lock of that op's build
     port = free_port()
     _deepspeed(["--num_gpus", "2", "--master_port", str(port), "jobs/train.py", *_base(tiny_cfg),
                 f"paths.semantic_ids={sids_dir}", *TINY_CAR, "zero_stage=2", "run_name=car-zero2"],
-               tmp_path / "car-zero2.log")
-    # DeepSpeed's CPU all-reduce segments (RAM under /dev/shm) of this launch are gone with it
-    left = [n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX) and f"_{port}_" in n] \
-        if os.path.isdir(SHM_DIR) else []
-    assert left == [], left
+               tmp_path / "car-zero2.log", env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    segments = [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in n] \
+        if os.path.isdir("/dev/shm") else []
+    assert segments == [], segments
     run_dir = os.path.join(tiny_cfg.workdir, "runs", "car-zero2")
     with open(os.path.join(run_dir, "metrics.json")) as fh:
         m = json.load(fh)

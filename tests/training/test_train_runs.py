@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from _util import REPO, free_port, run_job
+from _util import REPO, free_port, run_group, run_job
 
 CONFIG = os.path.join(REPO, "configs", "synthetic.yaml")
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -45,10 +45,10 @@ def _env() -> dict:
     return {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
 
 
-def _deepspeed(args: list[str], log_path, timeout: float = 600) -> None:
+def _deepspeed(args: list[str], log_path, timeout: float = 600, env: dict | None = None) -> None:
     with open(log_path, "w") as log:
-        proc = subprocess.run([DEEPSPEED, *args], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout)
+        proc = run_group([DEEPSPEED, *args], timeout, cwd=REPO, env={**_env(), **(env or {})}, stdout=log,
+                         stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise AssertionError(f"deepspeed {' '.join(args[:6])} ... failed:\n{open(log_path).read()[-6000:]}")
 
@@ -112,12 +112,19 @@ def zero3_two_nodes(tiny_cfg, tiny_dataset, tmp_path_factory):
         procs.append((subprocess.Popen(
             [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), "--master_addr",
              "127.0.0.1", "--master_port", port, "jobs/train.py", *_base(tiny_cfg), *EQ, "zero_stage=3",
-             "run_name=eq-zero3-2node"], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT), log))
-    for proc, log in procs:
-        rc = proc.wait(timeout=600)
-        log.close()
-        if rc != 0:
-            raise AssertionError(f"node launcher failed:\n{open(log.name).read()[-6000:]}")
+             "run_name=eq-zero3-2node"], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True), log))
+    try:
+        for proc, log in procs:
+            rc = proc.wait(timeout=600)
+            log.close()
+            if rc != 0:
+                raise AssertionError(f"node launcher failed:\n{open(log.name).read()[-6000:]}")
+    finally:  # a node that is still up (the other failed, or the wait was interrupted) goes with its ranks
+        for proc, _ in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     return "eq-zero3-2node"
 
 
