@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ import torch
 from genrec_dist import storage
 from genrec_dist.errors import ConfigError
 from genrec_dist.models.unger_stage1 import DINStage1, integrate
-from genrec_dist.data.examples import train_examples
+from genrec_dist.data import examples as D
 
 ITEM_EMBEDDINGS_FILE = "integrated_embeddings.npy"
 REFERENCE_FILE = "din_reference.npy"
@@ -54,23 +54,33 @@ class Stage1Result:
 # training
 # ----------------------------------------------------------------------------------------------------------------
 
-def train_din(model: DINStage1, history: np.ndarray, target: np.ndarray, steps: int, batch_size: int, lr: float,
-              weight_decay: float, seed: int, device: torch.device, log: Log | None = None,
-              log_every: int = 500) -> dict[str, float]:
-    """Adam (amsgrad, as EAGER's train_din.py) over shuffled epochs of (history, target) examples; returns the
-    mean loss parts of the last ``log_every`` steps."""
+def din_batches(cfg: Any, dataset: Any, max_history: int) -> tuple[int, Iterable[D.Examples]]:
+    """Stage I's training examples (every prefix of each training sequence -> its next item) and their endless stream
+    of shuffled ``tokenize.unger.batch_size`` batches, read as training reads its own: from the dataset's shards in
+    chunks of ``train.chunk_rows`` users, shuffled within windows of ``train.shuffle_buffer`` examples
+    (genrec_dist/data/examples.py), so memory follows those settings and not the catalog. An epoch drops the rows
+    that do not fill a batch."""
+    tc, bs = cfg.train, int(cfg.tokenize.unger.batch_size)
+    source = D.ExampleSource(D.rank_chunks(dataset, 0, 1, "global", tc.chunk_rows), max_history, "train",
+                             storage_cfg=cfg.storage)
+    n = len(source)
+    if n < bs:
+        raise ConfigError(f"tokenize.unger.batch_size={bs}: the dataset {dataset.path} has only {n} training "
+                          f"examples for UNGER Stage I (lower the batch size)")
+    plan = D.BatchPlan(source.sizes, bs, 1, 1, 0, cfg.seed, "global", tc.shuffle_buffer)
+    steps = D.steps_per_epoch([n], bs)
+    return n, (micro for _, (micro,) in D.iterate(source, plan, D.Cursor(), steps))
+
+
+def train_din(model: DINStage1, batches: Iterable[D.Examples], steps: int, lr: float, weight_decay: float,
+              device: torch.device, log: Log | None = None, log_every: int = 500) -> dict[str, float]:
+    """Adam (amsgrad, as EAGER's train_din.py) over ``steps`` of ``batches``; returns the mean loss parts of the
+    last ``log_every`` steps."""
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, amsgrad=True)
-    rng = np.random.default_rng([seed, 7])
-    n = len(target)
-    order, pos = rng.permutation(n), 0
     window: dict[str, list[float]] = {}
-    for step in range(1, steps + 1):
-        if pos + batch_size > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
-        out = model(torch.from_numpy(history[idx]).to(device), torch.from_numpy(target[idx]).to(device))
+    for step, batch in zip(range(1, steps + 1), batches):
+        out = model(torch.from_numpy(batch.history).to(device), torch.from_numpy(batch.target).to(device))
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -163,6 +173,8 @@ def din_settings(cfg: Any, dataset: Any, semantic_dim: int, device: torch.device
     uc = cfg.tokenize.unger
     keys = ("dim", "num_negatives", "next_weight", "steps", "batch_size", "lr", "weight_decay")
     return {**{k: getattr(uc, k) for k in keys}, "seed": cfg.seed, "semantic_dim": int(semantic_dim),
+            # the batch order (din_batches)
+            "chunk_rows": int(cfg.train.chunk_rows), "shuffle_buffer": int(cfg.train.shuffle_buffer),
             "device": device.type, "num_items": int(dataset.num_items), "max_history": stage1_history(cfg, dataset),
             "dataset": dataset.fingerprint}
 
@@ -233,15 +245,14 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
     device = _device(uc.device)
 
     def din(cka_weight: float) -> DINStage1:
-        ex = train_examples(dataset.sequences(), stage1_history(cfg, dataset))
+        num_examples, batches = din_batches(cfg, dataset, stage1_history(cfg, dataset))
         torch.manual_seed(cfg.seed)
         model = DINStage1(n, torch.from_numpy(sem), uc.dim, num_negatives=uc.num_negatives,
                           temperature=uc.temperature, similarity=uc.similarity, next_weight=uc.next_weight,
                           cka_weight=cka_weight)
-        log(f"unger stage I: DIN (cka_weight {cka_weight}) on {len(ex)} training examples, {uc.steps} steps, "
+        log(f"unger stage I: DIN (cka_weight {cka_weight}) on {num_examples} training examples, {uc.steps} steps, "
             f"device {device}")
-        final = train_din(model, ex.history, ex.target, uc.steps, uc.batch_size, uc.lr, uc.weight_decay, cfg.seed,
-                          device, log, uc.log_every)
+        final = train_din(model, batches, uc.steps, uc.lr, uc.weight_decay, device, log, uc.log_every)
         stats.update({f"{'din' if cka_weight == 0 else 'stage1'}.{k}": v for k, v in final.items()})
         return model
 

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import torch
 
-from _util import REPO
+from _util import REPO, run_group
 from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import write_semantic_ids
@@ -43,7 +43,7 @@ def board(tiny_dataset, tmp_path_factory):
            "--budget-min", str(BUDGET_MIN), "--valid-every-min", str(BUDGET_MIN / 4), "--threads", "1",
            "--models", "sasrec,car,tiger", "--sizes", "paper", "--out", out,
            *[a for m, ov in TINY.items() for a in (f"--{m}", *ov)], "--", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = run_group(cmd, 840, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
     with open(out) as fh:
         return {**json.load(fh), "_path": out}, proc.stdout, overrides

@@ -185,3 +185,43 @@ def test_bf16_model_gives_float32_finite_losses():
     m = _unger(_sids()).to(torch.bfloat16).train()  # as DeepSpeed runs it on GPU (buffers cast too)
     out = m(torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([6, 7]))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]) and torch.isfinite(out["ikd"])
+
+
+# ----- Stage I's streamed examples -----
+
+def test_stage1_batches_stream_every_training_example_once_per_epoch(tiny_cfg, tiny_dataset):
+    """Stage I reads its examples as training does (chunks of train.chunk_rows users, shuffled within windows of
+    train.shuffle_buffer examples), so it never holds all of them: one epoch of batches is the in-memory examples,
+    each once (less the rows that do not fill a batch), in an order that moves with the seed."""
+    import copy
+    from collections import Counter
+
+    from genrec_dist.data.dataset import Dataset
+    from genrec_dist.data.examples import train_examples
+    from genrec_dist.errors import ConfigError
+    from tokenization.unger import din_batches
+
+    ds = Dataset.open(tiny_dataset)
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.train.chunk_rows, cfg.train.shuffle_buffer, cfg.tokenize.unger.batch_size = 16, 300, 64
+    whole = train_examples(ds.sequences(), 20)
+    n, batches = din_batches(cfg, ds, 20)
+    assert n == len(whole) > 4 * 64
+    epoch = [next(batches) for _ in range(n // 64)]
+    assert all(b.history.shape == (64, 20) for b in epoch)
+
+    def rows(history, target):
+        return Counter(map(tuple, np.concatenate([history, target[:, None]], 1).tolist()))
+
+    got = rows(np.concatenate([b.history for b in epoch]), np.concatenate([b.target for b in epoch]))
+    want = rows(whole.history, whole.target)
+    # each example once (as often as it occurs), less the rows of the last partial batch
+    assert not got - want and (want - got).total() == n - len(epoch) * 64
+    # the order is shuffled (not storage order) and keyed by the seed
+    assert not np.array_equal(epoch[0].target, whole.target[:64])
+    cfg.seed += 1
+    assert not np.array_equal(next(din_batches(cfg, ds, 20)[1]).target, epoch[0].target)
+
+    cfg.tokenize.unger.batch_size = n + 1
+    with pytest.raises(ConfigError, match="tokenize.unger.batch_size"):
+        din_batches(cfg, ds, 20)
