@@ -1,7 +1,8 @@
 """How time and memory grow with the catalog: every stage of the pipeline on synthetic Beauty-shaped catalogs.
 
-    python benchmarks/scale.py [--scales 1 10 100] [--stages prepare tokenize train evaluate minilm]
+    python benchmarks/scale.py [--scales 1 10 100] [--stages prepare tokenize unger train evaluate minilm]
                                [--work DIR] [--budget-mb 1024] [--train-steps 200] [--eval-users 10000]
+                               [--stage1-steps 200]
                                [--train-set KEY=VALUE ...] [--eval-set KEY=VALUE ...]
                                [--out benchmarks/results/scale.json]
 
@@ -12,6 +13,9 @@ subprocess from the repo root:
 * ``prepare``: ``jobs/prepare.py`` with ``prepare.memory_budget_mb``;
 * ``tokenize``: ``jobs/tokenize.py`` on stored 384-d embeddings from a cheap deterministic embedder (category
   centroid + per-item noise, written here first as ``embeddings/`` shards), 4 x 256 codes, 20 Lloyd steps;
+* ``unger``: ``jobs/tokenize.py`` with ``tokenize.method=unger`` on the same stored embeddings: UNGER Stage I (source
+  unified, ``--stage1-steps`` DIN + CKA steps, no modality share) in the driver, then the same k-means, into its own
+  semantic-ID folder (``sids-unger``; the training stages keep reading the residual k-means codes);
 * ``train``: ``jobs/train.py``, ``--train-steps`` steps of CAR and of SASRec (one row each), no validation or
   checkpoints, and the test evaluation that ends the run on ``--eval-users`` users; ``--train-set`` adds
   overrides such as the sampled-softmax switch;
@@ -52,7 +56,7 @@ from benchmarks._jobs import write_result  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEAUTY = {"users": 22_000, "items": 12_000, "categories": 24}  # Beauty: 22,363 users, 12,101 items (5-core)
-STAGES = ["prepare", "tokenize", "train", "evaluate", "minilm"]
+STAGES = ["prepare", "tokenize", "unger", "train", "evaluate", "minilm"]
 MODELS = ["car", "sasrec"]
 MIB = 1 << 20
 
@@ -225,6 +229,15 @@ def run_scale(scale: float, args, rows: list[dict]) -> None:
         print(f"  stored embeddings for {n:,} items in {time.perf_counter() - t0:.1f}s", flush=True)
         row = measure([py, "jobs/tokenize.py", *base], os.path.join(work, "tokenize.log"))
         ok["tokenize"] = add("tokenize", row, counts.get("items", 0), "items/s", items=counts.get("items"))
+    if "unger" in args.stages and have_data:
+        if not os.path.isdir(os.path.join(work, "stored", "embeddings")):
+            store_embeddings(dataset, os.path.join(work, "stored", "embeddings"))
+        over = ["tokenize.method=unger", "tokenize.unger.source=unified", "tokenize.unger.modality_share=false",
+                f"tokenize.unger.steps={args.stage1_steps}",
+                f"tokenize.unger.log_every={max(1, args.stage1_steps // 4)}",
+                f"paths.semantic_ids={os.path.join(work, 'sids-unger')}"]
+        row = measure([py, "jobs/tokenize.py", *base, *over], os.path.join(work, "unger.log"))
+        add("unger", row, counts.get("items", 0), "items/s", steps=args.stage1_steps, items=counts.get("items"))
     def skipped(stage: str, why: str) -> None:
         print(f"  skip {stage}: {why}", flush=True)
         rows.append({"scale": scale, "stage": stage, "rc": None, "skipped": why})
@@ -276,7 +289,7 @@ def merged(path: str, rows: list[dict]) -> list[dict]:
         return rows
     new = {(r["scale"], r["stage"]) for r in rows}
     old = [r for r in json.load(open(path))["rows"] if (r["scale"], r["stage"]) not in new]
-    order = {s: i for i, s in enumerate(["prepare", "tokenize", *(f"{st}-{m}" for m in MODELS
+    order = {s: i for i, s in enumerate(["prepare", "tokenize", "unger", *(f"{st}-{m}" for m in MODELS
                                                                    for st in ("train", "evaluate")), "minilm"])}
     return sorted(old + rows, key=lambda r: (r["scale"] is None, r["scale"] or 0, order.get(r["stage"], 99)))
 
@@ -349,6 +362,7 @@ def main() -> None:
     ap.add_argument("--budget-mb", type=int, default=1024)
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--eval-users", type=int, default=10_000)
+    ap.add_argument("--stage1-steps", type=int, default=200, help="UNGER Stage I steps of the unger stage")
     ap.add_argument("--minilm-items", type=int, default=2000)
     ap.add_argument("--train-set", nargs="*", default=[], help="extra train overrides, e.g. a sampled-softmax switch")
     ap.add_argument("--eval-set", nargs="*", default=[])

@@ -126,7 +126,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
     if tc.method == "import" and not tc.index_path:
         raise ConfigError("tokenize.method=import needs tokenize.index_path (an LC-Rec <Name>.index.json[.gz])")
     # Stored embeddings need no text: only the item keys (for the LC-Rec index) are read then.
-    stored = tc.method == "rkmeans" and bool(tc.embeddings_path)
+    stored = tc.method in ("rkmeans", "unger") and bool(tc.embeddings_path)
     items = dataset.items(["item_id", "item"] if stored else ["item_id", "item", "title", "text"])
     t0 = time.time()
     scratch = _temp_area(out_dir)  # Ray workers write here; moved into the output at the commit
