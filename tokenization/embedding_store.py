@@ -107,11 +107,15 @@ def shards_for(files: list[tuple[str, int]], rank: int, world_size: int) -> list
     return out
 
 
-def read_rows(slices: list[Slice], storage_cfg: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """One reader's rows: (global rows (n,) int64, vectors (n, D) float32). Each row's item id must be its
-    global row + 1 (files in name order hold items 1..N in order, as tokenize writes them); a file that breaks
-    this is refused naming it and the first item out of place."""
-    rows, vecs, dim = [], [], None
+def read_rows(slices: list[Slice], storage_cfg: Any = None, lead: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One reader's rows: (global rows (n,) int64, vectors (lead + n, D) float32: ``lead`` zero rows, then the
+    rows), the matrix allocated once and filled shard by shard, so a reader never holds its shards and their
+    concatenation at once (``lead=1`` gives UNGER Stage I its item-id-indexed table without a copy). Each row's
+    item id must be its global row + 1 (files in name order hold items 1..N in order, as tokenize writes them); a
+    file that breaks this is refused naming it and the first item out of place."""
+    total = sum(s.stop - s.start for s in slices)
+    rows = np.empty(total, dtype=np.int64)
+    out, at = None, 0
     for s in slices:
         ids, v = read_shard(s.file, storage_cfg, s.start, s.stop)
         want = np.arange(s.first_row + 1, s.first_row + 1 + len(ids))
@@ -119,14 +123,20 @@ def read_rows(slices: list[Slice], storage_cfg: Any = None) -> tuple[np.ndarray,
             i = int(np.flatnonzero(ids != want)[0])
             raise EmbeddingError(f"{s.file}: row {s.start + i} holds item_id {int(ids[i])}, expected {int(want[i])} "
                                  f"(shards in name order must hold item ids 1..N in order)")
-        if dim is not None and v.shape[1] != dim:
-            raise EmbeddingError(f"{s.file}: {v.shape[1]}-d vectors, the files before it have {dim}")
-        dim = v.shape[1]
-        rows.append(want - 1)
-        vecs.append(v)
-    if not vecs:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(rows), np.concatenate(vecs)
+        if out is None:
+            out = np.empty((lead + total, v.shape[1]), dtype=np.float32)
+            out[:lead] = 0.0
+        elif v.shape[1] != out.shape[1]:
+            raise EmbeddingError(f"{s.file}: {v.shape[1]}-d vectors, the files before it have {out.shape[1]}")
+        rows[at:at + len(ids)] = want - 1
+        out[lead + at:lead + at + len(ids)] = v
+        at += len(ids)
+        del ids, v
+    if at != total:
+        raise EmbeddingError(f"{slices[-1].file}: the shards hold {at} of the {total} rows their footers name")
+    if out is None:
+        return rows, np.zeros((lead, 0), dtype=np.float32)
+    return rows, out
 
 
 def read_embeddings(path: str, storage_cfg: Any = None) -> tuple[np.ndarray, np.ndarray]:

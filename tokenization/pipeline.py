@@ -155,12 +155,12 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
             if tc.method == "unger":  # UNGER Stage I: quantise the integrated embeddings (tokenization/unger.py)
                 from tokenization.unger import flat_metrics, run_stage1
 
-                # Stage I trains on every item's vector in this process: the one path that gathers them.
-                rows, emb = read_rows(shards_for(shard_files, 0, 1), cfg.storage)
-                item_ids = rows + 1
-                einfo["dim"] = int(emb.shape[1])
-                unger = run_stage1(cfg, dataset, item_ids, emb, log)
-                del emb
+                # Stage I trains on every item's vector in this process: the one path that gathers them, straight
+                # into the item-id-indexed table it reads (row 0 padding), one copy in memory.
+                _, table = read_rows(shards_for(shard_files, 0, 1), cfg.storage, lead=1)
+                einfo["dim"] = int(table.shape[1])
+                unger = run_stage1(cfg, dataset, table, log)
+                del table
             result = _quantise(cfg, shard_files if unger is None else unger.embeddings, log)
             codes, sizes = result.codes, result.codebook_sizes
             if unger is None:

@@ -44,7 +44,7 @@ Log = Callable[[str], None]
 
 @dataclass
 class Stage1Result:
-    embeddings: np.ndarray  # (N, D) float32, rows in the caller's item_ids order: what k-means quantises
+    embeddings: np.ndarray  # (N, D) float32, rows = items 1..N: what k-means quantises
     stats: dict = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
@@ -75,9 +75,10 @@ def din_batches(cfg: Any, dataset: Any, max_history: int) -> tuple[int, Iterable
 def train_din(model: DINStage1, batches: Iterable[D.Examples], steps: int, lr: float, weight_decay: float,
               device: torch.device, log: Log | None = None, log_every: int = 500) -> dict[str, float]:
     """Adam (amsgrad, as EAGER's train_din.py) over ``steps`` of ``batches``; returns the mean loss parts of the
-    last ``log_every`` steps."""
+    last ``log_every`` steps. The fused kernel: the default loop makes parameter-sized temporaries each step, and
+    the item table has N rows (about 430 MB each at 1.1M items, d 96)."""
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, amsgrad=True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, amsgrad=True, fused=True)
     window: dict[str, list[float]] = {}
     for step, batch in zip(range(1, steps + 1), batches):
         out = model(torch.from_numpy(batch.history).to(device), torch.from_numpy(batch.target).to(device))
@@ -229,18 +230,18 @@ def _npy(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarray, log: Log = print
-               ) -> Stage1Result:
-    """Stage I for ``cfg.tokenize.unger``: returns the embeddings to quantise (in ``item_ids`` order), stats, the
-    integrated-embedding file and the manifest keys pointing at it."""
+def run_stage1(cfg: Any, dataset: Any, semantic: np.ndarray, log: Log = print) -> Stage1Result:
+    """Stage I for ``cfg.tokenize.unger`` on ``semantic`` (N+1, D) float32, row i = item i's text embedding, row 0
+    zeros (what ``embedding_store.read_rows(..., lead=1)`` reads; used in place, never copied): returns the
+    embeddings to quantise (rows = items 1..N), stats, the integrated-embedding file and the manifest keys pointing
+    at it."""
     uc = cfg.tokenize.unger
     t0 = time.time()
-    item_ids = np.asarray(item_ids, dtype=np.int64)
     n = dataset.num_items
-    if len(item_ids) != n:
-        raise ValueError(f"UNGER Stage I: {len(item_ids)} embeddings for {n} items")
-    sem = np.zeros((n + 1, semantic.shape[1]), dtype=np.float32)
-    sem[item_ids] = semantic  # row = item id
+    if semantic.ndim != 2 or semantic.shape[0] != n + 1 or semantic.dtype != np.float32:
+        raise ValueError(f"UNGER Stage I: text embeddings {semantic.dtype} {semantic.shape}, need float32 "
+                         f"(num_items + 1 = {n + 1}, D) with row 0 the padding")
+    sem = semantic  # row = item id
     stats: dict[str, Any] = {"source": uc.source}
     device = _device(uc.device)
 
@@ -256,8 +257,8 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
         stats.update({f"{'din' if cka_weight == 0 else 'stage1'}.{k}": v for k, v in final.items()})
         return model
 
-    settings = din_settings(cfg, dataset, semantic.shape[1], device)
-    cka_settings = stage1_settings(cfg, dataset, semantic.shape[1], device)
+    settings = din_settings(cfg, dataset, sem.shape[1], device)
+    cka_settings = stage1_settings(cfg, dataset, sem.shape[1], device)
     files: dict[str, bytes] = {}
     manifest: dict[str, Any] = {}
 
@@ -284,7 +285,7 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
 
     collab = None
     if uc.source == "semantic":
-        full = sem.copy()
+        full = sem
     elif uc.source == "unified":
         if tables is not None:
             log(f"unger stage I: CKA-trained model reused from {uc.stage1_path}")
@@ -316,7 +317,7 @@ def run_stage1(cfg: Any, dataset: Any, item_ids: np.ndarray, semantic: np.ndarra
     stats["dim"] = int(full.shape[1])
     stats["seconds"] = time.time() - t0
     return Stage1Result(
-        embeddings=full[item_ids],
+        embeddings=full[1:],
         stats=stats,
         files={ITEM_EMBEDDINGS_FILE: _npy(full), **files},
         manifest={"item_embeddings": ITEM_EMBEDDINGS_FILE, "unger_source": uc.source, "item_embeddings_dim":

@@ -41,6 +41,11 @@ def test_readers_together_read_the_whole_matrix(tmp_path):
     np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), emb)
     ids, whole = read_embeddings(str(tmp_path / "embeddings"))
     np.testing.assert_array_equal(whole, emb)
+    # UNGER Stage I's item-id-indexed table: a zero row 0, then every item's vector (row i = item i)
+    rows, table = read_rows(shards_for(files, 0, 1), lead=1)
+    np.testing.assert_array_equal(rows, np.arange(23))
+    assert table.shape == (24, 4) and table.dtype == np.float32 and not table[0].any()
+    np.testing.assert_array_equal(table[1:], emb)
 
 
 def test_out_of_order_or_empty_shards_are_refused_naming_the_file(tmp_path):
