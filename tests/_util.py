@@ -85,7 +85,10 @@ def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedP
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group ended on its own meanwhile
+            pass
         proc.wait()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
