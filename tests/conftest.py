@@ -65,8 +65,10 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray runtime for the session (2 CPUs, no dashboard)."""
+def ray_local(s3_server):
+    """One local Ray runtime for the session (2 CPUs, no dashboard). Its workers take the environment of
+    ``ray.init``, so the session's S3 credentials (``s3_server``) are set first: a Ray test that writes to S3 must
+    not depend on whether an earlier test happened to start the S3 server before Ray."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -144,7 +144,10 @@ class KMeansShard:
     float64 computation whatever the BLAS, the blocking or the split into shards.
     """
 
-    def __init__(self, x: np.ndarray, rows: np.ndarray, backend: str = "numpy", device: str | None = None):
+    def __init__(self, x: np.ndarray, rows: np.ndarray, backend: str = "numpy", device: str | None = None,
+                 give: bool = False):
+        """``give``: the caller gives ``x`` away (never uses it again), so a float32 ``x`` becomes the first
+        level's float32 copy as it is (it equals the float64 rows rounded back) instead of a second one."""
         x = np.asarray(x)
         rows = np.asarray(rows, dtype=np.int64)
         if x.ndim != 2 or x.shape[0] != rows.shape[0]:
@@ -152,8 +155,11 @@ class KMeansShard:
         check_finite(x, rows)
         self.rows = rows
         self.backend = backend
+        first32 = None
         if backend == "numpy":
             self.x = np.array(x, dtype=np.float64, order="C", copy=True)  # advanced in place: never the caller's
+            if give and x.dtype == np.float32 and x.flags.c_contiguous:
+                first32 = x
         elif backend == "torch":
             import torch
 
@@ -162,15 +168,24 @@ class KMeansShard:
             self.x = torch.tensor(np.asarray(x, dtype=np.float64), device=self.device)  # a copy
         else:
             raise KMeansError(f"unknown k-means backend {backend!r} (numpy, torch)")
-        self._refresh()
+        del x
+        self._refresh(first32)
 
-    def _refresh(self) -> None:
-        """Per-row caches of the current residuals, reused by every Lloyd step of a level."""
-        self._x_sq = (self.x * self.x).sum(1)  # (n,) float64
+    def _refresh(self, x32: np.ndarray | None = None) -> None:
+        """Per-row caches of the current residuals, reused by every Lloyd step of a level. On numpy the old caches go
+        before the new ones are made and the squared norms are summed a block of rows at a time (the same per-row
+        sums as one call): never an (n, D) temporary beside the rows and their float32 copy."""
         if self.backend == "numpy":
-            self._x32 = self.x.astype(np.float32)
+            self._x32 = self._x_sq = self._x_norm = None
+            n = self.x.shape[0]
+            self._x_sq = np.empty(n, dtype=np.float64)
+            for s in range(0, n, _BLOCK):
+                xb = self.x[s:s + _BLOCK]
+                self._x_sq[s:s + _BLOCK] = (xb * xb).sum(1)
+            self._x32 = self.x.astype(np.float32) if x32 is None else x32
             self._x_norm = np.sqrt(self._x_sq)
         else:
+            self._x_sq = (self.x * self.x).sum(1)  # (n,) float64
             self._x32 = self.x.float()
             self._x_norm = self._x_sq.sqrt()
 
@@ -315,7 +330,8 @@ class KMeansShard:
         (global rows, labels, sum of squared residual norms after the subtraction)."""
         labels = self.assign(centroids)
         if self.backend == "numpy":
-            self.x -= centroids[labels]
+            for s in range(0, len(labels), _BLOCK):  # a block at a time: no (n, D) temporary of centroids
+                self.x[s:s + _BLOCK] -= centroids[labels[s:s + _BLOCK]]
         else:
             self.x -= self._torch.as_tensor(centroids, device=self.device)[labels]
             labels = labels.cpu().numpy()
