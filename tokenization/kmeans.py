@@ -168,7 +168,6 @@ class KMeansShard:
             self.x = torch.tensor(np.asarray(x, dtype=np.float64), device=self.device)  # a copy
         else:
             raise KMeansError(f"unknown k-means backend {backend!r} (numpy, torch)")
-        del x
         self._refresh(first32)
 
     def _refresh(self, x32: np.ndarray | None = None) -> None:

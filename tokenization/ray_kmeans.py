@@ -33,7 +33,6 @@ class FileShard(KMeansShard):
     def load(self) -> dict:
         rows, x = read_rows(self.slices, self.storage_cfg)
         super().__init__(x, rows, *self._args, give=True)  # its own read: the first level's float32 copy
-        del x
         return self.where()
 
     def where(self) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ from genrec_dist.data.examples import eval_examples, train_examples
 from tokenization.embedding_store import read_embeddings
 from tokenization.unger import REFERENCE_FILE, concat_embeddings, modality_share
 
-from _util import REPO, free_port
+from _util import REPO, free_port, run_group
 
 CONFIG = os.path.join(REPO, "configs", "synthetic.yaml")
 # Toy Stage I: 32-d DIN, 300 steps at lr 1e-2 (the paper's 1e-3 needs ~20k steps); 2 levels x 8 (+ de-dup).
@@ -226,13 +225,9 @@ def test_stage2_on_two_deepspeed_ranks(unified, tiny_dataset, tmp_path):
             "log_every=20", "patience=0", "data_split=global", "run_name=unger-ds2", "evaluate.beam_width=20"]
     log = tmp_path / "ds.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([deepspeed, *args], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=840)
+        try:  # the launcher and both ranks go with it on a timeout
+            rc = run_group([deepspeed, *args], 840, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-            proc.wait()
             raise AssertionError(f"2-rank UNGER run timed out:\n{log.read_text()[-4000:]}") from None
     out = log.read_text()
     assert rc == 0, out[-6000:]
