@@ -51,7 +51,8 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "tiger": ModelSpec(TigerConfig, "genrec_dist.models.tiger:Tiger", codes=SEMANTIC_IDS),
-    "sasrec": ModelSpec(SASRecConfig, "genrec_dist.models.sasrec:SASRec"),
+    "sasrec": ModelSpec(SASRecConfig, "genrec_dist.models.sasrec:SASRec",
+                        every_position=lambda section: section.all_positions),
     "car": ModelSpec(CARConfig, lambda section: {"car": "genrec_dist.models.car:CAR",
                                                  "ar": "genrec_dist.models.car_ar:CARAR"}[section.mode],
                      codes=SEMANTIC_IDS,

@@ -294,7 +294,10 @@ class PositionalEmbedding(nn.Module):
         self.max_len = max_len
         self.weight = nn.Parameter(torch.zeros(max_len, d_model))
 
-    def forward(self, t: int, offset: int = 0) -> torch.Tensor:
+    def forward(self, t: int, offset: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``index`` (any shape) of positions -> (..., D) rows; else the (t, D) rows offset .. offset+t-1."""
+        if index is not None:
+            return F.embedding(index, self.weight)
         if offset < 0 or offset + t > self.max_len:
             raise ValueError(f"positions {offset}..{offset + t - 1} exceed the {self.max_len} learned positions")
         return self.weight[offset: offset + t]

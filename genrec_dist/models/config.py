@@ -50,7 +50,17 @@ class SASRecConfig:
     # catalogs too large for a (B, num_items) logit matrix; 'auto' = softmax up to full_softmax_max_items, sampled
     # above.
     loss: Literal["auto", "softmax", "sampled"] = "auto"
-    num_negatives: int = 256
+    num_negatives: int = 256  # eSASRec (Tikhonovich et al., RecSys 2025, §4.1): 256 uniform negatives
+    # Sampled softmax negatives: 'position' draws num_negatives for every trained position (eSASRec's benchmark, no
+    # logQ correction); 'batch' shares one draw across the batch (cheaper, weaker: docs/results.md).
+    negatives: Literal["position", "batch"] = "position"
+    # Every position of a history predicts its next item in one causal pass (SASRec §III-E trains all positions;
+    # train.examples auto then reads windows). False: only the last position (one example per prefix).
+    all_positions: bool = True
+    # Learned positions counted from the most recent item (from_end: SASRec's left-padded layout, the last item
+    # always in the last slot) or from the first item of the history (from_start: a position's state is then the
+    # same whether it is read inside a window or as the last item of its own prefix).
+    positions: Literal["from_end", "from_start"] = "from_end"
     # The softmax's logits and their gradient are 2 x B x N float32 per rank: at B = 256 and N = 1M that is 2 GiB,
     # half of a 4 GB training rank; above it the logits alone would outgrow the model, so 'auto' samples.
     full_softmax_max_items: int = 1_000_000

@@ -77,6 +77,7 @@ def test_inference_fields_and_every_position_rule():
     assert inference_fields("tiger") == ("beam_width",) and inference_fields("unger") == ("beam_width",)
     assert set(inference_fields("car")) == {"inference", "slow_weight", "slow_weight_grid", "beam_width"}
     cfg = ModelConfig()
-    assert trains_every_position("car", cfg) and not trains_every_position("sasrec", cfg)
-    cfg.car.all_positions = False
-    assert not trains_every_position("car", cfg)
+    assert trains_every_position("car", cfg) and trains_every_position("sasrec", cfg)
+    assert not trains_every_position("tiger", cfg) and not trains_every_position("unger", cfg)
+    cfg.car.all_positions = cfg.sasrec.all_positions = False
+    assert not trains_every_position("car", cfg) and not trains_every_position("sasrec", cfg)
