@@ -54,16 +54,18 @@ from genrec_dist.data.dataset import PAD, Dataset, shards_for
 
 @dataclass
 class Examples:
-    """``history`` (N, H) int64 item ids, left-padded with 0; ``target`` (N,) int64."""
+    """``history`` (N, H) int64 item ids, left-padded with 0; ``target`` (N,) int64; for evaluation with
+    ``evaluate.filter_seen``, ``seen`` (N, S): every item of the user before the target (not cut to H), left-padded."""
 
     history: np.ndarray
     target: np.ndarray
+    seen: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target)
 
     def take(self, index: np.ndarray) -> "Examples":
-        return Examples(self.history[index], self.target[index])
+        return Examples(self.history[index], self.target[index], None if self.seen is None else self.seen[index])
 
     @staticmethod
     def concat(parts: Sequence["Examples"], width: int) -> "Examples":
@@ -71,7 +73,16 @@ class Examples:
             return Examples(np.zeros((0, width), dtype=np.int64), np.zeros(0, dtype=np.int64))
         if len(parts) == 1:
             return parts[0]
-        return Examples(np.concatenate([p.history for p in parts]), np.concatenate([p.target for p in parts]))
+        seen = None
+        if parts[0].seen is not None:  # each part is padded to its own longest history
+            s = max(p.seen.shape[1] for p in parts)
+            seen = np.concatenate([np.pad(p.seen, ((0, 0), (s - p.seen.shape[1], 0))) for p in parts])
+        return Examples(np.concatenate([p.history for p in parts]), np.concatenate([p.target for p in parts]), seen)
+
+    def batch(self, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+        """Rows lo..hi-1 as ``(history, target)``, or ``(history, target, seen)`` when seen items are kept."""
+        out = (self.history[lo:hi], self.target[lo:hi])
+        return out if self.seen is None else (*out, self.seen[lo:hi])
 
 
 def _left_pad(lists: pl.Series, width: int) -> np.ndarray:
@@ -113,8 +124,9 @@ def train_examples(sequences: pl.DataFrame, max_history: int, mode: str = "prefi
     return Examples(_left_pad(ex["hist"], max_history), ex["target"].to_numpy().astype(np.int64))
 
 
-def eval_examples(sequences: pl.DataFrame, max_history: int, split: str) -> Examples:
-    """One example per user: ``valid`` = (items[:-2][-H:], items[-2]), ``test`` = (items[:-1][-H:], items[-1])."""
+def eval_examples(sequences: pl.DataFrame, max_history: int, split: str, seen: bool = False) -> Examples:
+    """One example per user: ``valid`` = (items[:-2][-H:], items[-2]), ``test`` = (items[:-1][-H:], items[-1]);
+    ``seen``: also every item before the target (``items[:-2]`` / ``items[:-1]``, whole), for a seen-item filter."""
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     drop = 2 if split == "valid" else 1
@@ -123,8 +135,11 @@ def eval_examples(sequences: pl.DataFrame, max_history: int, split: str) -> Exam
     ex = seq.select(
         pl.col("items").list.get(-drop).alias("target"),
         head.list.tail(max_history).alias("hist"),
+        *([head.alias("seen")] if seen else []),
     )
-    return Examples(_left_pad(ex["hist"], max_history), ex["target"].to_numpy().astype(np.int64))
+    width = int(ex["seen"].list.len().max() or 1) if seen else 0
+    return Examples(_left_pad(ex["hist"], max_history), ex["target"].to_numpy().astype(np.int64),
+                    _left_pad(ex["seen"], width) if seen else None)
 
 
 def rank_sequences(dataset: Dataset, rank: int, world_size: int, mode: str) -> pl.DataFrame:
@@ -213,13 +228,14 @@ class ExampleSource:
     training plan needs them, streaming every chunk once for evaluation does not)."""
 
     def __init__(self, chunks: Sequence[Chunk], max_history: int, kind: str, mode: str = "prefixes",
-                 storage_cfg: Any = None):
+                 storage_cfg: Any = None, seen: bool = False):
         if kind not in ("train", "valid", "test"):
             raise ValueError(f"kind must be train, valid or test, got {kind!r}")
         if kind == "train" and mode not in ("prefixes", "windows"):
             raise ValueError(f"train.examples must be 'prefixes' or 'windows', got {mode!r}")
         self.chunks, self.max_history, self.kind, self.mode = list(chunks), max_history, kind, mode
         self.storage_cfg = storage_cfg
+        self.seen = seen  # valid/test: keep each user's seen items (Examples.seen) for evaluate.filter_seen
 
     @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
@@ -244,7 +260,7 @@ class ExampleSource:
         for i in indices:
             frame = read_chunk(self.chunks[int(i)], self.storage_cfg)
             parts.append(train_examples(frame, self.max_history, self.mode) if self.kind == "train"
-                         else eval_examples(frame, self.max_history, self.kind))
+                         else eval_examples(frame, self.max_history, self.kind, self.seen))
         return Examples.concat(parts, self.max_history)
 
 
@@ -436,10 +452,11 @@ def eval_batches(examples: Examples, batch_size: int, num_batches: int | None = 
     return [(examples.history[p], examples.target[p]) for p in parts if len(p)]
 
 
-def stream_batches(source: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(history, target)`` batches of ``batch_size`` rows (the last one may be shorter) in storage order, read one
-    chunk at a time: evaluating any number of users holds one chunk and one batch. The chunks are not counted
-    first (each is read once), so the first batches cost only the chunks they come from."""
+def stream_batches(source: Any, batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """``(history, target)`` batches (``(history, target, seen)`` from a source that keeps seen items) of
+    ``batch_size`` rows (the last one may be shorter) in storage order, read one chunk at a time: evaluating any
+    number of users holds one chunk and one batch. The chunks are not counted first (each is read once), so the
+    first batches cost only the chunks they come from."""
     pending: Examples | None = None
     for i in range(source.num_chunks):
         part = source.load_many([i])
@@ -448,7 +465,7 @@ def stream_batches(source: Any, batch_size: int) -> Iterator[tuple[np.ndarray, n
         pending = part if pending is None else Examples.concat([pending, part], part.history.shape[1])
         full = len(pending) - len(pending) % batch_size
         for lo in range(0, full, batch_size):
-            yield pending.history[lo:lo + batch_size], pending.target[lo:lo + batch_size]
+            yield pending.batch(lo, lo + batch_size)
         pending = pending.take(np.arange(full, len(pending)))
     if pending is not None and len(pending):
-        yield pending.history, pending.target
+        yield pending.batch(0, len(pending))

@@ -97,17 +97,18 @@ class SplitBatches:
 
     def __init__(self, dataset: Dataset, cfg: Any, split: str, history: int, batch_size: int | None = None):
         chunks = D.plan_chunks(sorted(dataset.shard_files), cfg.train.chunk_rows, dataset.storage_cfg)
-        self.source = D.ExampleSource(chunks, history, split, storage_cfg=dataset.storage_cfg)
+        self.source = D.ExampleSource(chunks, history, split, storage_cfg=dataset.storage_cfg,
+                                      seen=cfg.evaluate.filter_seen)
         self.batch_size = batch_size or cfg.evaluate.batch_size
         self.max_users = cfg.evaluate.max_users  # 0 = every user
 
     def __iter__(self):
         left = self.max_users or None  # users still to yield; None = no limit
-        for h, t in D.stream_batches(self.source, self.batch_size):
+        for batch in D.stream_batches(self.source, self.batch_size):  # (history, target[, seen])
             if left is not None:
-                h, t = h[:left], t[:left]
-                left -= len(h)
-            yield torch.from_numpy(h), torch.from_numpy(t)
+                batch = tuple(a[:left] for a in batch)
+                left -= len(batch[0])
+            yield tuple(torch.from_numpy(a) for a in batch)
             if left == 0:  # stop before the next chunk is read
                 return
 
@@ -164,7 +165,7 @@ def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any
     split, ks = cfg.evaluate.split, cfg.evaluate.ks
     tracker.log_text(reports.metrics_table({name: results["model"], "most-popular": results["most_popular"]}, ks,
                                            title), "reports/metrics.md")
-    history, target = next(iter(SplitBatches(dataset, cfg, split, _history(model, dataset), users)))  # first users
+    history, target = next(iter(SplitBatches(dataset, cfg, split, _history(model, dataset), users)))[:2]  # first
     with torch.no_grad():
         kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
         ranked = model.recommend(history.to(device), max(ks), **kwargs).cpu().numpy()  # (N, k)
@@ -231,7 +232,7 @@ def evaluate_run(cfg: Any, run: str, overrides: Sequence[str] = (), *, tracking:
     results = evaluate_split(model, dataset, cfg, split, device)
     out = {**results, "split": split, "run_dir": run_dir, "model_step": meta.get("step"), "model_name": meta["model"],
            "inference_overrides": inference, "config": to_dict(cfg)}
-    metrics_path = storage.join(run_dir, f"eval-{split}.json")
+    metrics_path = storage.join(run_dir, f"eval-{split}{'-seen-filtered' if cfg.evaluate.filter_seen else ''}.json")
     storage.write_bytes(metrics_path, (json.dumps(out, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
     tracker = tracking(cfg, "evaluate", 0, run_name=f"{info.get('run_name', meta['model'])}-evaluate",
                            extra_tags={**dataset.tags(), "genrec.train_run_id": str(info.get("mlflow_run_id")),

@@ -38,8 +38,14 @@ class TrainConfig:
     grad_clip: float = 1.0               # max global grad norm; 0 = off (not given by the papers)
     optimizer: Literal["adam", "adamw"] = "adam"   # "Adam" in TIGER §4 / UNGER Table 4
     lr: float = 1e-3                     # UNGER Table 4
+    # Adam's second-moment decay (betas = (0.9, adam_beta2)): 0.999 is Adam's default; 0.98 is eSASRec's
+    # (Tikhonovich et al., RecSys 2025; the Transformer's, Vaswani et al. 2017 §5.3)
+    adam_beta2: float = 0.999
     warmup_steps: int = 2000             # UNGER Table 4 (linear, from warmup_min_lr)
     warmup_min_lr: float = 1e-7          # UNGER Table 4
+    # > 0: the warm-up lasts this many epochs instead of warmup_steps (a step count means more or fewer epochs on
+    # another dataset or batch size; a short budget must not end inside the warm-up)
+    warmup_epochs: float = 0.0
     weight_decay: float = 1e-7           # UNGER Table 4
     # warmup: constant lr after warm-up (UNGER Table 4); warmup_decay: then linear decay to 0 at the last step.
     lr_schedule: Literal["warmup", "warmup_decay"] = "warmup"
@@ -74,6 +80,9 @@ class TrainConfig:
     # Also validate once this many training seconds passed since the last validation (0 = steps only), so a model
     # under a wall-clock budget gets several validations whatever its speed.
     eval_every_s: float = 0.0
+    # Validate every this many epochs when eval_every is 0 (1.0 = once an epoch, whatever the dataset's size: what
+    # eSASRec's benchmark does, Tikhonovich et al., RecSys 2025); 0 = by steps only.
+    eval_every_epochs: float = 0.0
     eval_batch_size: int = 256
     early_stop_metric: str = "ndcg@10"
     patience: int = 5                    # validations without improvement before stopping; 0 = never stop early
@@ -104,6 +113,11 @@ class EvaluateConfig:
     # of the raw user keys, unrelated to activity): a bounded check of a very large dataset. 0 = every user, as the
     # papers report; a partial evaluation says so in its output ("users").
     max_users: int = 0
+    # Remove each user's already-seen items (every item before the target, not only the last max_history) from the
+    # ranking, on validation and test. Off: the papers' protocol (TIGER §4.1, UNGER, CAR rank the full catalog). On:
+    # eSASRec's benchmark protocol (Tikhonovich et al., RecSys 2025; RecTools filter_viewed=True). Every table says
+    # which protocol it used; compare a published number only with the same protocol.
+    filter_seen: bool = False
 
 
 @dataclass

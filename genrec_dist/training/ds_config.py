@@ -44,7 +44,7 @@ def client_optimizer(cfg: TrainConfig, params, use_cuda: bool):
     import torch
 
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay, fused=True)
+    return cls(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay, fused=True)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, use_cuda: bool, total_steps: int) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_cuda: bool, total_st
         "gradient_clipping": cfg.grad_clip,
         "optimizer": {
             "type": "AdamW" if cfg.optimizer == "adamw" else "Adam",
-            "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay,
+            "params": {"lr": cfg.lr, "betas": [0.9, cfg.adam_beta2], "eps": 1e-8, "weight_decay": cfg.weight_decay,
                        "adam_w_mode": cfg.optimizer == "adamw"},
         },
         "zero_force_ds_cpu_optimizer": False,

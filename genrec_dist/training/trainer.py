@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -96,12 +97,14 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
                                 examples, cfg.storage)
     # validation: every user on exactly one rank (in global mode too), each rank scores its share
     valid_src = D.ExampleSource(D.rank_chunks(dataset, rank, ws, "shards", tc.chunk_rows), H, "valid",
-                                storage_cfg=cfg.storage)
+                                storage_cfg=cfg.storage, seen=cfg.evaluate.filter_seen)
     mb = micro_batch(tc, ws)
     usable = torch.tensor([len(train_src) // ws if tc.data_split == "global" else len(train_src)])
     tdist.all_reduce(usable, op=tdist.ReduceOp.MIN)
     spe = D.steps_per_epoch([int(usable)], mb * tc.grad_accum)
     total_steps = tc.max_steps if tc.max_steps > 0 else max(1, tc.epochs) * spe
+    eval_every = tc.eval_every or (max(1, round(spe * tc.eval_every_epochs)) if tc.eval_every_epochs else 0)
+    warmup = round(spe * tc.warmup_epochs) if tc.warmup_epochs else tc.warmup_steps
     plan = D.BatchPlan(train_src.sizes, mb, tc.grad_accum, ws, rank, cfg.seed, tc.data_split, tc.shuffle_buffer)
     log0(f"data: {len(train_src)} training examples ({examples}) in {len(train_src.sizes)} chunks on rank 0, "
          f"micro batch {mb} x grad_accum {tc.grad_accum} x world {ws} = {tc.batch_size}; {spe} steps/epoch; "
@@ -125,10 +128,10 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = build_model(tc.model, cfg.model, dataset.num_items, sids)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    validates = bool(tc.eval_every or tc.eval_every_s)
+    validates = bool(eval_every or tc.eval_every_s)
     # the plain copy validation loads weights into; none without validation (one item table less at 1M items)
     eval_model = copy.deepcopy(model).to(device).eval() if validates else None
-    ds_cfg = deepspeed_config(tc, ws, use_cuda, total_steps)
+    ds_cfg = deepspeed_config(dataclasses.replace(tc, warmup_steps=warmup), ws, use_cuda, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=client_optimizer(tc, model.parameters(), use_cuda),
         model_parameters=model.parameters(), config=ds_cfg)
@@ -161,8 +164,8 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
         """All ranks: consolidated weights into the plain copy, each rank scores its users, sums all-reduced."""
         state = consolidated_state_dict(engine)
         eval_model.load_state_dict(state)
-        batches = ((torch.from_numpy(h), torch.from_numpy(t))
-                   for h, t in D.stream_batches(valid_src, tc.eval_batch_size))  # read chunk by chunk
+        batches = (tuple(torch.from_numpy(a) for a in batch)  # (history, target[, seen]), read chunk by chunk
+                   for batch in D.stream_batches(valid_src, tc.eval_batch_size))
         m = evaluate_model(eval_model, batches, cfg.evaluate.ks, device, **rec_kwargs)
         return _allreduce_means(m, device if use_cuda else torch.device("cpu")), state
 
@@ -212,7 +215,7 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
             log0(f"step {step}/{total_steps} loss {metrics['train/loss']:.5f} lr {metrics['train/lr']:.2e} "
                  f"{metrics['train/samples_per_s']:.0f} samples/s")
 
-        if validates and ((tc.eval_every and step % tc.eval_every == 0) or eval_due or last):
+        if validates and ((eval_every and step % eval_every == 0) or eval_due or last):
             with clock.paused():
                 vm, state = validate()
             value = vm[tc.early_stop_metric]
@@ -268,6 +271,7 @@ def train_worker(cfg: Any, tracking: Callable, run: runs.RunDir | None = None) -
     summary = finish(cfg, dataset, run_name, run_dir, tracker, history_log, best_step, best, device,
                      {"steps": step, "stopped_by": stopped_by, "budget_s": tc.budget_s, "train_s": clock.seconds(),
                       "paused_s": clock.paused_s, "history_length": H, "threads": torch.get_num_threads(),
+                      "warmup_steps": warmup, "steps_per_epoch": spe,
                       "samples_per_s": tc.batch_size * (step - step0) / max(clock.seconds() - trained_s, 1e-9)})
     tracker.close("FINISHED")
     return summary

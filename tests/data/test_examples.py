@@ -302,3 +302,28 @@ def test_steps_per_epoch_drops_remainder_and_refuses_empty():
     assert D.steps_per_epoch([100, 93, 120], 10) == 9
     with pytest.raises(ValueError, match="no full step"):
         D.steps_per_epoch([5, 100], 8)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=30), min_size=1, max_size=8),
+       st.integers(1, 6))
+def test_seen_items_are_the_whole_history_before_the_target(seqs, H):
+    """evaluate.filter_seen keeps every item before the target, not only the last H the model reads."""
+    frame = _frame({i + 1: s for i, s in enumerate(seqs)})
+    for split, drop in (("valid", 2), ("test", 1)):
+        ex = D.eval_examples(frame, H, split, seen=True)
+        plain = D.eval_examples(frame, H, split)
+        assert (ex.history == plain.history).all() and (ex.target == plain.target).all()
+        want = [s[:-drop] for s in seqs if len(s) >= 3]
+        assert [_unpad(r) for r in ex.seen] == want
+
+
+def test_streamed_batches_carry_seen_items_across_chunks(big):
+    chunks = D.rank_chunks(big, 0, 1, "shards", 5)
+    plain = list(D.stream_batches(D.ExampleSource(chunks, 3, "test"), 7))
+    seen = list(D.stream_batches(D.ExampleSource(chunks, 3, "test", seen=True), 7))
+    assert len(plain) == len(seen) and all(len(b) == 2 for b in plain) and all(len(b) == 3 for b in seen)
+    for (h, t), (hs, ts, s) in zip(plain, seen):
+        assert (h == hs).all() and (t == ts).all() and len(s) == len(t)
+        for hist, items in zip(h, s):  # the model's history is the tail of the seen items
+            assert _unpad(items)[-len(_unpad(hist)):] == _unpad(hist)

@@ -109,3 +109,33 @@ def test_max_users_evaluates_the_first_users_of_the_split(tiny_cfg, tiny_dataset
         assert torch.equal(torch.cat([t for _, t in cut]), torch.cat([t for _, t in every])[:n])
     cfg.evaluate.max_users = 0
     assert sum(len(h) for h, _ in SplitBatches(dataset, cfg, "test", 20, batch_size=32)) == dataset.num_users
+
+
+def test_drop_seen_keeps_rank_order_and_pads():
+    from genrec_dist.evaluation.evaluate import drop_seen
+
+    ranked = torch.tensor([[5, 3, 9, 1, 7], [2, 4, 6, 8, 10]])
+    seen = torch.tensor([[0, 3, 5], [0, 0, 0]])
+    assert drop_seen(ranked, seen, 3).tolist() == [[9, 1, 7], [2, 4, 6]]
+    assert drop_seen(ranked, torch.tensor([[5, 3, 9], [2, 4, 6]]), 3, block=2).tolist() == [[1, 7, 0], [8, 10, 0]]
+
+
+def test_seen_filter_turns_a_repeat_recommender_into_the_next_best():
+    """A model that ranks the user's own history first scores 0 when the target is new; with the seen filter the
+    history goes and the next items count."""
+    from genrec_dist.evaluation.evaluate import evaluate_model
+
+    class Repeat(torch.nn.Module):
+        num_items = 10
+
+        def recommend(self, history, k):
+            rows = [[int(i) for i in h.flip(0) if i] for h in history]  # most recent first
+            return torch.tensor([(r + [i for i in range(1, 11) if i not in r])[:k] for r in rows])
+
+    history = torch.tensor([[1, 2, 3], [0, 4, 5]])
+    target = torch.tensor([6, 1])
+    plain = evaluate_model(Repeat(), [(history, target)], ks=[1, 3])
+    seen = evaluate_model(Repeat(), [(history, target, history)], ks=[1, 3])
+    # plain: [3, 2, 1] and [5, 4, 1] (only user 2's target, at rank 3); seen: [4, 5, 6] and [1, 2, 3]
+    assert (plain["recall@1"], plain["recall@3"]) == (0.0, 0.5)
+    assert (seen["recall@1"], seen["recall@3"]) == (0.5, 1.0)
