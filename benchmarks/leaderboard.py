@@ -1,9 +1,21 @@
-"""Every model under the same compute: a wall-clock training budget per model, the best model on validation tested.
+"""Every model under the same compute: a wall-clock training budget per model (``--mode budget``), or each model
+trained until validation stops improving (``--mode converged``); the best model on validation tested.
 
     python benchmarks/leaderboard.py --config configs/beauty.yaml --budget-min 30 [--threads 2]
-        [--models sasrec,car,tiger,unger] [--sizes auto|cpu|paper] [--valid-every-min M] [--prefix leaderboard]
-        [--out F] [--plot F] [--sasrec k=v ...] [--car k=v ...] [--tiger k=v ...] [--unger k=v ...]
+        [--mode budget|converged] [--cap-min 90] [--patience 10] [--parallel 2] [--protocol seen-filtered|full]
+        [--warmup-epochs E] [--models sasrec,car,tiger,unger] [--sizes auto|cpu|paper] [--valid-every-min M]
+        [--prefix leaderboard] [--out F] [--sasrec k=v ...] [--car k=v ...] [--tiger k=v ...] [--unger k=v ...]
         [--stage1 k=v ...] [key=value ...]
+
+**Converged mode** validates once an epoch (``train.eval_every_epochs=1``), stops a model after ``--patience``
+validations without a better NDCG@10, and caps each model at ``--cap-min`` training minutes (a row stopped by the
+cap says ``stopped by: budget``: not converged). ``--parallel 2`` trains two models at a time (one thread each with
+``--threads 1``). Checkpoints every 500 steps, so a board cut off resumes its unfinished run where it stopped.
+
+**Protocols.** Every model validates and is tested under ``--protocol`` (``seen-filtered``: the user's already-seen
+items are removed from the ranking, eSASRec's benchmark protocol; ``full``: the whole catalog ranked, the papers'
+protocol; default: seen-filtered in converged mode, full in budget mode), and its exported model is then tested
+under the other protocol too (``jobs/evaluate.py``): both tables are printed and kept in the JSON.
 
 Each model is one real ``jobs/train.py`` run with ``train.budget_s`` = the budget: the loop stops after the step that
 crosses it (training seconds: validations and checkpoints are not counted, so a beam-search model is not charged for
@@ -17,7 +29,8 @@ inference rules; the slow weight chosen on validation), TIGER, and UNGER. UNGER'
 method unger, on our codes' text embeddings) runs first and its training seconds (DIN + CKA) count in UNGER's budget:
 Stage II gets the budget less those, and UNGER's curve starts at Stage I's minutes. Text embedding and k-means are
 tokenization and count in no model's budget. CAR and UNGER read ``configs/<dataset>/{car,unger}.yaml`` when present
-(their tuned warm-up and Stage I settings), the others the ``--config`` file. SASRec, CAR and TIGER share the
+(their tuned warm-up and Stage I settings) and SASRec ``configs/<dataset>/sasrec.yaml`` (eSASRec's every-position
+sampled-softmax recipe), the others the ``--config`` file. SASRec, CAR and TIGER share the
 dataset config's semantic IDs (our own codes); a missing dataset or codes are made first (prepare, tokenize).
 
 Sizes: ``paper`` runs every model at its config's sizes (the papers'); ``cpu`` shrinks CAR and TIGER to what trains
@@ -46,6 +59,7 @@ from benchmarks._jobs import REPO, run, train_once, write_result  # noqa: E402
 MODELS = ("sasrec", "car", "tiger", "unger")
 LABELS = {"sasrec": "SASRec (full softmax)", "car_fast": "CAR fast", "car_slow": "CAR slow", "tiger": "TIGER",
           "unger": "UNGER (Stage I + II)"}
+PROTOCOLS = {"seen-filtered": True, "full": False}  # --protocol -> evaluate.filter_seen
 KEYS = ["recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20"]
 # Optimizer settings of a model's own paper where the dataset config carries another model's (the configs' train
 # section is TIGER/UNGER's: 2000 warm-up steps, UNGER Table 4, which would spend much of a short budget warming up).
@@ -74,7 +88,7 @@ def model_config(config: str, model: str) -> str:
     """``configs/<dataset>/<model>.yaml`` beside ``configs/<dataset>.yaml`` when it exists, else the dataset's."""
     stem = os.path.splitext(config)[0]
     own = os.path.join(stem, f"{model}.yaml")
-    return own if model in ("car", "unger") and os.path.exists(os.path.join(REPO, own)) else config
+    return own if model in ("car", "unger", "sasrec") and os.path.exists(os.path.join(REPO, own)) else config
 
 
 def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -88,14 +102,18 @@ def curve_of(history: list[dict], offset_min: float = 0.0) -> list[tuple[float, 
             if "valid/ndcg@10" in row and "elapsed_s" in row]
 
 
-def table_lines(rows: dict) -> list[str]:
+def table_lines(rows: dict, protocol: str | None = None) -> list[str]:
+    """One row per model: its test metrics (under ``protocol`` when given, else the main protocol's)."""
     head = ("| model | " + " | ".join(k.replace("recall", "R").replace("ndcg", "N") for k in KEYS)
             + " | params | samples/s | steps | stopped by | train min | min to SASRec's valid N@10 |")
     lines = [head, "|---|" + "---|" * (len(KEYS) + 6)]
     for name, r in rows.items():
         reach = "-" if r["minutes_to_sasrec"] is None else f"{r['minutes_to_sasrec']:.2f}"
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(f"{r['test'][k]:.4f}" for k in KEYS)
-                     + f" | {r['parameters']:,} | {r['samples_per_s']:.0f} | {r['steps']} | {r['stopped_by']} | "
+        warm = "" if r.get("out_of_warmup", True) else " (in warm-up)"
+        lines.append(f"| {r.get('label') or LABELS.get(name, name)} | "
+                     + " | ".join(f"{(r['test_protocols'][protocol] if protocol else r['test'])[k]:.4f}"
+                                  for k in KEYS)
+                     + f" | {r['parameters']:,} | {r['samples_per_s']:.0f} | {r['steps']}{warm} | {r['stopped_by']} | "
                        f"{r['train_minutes']:.2f} | {reach} |")
     return lines
 
@@ -111,7 +129,8 @@ def plot(rows: dict, path: str, title: str) -> str:
         if name == "car_slow":  # the same training as CAR fast (validation ranks with the fast rule)
             continue
         xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(xs, ys, marker="o", markersize=3, label=LABELS.get(name, name).replace("CAR fast", "CAR"))
+        label = r.get("label") or LABELS.get(name, name)
+        ax.plot(xs, ys, marker="o", markersize=3, label=label.replace("CAR fast", "CAR"))
     ax.set_xlabel("training minutes (validation not counted)")
     ax.set_ylabel("validation NDCG@10")
     ax.set_title(title, fontsize=9)
@@ -139,7 +158,7 @@ def log_mlflow(cfg, title: str, rows: dict, settings: dict, files: list[str]) ->
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()})
         for name, r in rows.items():
             tags = {"genrec.train_run": r["run_name"], "genrec.train_run_id": str(r["mlflow_run_id"])}
-            with mlflow.start_run(run_name=LABELS.get(name, name), nested=True, tags=tags):
+            with mlflow.start_run(run_name=r.get("label") or LABELS.get(name, name), nested=True, tags=tags):
                 mlflow.log_params({"model": name, "parameters": r["parameters"], "steps": r["steps"],
                                    "stopped_by": r["stopped_by"], "threads": r["threads"]})
                 mlflow.log_metrics({_metric_key(f"test/{k}"): v for k, v in r["test"].items()}
@@ -156,11 +175,20 @@ def log_mlflow(cfg, title: str, rows: dict, settings: dict, files: list[str]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--config", default="configs/beauty.yaml")
-    parser.add_argument("--budget-min", type=float, default=30.0, help="training minutes per model")
+    parser.add_argument("--mode", choices=("budget", "converged"), default="budget")
+    parser.add_argument("--budget-min", type=float, default=30.0, help="budget mode: training minutes per model")
+    parser.add_argument("--cap-min", type=float, default=90.0, help="converged mode: at most this many minutes")
+    parser.add_argument("--patience", type=int, default=10, help="converged mode: validations (epochs) without a "
+                                                                 "better NDCG@10 before a model stops")
+    parser.add_argument("--parallel", type=int, default=1, help="models trained at a time")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                        help="validation and main test protocol (default: seen-filtered when converged, else full)")
+    parser.add_argument("--warmup-epochs", type=float, default=None,
+                        help="every model's warm-up in epochs (train.warmup_epochs), instead of its config's steps")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of every run")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--sizes", choices=("auto", "cpu", "paper"), default="auto")
-    parser.add_argument("--valid-every-min", type=float, default=None, help="default: budget / 6")
+    parser.add_argument("--valid-every-min", type=float, default=None, help="budget mode; default: budget / 6")
     parser.add_argument("--prefix", default="leaderboard", help="run names are <prefix>-<model>")
     parser.add_argument("--out", help="default benchmarks/results/leaderboard_<dataset>.json (the PNG beside it)")
     for m in (*MODELS, "stage1"):
@@ -172,6 +200,8 @@ def main() -> None:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         raise SystemExit(f"--models: unknown {unknown} (choose from {', '.join(MODELS)})")
+    protocol = args.protocol or ("seen-filtered" if args.mode == "converged" else "full")
+    other = next(p for p in PROTOCOLS if p != protocol)
 
     import torch
 
@@ -181,7 +211,7 @@ def main() -> None:
     os.chdir(REPO)  # configs' relative paths are relative to the repository root, as for the jobs
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     sizes = args.sizes if args.sizes != "auto" else ("paper" if torch.cuda.is_available() else "cpu")
-    budget_s = args.budget_min * 60
+    budget_s = (args.cap_min if args.mode == "converged" else args.budget_min) * 60
     valid_s = round((args.valid_every_min * 60) if args.valid_every_min else budget_s / 6, 1)
     cfg = load_config(args.config, args.overrides)
     py = sys.executable
@@ -192,10 +222,20 @@ def main() -> None:
     if {"car", "tiger"} & set(models) and not os.path.exists(os.path.join(cfg.semantic_ids_dir, "manifest.json")):
         run([py, "jobs/tokenize.py", "--config", args.config, *args.overrides])
 
-    common = [f"train.budget_s={budget_s}", "train.max_steps=1000000000", "train.eval_every=0",
-              f"train.eval_every_s={valid_s}", "train.patience=0", "train.checkpoint_every=0", "train.log_every=50"]
-    rows: dict[str, dict] = {}
-    for model in models:
+    if args.mode == "converged":  # validation once an epoch, patience, a cap; checkpoints so a cut-off board resumes
+        common = [f"train.budget_s={budget_s}", "train.max_steps=1000000000", "train.eval_every=0",
+                  "train.eval_every_s=0", "train.eval_every_epochs=1", f"train.patience={args.patience}",
+                  "train.checkpoint_every=500", "train.keep_checkpoints=1", "train.log_every=50"]
+    else:
+        common = [f"train.budget_s={budget_s}", "train.max_steps=1000000000", "train.eval_every=0",
+                  f"train.eval_every_s={valid_s}", "train.patience=0", "train.checkpoint_every=0",
+                  "train.log_every=50"]
+    common += [f"evaluate.filter_seen={str(PROTOCOLS[protocol]).lower()}"]
+    if args.warmup_epochs is not None:
+        common += [f"train.warmup_epochs={args.warmup_epochs}"]
+
+    def train_row(model: str) -> tuple[dict, dict]:
+        """Train (or read back) one model's run; its rows (CAR: fast and slow) and most-popular's test metrics."""
         config, extra, offset_s, stage1 = model_config(args.config, model), [], 0.0, None
         if model == "unger":  # Stage I first; its seconds count in UNGER's budget
             sids = f"{cfg.workdir}/sids/{args.prefix}-unger"
@@ -210,7 +250,7 @@ def main() -> None:
             with open(os.path.join(sids, "stats.json")) as fh:
                 offset_s = stage1 = float(json.load(fh)["unger.seconds"])
             if offset_s >= budget_s * 0.9:
-                raise SystemExit(f"UNGER Stage I took {offset_s / 60:.1f} min of the {args.budget_min} min budget: "
+                raise SystemExit(f"UNGER Stage I took {offset_s / 60:.1f} min of the {budget_s / 60:g} min budget: "
                                  "lower tokenize.unger.steps (--stage1 tokenize.unger.steps=N)")
         cmd = [py, "jobs/train.py", "--config", config, f"train.model={model}", *PAPER_TRAIN.get(model, []),
                *args.overrides, *CPU_SIZES[model] * (sizes == "cpu"), *common, *extra,
@@ -220,7 +260,9 @@ def main() -> None:
         with open(os.path.join(run_dir, "history.json")) as fh:
             history = json.load(fh)
         exported, meta = load_exported(run_dir)
+        again = evaluate_other(py, run_dir, other)  # the same exported model under the other protocol
         loop = res.get("loop", {})
+        warmup = loop.get("warmup_steps")
         base = {"run_name": res["run_name"], "run_dir": run_dir, "best_step": res["best_step"],
                 "best_valid_ndcg@10": res["best_valid"], "export_step": meta.get("step"),
                 "parameters": sum(p.numel() for p in exported.parameters()), "steps": loop.get("steps"),
@@ -228,42 +270,75 @@ def main() -> None:
                 "train_minutes": (loop.get("train_s", 0.0) + offset_s) / 60, "stage1_s": stage1,
                 "samples_per_s": loop.get("samples_per_s", 0.0), "threads": loop.get("threads"),
                 "history_length": loop.get("history_length"), "mlflow_run_id": _train_run_id(run_dir),
+                "warmup_steps": warmup, "out_of_warmup": warmup is None or (loop.get("steps") or 0) > warmup,
+                "steps_per_epoch": loop.get("steps_per_epoch"),
                 "curve": curve_of(history, offset_s / 60), "config": config, "command": cmd[1:]}
-        m = res["model"]
+        m, o = res["model"], again["model"]
+        rows = {}
         if model == "car":
             chosen = (res.get("chosen_on_valid") or {}).get("slow_weight", {})
             w = chosen.get("chosen")
-            rows["car_fast"] = {**base, "test": {k: m[f"fast/{k}"] for k in KEYS}, "valid_metric": res["best_valid"]}
-            rows["car_slow"] = {**base, "test": {k: m[f"slow/{k}"] for k in KEYS}, "slow_weight": w,
-                                "valid_metric": chosen.get("valid", {}).get(str(w))}
+            for rule in ("fast", "slow"):
+                rows[f"car_{rule}"] = {**base, "test": {k: m[f"{rule}/{k}"] for k in KEYS},
+                                       "test_protocols": {protocol: {k: m[f"{rule}/{k}"] for k in KEYS},
+                                                          other: {k: o[f"{rule}/{k}"] for k in KEYS}}}
+            rows["car_fast"]["valid_metric"] = res["best_valid"]
+            rows["car_slow"].update(slow_weight=w, valid_metric=chosen.get("valid", {}).get(str(w)))
         else:
-            rows[model] = {**base, "test": {k: m[k] for k in KEYS}}
-        pop = res["most_popular"]
+            label = None
+            if model == "sasrec":  # its loss and positions, as trained
+                sc = meta["model_config"]["sasrec"]
+                loss = sc.get("loss", "auto")
+                if loss == "auto":
+                    loss = "softmax" if int(meta["num_items"]) <= sc.get("full_softmax_max_items", 1 << 62) \
+                        else "sampled"
+                label = (f"SASRec ({'full' if loss == 'softmax' else 'sampled'} softmax"
+                         + (", every position)" if sc.get("all_positions") else ")"))
+            rows[model] = {**base, "label": label, "test": {k: m[k] for k in KEYS},
+                           "test_protocols": {protocol: {k: m[k] for k in KEYS}, other: {k: o[k] for k in KEYS}}}
+        pop = {protocol: res["most_popular"], other: again["most_popular"]}
+        return rows, pop
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:  # each row is subprocesses: threads only wait on them
+        done = list(pool.map(train_row, models))
+    rows: dict[str, dict] = {}
+    for row, pop in done:
+        rows.update(row)
 
     target = rows["sasrec"]["best_valid_ndcg@10"] if "sasrec" in rows else None
     for r in rows.values():
         r["minutes_to_sasrec"] = first_reach(r["curve"], target) if target is not None else None
-    car = car_vs_sasrec(rows)
-    title = (f"{cfg.name}: {args.budget_min:g} training min per model, {args.threads} threads, sizes {sizes} "
-             f"(test split, best model on validation)")
-    lines = [title, *table_lines(rows),
-             "| most-popular | " + " | ".join(f"{pop[k]:.4f}" for k in KEYS) + " |" + " |" * 6]
-    if car:
-        lines.append(f"CAR's inference rule chosen on validation: {car['rule']} (valid "
-                     + ", ".join(f"{r} {v:.5f}" for r, v in car["valid"].items())
-                     + f"); test NDCG@10 {car['test_ndcg@10']:.4f} = {car['ratio'] or 0:.3f} x SASRec's "
-                       f"{car['sasrec_test_ndcg@10']:.4f}")
+    cars = {p: car_vs_sasrec(rows, p) for p in (protocol, other)}
+    car = cars[protocol]
+    what = (f"until validation stops improving ({args.patience} epochs of patience, cap {args.cap_min:g} min)"
+            if args.mode == "converged" else f"{args.budget_min:g} training min per model")
+    title = f"{cfg.name}: {what}, {args.threads} threads, sizes {sizes} (test split, best model on validation)"
+    lines = [title]
+    for p in (protocol, other):
+        lines += [f"\n## {p} protocol" + (" (validation and early stopping)" if p == protocol else ""),
+                  *table_lines(rows, p), "| most-popular | " + " | ".join(f"{pop[p][k]:.4f}" for k in KEYS) + " |" + " |" * 6]
+        if cars[p]:
+            c = cars[p]
+            lines.append(f"CAR's inference rule chosen on validation: {c['rule']} (valid "
+                         + ", ".join(f"{r} {v:.5f}" for r, v in c["valid"].items())
+                         + f"); test NDCG@10 {c['test_ndcg@10']:.4f} = {c['ratio'] or 0:.3f} x SASRec's "
+                           f"{c['sasrec_test_ndcg@10']:.4f}")
     print("\n".join(lines), flush=True)
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"leaderboard_{cfg.name}.json")
     png = plot(rows, os.path.splitext(out)[0] + ".png", title)
-    settings = {"config": args.config, "budget_min": args.budget_min, "threads": args.threads, "sizes": sizes,
-                "valid_every_min": valid_s / 60, "models": models, "prefix": args.prefix,
-                "overrides": args.overrides, "cuda": torch.cuda.is_available(),
+    settings = {"config": args.config, "mode": args.mode, "threads": args.threads, "sizes": sizes,
+                "models": models, "prefix": args.prefix, "protocol": protocol, "parallel": args.parallel,
+                **({"cap_min": args.cap_min, "patience_epochs": args.patience} if args.mode == "converged" else
+                   {"budget_min": args.budget_min, "valid_every_min": valid_s / 60}),
+                "warmup_epochs": args.warmup_epochs, "overrides": args.overrides, "cuda": torch.cuda.is_available(),
                 "unger_stage1": "training seconds counted in UNGER's budget (Stage II gets the rest; its curve starts "
                                 "after Stage I); embedding and k-means not counted"}
-    result = {**settings, "sasrec_best_valid_ndcg@10": target, "rows": rows, "most_popular": pop,
+    result = {**settings, "sasrec_best_valid_ndcg@10": target, "rows": rows, "most_popular": pop[protocol],
+              "most_popular_protocols": pop,
               "plot": os.path.basename(png),  # beside the JSON (no machine's absolute path in a shared result)
-              "car_vs_sasrec": car}
+              "car_vs_sasrec": car, "car_vs_sasrec_protocols": cars}
     write_result(out, result)
     with tempfile.TemporaryDirectory() as tmp:
         table = os.path.join(tmp, "leaderboard.md")
@@ -275,7 +350,18 @@ def main() -> None:
         write_result(out, result)
 
 
-def car_vs_sasrec(rows: dict) -> dict | None:
+def evaluate_other(py: str, run_dir: str, protocol: str) -> dict:
+    """The run's exported model tested under ``protocol`` (``jobs/evaluate.py`` with the run's own config); its
+    ``eval-test[-seen-filtered].json``, read back when it is there already."""
+    path = os.path.join(run_dir, "eval-test-seen-filtered.json" if PROTOCOLS[protocol] else "eval-test.json")
+    if not os.path.exists(path):
+        run([py, "jobs/evaluate.py", "--run", run_dir, f"evaluate.filter_seen={str(PROTOCOLS[protocol]).lower()}",
+             "evaluate.split=test"])
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def car_vs_sasrec(rows: dict, protocol: str | None = None) -> dict | None:
     """CAR's inference rule (fast, or slow with its chosen weight) picked on validation, as a user deploying the
     trained model would pick it, and its test NDCG@10 over full-softmax SASRec's; ``None`` without both models.
     Validation scores are ``train.early_stop_metric`` (NDCG@10 by default) of the same exported model."""
@@ -286,9 +372,10 @@ def car_vs_sasrec(rows: dict) -> dict | None:
     if not valid:
         return None
     rule = max(valid, key=lambda r: (valid[r], r == "fast"))  # fast on a tie: the cheaper rule
-    ours, base = rows[f"car_{rule}"]["test"]["ndcg@10"], rows["sasrec"]["test"]["ndcg@10"]
+    test = (lambda r: r["test"]) if protocol is None else (lambda r: r["test_protocols"][protocol])
+    ours, base = test(rows[f"car_{rule}"])["ndcg@10"], test(rows["sasrec"])["ndcg@10"]
     return {"rule": rule, "valid": valid, "test_ndcg@10": ours, "sasrec_test_ndcg@10": base,
-            "ratio": ours / base if base > 0 else None}
+            "ratio": ours / base if base > 0 else None, **({"protocol": protocol} if protocol else {})}
 
 
 def _train_run_id(run_dir: str) -> str | None:

@@ -121,9 +121,58 @@ def test_one_mlflow_parent_run_with_a_child_per_row(board):
     assert parent.data.params["budget_min"] == str(BUDGET_MIN)
     exp = parent.info.experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["CAR fast", "CAR slow", "SASRec (full softmax)", "TIGER"]
+    assert sorted(c.info.run_name for c in children) == ["CAR fast", "CAR slow",
+                                                         "SASRec (full softmax, every position)", "TIGER"]
     for c in children:
         row = next(r for n, r in result["rows"].items() if c.data.tags["genrec.train_run"] == r["run_name"])
         assert c.data.params["steps"] == str(row["steps"])
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.png", "leaderboard.md", "leaderboard.json"} <= names
+
+
+def test_both_protocols_are_reported_for_the_same_export(board):
+    """Budget mode validates on the full catalog (the papers' protocol) and tests each export under the seen-item
+    filter as well: the filtered numbers are jobs/evaluate.py's on that export, and removing seen items never lowers
+    a recall (the target is new for most users)."""
+    result, stdout, _ = board
+    assert result["mode"] == "budget" and result["protocol"] == "full"
+    assert "## full protocol" in stdout and "## seen-filtered protocol" in stdout
+    for name, r in result["rows"].items():
+        assert r["test_protocols"]["full"] == r["test"]
+        with open(os.path.join(r["run_dir"], "eval-test-seen-filtered.json")) as fh:
+            again = json.load(fh)
+        assert again["config"]["evaluate"]["filter_seen"] is True
+        prefix = {"car_fast": "fast/", "car_slow": "slow/"}.get(name, "")
+        assert r["test_protocols"]["seen-filtered"] == {k: again["model"][prefix + k] for k in r["test"]}
+    assert set(result["car_vs_sasrec_protocols"]) == {"full", "seen-filtered"}
+
+
+@pytest.fixture(scope="module")
+def converged(tiny_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("converged")
+    out = str(root / "leaderboard.json")
+    overrides = [f"workdir={root}", f"paths.dataset={tiny_dataset}", "train.batch_size=64", "train.lr=0.003",
+                 "train.warmup_steps=10"]
+    cmd = [sys.executable, "benchmarks/leaderboard.py", "--config", "configs/synthetic.yaml", "--mode", "converged",
+           "--cap-min", "1.5", "--patience", "2", "--threads", "1", "--models", "sasrec", "--sizes", "paper",
+           "--out", out, "--sasrec", *TINY["sasrec"], "--", *overrides]
+    proc = run_group(cmd, 600, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    with open(out) as fh:
+        return json.load(fh)
+
+
+def test_converged_mode_validates_every_epoch_and_stops_on_patience_or_its_cap(converged):
+    assert converged["mode"] == "converged" and converged["protocol"] == "seen-filtered"
+    r = converged["rows"]["sasrec"]
+    with open(os.path.join(r["run_dir"], "metrics.json")) as fh:
+        metrics = json.load(fh)
+    loop = metrics["loop"]
+    with open(os.path.join(r["run_dir"], "history.json")) as fh:
+        valid = [h["step"] for h in json.load(fh) if "valid/ndcg@10" in h]
+    spe = loop["steps_per_epoch"]
+    assert r["steps_per_epoch"] == spe and all(s % spe == 0 for s in valid[:-1])  # once an epoch
+    assert loop["stopped_by"] in ("patience", "budget") and loop["budget_s"] == pytest.approx(90)
+    if loop["stopped_by"] == "patience":  # the best validation is two epochs before the end
+        assert valid.index(metrics["best_step"]) == len(valid) - 3
+    assert r["test_protocols"]["seen-filtered"] == r["test"] and "full" in r["test_protocols"]
