@@ -8,8 +8,8 @@
 # Then: ray job submit --address http://<head>:8265 --working-dir . -- python jobs/tokenize.py --config ...
 # Stop this node with cluster/stop_ray.sh (only the processes this script started).
 #
-# Ray >= 2.5x token auth: export RAY_AUTH_MODE=token and the same RAY_AUTH_TOKEN (or ~/.ray/auth_token) on every
-# node and on the machine that runs `ray job submit`.
+# Ray >= 2.5x token auth: a head prints the exports a submitting shell needs (RAY_AUTH_MODE=token, the token's path,
+# RAY_ADDRESS); every node and the submitting machine need the same token (RAY_AUTH_TOKEN or ~/.ray/auth_token).
 #
 # Environment: GENREC_RAY_PORT (6379), GENREC_RAY_DASHBOARD_PORT (8265), GENREC_RAY_DASHBOARD_HOST (0.0.0.0 on a
 # head; 127.0.0.1 keeps the job API on loopback), GENREC_RAY_TEMP_DIR (/tmp/ray; keep it short: Ray puts unix
@@ -54,3 +54,22 @@ until grep -q "Ray runtime started" "$LOG" 2>/dev/null; do
   sleep 0.5
 done
 echo "ray $ROLE started (pid $(cat "$PID_FILE"), log $LOG)"
+
+# What a shell that submits jobs needs. A Ray 2.5x head turns token auth on by itself when a token exists (any earlier
+# local `ray.init` writes ~/.ray/auth_token), while `ray job submit` turns it on only when RAY_AUTH_MODE=token is in its
+# environment: without the exports it fails with "AuthenticationError: Missing authentication token".
+if [[ "$ROLE" == head ]]; then
+  IP=$(sed -n 's/.*Local node IP: \([0-9.]*\).*/\1/p' "$LOG" | head -n 1)
+  TOKEN=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+  echo "To submit jobs from a shell:"
+  if [[ "${RAY_AUTH_MODE:-}" == token ]] || grep -q "Token authentication is enabled" "$LOG"; then
+    echo "  export RAY_AUTH_MODE=token"
+    if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then
+      echo "  export RAY_AUTH_TOKEN=<the token this node was started with>"
+    else
+      echo "  export RAY_AUTH_TOKEN_PATH=$TOKEN   # on another machine: a copy of this file"
+    fi
+  fi
+  echo "  export RAY_ADDRESS=http://${IP:-127.0.0.1}:${GENREC_RAY_DASHBOARD_PORT:-8265}"
+  echo "  ray job submit --working-dir . -- python jobs/tokenize.py --config configs/scientific.yaml workdir=/shared/..."
+fi
