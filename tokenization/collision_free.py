@@ -210,8 +210,10 @@ def collision_free(call: Call, codes: np.ndarray, codebooks: list[np.ndarray], b
         r = r[np.searchsorted(want, part)]  # back to group order
         old_d = sq_dist_at(r, last, old_last[part])
         m = np.searchsorted(movers, part)
-        is_mover = (m < len(movers)) & (movers[np.minimum(m, len(movers) - 1)] == part)
-        r[is_mover] += shifts[m[is_mover]]
+        is_mover = np.zeros(len(part), dtype=bool)
+        if len(movers):
+            is_mover = (m < len(movers)) & (movers[np.minimum(m, len(movers) - 1)] == part)
+            r[is_mover] += shifts[m[is_mover]]
         for a, b in zip(starts[i:j], starts[i + 1:j + 1]):
             a, b = a - starts[i], b - starts[i]
             cost = sq_dist(r[a:b], last)  # (m, K)

@@ -159,3 +159,14 @@ def test_one_and_three_ray_workers_give_the_same_collision_free_balanced_codes(r
     a, b = one.stats["collision_free"], three.stats["collision_free"]
     assert a == pytest.approx(b, rel=1e-9)  # counts exactly; distances up to float64 rounding of the centroids
     assert a["items_recoded"] > 0
+
+
+def test_collisions_without_an_oversized_group():
+    """Groups of at most K items that collide: matched, nothing moved."""
+    x = _mixture(n=60, c=20, seed=4, spread=1.0)
+    p = KMeansParams(k=16, seed=0)
+    plain = kmeans_local(x, 2, p)
+    assert _shared(plain.codes) > 0 and np.unique(plain.codes[:, 0], return_counts=True)[1].max() <= 16
+    free = kmeans_local(x, 2, p, collision_free=True)
+    assert _shared(free.codes) == 0 and free.stats["collision_free"]["items_moved"] == 0
+    np.testing.assert_array_equal(free.codes[:, 0], plain.codes[:, 0])
