@@ -35,7 +35,7 @@ def capacity(n: int, k: int, balance: float, setting: str = "tokenize.balance") 
     return max(1, math.ceil(balance * n / k - 1e-9))
 
 
-def balanced_labels(call: Call, centroids: np.ndarray, cap: int, rounds: int = 30) -> tuple[Override, dict]:
+def balanced_labels(call: Call, centroids: np.ndarray, cap: int, rounds: int = 10) -> tuple[Override, dict]:
     """The :class:`Override` (prices, and fixed labels if the rounds did not settle it) under which every cluster
     holds at most ``cap`` rows; and {rounds, fixed rows}."""
     k = len(centroids)

@@ -194,6 +194,7 @@ class KMeansShard:
         """Per-row caches of the current residuals, reused by every Lloyd step of a level. On numpy the old caches go
         before the new ones are made and the squared norms are summed a block of rows at a time (the same per-row
         sums as one call): never an (n, D) temporary beside the rows and their float32 copy."""
+        self._biased_cache = None  # balanced scores of the old residuals
         if self.backend == "numpy":
             self._x32 = self._x_sq = self._x_norm = None
             n = self.x.shape[0]
@@ -297,9 +298,11 @@ class KMeansShard:
         when there is one), then the rows ``how`` fixes take its labels."""
         if how is None or how.bias is None:
             labels = self.assign(c, idx)
+        elif idx is None:
+            labels = self.biased(c, how.bias)[0].copy()
         else:
             labels = self.assign_f64(c, idx, how.bias)
-        if self.backend == "torch":
+        if self.backend == "torch" and not isinstance(labels, np.ndarray):
             labels = labels.cpu().numpy()
         labels = np.asarray(labels, dtype=np.int64)
         if how is not None and len(how.rows):
@@ -322,24 +325,54 @@ class KMeansShard:
         """For each cluster of ``over``, this shard's rows labelled there (under ``bias``) with the smallest margins
         (second-best biased score minus best), at most ``limit`` of them: [(margins ascending, global rows)]. The
         balanced assignment raises the cluster's bias past the margin of its excess-th row (balanced.py)."""
-        labels = self.labelled(c, Override(bias=bias))
+        labels, margin = self.biased(c, bias)
         out = []
         for j, m in zip(over, limit):
             idx = np.flatnonzero(labels == j)
-            if not len(idx):
-                out.append((np.zeros(0), np.zeros(0, dtype=np.int64)))
-                continue
-            rows, d = self.scores(c, bias, self.rows[idx])
-            best = d[np.arange(len(d)), j]
-            d[:, j] = np.inf
-            margin = d.min(1) - best
-            order = np.lexsort((rows, margin))[: int(m)]
-            out.append((margin[order], rows[order]))
+            order = idx[np.lexsort((self.rows[idx], margin[idx]))[: int(m)]]
+            out.append((margin[order], self.rows[order]))
         return out
 
     def counts(self, c: np.ndarray, how: Override | None = None) -> np.ndarray:
         """(K,) rows per cluster under ``how``."""
         return np.bincount(self.labelled(c, how), minlength=len(c)).astype(np.int64)
+
+    def biased(self, c: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Labels under ``bias`` (as :meth:`assign_f64`: the same float64 scores, first minimum) and each row's margin
+        (second-best score minus best), numpy. Kept for the last (centroids, bias) asked: a balanced round asks for
+        the counts and then the margins at the same prices, one pass over the rows for both."""
+        import hashlib
+
+        key = hashlib.blake2b(np.ascontiguousarray(c).tobytes() + np.ascontiguousarray(bias).tobytes()).digest()
+        cached = getattr(self, "_biased_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        self._biased_cache = None
+        n = self.x.shape[0]
+        labels, margin = np.empty(n, dtype=np.int64), np.empty(n)
+        if self.backend == "numpy":
+            c_sq = (c * c).sum(1) + bias
+            for s in range(0, n, _BLOCK):
+                d = self._x_sq[s:s + _BLOCK, None] - 2.0 * (self.x[s:s + _BLOCK] @ c.T) + c_sq[None, :]  # (b, K)
+                self._best_two(d, labels[s:s + _BLOCK], margin[s:s + _BLOCK])
+        else:
+            torch = self._torch
+            ct = torch.as_tensor(c, device=self.device)
+            c_sq = (ct * ct).sum(1) + torch.as_tensor(bias, device=self.device)
+            for s in range(0, n, _BLOCK):
+                d = self._x_sq[s:s + _BLOCK, None] - 2.0 * (self.x[s:s + _BLOCK] @ ct.T) + c_sq[None, :]
+                self._best_two(d.cpu().numpy(), labels[s:s + _BLOCK], margin[s:s + _BLOCK])
+        self._biased_cache = (key, labels, margin)
+        return labels, margin
+
+    @staticmethod
+    def _best_two(d: np.ndarray, labels: np.ndarray, margin: np.ndarray) -> None:
+        lb = d.argmin(1)
+        r = np.arange(len(d))
+        best = d[r, lb]
+        d[r, lb] = np.inf
+        labels[:] = lb
+        margin[:] = d.min(1) - best if d.shape[1] > 1 else np.inf
 
     def _local(self, rows: np.ndarray | None) -> Any:
         """Positions in this shard of the global ``rows`` held here (None: all rows)."""
