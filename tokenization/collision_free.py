@@ -103,14 +103,13 @@ class _Sizes:
 
 
 def _move_overflow(call: Call, codes: np.ndarray, key: np.ndarray, codebooks: list[np.ndarray],
-                   batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   batch: int) -> tuple[np.ndarray, np.ndarray]:
     """Move the farthest items out of prefix groups of more than K items (module doc). Updates ``codes`` and ``key``
-    in place; returns (moved rows, sorted; their old prefix codes (m, L-1); shifts (m, D) = old prefix
-    reconstruction minus the new one)."""
+    in place; returns (moved rows, sorted; shifts (m, D) = old prefix reconstruction minus the new one)."""
     n, levels = codes.shape
     k = codebooks[-1].shape[0]
     dim = codebooks[-1].shape[1]
-    empty = (np.zeros(0, dtype=np.int64), np.zeros((0, levels - 1), dtype=np.int64), np.zeros((0, dim)))
+    empty = (np.zeros(0, dtype=np.int64), np.zeros((0, dim)))
     uniq, inverse, size = np.unique(key, return_inverse=True, return_counts=True)
     over = np.flatnonzero(size > k)
     if not len(over):
@@ -126,7 +125,6 @@ def _move_overflow(call: Call, codes: np.ndarray, key: np.ndarray, codebooks: li
     sizes = _Sizes(uniq, size)
     for gi in over:
         sizes.add(int(uniq[gi]), k - int(size[gi]))  # the movers leave
-    old = codes[movers, :-1].copy()
     shifts = np.zeros((len(movers), dim))
     done = 0
     for rows, r in gather(call, movers, batch):
@@ -147,7 +145,7 @@ def _move_overflow(call: Call, codes: np.ndarray, key: np.ndarray, codebooks: li
             codes[row, :-1] = new
             key[row] = best
             done += 1
-    return movers, old, shifts
+    return movers, shifts
 
 
 def _nearest_with_room(base: np.ndarray, books: list[np.ndarray], head: int, sizes: _Sizes, k: int) -> int | None:
@@ -187,7 +185,7 @@ def collision_free(call: Call, codes: np.ndarray, codebooks: list[np.ndarray], b
     batch = max(batch_rows, k)
     old_last = codes[:, -1].copy()
     key = prefix_keys(codes[:, :-1], k)
-    movers, _, shifts = _move_overflow(call, codes, key, codebooks, batch)
+    movers, shifts = _move_overflow(call, codes, key, codebooks, batch)
     # Groups to match: those with a repeated last code, and those movers landed in.
     full, counts = np.unique(key * k + codes[:, -1], return_counts=True)
     match = np.union1d(full[counts > 1] // k, key[movers])
