@@ -7,8 +7,8 @@ Reads our codes (``--sids``, default the config's ``sids/<tokenize.method>``; a 
 appended is left out, so every row compares the learned levels only) and every peer index
 ``<--peers>/*/<prepare.name>.index.json.gz`` (default ``<prepare.input_dir>/indexes``, the LC-Rec/LETTER layout
 whose keys are LC-Rec item indexes: line k of ``meta_<name>.json.gz`` is key ``k``). Per code set: items sharing
-their full code with another item (count and rate), the largest such group, and per level the codes used of K and
-the perplexity share ``exp(H)/K`` (1.0 = every code equally often). Prints a table and writes
+their full code with another item (count and rate), the largest such group, and per level the codes used of K, the
+perplexity share ``exp(H)/K`` (1.0 = every code equally often) and the largest codeword's share of items. Prints a table and writes
 ``benchmarks/results/codes_<dataset>.json``.
 
 ``--variant NAME=DIR`` adds a row NAME for another semantic-ID directory of ours (e.g. ``tokenize.collision_free``,
@@ -48,6 +48,7 @@ def describe(codes: np.ndarray, sizes: list[int]) -> dict:
     stats = code_stats(codes, sizes)
     for lv, col in zip(stats["levels"], codes.T):
         lv["perplexity_share"] = perplexity_share(col, lv["codebook_size"])
+        lv["max_share"] = float(np.unique(col, return_counts=True)[1].max() / len(col))  # the largest codeword
     return stats
 
 
