@@ -31,8 +31,9 @@ from scipy.optimize import linear_sum_assignment
 
 from tokenization.kmeans import Call, KMeansError, Override
 
-# Rows fetched from the shards per batch: 16384 x D float64 (48 MiB at D = 384) plus their (rows, K) costs.
-BATCH_ROWS = 16384
+# Rows fetched from the shards per batch: 8192 x D float64 (24 MiB at D = 384) plus their (rows, K) costs (16 MiB at
+# K = 256) and ~32 MiB of distance temporaries: the pass's driver memory beyond a few int64 arrays of N.
+BATCH_ROWS = 8192
 
 
 def check_capacity(n: int, k: int, levels: int, setting: str = "tokenize.collision_free") -> None:

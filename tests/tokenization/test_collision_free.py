@@ -170,3 +170,26 @@ def test_collisions_without_an_oversized_group():
     free = kmeans_local(x, 2, p, collision_free=True)
     assert _shared(free.codes) == 0 and free.stats["collision_free"]["items_moved"] == 0
     np.testing.assert_array_equal(free.codes[:, 0], plain.codes[:, 0])
+
+
+def test_batches_of_groups_do_not_change_the_codes():
+    """The driver's batches of whole groups (batch_rows) and the shards' split are invisible in the result."""
+    from tokenization.collision_free import collision_free
+    from tokenization.kmeans import KMeansShard, local_call, split_rows
+
+    x = _mixture(n=300, seed=6).astype(np.float64)
+    plain = kmeans_local(x, 3, KMeansParams(k=8, seed=2))
+    books = plain.codebooks
+    prefix_recon = books[0][plain.codes[:, 0]] + books[1][plain.codes[:, 1]]
+    runs = []
+    for batch, shards in [(8, 3), (100_000, 1)]:
+        call = local_call([KMeansShard(xs, rows) for xs, rows in split_rows(x - prefix_recon, shards)])
+        codes = plain.codes.copy()
+        how, stats = collision_free(call, codes, books, batch_rows=batch)
+        runs.append((codes, how, stats))
+    (a, ha, sa), (b, hb, sb) = runs
+    assert _shared(a) == 0 and sa["items_recoded"] > 0 and sa["items_moved"] > 0
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ha.rows, hb.rows)
+    np.testing.assert_array_equal(ha.shifts, hb.shifts)
+    assert sa == sb
