@@ -98,7 +98,8 @@ class TokenizeConfig:
     collision_free: bool = False
     # Balanced levels (OneRec's balanced k-means, arXiv 2502.18965): at every level no codeword takes more than
     # ceil(balance * N / K) items (1.0: equal sizes), in every Lloyd step (tokenization/balanced.py); 0: off.
-    # With collision_free the last pass may move a few items past the cap (stats.json: levels[].max_share).
+    # With collision_free the pass keeps to the cap where each group has enough free codes (stats.json:
+    # levels[].max_share says what the codes reached).
     balance: float = 0.0
     # method=import: the LC-Rec/LETTER index (item key -> ["<a_171>", ...]); local or s3.
     index_path: str = ""

@@ -104,9 +104,11 @@ class _Sizes:
 
 
 def _move_overflow(call: Call, codes: np.ndarray, key: np.ndarray, codebooks: list[np.ndarray],
-                   batch: int) -> tuple[np.ndarray, np.ndarray]:
+                   batch: int, cap: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Move the farthest items out of prefix groups of more than K items (module doc). Updates ``codes`` and ``key``
-    in place; returns (moved rows, sorted; shifts (m, D) = old prefix reconstruction minus the new one)."""
+    in place; returns (moved rows, sorted; shifts (m, D) = old prefix reconstruction minus the new one). ``cap``
+    (balanced levels): a move may not take a prefix level's code to ``cap`` items or more, unless no prefix with room
+    is left otherwise."""
     n, levels = codes.shape
     k = codebooks[-1].shape[0]
     dim = codebooks[-1].shape[1]
@@ -127,21 +129,31 @@ def _move_overflow(call: Call, codes: np.ndarray, key: np.ndarray, codebooks: li
     for gi in over:
         sizes.add(int(uniq[gi]), k - int(size[gi]))  # the movers leave
     shifts = np.zeros((len(movers), dim))
+    used = [np.bincount(codes[:, l], minlength=k) for l in range(levels - 1)] if cap else None
     done = 0
     for rows, r in gather(call, movers, batch):
         for row, v in zip(rows.tolist(), r):
             prefix = codes[row, :-1]
-            for w in range(1, levels):  # free prefix levels: the last w of the L-1
-                free = list(range(levels - 1 - w, levels - 1))
-                base = v + sum(codebooks[l][prefix[l]] for l in free)  # the item minus the fixed levels' recon
-                head = (int(key[row]) // k ** w) * k ** w
-                best = _nearest_with_room(base, [codebooks[l] for l in free], head, sizes, k)
+            best = None
+            for capped in ([True, False] if cap else [False]):
+                for w in range(1, levels):  # free prefix levels: the last w of the L-1
+                    free = list(range(levels - 1 - w, levels - 1))
+                    base = v + sum(codebooks[l][prefix[l]] for l in free)  # the item minus the fixed levels' recon
+                    head = (int(key[row]) // k ** w) * k ** w
+                    allowed = ([(used[l] < cap) | (np.arange(k) == prefix[l]) for l in free] if capped else None)
+                    best = _nearest_with_room(base, [codebooks[l] for l in free], head, sizes, k, allowed)
+                    if best is not None:
+                        break
                 if best is not None:
                     break
-            else:  # unreachable when K^L >= N (check_capacity)
+            if best is None:  # unreachable when K^L >= N (check_capacity)
                 raise KMeansError(f"collision-free pass: no prefix has room for row {row}")
             new = _digits(best, k, levels - 1)
             shifts[done] = sum(codebooks[l][prefix[l]] - codebooks[l][new[l]] for l in free)
+            if cap:
+                for l in free:
+                    used[l][prefix[l]] -= 1
+                    used[l][new[l]] += 1
             sizes.add(best, 1)  # its old group already counts it gone
             codes[row, :-1] = new
             key[row] = best
@@ -149,9 +161,11 @@ def _move_overflow(call: Call, codes: np.ndarray, key: np.ndarray, codebooks: li
     return movers, shifts
 
 
-def _nearest_with_room(base: np.ndarray, books: list[np.ndarray], head: int, sizes: _Sizes, k: int) -> int | None:
+def _nearest_with_room(base: np.ndarray, books: list[np.ndarray], head: int, sizes: _Sizes, k: int,
+                       allowed: list[np.ndarray] | None = None) -> int | None:
     """The key of the nearest prefix ``head + j`` (j enumerating the free levels' codes ``books``, mixed radix) with
-    fewer than K items, or None. Candidates are scored a chunk at a time (their reconstructions, (chunk, D))."""
+    fewer than K items, or None. ``allowed`` (per free level, (K,) bool): the codes a candidate may use there (the
+    balanced cap). Candidates are scored a chunk at a time (their reconstructions, (chunk, D))."""
     total = k ** len(books)
     chunk = max(k, 1 << 12)
     best, best_d = None, np.inf
@@ -161,6 +175,8 @@ def _nearest_with_room(base: np.ndarray, books: list[np.ndarray], head: int, siz
         recon = sum(b[d] for b, d in zip(books, digits))  # (chunk, D)
         d = sq_dist(base[None, :], recon)[0]
         ok = sizes.get(head + j) < k
+        for a, dg in zip(allowed or [], digits):
+            ok &= a[dg]
         if ok.any():
             i = int(np.argmin(np.where(ok, d, np.inf)))  # first minimum: ties -> the lower prefix
             if d[i] < best_d:
@@ -169,7 +185,7 @@ def _nearest_with_room(base: np.ndarray, books: list[np.ndarray], head: int, siz
 
 
 def collision_free(call: Call, codes: np.ndarray, codebooks: list[np.ndarray], batch_rows: int = BATCH_ROWS,
-                   log: Callable[[str], None] | None = None) -> tuple[Override, dict]:
+                   log: Callable[[str], None] | None = None, cap: int = 0) -> tuple[Override, dict]:
     """Make the full codes unique (module doc). ``codes`` (N, L): the learned prefix and, in the last column, each
     row's nearest last-level centroid; ``codebooks`` the L levels' (K, D) centroids; the shards hold each row's
     residual after the first L-1 levels (the last level not yet subtracted). ``codes`` is updated in place.
@@ -177,7 +193,12 @@ def collision_free(call: Call, codes: np.ndarray, codebooks: list[np.ndarray], b
     Returns the :class:`Override` the shards advance the last level with (the rows whose code changed, their last
     code, the moved rows' residual shifts) and stats: groups matched, items recoded (full code changed), items moved
     (prefix changed), and how far the recoded items moved: mean distance ||x - x^|| to their reconstruction before
-    and after, and the mean increase."""
+    and after, and the mean increase.
+
+    ``cap`` (balanced levels, ``tokenization/balanced.py``): keep every codeword at most ``cap`` items where the
+    groups allow it. Groups are matched in prefix order; a last code already at ``cap`` items costs more than any
+    matching without it (so it is taken only when a group has fewer free codes than items), and moves avoid prefix
+    codes at ``cap`` likewise."""
     n, levels = codes.shape
     k = codebooks[-1].shape[0]
     check_capacity(n, k, levels)
@@ -186,7 +207,7 @@ def collision_free(call: Call, codes: np.ndarray, codebooks: list[np.ndarray], b
     batch = max(batch_rows, k)
     old_last = codes[:, -1].copy()
     key = prefix_keys(codes[:, :-1], k)
-    movers, shifts = _move_overflow(call, codes, key, codebooks, batch)
+    movers, shifts = _move_overflow(call, codes, key, codebooks, batch, cap)
     # Groups to match: those with a repeated last code, and those movers landed in.
     full, counts = np.unique(key * k + codes[:, -1], return_counts=True)
     match = np.union1d(full[counts > 1] // k, key[movers])
@@ -196,6 +217,7 @@ def collision_free(call: Call, codes: np.ndarray, codebooks: list[np.ndarray], b
     starts = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1, len(g)] if len(g) else np.zeros(1, dtype=np.int64)
     last = codebooks[-1]
     new_last = codes[:, -1].copy()
+    used = np.bincount(old_last, minlength=k) if cap else None
     before, after = [], []
     changed_rows = []
     i = 0
@@ -216,8 +238,16 @@ def collision_free(call: Call, codes: np.ndarray, codebooks: list[np.ndarray], b
         for a, b in zip(starts[i:j], starts[i + 1:j + 1]):
             a, b = a - starts[i], b - starts[i]
             cost = sq_dist(r[a:b], last)  # (m, K)
-            _, col = linear_sum_assignment(cost)
+            pick = cost
+            if cap:  # a code at the cap costs more than any matching of this group without it
+                np.subtract.at(used, old_last[part[a:b]], 1)
+                full = used >= cap
+                if full.any():
+                    pick = cost + np.where(full, cost.max() * (b - a) + 1.0, 0.0)[None, :]
+            _, col = linear_sum_assignment(pick)
             col = _rows_in_order(r[a:b], col)
+            if cap:
+                np.add.at(used, col, 1)
             new_last[part[a:b]] = col
             new_d = cost[np.arange(b - a), col]
             moved = (col != old_last[part[a:b]]) | is_mover[a:b]

@@ -742,7 +742,7 @@ def residual_kmeans(call: Call, levels: int, params: KMeansParams, dedup: bool =
         if collision_free and level == levels - 1:
             for rows, labels in call("labels", centroids, how):
                 codes[rows, level] = labels
-            cf, unique_stats = make_unique(call, codes, [*codebooks, centroids], log=log)
+            cf, unique_stats = make_unique(call, codes, [*codebooks, centroids], log=log, cap=cap)
             fixed = cf.rows if how is None else np.union1d(how.rows, cf.rows)
             how = Override(bias=None if how is None else how.bias, rows=fixed, labels=codes[fixed, level],
                            moved=cf.moved, shifts=cf.shifts)

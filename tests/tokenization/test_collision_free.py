@@ -122,6 +122,13 @@ def test_balanced_levels_cap_every_codeword_and_do_not_depend_on_the_split():
     # Exactly balanced (1.0): ceil(N / K) each.
     even = kmeans_local(x, 2, KMeansParams(k=8, seed=0, balance=1.0))
     assert all(np.bincount(even.codes[:, lv], minlength=8).max() <= 75 for lv in range(2))
+    # With collision-free codes as well: unique, and the matching and the moves keep to the cap where groups allow.
+    p9 = KMeansParams(k=9, seed=0, balance=1.05)  # tight: ignoring the cap in the pass breaks it here (72 > 70)
+    both = kmeans_local(x, 3, p9, collision_free=True)
+    assert _shared(both.codes) == 0 and both.stats["collision_free"]["items_recoded"] > 0
+    for lv in range(3):
+        assert np.bincount(both.codes[:, lv], minlength=9).max() <= capacity(600, 9, 1.05)
+    np.testing.assert_array_equal(kmeans_local(x, 3, p9, shards=2, collision_free=True).codes, both.codes)
     with pytest.raises(KMeansError, match="balance must be >= 1"):
         kmeans_local(x, 1, KMeansParams(k=8, balance=0.5))
 
