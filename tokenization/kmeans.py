@@ -406,13 +406,15 @@ class KMeansShard:
         inertia = energy - float((2.0 * (centroids * sums).sum(1) - counts * (centroids * centroids).sum(1)).sum())
         return Partial(sums, counts, max(inertia, 0.0))
 
-    def farthest(self, centroids: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """This shard's ``m`` rows farthest from their nearest centroid: (dist, global rows, labels, vectors).
+    def farthest(self, centroids: np.ndarray, m: int, how: Override | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """This shard's ``m`` rows farthest from their nearest centroid (their centroid under ``how``, the
+        balanced assignment): (dist, global rows, labels, vectors).
 
         Distances are ||x - c||^2 row by row in float64, so they do not depend on how rows are split."""
-        labels = self.assign(centroids)
+        labels = self.assign(centroids) if how is None else self.labelled(centroids, how)
         if self.backend == "torch":
-            labels = labels.cpu().numpy()
+            labels = labels if isinstance(labels, np.ndarray) else labels.cpu().numpy()
             x = self.x.cpu().numpy()
         else:
             x = self.x
@@ -571,7 +573,8 @@ def reduce_partials(parts: Sequence[Partial]) -> Partial:
     return Partial(sums, counts, inertia)
 
 
-def update(stats: Partial, centroids: np.ndarray, call: Call | None = None) -> tuple[np.ndarray, int]:
+def update(stats: Partial, centroids: np.ndarray, call: Call | None = None,
+           how: Override | None = None) -> tuple[np.ndarray, int]:
     """New centroids from reduced statistics; returns (centroids (K, D), number of empty clusters re-seeded).
 
     Re-seeding rule (deterministic, split-independent): empty clusters j_1 < j_2 < ... take the rows farthest
@@ -582,7 +585,7 @@ def update(stats: Partial, centroids: np.ndarray, call: Call | None = None) -> t
     empty = np.flatnonzero(counts == 0)
     if len(empty) and call is not None:
         m = len(empty)
-        got = call("farthest", centroids, m)
+        got = call("farthest", centroids, m, how)  # the rows' clusters as in stats (``how``: balanced)
         dist = np.concatenate([g[0] for g in got])
         rows = np.concatenate([g[1] for g in got])
         labels = np.concatenate([g[2] for g in got])
@@ -641,7 +644,7 @@ def fit_level(call: Call, n: int, params: KMeansParams, level: int = 0,
         stats = reduce_partials(call("partial", centroids, None, how))
         progress.add(n)
         history.append(stats.inertia)
-        centroids, r = update(stats, centroids, call)
+        centroids, r = update(stats, centroids, call, how)
         reseeded += r
         if len(history) > 1 and r == 0:
             prev, cur = history[-2], history[-1]
