@@ -119,6 +119,8 @@ def test_balanced_levels_cap_every_codeword_and_do_not_depend_on_the_split():
         assert bal.stats["levels"][lv]["max_share"] <= cap / 600
     assert bal.stats["balance_capacity"] == cap
     np.testing.assert_array_equal(kmeans_local(x, 3, p, shards=3).codes, bal.codes)
+    tb = kmeans_local(x, 3, p, shards=2, backend="torch")  # the torch path keeps the cap as well
+    assert all(np.bincount(tb.codes[:, lv], minlength=8).max() <= cap for lv in range(3))
     # Exactly balanced (1.0): ceil(N / K) each.
     even = kmeans_local(x, 2, KMeansParams(k=8, seed=0, balance=1.0))
     assert all(np.bincount(even.codes[:, lv], minlength=8).max() <= 75 for lv in range(2))
@@ -200,3 +202,21 @@ def test_batches_of_groups_do_not_change_the_codes():
     np.testing.assert_array_equal(ha.rows, hb.rows)
     np.testing.assert_array_equal(ha.shifts, hb.shifts)
     assert sa == sb
+
+
+@pytest.mark.gpu
+def test_collision_free_and_balanced_on_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = _mixture(n=3000, d=32, c=10)
+    p = KMeansParams(k=16, seed=0)
+    ref = kmeans_local(x, 3, p, collision_free=True)
+    gpu = kmeans_local(x, 3, p, shards=2, backend="torch", device="cuda", collision_free=True)
+    np.testing.assert_array_equal(gpu.codes, ref.codes)
+    # Balanced prices come from float64 margins, whose last bits differ between cuBLAS and the CPU BLAS: the cap and
+    # the uniqueness are asserted, not equality with numpy.
+    pb = KMeansParams(k=16, seed=0, balance=1.1)
+    bal = kmeans_local(x, 3, pb, shards=2, backend="torch", device="cuda", collision_free=True)
+    assert _shared(bal.codes) == 0
+    assert all(np.bincount(bal.codes[:, lv], minlength=16).max() <= capacity(3000, 16, 1.1) for lv in range(3))
