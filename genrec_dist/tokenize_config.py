@@ -91,6 +91,16 @@ class TokenizeConfig:
     kmeans_backend: Literal["auto", "numpy", "torch"] = "auto"
     # Append a level that makes full codes unique (TIGER §3.1; UNGER needs it; CAR keeps non-unique codes).
     dedup: bool = True
+    # Unique codes of L learned levels, no appended token (arXiv 2605.25330): inside each group of items sharing the
+    # first L-1 codes the last code comes from a minimum-cost matching on distance to the last level's centroids,
+    # each code once; a group of more than K items first moves its farthest items to the nearest prefix with room
+    # (tokenization/collision_free.py). dedup is then moot (nothing to number). Needs K^L >= items; rkmeans/unger.
+    collision_free: bool = False
+    # Balanced levels (OneRec's balanced k-means, arXiv 2502.18965): at every level no codeword takes more than
+    # ceil(balance * N / K) items (1.0: equal sizes), in every Lloyd step (tokenization/balanced.py); 0: off.
+    # With collision_free the pass keeps to the cap where each group has enough free codes (stats.json:
+    # levels[].max_share says what the codes reached).
+    balance: float = 0.0
     # method=import: the LC-Rec/LETTER index (item key -> ["<a_171>", ...]); local or s3.
     index_path: str = ""
     # Also write our codes as <name>.index.json in the output directory (LC-Rec/LETTER layout).

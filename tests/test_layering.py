@@ -48,6 +48,8 @@ GROUPS = {
     "genrec_dist.training": "training",
     "tokenization": "tokenization",
     "tokenization.kmeans": "tokenization_core",
+    "tokenization.balanced": "tokenization_core",
+    "tokenization.collision_free": "tokenization_core",
     "tokenization.embed": "tokenization_core",
     "tokenization.embedding_store": "tokenization_core",
     "tokenization.progress": "tokenization_core",

@@ -63,6 +63,9 @@ class KMeansParams:
     # (seed, level, step), so still split-independent) and moves each centroid to the running mean of every row
     # it was given so far (per-centre learning rate 1 / count). No inertia test: all ``max_iters`` steps run.
     minibatch: int = 0
+    # Capacity-constrained (balanced) levels, OneRec's balanced k-means (tokenization/balanced.py): no codeword
+    # takes more than ceil(balance * N / K) rows, in every Lloyd step and in the level's codes; 0: off.
+    balance: float = 0.0
 
 
 @dataclass
@@ -72,6 +75,23 @@ class Partial:
     sums: np.ndarray  # (K, D) float64, sum of the rows assigned to each cluster
     counts: np.ndarray  # (K,) int64
     inertia: float  # sum of squared distances to the assigned centroid
+
+
+@dataclass
+class Override:
+    """Labels the driver decided, over plain nearest-centroid ones; sent to every shard with the centroids.
+
+    ``bias`` (K,) is added to every row's squared distance to each centroid before the argmin (the prices of the
+    balanced assignment, ``tokenization/balanced.py``); ``rows`` (sorted global rows) then take ``labels`` whatever
+    their scores (the balanced fix-up, the collision-free matching of ``tokenization/collision_free.py``); ``moved``
+    (sorted global rows) add ``shifts`` (m, D) to their residual before the level's centroid is subtracted (items the
+    collision-free pass moved to another prefix: old prefix reconstruction minus the new one)."""
+
+    bias: np.ndarray | None = None
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    moved: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    shifts: np.ndarray | None = None
 
 
 @dataclass
@@ -174,6 +194,7 @@ class KMeansShard:
         """Per-row caches of the current residuals, reused by every Lloyd step of a level. On numpy the old caches go
         before the new ones are made and the squared norms are summed a block of rows at a time (the same per-row
         sums as one call): never an (n, D) temporary beside the rows and their float32 copy."""
+        self._biased_cache = None  # balanced scores of the old residuals
         if self.backend == "numpy":
             self._x32 = self._x_sq = self._x_norm = None
             n = self.x.shape[0]
@@ -203,21 +224,21 @@ class KMeansShard:
             return 0.0
         return 2.0 ** -8 if prec == "medium" else 2.0 ** -11
 
-    def assign_f64(self, c: np.ndarray, idx: Any = None) -> Any:
+    def assign_f64(self, c: np.ndarray, idx: Any = None, bias: np.ndarray | None = None) -> Any:
         """Reference labels: nearest centroid by float64 squared distances (ties -> lower centroid index), for all
-        rows or those at ``idx``."""
+        rows or those at ``idx``; ``bias`` (K,) is added to each centroid's distances first."""
         xb = self.x if idx is None else self.x[idx]
         x_sq = self._x_sq if idx is None else self._x_sq[idx]
         if self.backend == "numpy":
             out = np.empty(xb.shape[0], dtype=np.int64)
-            c_sq = (c * c).sum(1)
+            c_sq = (c * c).sum(1) if bias is None else (c * c).sum(1) + bias
             for s in range(0, xb.shape[0], _BLOCK):
                 d = x_sq[s:s + _BLOCK, None] - 2.0 * (xb[s:s + _BLOCK] @ c.T) + c_sq[None, :]  # (b, K)
                 out[s:s + _BLOCK] = d.argmin(1)  # first minimum: ties -> lower centroid index
             return out
         torch = self._torch
         ct = torch.as_tensor(c, device=self.device)
-        c_sq = (ct * ct).sum(1)
+        c_sq = (ct * ct).sum(1) if bias is None else (ct * ct).sum(1) + torch.as_tensor(bias, device=self.device)
         out = [(x_sq[s:s + _BLOCK, None] - 2.0 * (xb[s:s + _BLOCK] @ ct.T) + c_sq[None, :]).argmin(1)
                for s in range(0, xb.shape[0], _BLOCK)]  # torch also returns the first minimal index
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=self.device)
@@ -272,6 +293,87 @@ class KMeansShard:
             labels[redo] = self.assign_f64(c, redo if idx is None else idx[redo])
         return labels
 
+    def labelled(self, c: np.ndarray, how: Override | None = None, idx: Any = None) -> np.ndarray:
+        """Labels (numpy) of all rows or those at ``idx`` under ``how``: nearest centroid (float64 after ``bias``,
+        when there is one), then the rows ``how`` fixes take its labels."""
+        if how is None or how.bias is None:
+            labels = self.assign(c, idx)
+        elif idx is None:
+            labels = self.biased(c, how.bias)[0].copy()
+        else:
+            labels = self.assign_f64(c, idx, how.bias)
+        if self.backend == "torch" and not isinstance(labels, np.ndarray):
+            labels = labels.cpu().numpy()
+        labels = np.asarray(labels, dtype=np.int64)
+        if how is not None and len(how.rows):
+            mine = self.rows if idx is None else self.rows[np.asarray(idx.cpu() if hasattr(idx, "cpu") else idx)]
+            pos = np.flatnonzero(np.isin(mine, how.rows))
+            labels[pos] = how.labels[np.searchsorted(how.rows, mine[pos])]
+        return labels
+
+    def scores(self, c: np.ndarray, bias: np.ndarray | None, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Float64 squared distances (+ ``bias``) of those of the global ``rows`` held here to every centroid:
+        (rows present, (m, K))."""
+        idx = np.flatnonzero(np.isin(self.rows, rows))
+        xb = self.x[idx] if self.backend == "numpy" else self.x[self._torch.as_tensor(idx)].cpu().numpy()
+        xb = np.asarray(xb, dtype=np.float64)
+        d = (xb * xb).sum(1)[:, None] - 2.0 * (xb @ c.T) + (c * c).sum(1)[None, :]
+        return self.rows[idx], d if bias is None else d + bias[None, :]
+
+    def margins(self, c: np.ndarray, bias: np.ndarray, over: np.ndarray, limit: np.ndarray
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each cluster of ``over``, this shard's rows labelled there (under ``bias``) with the smallest margins
+        (second-best biased score minus best), at most ``limit`` of them: [(margins ascending, global rows)]. The
+        balanced assignment raises the cluster's bias past the margin of its excess-th row (balanced.py)."""
+        labels, margin = self.biased(c, bias)
+        out = []
+        for j, m in zip(over, limit):
+            idx = np.flatnonzero(labels == j)
+            order = idx[np.lexsort((self.rows[idx], margin[idx]))[: int(m)]]
+            out.append((margin[order], self.rows[order]))
+        return out
+
+    def counts(self, c: np.ndarray, how: Override | None = None) -> np.ndarray:
+        """(K,) rows per cluster under ``how``."""
+        return np.bincount(self.labelled(c, how), minlength=len(c)).astype(np.int64)
+
+    def biased(self, c: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Labels under ``bias`` (as :meth:`assign_f64`: the same float64 scores, first minimum) and each row's margin
+        (second-best score minus best), numpy. Kept for the last (centroids, bias) asked: a balanced round asks for
+        the counts and then the margins at the same prices, one pass over the rows for both."""
+        import hashlib
+
+        key = hashlib.blake2b(np.ascontiguousarray(c).tobytes() + np.ascontiguousarray(bias).tobytes()).digest()
+        cached = getattr(self, "_biased_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        self._biased_cache = None
+        n = self.x.shape[0]
+        labels, margin = np.empty(n, dtype=np.int64), np.empty(n)
+        if self.backend == "numpy":
+            c_sq = (c * c).sum(1) + bias
+            for s in range(0, n, _BLOCK):
+                d = self._x_sq[s:s + _BLOCK, None] - 2.0 * (self.x[s:s + _BLOCK] @ c.T) + c_sq[None, :]  # (b, K)
+                self._best_two(d, labels[s:s + _BLOCK], margin[s:s + _BLOCK])
+        else:
+            torch = self._torch
+            ct = torch.as_tensor(c, device=self.device)
+            c_sq = (ct * ct).sum(1) + torch.as_tensor(bias, device=self.device)
+            for s in range(0, n, _BLOCK):
+                d = self._x_sq[s:s + _BLOCK, None] - 2.0 * (self.x[s:s + _BLOCK] @ ct.T) + c_sq[None, :]
+                self._best_two(d.cpu().numpy(), labels[s:s + _BLOCK], margin[s:s + _BLOCK])
+        self._biased_cache = (key, labels, margin)
+        return labels, margin
+
+    @staticmethod
+    def _best_two(d: np.ndarray, labels: np.ndarray, margin: np.ndarray) -> None:
+        lb = d.argmin(1)
+        r = np.arange(len(d))
+        best = d[r, lb]
+        d[r, lb] = np.inf
+        labels[:] = lb
+        margin[:] = d.min(1) - best if d.shape[1] > 1 else np.inf
+
     def _local(self, rows: np.ndarray | None) -> Any:
         """Positions in this shard of the global ``rows`` held here (None: all rows)."""
         if rows is None:
@@ -279,7 +381,7 @@ class KMeansShard:
         idx = np.flatnonzero(np.isin(self.rows, rows))
         return idx if self.backend == "numpy" else self._torch.as_tensor(idx, device=self.device)
 
-    def partial(self, centroids: np.ndarray, rows: np.ndarray | None = None) -> Partial:
+    def partial(self, centroids: np.ndarray, rows: np.ndarray | None = None, how: Override | None = None) -> Partial:
         """Map step: per-cluster sums/counts and inertia of this shard at ``centroids`` (K, D), over all its rows
         or only those of the global ``rows`` it holds (a mini-batch).
 
@@ -287,7 +389,9 @@ class KMeansShard:
         O(K D) from the sums, no per-row distance (float64; cancellation costs ~1e-16 * energy / inertia)."""
         k, d = centroids.shape
         idx = self._local(rows)
-        labels = self.assign(centroids, idx)
+        labels = self.assign(centroids, idx) if how is None else self.labelled(centroids, how, idx)
+        if how is not None and self.backend == "torch":
+            labels = self._torch.as_tensor(labels, device=self.device)
         x = self.x if idx is None else self.x[idx]
         x_sq = self._x_sq if idx is None else self._x_sq[idx]
         if self.backend == "numpy":
@@ -302,13 +406,15 @@ class KMeansShard:
         inertia = energy - float((2.0 * (centroids * sums).sum(1) - counts * (centroids * centroids).sum(1)).sum())
         return Partial(sums, counts, max(inertia, 0.0))
 
-    def farthest(self, centroids: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """This shard's ``m`` rows farthest from their nearest centroid: (dist, global rows, labels, vectors).
+    def farthest(self, centroids: np.ndarray, m: int, how: Override | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """This shard's ``m`` rows farthest from their nearest centroid (their centroid under ``how``, the
+        balanced assignment): (dist, global rows, labels, vectors).
 
         Distances are ||x - c||^2 row by row in float64, so they do not depend on how rows are split."""
-        labels = self.assign(centroids)
+        labels = self.assign(centroids) if how is None else self.labelled(centroids, how)
         if self.backend == "torch":
-            labels = labels.cpu().numpy()
+            labels = labels if isinstance(labels, np.ndarray) else labels.cpu().numpy()
             x = self.x.cpu().numpy()
         else:
             x = self.x
@@ -324,10 +430,27 @@ class KMeansShard:
         vecs = self.x[idx] if self.backend == "numpy" else self.x[self._torch.as_tensor(idx)].cpu().numpy()
         return self.rows[idx], np.asarray(vecs)
 
-    def advance(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        """End of a level: assign, subtract the centroid (residual for the next level). Returns
+    def labels(self, centroids: np.ndarray, how: Override | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(global rows, labels) at ``centroids`` under ``how``, residuals left as they are."""
+        return self.rows, self.labelled(centroids, how)
+
+    def advance(self, centroids: np.ndarray, how: Override | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """End of a level: assign (under ``how``), subtract the centroid (residual for the next level). Returns
         (global rows, labels, sum of squared residual norms after the subtraction)."""
-        labels = self.assign(centroids)
+        if how is None:
+            labels = self.assign(centroids)
+        else:
+            labels = self.labelled(centroids, how)
+            if len(how.moved):  # rows moved to another prefix: residual against the new prefix first
+                pos = np.flatnonzero(np.isin(self.rows, how.moved))
+                shift = how.shifts[np.searchsorted(how.moved, self.rows[pos])]
+                if self.backend == "numpy":
+                    self.x[pos] += shift
+                else:
+                    self.x[self._torch.as_tensor(pos, device=self.device)] += self._torch.as_tensor(
+                        shift, device=self.device)
+            if self.backend == "torch":
+                labels = self._torch.as_tensor(labels, device=self.device)
         if self.backend == "numpy":
             for s in range(0, len(labels), _BLOCK):  # a block at a time: no (n, D) temporary of centroids
                 self.x[s:s + _BLOCK] -= centroids[labels[s:s + _BLOCK]]
@@ -450,7 +573,8 @@ def reduce_partials(parts: Sequence[Partial]) -> Partial:
     return Partial(sums, counts, inertia)
 
 
-def update(stats: Partial, centroids: np.ndarray, call: Call | None = None) -> tuple[np.ndarray, int]:
+def update(stats: Partial, centroids: np.ndarray, call: Call | None = None,
+           how: Override | None = None) -> tuple[np.ndarray, int]:
     """New centroids from reduced statistics; returns (centroids (K, D), number of empty clusters re-seeded).
 
     Re-seeding rule (deterministic, split-independent): empty clusters j_1 < j_2 < ... take the rows farthest
@@ -461,7 +585,7 @@ def update(stats: Partial, centroids: np.ndarray, call: Call | None = None) -> t
     empty = np.flatnonzero(counts == 0)
     if len(empty) and call is not None:
         m = len(empty)
-        got = call("farthest", centroids, m)
+        got = call("farthest", centroids, m, how)  # the rows' clusters as in stats (``how``: balanced)
         dist = np.concatenate([g[0] for g in got])
         rows = np.concatenate([g[1] for g in got])
         labels = np.concatenate([g[2] for g in got])
@@ -486,11 +610,16 @@ def fit_level(call: Call, n: int, params: KMeansParams, level: int = 0,
     codebook (K, D) and its stats. The driver holds only the seeding sample, (K, D) centroids and sums.
 
     The level is *not* advanced (see :func:`residual_kmeans`)."""
+    from tokenization.balanced import balanced_labels, capacity  # it builds on this module
+
     k = params.k
     if k < 1 or params.max_iters < 1:
         raise KMeansError(f"K and max_iters must be >= 1, got K={k}, max_iters={params.max_iters}")
     if k > n:
         raise KMeansError(f"K={k} clusters is more than the {n} points to cluster; lower tokenize.codebook_size")
+    if params.balance and params.minibatch:
+        raise KMeansError("tokenize.balance needs full Lloyd steps (tokenize.kmeans.minibatch=0)")
+    cap = capacity(n, k, params.balance) if params.balance else 0
     size = params.seed_sample or max(10_000, 64 * k)
     rows = sample_rows(n, max(size, k), params.seed, level)
     got = call("take", rows)
@@ -508,18 +637,23 @@ def fit_level(call: Call, n: int, params: KMeansParams, level: int = 0,
     it = 0
     progress = Progress(f"k-means level {level + 1} Lloyd steps (at most {params.max_iters}):",
                         n * params.max_iters, log, unit="rows")
+    how = None
     for it in range(1, params.max_iters + 1):
-        stats = reduce_partials(call("partial", centroids))
+        if cap:  # the step's assignment is the capacity-constrained one (OneRec's balanced k-means)
+            how, _ = balanced_labels(call, centroids, cap)
+        stats = reduce_partials(call("partial", centroids, None, how))
         progress.add(n)
         history.append(stats.inertia)
-        centroids, r = update(stats, centroids, call)
+        centroids, r = update(stats, centroids, call, how)
         reseeded += r
         if len(history) > 1 and r == 0:
             prev, cur = history[-2], history[-1]
             if prev - cur <= params.tol * max(cur, 1e-300):
                 converged = True
                 break
-    counts = reduce_partials(call("partial", centroids)).counts
+    if cap:
+        how, _ = balanced_labels(call, centroids, cap)
+    counts = reduce_partials(call("partial", centroids, None, how)).counts
     used = int((counts > 0).sum())
     return centroids, LevelStats(level, k, it, converged, float(history[-1]), used, used / k, reseeded, history)
 
@@ -573,12 +707,21 @@ class ResidualResult:
 
 
 def residual_kmeans(call: Call, levels: int, params: KMeansParams, dedup: bool = False,
-                    log: Callable[[str], None] | None = None) -> ResidualResult:
+                    log: Callable[[str], None] | None = None, collision_free: bool = False) -> ResidualResult:
     """L levels x K residual k-means over the shards behind ``call``; shards' residuals are advanced in place.
 
-    Stats: per level (inertia, utilisation, empty clusters re-seeded, iterations), the collision rate of the full
-    learned codes, and the reconstruction error ``sum ||x - sum_l c_l||^2`` (mean per row, and relative to
-    ``sum ||x||^2``)."""
+    ``params.balance``: every level's assignment is capacity-constrained (``tokenization/balanced.py``).
+    ``collision_free``: the last level is assigned by a matching inside each group of rows sharing the first L-1
+    codes, so no two rows share a full code (``tokenization/collision_free.py``); no de-dup level is appended then,
+    whatever ``dedup`` says (the codes are already unique).
+
+    Stats: per level (inertia, utilisation, empty clusters re-seeded, iterations, largest codeword share, perplexity
+    share exp(H)/K), the collision rate of the full learned codes, and the reconstruction error
+    ``sum ||x - sum_l c_l||^2`` (mean per row, and relative to ``sum ||x||^2``)."""
+    from tokenization.balanced import balanced_labels, capacity
+    from tokenization.collision_free import check_capacity
+    from tokenization.collision_free import collision_free as make_unique
+
     if levels < 1:
         raise KMeansError(f"levels must be >= 1, got {levels}")
     info = call("info")
@@ -588,14 +731,26 @@ def residual_kmeans(call: Call, levels: int, params: KMeansParams, dedup: bool =
         raise KMeansError(f"shards disagree on the dimension: {sorted(dims)}")
     if n == 0:
         raise KMeansError("no rows to cluster")
+    if collision_free:
+        check_capacity(n, params.k, levels)
+    cap = capacity(n, params.k, params.balance) if params.balance else 0
     energy = sum(call("energy"))
     codes = np.zeros((n, levels), dtype=np.int64)
     codebooks, level_stats = [], []
     residual = energy
+    unique_stats = None
     for level in range(levels):
         centroids, st = fit_level(call, n, params, level, log)
+        how = balanced_labels(call, centroids, cap)[0] if cap else None
+        if collision_free and level == levels - 1:
+            for rows, labels in call("labels", centroids, how):
+                codes[rows, level] = labels
+            cf, unique_stats = make_unique(call, codes, [*codebooks, centroids], log=log, cap=cap)
+            fixed = cf.rows if how is None else np.union1d(how.rows, cf.rows)
+            how = Override(bias=None if how is None else how.bias, rows=fixed, labels=codes[fixed, level],
+                           moved=cf.moved, shifts=cf.shifts)
         residual = 0.0
-        for rows, labels, sq in call("advance", centroids):
+        for rows, labels, sq in call("advance", centroids, how):
             codes[rows, level] = labels
             residual += sq
         st.inertia = residual  # at the final centroids, after the final assignment
@@ -611,21 +766,34 @@ def residual_kmeans(call: Call, levels: int, params: KMeansParams, dedup: bool =
         "num_items": n,
         "levels": [{"level": s.level, "k": s.k, "iterations": s.iterations, "converged": s.converged,
                     "inertia": s.inertia, "used": s.used, "utilisation": s.utilisation,
-                    "empty_reseeded": s.empty_reseeded} for s in level_stats],
+                    "empty_reseeded": s.empty_reseeded, **level_shares(codes[:, s.level], s.k)}
+                   for s in level_stats],
         "unique_codes": int(len(counts)),
         "items_in_collision": in_collision,
         "collision_rate": in_collision / n,
         "reconstruction_mse": residual / n,
         "reconstruction_rel": residual / energy if energy > 0 else 0.0,
     }
+    if cap:
+        stats["balance_capacity"] = cap
+    if unique_stats is not None:
+        stats["collision_free"] = unique_stats
     sizes = [params.k] * levels
-    if dedup:
+    if dedup and not collision_free:
         extra, size = dedup_level(codes)
         codes = np.concatenate([codes, extra[:, None]], axis=1)
         sizes.append(size)
         stats["dedup_size"] = size
     stats["codebook_sizes"] = sizes
     return ResidualResult(codes, codebooks, sizes, stats)
+
+
+def level_shares(column: np.ndarray, k: int) -> dict[str, float]:
+    """How evenly a level's codes are used: the largest codeword's share of rows, and the perplexity share
+    exp(H)/K (1.0: every codeword equally often)."""
+    counts = np.bincount(column, minlength=k)
+    p = counts[counts > 0] / len(column)
+    return {"max_share": float(counts.max() / len(column)), "perplexity_share": float(np.exp(-(p * np.log(p)).sum()) / k)}
 
 
 def split_rows(x: np.ndarray, parts: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -636,8 +804,8 @@ def split_rows(x: np.ndarray, parts: int) -> list[tuple[np.ndarray, np.ndarray]]
 
 def kmeans_local(x: np.ndarray, levels: int, params: KMeansParams, dedup: bool = False, shards: int = 1,
                  backend: str = "numpy", device: str | None = None,
-                 log: Callable[[str], None] | None = None) -> ResidualResult:
+                 log: Callable[[str], None] | None = None, collision_free: bool = False) -> ResidualResult:
     """Residual k-means in this process (``shards`` pieces, to test split independence without Ray)."""
     check_finite(np.asarray(x))
     pieces = [KMeansShard(xs, rows, backend, device) for xs, rows in split_rows(np.asarray(x), shards)]
-    return residual_kmeans(local_call(pieces), levels, params, dedup, log)
+    return residual_kmeans(local_call(pieces), levels, params, dedup, log, collision_free)

@@ -92,9 +92,23 @@ def _quantise(cfg: Any, emb: np.ndarray | list[tuple[str, int]], log: Log):
                               f"value ({int(bad.sum())} items); nothing was written")
     ensure_ray(tc.ray_address)
     params = KMeansParams(k=tc.codebook_size, max_iters=tc.max_iters, tol=tc.tol, seed=cfg.seed,
-                          seed_sample=tc.seed_sample, minibatch=tc.kmeans.minibatch)
+                          seed_sample=tc.seed_sample, minibatch=tc.kmeans.minibatch, balance=tc.balance)
     return ray_residual_kmeans(emb, tc.levels, params, tc.dedup, tc.num_workers, _gpu_flag(tc.use_gpu),
-                               tc.kmeans_backend, log, cfg.storage)
+                               tc.kmeans_backend, log, cfg.storage, tc.collision_free)
+
+
+def check_code_settings(tc: Any, num_items: int) -> None:
+    """The code settings that cannot work for this catalog, refused before anything is embedded."""
+    if tc.method == "import" and (tc.collision_free or tc.balance):
+        raise ConfigError("tokenize.collision_free and tokenize.balance make codes from embeddings; "
+                          "tokenize.method=import reads finished codes (use rkmeans or unger)")
+    if tc.collision_free and tc.codebook_size ** tc.levels < num_items:
+        raise ConfigError(f"tokenize.collision_free: {num_items} items cannot have distinct codes of "
+                          f"tokenize.levels={tc.levels} x tokenize.codebook_size={tc.codebook_size} "
+                          f"(K^L = {tc.codebook_size ** tc.levels}); raise either")
+    if tc.balance and (tc.balance < 1.0 or tc.kmeans.minibatch):
+        raise ConfigError(f"tokenize.balance={tc.balance}: a codeword's capacity is balance x N/K, so it must be "
+                          f">= 1 (1.0: equal sizes) or 0 (off), with full Lloyd steps (tokenize.kmeans.minibatch=0)")
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -106,12 +120,13 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
 def _metrics(stats: dict) -> dict[str, float]:
     out = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for lv in stats.get("levels", []):
-        for key in ("inertia", "utilisation", "empty_reseeded", "iterations", "used"):
+        for key in ("inertia", "utilisation", "empty_reseeded", "iterations", "used", "max_share", "perplexity_share"):
             if key in lv:
                 out[f"level{lv.get('level', 0)}.{key}"] = float(lv[key])
-    for key, value in stats.get("embedding", {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"embedding.{key}"] = float(value)
+    for section in ("embedding", "collision_free"):
+        for key, value in stats.get(section, {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{section}.{key}"] = float(value)
     return out
 
 
@@ -128,6 +143,7 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
     # Stored embeddings need no text: only the item keys (for the LC-Rec index) are read then.
     stored = tc.method in ("rkmeans", "unger") and bool(tc.embeddings_path)
     items = dataset.items(["item_id", "item"] if stored else ["item_id", "item", "title", "text"])
+    check_code_settings(tc, items.height)
     t0 = time.time()
     scratch = _temp_area(out_dir)  # Ray workers write here; moved into the output at the commit
     tracker = tracking(cfg, "tokenize", extra_tags=dataset.tags())
@@ -184,7 +200,8 @@ def run_tokenize(cfg: Any, log: Log = print, embedder_cls: type = TextEmbedder, 
         log(f"writing semantic IDs of {len(item_ids)} items -> {out_dir}")
         manifest = write_semantic_ids(
             out_dir, item_ids, codes, sizes,
-            {"method": tc.method, "dedup": bool(tc.dedup), "seed": cfg.seed, "dataset": cfg.dataset_dir, **source,
+            {"method": tc.method, "dedup": bool(tc.dedup and not tc.collision_free), "collision_free": bool(tc.collision_free),
+             "balance": float(tc.balance), "seed": cfg.seed, "dataset": cfg.dataset_dir, **source,
              "config": to_dict(cfg)},  # the resolved config, as prepare's manifest keeps it
             storage_cfg=cfg.storage, overwrite=tc.overwrite, extra_files=files, extra_paths=paths,
             move_extra_paths={name for name, src in paths.items() if src.startswith(scratch + "/")})  # not stored ones

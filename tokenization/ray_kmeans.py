@@ -51,10 +51,13 @@ def ray_residual_kmeans(
     backend: str = "auto",
     log: Callable[[str], None] | None = None,
     storage_cfg: Any = None,
+    collision_free: bool = False,
 ) -> ResidualResult:
     """L x K residual k-means over ``num_workers`` actors, each holding a contiguous row shard of ``x``: an
     (N, D) array in this process, or embedding shard files ``[(file, rows)]`` the actors read themselves
-    (``storage_cfg`` for s3). With files, ``stats["readers"]`` says which node read which files.
+    (``storage_cfg`` for s3). With files, ``stats["readers"]`` says which node read which files. ``collision_free``
+    and ``params.balance``: see :func:`~tokenization.kmeans.residual_kmeans` (their per-row work is on the actors,
+    the decisions on the driver).
 
     ``backend`` "auto": torch on GPU actors, the numpy reference on CPU actors. The codes are the same for any
     ``num_workers`` (see the module docstring of ``tokenization.kmeans``)."""
@@ -101,7 +104,7 @@ def ray_residual_kmeans(
                 readers.append(ray.get(done))
                 reading.add(readers[-1]["rows"])
             readers.sort(key=lambda r: r["rank"])
-        result = residual_kmeans(call, levels, params, dedup, log)
+        result = residual_kmeans(call, levels, params, dedup, log, collision_free)
     except ray.exceptions.RayTaskError as exc:  # bad input found in an actor: its own one-line error
         if isinstance(exc.cause, (EmbeddingError, KMeansError)):
             raise exc.cause from None

@@ -117,6 +117,7 @@ def test_core_modules_import_without_engines():
     code = ("import sys\n"
             "for m in ('ray', 'deepspeed', 'mlflow'): sys.modules[m] = None\n"
             "import tokenization.kmeans, tokenization.embed, tokenization.embedding_store\n"
+            "import tokenization.balanced, tokenization.collision_free\n"
             "import genrec_dist.data.semantic_ids\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -227,3 +227,30 @@ def test_embedding_workers_write_shards_to_s3_that_k_means_workers_read(tiny_dat
     tc = cfg.tokenize
     ref = kmeans_local(want, 2, KMeansParams(k=8, max_iters=tc.max_iters, tol=tc.tol, seed=cfg.seed), dedup=True)
     np.testing.assert_array_equal(read_semantic_ids(f"{bucket}/sids", cfg.storage).codes[1:], ref.codes)
+
+
+def test_collision_free_codes_have_no_dedup_level_and_tiger_reads_l_tokens(job_run, tiny_dataset, ray_local):
+    from genrec_dist.errors import ConfigError
+    from genrec_dist.models.config import TigerConfig
+    from genrec_dist.models.tiger import Tiger
+    from tokenization.pipeline import run_tokenize
+
+    root, _ = job_run
+    emb = f"{root}/sids/embeddings"
+    cfg = _cfg(root / "cf", tiny_dataset, f"tokenize.embeddings_path={emb}", "tokenize.levels=2",
+               "tokenize.codebook_size=16", "tokenize.collision_free=true", "tokenize.balance=1.5",
+               "tracking.enabled=false")
+    summary = run_tokenize(cfg, log=lambda m: None, tracking=make_tracker)
+    sids = read_semantic_ids(summary["path"])
+    assert sids.num_levels == 2 and sids.codebook_sizes == [16, 16]  # no de-dup level (tokenize.dedup is true)
+    assert not sids.has_dedup_level and sids.manifest["collision_free"] is True
+    assert sids.collisions() == 0
+    assert summary["stats"]["collision_free"]["items_recoded"] > 0
+    assert max(lv["max_share"] for lv in summary["stats"]["levels"][:1]) <= np.ceil(1.5 * 120 / 16) / 120
+    assert Tiger(TigerConfig(), sids).num_levels == 2  # the model reads L tokens per item
+    # 120 items cannot be unique in 2 x 8 codes: refused before anything runs, naming the settings.
+    cfg = _cfg(root / "cf8", tiny_dataset, f"tokenize.embeddings_path={emb}", "tokenize.levels=2",
+               "tokenize.codebook_size=8", "tokenize.collision_free=true", "tracking.enabled=false")
+    with pytest.raises(ConfigError, match="tokenize.collision_free: 120 items"):
+        run_tokenize(cfg, log=lambda m: None, tracking=make_tracker)
+    assert not os.path.exists(cfg.semantic_ids_dir)
