@@ -1,5 +1,5 @@
 """Where a config's runs are tracked and finding them again: the store's URI, the pipeline's name, a run's tags
-(``jobs/evaluate.py --run <MLflow run id>``), a UI link."""
+(``jobs/evaluate.py --run <MLflow run id>``), a UI link, an MLflow model to serve."""
 
 from __future__ import annotations
 
@@ -90,3 +90,39 @@ def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
 
     with _quick_requests(retries=2, timeout_s=10.0):
         mlflow.MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def check_model(uri: str, model_uri: str) -> str:
+    """The run id behind MLflow model ``model_uri`` (``models:/<name>/<version>``, ``models:/<name>@<alias>``,
+    ``models:/<model id>``, ``runs:/<run id>/<path>``) in the store ``uri``; ``KeyError`` with MLflow's reason when
+    there is no such model (asked before a server starts loading it)."""
+    import mlflow
+
+    from genrec_dist.tracking.outbox import _quick_requests
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    rest = model_uri.split(":/", 1)[1].strip("/") if ":/" in model_uri else ""
+    try:
+        with _quick_requests(retries=2, timeout_s=10.0):
+            if model_uri.startswith("runs:/"):
+                return client.get_run(rest.split("/", 1)[0]).info.run_id
+            if not model_uri.startswith("models:/") or not rest:
+                raise KeyError(f"{model_uri}: not an MLflow model URI (models:/<name>/<version> or runs:/<id>/<path>)")
+            name, _, version = rest.partition("/")
+            if "@" in name:
+                name, alias = name.split("@", 1)
+                return client.get_model_version_by_alias(name, alias).run_id
+            if version:
+                return client.get_model_version(name, version).run_id
+            return client.get_logged_model(name).source_run_id  # models:/<model id> (a logged, unregistered model)
+    except mlflow.exceptions.MlflowException as exc:
+        raise KeyError(f"{model_uri}: no such model in {uri} ({str(exc).splitlines()[0]})") from None
+
+
+def download_model(uri: str, model_uri: str, dst: str) -> str:
+    """Download MLflow model ``model_uri`` of the store ``uri`` into the local folder ``dst``; returns the model's
+    folder (``MLmodel``, ``artifacts/``, ``code/``)."""
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst, tracking_uri=uri,
+                                               registry_uri=uri)
