@@ -244,3 +244,34 @@ def test_a_replica_killed_under_load_loses_no_answer_to_a_wrong_one(served, ray_
     assert all(s >= 500 for _, s, _ in failed), failed
     late = [f for f in failed if f[0] > 1.0]
     assert not late, late
+
+
+def test_a_registered_model_is_served_from_the_registry_beside_it(served, ray_local, tmp_path):
+    """``--run models:/<name>/<version>``: each replica downloads the MLflow model (the export inside it) from the
+    tracking store; a second application beside the first, under its own route prefix."""
+    import mlflow
+    from ray import serve
+
+    from genrec_dist import serving
+
+    url, run_dir, port = served
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    folder = serving.save_model(os.path.join(run_dir, "model"), str(tmp_path / "mlflow-model"), [[1, 2, 3]])
+    run = client.create_run(client.create_experiment("serve-registry", artifact_location=f"file://{tmp_path}/art"))
+    client.log_artifacts(run.info.run_id, folder, "model")
+    client.create_registered_model("genrec-test-car")
+    client.create_model_version("genrec-test-car", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    proc = run_job("serve", "--run", "models:/genrec-test-car/9", f"tracking.uri={uri}", check=False, timeout=120)
+    assert proc.returncode == 1 and "models:/genrec-test-car/9" in proc.stderr and "Traceback" not in proc.stderr
+    _deploy(ray_local, "models:/genrec-test-car/1", port, f"tracking.uri={uri}", "serve.app_name=registry",
+            "serve.route_prefix=/registry")
+    try:
+        hists = _histories(6, seed=4)
+        body = {"dataframe_records": [{"history": h} for h in hists], "params": {"k": 6}}
+        status, got = _post(url + "/registry", body)
+        assert status == 200, got
+        assert _get(url + "/registry/ready")["source"].startswith("models:/genrec-test-car/1")
+        assert got == _post(url, body)[1]  # the run dir's app answers the same
+    finally:
+        serve.delete("registry")

@@ -12,11 +12,19 @@ from typing import Any
 from genrec_dist import storage
 
 
-def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """Link to the experiment's "Model training" runs view (or one run) in the MLflow UI of a server ``uri``.
-    For a local store, the same path under ``mlflow ui``'s address."""
+# MLflow 3's UI (3.17) opens an experiment in its GenAI view (Overview of traces, Judges, Prompts) unless the browser
+# chose "Model training" in the switch at its top left (kept in the browser's local storage) or the link says so:
+# it reads the view from the link's ``workflowType`` before the experiment's ``mlflow.experimentKind`` tag.
+_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None, page: str = "") -> str:
+    """Link to the experiment's runs in the MLflow UI's "Model training" view of a server ``uri`` (or to one run,
+    and its ``page``: ``system-metrics``, ``artifacts/<path>``). For a local store, the same path under ``mlflow
+    ui``'s address."""
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    path = f"/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "") + (f"/{page}" if page else "")
+    return f"{base}{path}?{_TRAINING_VIEW}"
 
 
 def default_uri(cfg: Any) -> str:
@@ -124,5 +132,14 @@ def download_model(uri: str, model_uri: str, dst: str) -> str:
     folder (``MLmodel``, ``artifacts/``, ``code/``)."""
     import mlflow
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst, tracking_uri=uri,
-                                               registry_uri=uri)
+    # MLflow resolves models:/ through the process's registry URI whatever registry_uri says (mlflow 3.17:
+    # ModelsArtifactRepository._get_model_uri_infos reads mlflow.get_registry_uri()): set it for the download.
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst, tracking_uri=uri,
+                                                   registry_uri=uri)
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
