@@ -54,6 +54,7 @@ from genrec_dist.training.export import read_meta
 from genrec_dist.training.runs import RunNotFoundError
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
+HAPROXY_FLAGS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS")  # Ray Serve's (2.60) feature flags
 
 
 @dataclass(frozen=True)
@@ -249,14 +250,21 @@ def start(cfg: Any, source: ModelSource, overrides: Sequence[str] = (), log: Any
     from genrec_dist.ray_runtime import ensure_ray
 
     sc = cfg.serve
+    local = not ray.is_initialized() and not (sc.ray_address or os.environ.get("RAY_ADDRESS"))
+    if local and sc.haproxy:  # read by the controller, proxies and replicas of the Ray started next (their env)
+        os.environ.update({flag: "1" for flag in HAPROXY_FLAGS})
     how = ensure_ray(sc.ray_address)
-    serve.start(http_options={"host": sc.host, "port": sc.port})
+    ingress = ("HAProxy" if all(os.environ.get(f) == "1" for f in HAPROXY_FLAGS) else "Serve's proxy") if local \
+        else "the cluster's"
+    # (the proxies' access log too: a line per request costs a busy server CPU it needs for ranking)
+    serve.start(http_options={"host": sc.host, "port": sc.port}, logging_config={"enable_access_log": sc.access_log})
     began = time.perf_counter()
     serve.run(application(cfg, source, overrides), name=sc.app_name, route_prefix=sc.route_prefix, blocking=False)
     host = "127.0.0.1" if sc.host in ("0.0.0.0", "::") else sc.host
     url = f"http://{host}:{sc.port}{sc.route_prefix.rstrip('/')}/invocations"
     replicas = f"{sc.num_replicas}..{sc.max_replicas}" if sc.max_replicas > sc.num_replicas else str(sc.num_replicas)
-    log(f"serve: {source} on Ray ({how}, {ray.cluster_resources().get('CPU', 0):g} CPUs): {replicas} replica(s) of "
+    log(f"serve: {source} on Ray ({how}, {ray.cluster_resources().get('CPU', 0):g} CPUs, {ingress} ingress): "
+        f"{replicas} replica(s) of "
         f"{sc.cpus_per_replica:g} CPU{f', {sc.gpus_per_replica:g} GPU' if sc.gpus_per_replica else ''} each, "
         f"batches of up to {sc.max_batch_size} users within {sc.batch_wait_timeout_s * 1000:g} ms; up in "
         f"{time.perf_counter() - began:.1f} s")
