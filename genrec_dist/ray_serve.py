@@ -242,9 +242,10 @@ def build(args: dict[str, str]) -> Any:
     return application(cfg, source, overrides)
 
 
-def start(cfg: Any, source: ModelSource, overrides: Sequence[str] = (), log: Any = print) -> str:
+def start(cfg: Any, source: ModelSource, overrides: Sequence[str] = (), log: Any = print) -> tuple[str, bool]:
     """Deploy the application on Ray (``serve.ray_address``, ``RAY_ADDRESS``, or a new local Ray) with Serve's HTTP
-    proxy on ``serve.host:serve.port`` and wait until its replicas are up; returns the URL of ``/invocations``."""
+    ingress on ``serve.host:serve.port`` and wait until its replicas are up; returns the URL of ``/invocations`` and
+    whether the Ray is a local one this process started (it ends with the process)."""
     import ray
 
     from genrec_dist.ray_runtime import ensure_ray
@@ -268,4 +269,4 @@ def start(cfg: Any, source: ModelSource, overrides: Sequence[str] = (), log: Any
         f"{sc.cpus_per_replica:g} CPU{f', {sc.gpus_per_replica:g} GPU' if sc.gpus_per_replica else ''} each, "
         f"batches of up to {sc.max_batch_size} users within {sc.batch_wait_timeout_s * 1000:g} ms; up in "
         f"{time.perf_counter() - began:.1f} s")
-    return url
+    return url, local

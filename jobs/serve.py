@@ -5,7 +5,8 @@
     ray job submit --address http://<head>:8265 --working-dir . -- python jobs/serve.py --run <abs run dir>
         serve.host=0.0.0.0 serve.num_replicas=4 [serve.blocking=false]   # the app stays up after the job ends
 Without --config the run's own saved config is used (as jobs/evaluate.py --run), the overrides on top; a models:/
-URI is looked up in tracking.uri (or MLFLOW_TRACKING_URI). Ctrl-C (SIGTERM) removes the application.
+URI is looked up in tracking.uri (or MLFLOW_TRACKING_URI). Ctrl-C or SIGTERM stops it (a local Ray goes with
+the job; an application on a cluster is deleted). serve.haproxy=true: Ray Serve's HAProxy ingress (docs/serving.md).
 """
 
 import os
@@ -28,19 +29,21 @@ def job() -> None:
     args = parser.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides, default_section="serve")
     cfg, source = resolve(cfg, args.run, args.overrides, own_config=args.config is None)
-    url = start(cfg, source, args.overrides)
+    url, local = start(cfg, source, args.overrides)
     print(f"serving: POST {url}  (GET {url[:-len('/invocations')]}/ping, /ready)", flush=True)
     if not cfg.serve.blocking:
         return
-    from ray import serve
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # ray job stop, kill: remove the app as Ctrl-C does
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C; ray job stop, kill
+        signal.signal(sig, lambda *_: sys.exit(0))
     try:
-        while True:
-            time.sleep(3600)
-    except (KeyboardInterrupt, SystemExit):
-        serve.delete(cfg.serve.app_name)
-        print(f"serve: application {cfg.serve.app_name!r} removed", flush=True)
+        while True:  # short sleeps: a signal that Ray's threads took is handled within a second
+            time.sleep(1)
+    except SystemExit:
+        if not local:  # (a local Ray, the app with it, ends with this process)
+            from ray import serve
+
+            serve.delete(cfg.serve.app_name, _blocking=False)  # the controller removes it; nothing to wait for
+        print(f"serve: application {cfg.serve.app_name!r} stopped", flush=True)
 
 
 if __name__ == "__main__":

@@ -152,11 +152,12 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.002
     # Requests one replica takes at once (Ray Serve's default is 5): at least max_batch_size, or batches never fill.
     max_ongoing_requests: int = 256
-    # A Ray that jobs/serve.py starts itself (no ray_address, no RAY_ADDRESS) runs Ray Serve's HAProxy ingress: HAProxy
-    # forwards HTTP straight to the replicas instead of through Serve's Python proxy actor (Ray Serve's
-    # RAY_SERVE_ENABLE_HA_PROXY and RAY_SERVE_ENABLE_DIRECT_INGRESS feature flags, set for that Ray's processes).
+    # true: a Ray that jobs/serve.py starts itself (no ray_address, no RAY_ADDRESS) runs Ray Serve's HAProxy ingress:
+    # HAProxy forwards HTTP straight to the replicas instead of through Serve's Python proxy actor (Ray Serve 2.60's
+    # RAY_SERVE_ENABLE_HA_PROXY and RAY_SERVE_ENABLE_DIRECT_INGRESS feature flags, set for that Ray's processes). Much
+    # faster on a small box, but experimental in Ray: one such server per machine (fixed /tmp/haproxy-serve paths).
     # On a cluster the flags are the cluster's: set both =1 in the environment of `ray start` on every node.
-    haproxy: bool = True
+    haproxy: bool = False
     access_log: bool = False             # a log line per request from each replica (CPU a busy server can use better)
     blocking: bool = True                # jobs/serve.py waits (Ctrl-C / SIGTERM removes the app); false: deploy, exit
     ray_address: str = ""                # "" = RAY_ADDRESS (set by ray job submit) or a new local Ray
