@@ -12,8 +12,8 @@ trained weights. ``--runs name=<run dir | name | MLflow id>`` serves trained run
 MLflow model saved from the export).
 
 Each server runs as its own process tree on 127.0.0.1 (``mlflow models serve -m <model folder> --env-manager local``
-with its default worker; ``python jobs/serve.py --run <run dir>`` on a fresh local Ray, one CPU per replica, HAProxy
-ingress unless ``--ray-overrides serve.haproxy=false``); the load
+with its default worker; ``python jobs/serve.py --run <run dir>`` on a fresh local Ray, one CPU per replica, behind
+Ray Serve's HAProxy ingress and behind its Python proxy, ``--ingress``); the load
 generator is this process: ``c`` keep-alive HTTP connections, each sending one request after another, every request
 one user (a history of 3..20 random item ids, the same seeded list for every server) with ``k=10``. A level stops
 after ``--requests`` requests or ``--time-cap`` seconds, whichever comes first (``capped`` in the row), after a
@@ -237,8 +237,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--replicas", default="1,2")
     ap.add_argument("--servers", default="mlflow,ray")
-    ap.add_argument("--ray-overrides", default="", help="more jobs/serve.py overrides, comma-separated (e.g. "
-                                                        "serve.haproxy=false for Serve's Python proxy)")
+    ap.add_argument("--ingress", default="haproxy,proxy", help="jobs/serve.py's ingress: haproxy (serve.haproxy=true) "
+                                                               "and/or proxy (Ray Serve's Python proxy)")
+    ap.add_argument("--ray-overrides", default="", help="more jobs/serve.py overrides, comma-separated")
     ap.add_argument("--machine-busy", action="store_true", help="say in the JSON that other work ran beside it")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "serving.json"))
     ap.add_argument("overrides", nargs="*", help="config key=value overrides (configs/beauty.yaml's model.*)")
@@ -272,9 +273,10 @@ def main() -> None:
             bodies = [json.dumps({"dataframe_records": [{"user": f"u{i}", "history": h}], "params": {"k": 10}}).encode()
                       for i, h in enumerate(histories)]
             model_rows, first = [], None
-            targets = ([("mlflow", None)] if "mlflow" in servers else []) + \
-                      ([("ray", int(r)) for r in args.replicas.split(",")] if "ray" in servers else [])
-            for kind, replicas in targets:
+            targets = ([("mlflow", None, None)] if "mlflow" in servers else []) + \
+                      ([("ray", int(r), ing) for ing in args.ingress.split(",") for r in args.replicas.split(",")]
+                       if "ray" in servers else [])
+            for kind, replicas, ingress in targets:
                 port = _free_port()
                 if kind == "mlflow":
                     folder = mlflow_model(run_dir, os.path.join(tmp, f"mlflow-{name}"))
@@ -284,29 +286,31 @@ def main() -> None:
                 else:
                     cmd = [sys.executable, os.path.join(REPO, "jobs", "serve.py"), "--run", run_dir,
                            f"workdir={tmp}", f"serve.port={port}", f"serve.num_replicas={replicas}",
-                           "serve.cpus_per_replica=1", "tracking.enabled=false",
+                           "serve.cpus_per_replica=1", "tracking.enabled=false", f"serve.haproxy={ingress == 'haproxy'}",
                            *[o for o in args.ray_overrides.split(",") if o]]
-                    server = Server(cmd, port, "/ready", os.path.join(tmp, f"{name}-ray{replicas}.log"), env)
+                    server = Server(cmd, port, "/ready", os.path.join(tmp, f"{name}-ray{replicas}-{ingress}.log"), env)
                 try:
                     up = server.wait()
-                    print(f"{label} on {kind}{f' ({replicas} replicas)' if replicas else ''}: up in {up:.0f} s",
+                    print(f"{label} on {kind}{f' ({replicas} replicas, {ingress})' if replicas else ''}: up in {up:.0f} s",
                           flush=True)
                     measured, answers = measure(server, bodies, histories[:8], levels, args.requests, args.time_cap)
                 finally:
                     server.stop()
                 first = first or answers
                 for row in measured:
-                    model_rows.append({"model": label, "server": kind, "replicas": replicas, **row,
+                    model_rows.append({"model": label, "server": kind, "replicas": replicas, "ingress": ingress, **row,
                                        "startup_s": round(up, 1), "same_items": answers == first})
             rows += model_rows
             top = max(levels)
-            at = {(r["server"], r["replicas"]): r["users_per_s"] for r in model_rows if r["concurrency"] == top}
-            base = at.get(("mlflow", None))
-            ray = {f"replicas={k[1]}": v for k, v in at.items() if k[0] == "ray"}
+            at = {(r["server"], r["replicas"], r["ingress"]): r["users_per_s"] for r in model_rows
+                  if r["concurrency"] == top}
+            base = at.get(("mlflow", None, None))
+            ray = {f"replicas={k[1]},{k[2]}": v for k, v in at.items() if k[0] == "ray"}
             summary[label] = {"num_items": n, "mlflow_users_per_s": base, "ray_users_per_s": ray,
                               "vs_mlflow": round(max(ray.values()) / base, 2) if base and ray else None}
-    table = ["| model | server | replicas | concurrency | p50 ms | p99 ms | users/s |", "|---|---|---|---|---|---|---|"]
-    table += [f"| {r['model']} | {r['server']} | {r['replicas'] or ''} | {r['concurrency']} | {r['p50_ms']} | "
+    table = ["| model | server | replicas | ingress | concurrency | p50 ms | p99 ms | users/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['model']} | {r['server']} | {r['replicas'] or ''} | {r['ingress'] or ''} | {r['concurrency']} | {r['p50_ms']} | "
               f"{r['p99_ms']} | {r['users_per_s']} |" for r in rows]
     table += ["", "| model | vs_mlflow (users/s at concurrency 64) |", "|---|---|"]
     table += [f"| {k} | {v['vs_mlflow']} |" for k, v in summary.items()]
@@ -320,8 +324,8 @@ def main() -> None:
                 "load_average_1m_before": round(load_before[0], 2),
                 "load_average_1m_after": round(os.getloadavg()[0], 2)},
         "models_source": source,
-        "ray_ingress": "Serve's Python proxy" if "serve.haproxy=false" in args.ray_overrides else
-                       "HAProxy (serve.haproxy=true: jobs/serve.py's own local Ray)", "requests_per_level": args.requests, "time_cap_s": args.time_cap,
+        "ingress": {"haproxy": "Ray Serve's HAProxy ingress (serve.haproxy=true)",
+                    "proxy": "Ray Serve's Python proxy actor (serve.haproxy=false, the default)"}, "requests_per_level": args.requests, "time_cap_s": args.time_cap,
         "rows": rows, "models": summary, "table": "\n".join(table)})
 
 
