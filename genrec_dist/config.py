@@ -25,7 +25,8 @@ from genrec_dist.data.config import PrepareConfig
 from genrec_dist.errors import ConfigError
 from genrec_dist.models import ModelConfig
 from genrec_dist.tokenize_config import TokenizeConfig
-from genrec_dist.training.config import NOT_RUN, OUTPUT, EvaluateConfig, RecommendConfig, TrainConfig
+from genrec_dist.training.config import (NOT_RUN, OUTPUT, EvaluateConfig, RecommendConfig, ServeConfig,
+                                          TrainConfig)
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "flatten", "load_config", "section_from_dict", "to_dict",
            "to_yaml", "with_resolved_paths"]
@@ -100,6 +101,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig, metadata=NOT_RUN)
+    serve: ServeConfig = field(default_factory=ServeConfig, metadata=NOT_RUN)
 
     # ----- derived locations (explicit ``paths.*`` win) -----
     @property

@@ -12,7 +12,9 @@ without one when others have one). Params:
 ``k`` (default 10), and the model's own inference settings with their trained values as defaults (CAR:
 ``inference`` fast/slow; beam-search models: ``beam_width``). A request that is not a list of item ids, names an
 item the catalog does not have, or asks for an unknown inference mode is answered 400 with a one-line message
-(the scoring server maps :class:`MlflowException` ``INVALID_PARAMETER_VALUE`` to 400).
+(the scoring server maps :class:`MlflowException` ``INVALID_PARAMETER_VALUE`` to 400). The checks and the ranking
+are :mod:`genrec_dist.serve_request`'s, shared with the Ray Serve application (``jobs/serve.py``), so both servers
+answer a request the same way.
 
 Training logs it at the end of a run (:func:`save_model`, then the tracker's ``log_model``) and registers it as
 :func:`registered_name` (``genrec-<dataset>-<model>``). This module is the only one besides the tracker that imports
@@ -21,34 +23,23 @@ mlflow (the core never does; training imports this module only when it logs to M
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from importlib import metadata
 from typing import Any
 
 import mlflow.pyfunc
-import numpy as np
 import torch
 
+from genrec_dist import serve_request as R
+from genrec_dist.serve_request import DEFAULT_K
+
 _ARTIFACT = "model"  # the export's folder inside the MLflow model (artifacts/model/)
-DEFAULT_K = 10
 
 
 def registered_name(dataset: str, model: str) -> str:
     """Model Registry name of a dataset's model: ``genrec-<dataset>-<model>`` (lower case, [a-z0-9-] only)."""
     return re.sub(r"[^a-z0-9-]+", "-", f"genrec-{dataset}-{model}".lower()).strip("-")
-
-
-def _inference_params(model: torch.nn.Module) -> dict[str, Any]:
-    """The inference settings a request may change, with the model's trained values as defaults."""
-    accepted = inspect.signature(model.recommend).parameters
-    out: dict[str, Any] = {}
-    if "inference" in accepted and getattr(model, "inference_modes", ()):
-        out["inference"] = str(model.cfg.inference)
-    if "beam_width" in accepted and getattr(model.cfg, "beam_width", None):
-        out["beam_width"] = int(model.cfg.beam_width)
-    return out
 
 
 def _invalid(message: str) -> Exception:
@@ -59,30 +50,12 @@ def _invalid(message: str) -> Exception:
 
 
 def histories_tensor(histories: list[Any], num_items: int, max_history: int) -> torch.Tensor:
-    """(B, T) item ids, left-padded with 0, each history cut to its last ``max_history`` items. Raises the 400
-    error for anything that is not a non-empty list of known item ids, naming the row."""
-    rows = []
-    for i, h in enumerate(histories):
-        if isinstance(h, (str, bytes, dict)) or not hasattr(h, "__len__"):
-            raise _invalid(f"row {i}: 'history' must be a list of item ids, got {type(h).__name__} {str(h)[:80]!r}")
-        try:
-            ids = np.asarray(list(h))
-        except (TypeError, ValueError):
-            raise _invalid(f"row {i}: 'history' must be a list of item ids") from None
-        if ids.size == 0:
-            raise _invalid(f"row {i}: 'history' is empty (at least one item id)")
-        if ids.dtype.kind not in "iu" and not (ids.dtype.kind == "f" and np.all(np.mod(ids, 1) == 0)):
-            raise _invalid(f"row {i}: 'history' must be integer item ids, got {str(list(h))[:80]}")
-        ids = ids.astype(np.int64)
-        bad = ids[(ids < 1) | (ids > num_items)]
-        if bad.size:
-            raise _invalid(f"row {i}: unknown item id {int(bad[0])} (this model's catalog is 1..{num_items})")
-        rows.append(ids[-max_history:])
-    t = max(len(r) for r in rows)
-    out = np.zeros((len(rows), t), dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, t - len(r):] = r
-    return torch.from_numpy(out)
+    """(B, max_history) item ids, left-padded with 0, each history cut to its last ``max_history`` items. Raises the
+    400 error for anything that is not a non-empty list of known item ids, naming the row."""
+    try:
+        return R.left_pad([R.check_history(h, i, num_items) for i, h in enumerate(histories)], max_history)
+    except R.RequestError as exc:
+        raise _invalid(str(exc)) from None
 
 
 class GenRecModel(mlflow.pyfunc.PythonModel):
@@ -96,7 +69,7 @@ class GenRecModel(mlflow.pyfunc.PythonModel):
         self.model, self.meta = load_exported(os.path.dirname(os.path.normpath(path)))
         self.num_items = int(self.meta["num_items"])
         self.max_history = int(getattr(self.model.cfg, "max_history", 50))
-        self.defaults = {"k": DEFAULT_K, **_inference_params(self.model)}
+        self.defaults = {"k": DEFAULT_K, **R.inference_params(self.model)}
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -105,22 +78,13 @@ class GenRecModel(mlflow.pyfunc.PythonModel):
         if "history" not in frame.columns:
             raise _invalid(f"the input needs a 'history' column (a list of item ids per row), got columns "
                            f"{list(frame.columns)}")
-        p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
-        k = p.pop("k")
-        if not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= self.num_items:
-            raise _invalid(f"'k' must be an integer in 1..{self.num_items}, got {k!r}")
-        modes = getattr(self.model, "inference_modes", ())
-        if "inference" in p and p["inference"] not in modes:
-            raise _invalid(f"'inference' must be one of {', '.join(modes)}, got {p['inference']!r}")
-        if "beam_width" in p and int(p["beam_width"]) < 1:
-            raise _invalid(f"'beam_width' must be at least 1, got {p['beam_width']!r}")
+        try:  # (the scoring server has already dropped params the signature does not name)
+            k, p = R.check_params(params, self.defaults, self.model, self.num_items, strict=False)
+        except R.RequestError as exc:
+            raise _invalid(str(exc)) from None
         history = histories_tensor(list(frame["history"]), self.num_items, self.max_history)
-        with torch.no_grad():
-            items, scores = self.model.topk(history, int(k), **p)
-        items, scores = items.cpu().numpy(), scores.cpu().numpy()
-        keep = items != 0  # fewer than k items exist (beam search): drop the padding
-        out = pd.DataFrame({"items": [r[m].tolist() for r, m in zip(items, keep)],
-                            "scores": [s[m].astype(float).tolist() for s, m in zip(scores, keep)]})
+        ranked = R.rank(self.model, history, k, p)
+        out = pd.DataFrame({"items": [i for i, _ in ranked], "scores": [s for _, s in ranked]})
         if "user" in frame.columns:
             # a row without one gets "" (a None would go out as NaN, which is not JSON)
             out.insert(0, "user", ["" if u is None or u != u else str(u) for u in frame["user"]])
@@ -176,6 +140,6 @@ def save_model(export_dir: str, path: str, example_histories: list[list[int]],
     example = pd.DataFrame({"user": [f"example-{i}" for i in range(len(example_histories))],
                             "history": [list(map(int, h)) for h in example_histories]})
     mlflow.pyfunc.save_model(path, python_model=GenRecModel(), artifacts={_ARTIFACT: export_dir},
-                             signature=signature(_inference_params(model)), input_example=example,
+                             signature=signature(R.inference_params(model)), input_example=example,
                              code_paths=_code_paths(), pip_requirements=_requirements())
     return path

@@ -39,6 +39,8 @@ GROUPS = {
     "genrec_dist.reports": "reports",
     "genrec_dist.tracking": "tracking",
     "genrec_dist.serving": "serving",  # a run's export as an MLflow pyfunc model
+    "genrec_dist.serve_request": "serve_request",  # one online request and its answer (both servers)
+    "genrec_dist.ray_serve": "ray_serve",  # the same model on Ray Serve (jobs/serve.py)
     "genrec_dist.ray_runtime": "ray_runtime",
     "genrec_dist.ray_recommend": "recommend",
     # what a run leaves on disk: below both training and evaluating a run (the examples it reads are data)
@@ -79,19 +81,21 @@ ALLOWED = {
     "run_files": _BASE | {"train_settings", "storage", "config", "data", "models"},
     "evaluate_run": _CORE | {"tracking", "run_files"},
     # the export as an MLflow model, saved by training for the tracker to log
-    "serving": _CORE | {"run_files", "evaluate_run"},
+    "serving": _CORE | {"run_files", "evaluate_run", "serve_request"},
+    "serve_request": _BASE,
+    "ray_serve": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "ray_runtime", "serve_request"},
     "training": _CORE | {"run_files", "evaluate_run", "ray_runtime", "serving"},
     "recommend": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "ray_runtime"},
     "tokenization_core": _BASE | {"storage"},
     "tokenization": _CORE | {"run_files", "ray_runtime", "tokenization_core"},
-    "jobs": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "training", "ray_runtime", "recommend", "tokenization",
-                     "tokenization_core"},
+    "jobs": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "training", "ray_runtime", "recommend", "ray_serve",
+                     "tokenization", "tokenization_core"},
 }
 
 ENGINES = ("ray", "deepspeed", "mlflow", "torch.distributed")
 # Groups that must run with none of the engines installed: the pure core.
 ENGINE_FREE = {"root", "errors", "settings", "train_settings", "storage", "config", "data", "models", "metrics",
-               "reports", "tokenization_core"}
+               "reports", "tokenization_core", "serve_request"}
 
 
 def group_of(module: str) -> str | None:

@@ -157,10 +157,15 @@ def test_demo_pipeline_shows_in_the_ui(demo, mlflow_server, tmp_path):
     os.makedirs(shots, exist_ok=True)
     train = runs["train"].info
 
-    # The experiment's "Model training" view (not the GenAI overview MLflow 3 opens by default) lists all four.
+    # The experiment is tagged as a model-training one (MLflow 3's mlflow.experimentKind), and its link opens the
+    # "Model training" view on the runs list, not the GenAI view MLflow 3 opens by default (an Overview of traces
+    # with "No data", Judges, Prompts, Sessions).
+    assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     listing = _render(ui_url(mlflow_server, exp.experiment_id), tmp_path,
                       screenshot=os.path.join(shots, "mlflow_demo_runs.png"))
-    assert "Training runs" in listing
+    assert "Model registry" in listing and "Run Name" in listing  # the Model training sidebar, the runs table
+    for genai in ("Judges", "Sessions", "Prompts", "No data"):
+        assert genai not in listing, genai
     for job in JOBS:
         assert runs[job].info.run_name in listing, job
     # the Dataset column names the dataset (name and digest) instead of "-"
@@ -174,7 +179,7 @@ def test_demo_pipeline_shows_in_the_ui(demo, mlflow_server, tmp_path):
     assert "valid/recall_at_10" in page and "valid/ndcg_at_10" in page
 
     # The run's System metrics tab draws MLflow's system metrics charts
-    system = _render(f"{ui_url(mlflow_server, exp.experiment_id, train.run_id)}/system-metrics", tmp_path,
+    system = _render(ui_url(mlflow_server, exp.experiment_id, train.run_id, "system-metrics"), tmp_path,
                      screenshot=os.path.join(shots, "mlflow_demo_train_system_metrics.png"), budget_ms=60000)
     assert "System metrics" in system
     # a chart's legend names its metric once it is drawn ("<run name> (system/<metric>)")
@@ -184,7 +189,7 @@ def test_demo_pipeline_shows_in_the_ui(demo, mlflow_server, tmp_path):
     # The artifacts tab with reports/metrics.md open: the report files are listed and the table is rendered.
     table = open(client.download_artifacts(train.run_id, "reports/metrics.md", str(tmp_path))).read()
     tiger_r10 = re.search(r"^\| tiger \| [^|]+ \| [^|]+ \| ([0-9.]+) \|", table, re.M).group(1)  # the R@10 column
-    artifacts = _render(f"{ui_url(mlflow_server, exp.experiment_id, train.run_id)}/artifacts/reports/metrics.md",
+    artifacts = _render(ui_url(mlflow_server, exp.experiment_id, train.run_id, "artifacts/reports/metrics.md"),
                         tmp_path, screenshot=os.path.join(shots, "mlflow_demo_train_artifacts.png"))
     for name in ("config.yaml", "reports", "curves.png", "metrics.md", "examples.md"):
         assert name in artifacts, name

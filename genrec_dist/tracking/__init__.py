@@ -34,7 +34,7 @@ does its own retrying, so it sets them small for the process (see ``outbox._quic
 
 Modules: ``base`` (the protocol, :class:`NullTracker`, :class:`TrackingError`), ``mlflow_client`` (starting an
 MLflow run, the protocol calls), ``outbox`` (queue, delivery thread, spool, :func:`replay`), ``lookup`` (store URI,
-pipeline name, a run's tags, a table's parent run), ``model_items`` (delivering logged models and dataset
+pipeline name, a run's tags, a table's parent run, a served MLflow model), ``model_items`` (delivering logged models and dataset
 inputs), ``system_metrics`` (MLflow's system metrics through the tracker), ``__main__`` (``python -m genrec_dist.tracking replay``); :func:`make_tracker` here.
 """
 
@@ -46,12 +46,13 @@ from typing import Any
 
 from genrec_dist import storage
 from genrec_dist.tracking.base import NullTracker, Tracker, TrackingError
-from genrec_dist.tracking.lookup import default_uri, find_run, git_commit, pipeline_name, run_tags, tag_run, ui_url
+from genrec_dist.tracking.lookup import (check_model, default_uri, download_model, find_run, git_commit, pipeline_name,
+                                        run_tags, tag_run, ui_url)
 from genrec_dist.tracking.mlflow_client import MLflowTracker
 from genrec_dist.tracking.outbox import replay
 
-__all__ = ["MLflowTracker", "NullTracker", "Tracker", "TrackingError", "default_uri", "find_run", "git_commit",
-           "make_tracker", "pipeline_name", "replay", "run_tags", "tag_run", "ui_url"]
+__all__ = ["MLflowTracker", "NullTracker", "Tracker", "TrackingError", "check_model", "default_uri", "download_model",
+           "find_run", "git_commit", "make_tracker", "pipeline_name", "replay", "run_tags", "tag_run", "ui_url"]
 
 
 def make_tracker(cfg: Any, job: str, rank: int = 0, run_name: str | None = None,

@@ -1,5 +1,5 @@
 """Where a config's runs are tracked and finding them again: the store's URI, the pipeline's name, a run's tags
-(``jobs/evaluate.py --run <MLflow run id>``), a UI link."""
+(``jobs/evaluate.py --run <MLflow run id>``), a UI link, an MLflow model to serve."""
 
 from __future__ import annotations
 
@@ -12,11 +12,19 @@ from typing import Any
 from genrec_dist import storage
 
 
-def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """Link to the experiment's "Model training" runs view (or one run) in the MLflow UI of a server ``uri``.
-    For a local store, the same path under ``mlflow ui``'s address."""
+# MLflow 3's UI (3.17) opens an experiment in its GenAI view (Overview of traces, Judges, Prompts) unless the browser
+# chose "Model training" in the switch at its top left (kept in the browser's local storage) or the link says so:
+# it reads the view from the link's ``workflowType`` before the experiment's ``mlflow.experimentKind`` tag.
+_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None, page: str = "") -> str:
+    """Link to the experiment's runs in the MLflow UI's "Model training" view of a server ``uri`` (or to one run,
+    and its ``page``: ``system-metrics``, ``artifacts/<path>``). For a local store, the same path under ``mlflow
+    ui``'s address."""
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    path = f"/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "") + (f"/{page}" if page else "")
+    return f"{base}{path}?{_TRAINING_VIEW}"
 
 
 def default_uri(cfg: Any) -> str:
@@ -90,3 +98,48 @@ def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
 
     with _quick_requests(retries=2, timeout_s=10.0):
         mlflow.MlflowClient(tracking_uri=uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def check_model(uri: str, model_uri: str) -> str:
+    """The run id behind MLflow model ``model_uri`` (``models:/<name>/<version>``, ``models:/<name>@<alias>``,
+    ``models:/<model id>``, ``runs:/<run id>/<path>``) in the store ``uri``; ``KeyError`` with MLflow's reason when
+    there is no such model (asked before a server starts loading it)."""
+    import mlflow
+
+    from genrec_dist.tracking.outbox import _quick_requests
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    rest = model_uri.split(":/", 1)[1].strip("/") if ":/" in model_uri else ""
+    try:
+        with _quick_requests(retries=2, timeout_s=10.0):
+            if model_uri.startswith("runs:/"):
+                return client.get_run(rest.split("/", 1)[0]).info.run_id
+            if not model_uri.startswith("models:/") or not rest:
+                raise KeyError(f"{model_uri}: not an MLflow model URI (models:/<name>/<version> or runs:/<id>/<path>)")
+            name, _, version = rest.partition("/")
+            if "@" in name:
+                name, alias = name.split("@", 1)
+                return client.get_model_version_by_alias(name, alias).run_id
+            if version:
+                return client.get_model_version(name, version).run_id
+            return client.get_logged_model(name).source_run_id  # models:/<model id> (a logged, unregistered model)
+    except mlflow.exceptions.MlflowException as exc:
+        raise KeyError(f"{model_uri}: no such model in {uri} ({str(exc).splitlines()[0]})") from None
+
+
+def download_model(uri: str, model_uri: str, dst: str) -> str:
+    """Download MLflow model ``model_uri`` of the store ``uri`` into the local folder ``dst``; returns the model's
+    folder (``MLmodel``, ``artifacts/``, ``code/``)."""
+    import mlflow
+
+    # MLflow resolves models:/ through the process's registry URI whatever registry_uri says (mlflow 3.17:
+    # ModelsArtifactRepository._get_model_uri_infos reads mlflow.get_registry_uri()): set it for the download.
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst, tracking_uri=uri,
+                                                   registry_uri=uri)
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])

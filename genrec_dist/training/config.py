@@ -1,4 +1,4 @@
-"""The ``train:``, ``evaluate:`` and ``recommend:`` sections.
+"""The ``train:``, ``evaluate:``, ``recommend:`` and ``serve:`` sections.
 
 Paper defaults, cited where set: Adam, lr 1e-3, batch 256, linear warm-up over 2000 steps from lr 1e-7, weight decay
 1e-7 (UNGER Table 4, the same values as EAGER's released ``train_rec.py``; TIGER §4 trains with batch 256).
@@ -141,4 +141,37 @@ class RecommendConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: a GPU per actor when the Ray cluster has GPUs
     # Beam width for TIGER/UNGER/CAR-AR; 0 = the exported model's own (as evaluate.beam_width).
     beam_width: int = 0
+    ray_address: str = ""                # "" = RAY_ADDRESS (set by ray job submit) or a new local Ray
+
+
+@dataclass
+class ServeConfig:
+    """Online top-k recommendations of an exported model over HTTP on Ray Serve (``jobs/serve.py``): replicas that
+    each load the model once, concurrent requests batched into one model call (``@serve.batch``)."""
+
+    host: str = "127.0.0.1"              # where Ray Serve's HTTP proxy listens: 0.0.0.0 for other machines
+    port: int = 8000
+    app_name: str = "genrec"             # the Serve application (serve status, serve shutdown)
+    route_prefix: str = "/"              # /invocations, /ping and /ready under it
+    num_replicas: int = 1                # copies of the model, spread over the cluster's nodes by Ray
+    # > num_replicas: Ray Serve autoscales between num_replicas and this many, aiming at one full batch waiting on
+    # each replica (target_ongoing_requests = max_batch_size); 0 = a fixed num_replicas.
+    max_replicas: int = 0
+    cpus_per_replica: float = 1.0        # reserved per replica; its torch threads are this, rounded down (at least 1)
+    gpus_per_replica: float = 0.0        # > 0: the replica ranks on a GPU (fractions share one)
+    # Dynamic batching: concurrent requests wait up to batch_wait_timeout_s for others, and up to max_batch_size users
+    # go through the model in one call (a request of several users counts them all; requests whose k or
+    # inference settings differ are ranked in separate calls). A request of more users is ranked alone at once.
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.002
+    # Requests one replica takes at once (Ray Serve's default is 5): at least max_batch_size, or batches never fill.
+    max_ongoing_requests: int = 256
+    # true: a Ray that jobs/serve.py starts itself (no ray_address, no RAY_ADDRESS) runs Ray Serve's HAProxy ingress:
+    # HAProxy forwards HTTP straight to the replicas instead of through Serve's Python proxy actor (Ray Serve 2.60's
+    # RAY_SERVE_ENABLE_HA_PROXY and RAY_SERVE_ENABLE_DIRECT_INGRESS feature flags, set for that Ray's processes). Much
+    # faster on a small box, but experimental in Ray: one such server per machine (fixed /tmp/haproxy-serve paths).
+    # On a cluster the flags are the cluster's: set both =1 in the environment of `ray start` on every node.
+    haproxy: bool = False
+    access_log: bool = False             # a log line per request from each replica (CPU a busy server can use better)
+    blocking: bool = True                # jobs/serve.py waits (Ctrl-C / SIGTERM removes the app); false: deploy, exit
     ray_address: str = ""                # "" = RAY_ADDRESS (set by ray job submit) or a new local Ray
