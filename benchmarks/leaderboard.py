@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
+import textwrap  # noqa: E402
 
 from benchmarks._jobs import REPO, run, train_once, write_result  # noqa: E402
 
@@ -138,7 +139,7 @@ def plot(rows: dict, path: str, title: str) -> str:
         ax.plot(xs, ys, marker="o", markersize=3, label=label.replace("CAR fast", "CAR"))
     ax.set_xlabel("training minutes (validation not counted)")
     ax.set_ylabel("validation NDCG@10")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)  # a converged board's title is two lines
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
