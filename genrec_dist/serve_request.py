@@ -124,13 +124,15 @@ def records(body: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def left_pad(histories: list[np.ndarray], width: int) -> torch.Tensor:
-    """(B, width) int64: each history's last ``width`` items, left-padded with 0 (the layout the models read, most
-    recent last; a fixed width, so a row's answer never depends on the other rows batched with it)."""
+def left_pad(histories: Any, width: int) -> torch.Tensor:
+    """(B, width) int64: each history's (item ids, oldest first) last ``width`` items, left-padded with 0 (the layout
+    the models read, most recent last; a fixed width, so a row's answer never depends on the other rows batched with
+    it). Online serving, batch recommendations and the GPU check all pad with this."""
     out = np.zeros((len(histories), width), dtype=np.int64)
     for row, h in enumerate(histories):
-        h = h[-width:]
-        out[row, width - len(h):] = h
+        h = np.asarray(h, dtype=np.int64)[-width:]
+        if len(h):
+            out[row, width - len(h):] = h
     return torch.from_numpy(out)
 
 

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from genrec_dist.evaluation.evaluate import evaluate_model  # noqa: E402  (torch + numpy only)
 from genrec_dist.models import ModelConfig, build_model  # noqa: E402
+from genrec_dist.serve_request import left_pad  # noqa: E402  (pure: the models' input layout)
 
 MODELS = ("sasrec", "car", "tiger", "unger")
 
@@ -211,15 +212,6 @@ def export(config: str, out: str, overrides: list[str]) -> None:
     print(f"wrote {out}: {len(seqs)} users, {ds.num_items} items", flush=True)
 
 
-def _left_pad(rows: list[np.ndarray], width: int) -> np.ndarray:
-    out = np.zeros((len(rows), width), np.int64)
-    for i, r in enumerate(rows):
-        r = r[-width:]
-        if len(r):
-            out[i, width - len(r):] = r
-    return out
-
-
 def slice_check(data: str, device: torch.device, minutes: float, amp: bool, dry: bool) -> dict:
     z = np.load(data)
     seqs = np.split(z["items"], np.cumsum(z["lengths"])[:-1])
@@ -236,7 +228,7 @@ def slice_check(data: str, device: torch.device, minutes: float, amp: bool, dry:
             for end in range(len(train) - 1, 0, -h):
                 windows.append(train[max(0, end - h):end])
                 targets.append(train[end])
-        hist, tgt = torch.from_numpy(_left_pad(windows, h)), torch.tensor(targets)
+        hist, tgt = left_pad(windows, h), torch.tensor(targets)
         model = build(name, cfg, codes, device).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
         gen, steps, t0 = torch.Generator().manual_seed(0), 0, time.perf_counter()
@@ -255,8 +247,8 @@ def slice_check(data: str, device: torch.device, minutes: float, amp: bool, dry:
         for split, drop in (("valid", 2), ("test", 1)):
             before = [s[:-drop] for s in seqs]
             target = torch.tensor([int(s[-drop]) for s in seqs])
-            batches = [(torch.from_numpy(_left_pad(before[i:i + 512], h)), target[i:i + 512],
-                        torch.from_numpy(_left_pad(before[i:i + 512], max(len(b) for b in before[i:i + 512]))))
+            batches = [(left_pad(before[i:i + 512], h), target[i:i + 512],
+                        left_pad(before[i:i + 512], max(len(b) for b in before[i:i + 512])))
                        for i in range(0, len(seqs), 512)]
             for protocol, keep in (("full", 2), ("seen_filtered", 3)):
                 m = evaluate_model(model, [b[:keep] for b in batches], (10,), device)

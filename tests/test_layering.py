@@ -79,7 +79,7 @@ ALLOWED = {
     "tracking": _BASE | {"storage", "config"},
     "ray_runtime": _BASE,
     "run_files": _BASE | {"train_settings", "storage", "config", "data", "models"},
-    "evaluate_run": _CORE | {"tracking", "run_files"},
+    "evaluate_run": _CORE | {"tracking", "run_files", "serve_request"},  # the one left_pad of model inputs
     # the export as an MLflow model, saved by training for the tracker to log
     "serving": _CORE | {"run_files", "evaluate_run", "serve_request"},
     "serve_request": _BASE,

@@ -21,23 +21,13 @@ import torch
 
 from genrec_dist.errors import ConfigError, GenrecError
 from genrec_dist.evaluation.run import load_exported
+from genrec_dist.serve_request import left_pad
 
 NEG_INF = float("-inf")
 
 
 class RecommendInputError(GenrecError, ValueError):
     """A users-table row the model cannot read: the message names the file, the user and the field."""
-
-
-def left_pad(histories: Any, width: int) -> np.ndarray:
-    """Histories (a sequence of item-id arrays, oldest first) -> (B, width) int64, the last ``width`` items of each,
-    left-padded with 0: the layout the models read (most recent last)."""
-    out = np.zeros((len(histories), width), dtype=np.int64)
-    for row, h in enumerate(histories):
-        h = np.asarray(h, dtype=np.int64)[-width:]
-        if len(h):
-            out[row, width - len(h):] = h
-    return out
 
 
 def check_histories(users: Any, histories: Any, num_items: int, paths: Any = None) -> None:
@@ -66,7 +56,7 @@ def recommend_batch(model: torch.nn.Module, histories: Any, k: int, max_history:
     not depend on the other users of its batch). ``exclude_seen`` drops every item of the user's whole history: the
     model is asked for k + (distinct items seen) and the seen ones are filtered out, so exactly k remain whenever the
     catalog has them (for beam models the beam widens to that many; a wider beam may reorder the tail)."""
-    history = torch.from_numpy(left_pad(histories, max_history)).to(device)
+    history = left_pad(histories, max_history).to(device)
     extra = max((len(np.unique(np.asarray(h))) for h in histories), default=0) if exclude_seen else 0
     fetch = min(k + extra, model.num_items)
     accepted = inspect.signature(model.topk).parameters
