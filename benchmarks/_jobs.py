@@ -11,7 +11,7 @@ from typing import Any
 
 from genrec_dist import storage
 from genrec_dist.config import load_config
-from genrec_dist.training.runs import CONFIG_FILE, config_differences, read_run, read_run_config
+from genrec_dist.runs.rundir import CONFIG_FILE, config_differences, read_run, read_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

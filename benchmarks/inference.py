@@ -116,13 +116,13 @@ def recommend_rows(run: str, workers: list[int], k: int, batch_size: int, out_di
     """One row per worker count: users/s of the batch recommendation job for ``run`` (outputs under ``out_dir``)."""
     from genrec_dist.ray_recommend import run_recommend
     from genrec_dist.tracking import NullTracker
-    from genrec_dist.evaluation.run import run_own_config
+    from genrec_dist.runs.find import run_own_config
 
     rows = []
     for n in workers:
         overrides = [f"k={k}", f"num_workers={n}", f"batch_size={batch_size}", f"output={out_dir}/recommend-{n}"]
         cfg, run_dir, _ = run_own_config(load_config(None, overrides, "recommend"), run, overrides, "recommend")
-        s = run_recommend(cfg, run_dir, overrides, NullTracker())
+        s = run_recommend(cfg, run_dir, overrides, tracking=lambda *a, **k: NullTracker())
         meta = json.loads(open(os.path.join(s["output"], "manifest.json")).read())
         rows.append({"model": f"recommend {meta['model']}", "workers": n, "users": s["users"],
                      "users_per_s": s["users_per_s"], "seconds": s["seconds"], "k": k, "batch_size": batch_size,
@@ -179,8 +179,8 @@ def main() -> None:
         dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
         seqs = dataset.sequences()
         # CAR and TIGER share one history length here (both model.<name>.max_history default to 20)
-        hist = model_history("model.car.max_history", cfg.model.car.max_history, dataset)
-        model_history("model.tiger.max_history", cfg.model.tiger.max_history, dataset)
+        hist = model_history("car", cfg.model.car.max_history, dataset)
+        model_history("tiger", cfg.model.tiger.max_history, dataset)
         test = D.eval_examples(seqs, hist, "test")
         test = test.take(np.arange(min(args.users, len(test))))
         batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(test, args.batch_size)]

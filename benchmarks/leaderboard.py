@@ -212,7 +212,7 @@ def main() -> None:
     import torch
 
     from genrec_dist.config import load_config
-    from genrec_dist.evaluation.run import load_exported
+    from genrec_dist.runs.export import load_exported
 
     os.chdir(REPO)  # configs' relative paths are relative to the repository root, as for the jobs
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)

@@ -61,7 +61,7 @@ def beauty_size_runs(root: str, models: list[str], overrides: list[str]) -> dict
     from genrec_dist.config import load_config
     from genrec_dist.data.semantic_ids import write_semantic_ids
     from genrec_dist.models import build_model
-    from genrec_dist.training.export import model_meta, semantic_id_files, write_model
+    from genrec_dist.runs.export import model_meta, semantic_id_files, write_model
 
     cfg = load_config(os.path.join(REPO, "configs", "beauty.yaml"), overrides)
     cfg.model.car.inference = "fast"
@@ -255,7 +255,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="genrec-serving-bench-") as tmp:
         if args.runs:
             from genrec_dist.config import load_config
-            from genrec_dist.evaluation.run import find_run_dir
+            from genrec_dist.runs.find import find_run_dir
 
             cfg = load_config(None, args.overrides)
             runs = {k: find_run_dir(cfg, v) for k, v in (p.split("=", 1) for p in args.runs.split(","))}
@@ -264,7 +264,7 @@ def main() -> None:
             runs = beauty_size_runs(tmp, args.models.split(","), args.overrides)
             source = f"untrained exports at Beauty size ({BEAUTY_ITEMS} items), configs/beauty.yaml model.*"
         for name, run_dir in runs.items():
-            from genrec_dist.training.export import read_meta
+            from genrec_dist.runs.export import read_meta
 
             meta = read_meta(os.path.join(run_dir, "model"))
             n = int(meta["num_items"])

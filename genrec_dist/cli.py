@@ -5,13 +5,10 @@ traceback."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import Any, Callable
 
-from genrec_dist.config import (Config, ConfigError, get_dotted, load_config, marked_fields, to_yaml,
-                                with_resolved_paths)
+from genrec_dist.config import Config, ConfigError, check_ray_job_paths, load_config, marked_fields
 from genrec_dist.errors import GenrecError
 
 
@@ -35,7 +32,9 @@ def shorthand(job: str) -> tuple[str, str] | None:
     return (own[0].split(".", 1)[1], own[0]) if own else None
 
 
-def job_parser(job: str, description: str) -> argparse.ArgumentParser:
+def job_parser(job: str, description: str, run: bool | str = False) -> argparse.ArgumentParser:
+    """The job's command line: ``--config``, ``key=value`` overrides, its shorthand flag, and with ``run`` the
+    ``--run`` of the jobs that use a trained run (evaluate, recommend, serve; a string: its help)."""
     parser = argparse.ArgumentParser(
         prog=f"jobs/{job}.py",
         description=description,
@@ -47,41 +46,40 @@ def job_parser(job: str, description: str) -> argparse.ArgumentParser:
         flag, key = shorthand(job)
         parser.add_argument(f"--{flag}", dest="shorthand", metavar=flag.upper(), default=None,
                             help=f"the same as the override {key}=...")
+    if run:
+        parser.add_argument("--run", required=True, help=run if isinstance(run, str) else (
+            "a run dir, a run name or the MLflow run id of a training run; without --config the run's own saved "
+            "config (config.yaml in its run dir) is used, the overrides on top"))
     return parser
 
 
 def load_job_config(args: argparse.Namespace, job: str, quiet: bool = False) -> Config:
-    """Load and print the resolved config (:class:`ConfigError` when it does not fit). A shorthand flag
-    (``--model car``) joins ``args.overrides`` as its override, last, so it wins over a ``model=`` beside it."""
+    """The job's config (:class:`ConfigError` when it does not fit), its source said in one line unless ``quiet``
+    (the whole resolved config goes to the run's files and MLflow, not the console). A shorthand flag (``--model
+    car``) joins ``args.overrides`` as its override, last, so it wins over a ``model=`` beside it."""
     if getattr(args, "shorthand", None) is not None:
         args.overrides.append(f"{shorthand(job)[1]}={args.shorthand}")
     cfg = load_config(args.config, args.overrides, default_section=job)
     check_ray_job_paths(cfg)
     if not quiet:
-        print(f"# resolved config ({job})\n{to_yaml(cfg)}", flush=True)
+        _say_config(job, args.config or "the defaults", args.overrides)
     return cfg
 
 
-def ray_job_working_dir() -> str | None:
-    """The ``working_dir`` of the Ray job this process is the driver of (``ray job submit --working-dir``), else
-    ``None``. Ray's job supervisor hands the driver its job config (runtime_env included) in this variable."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    try:
-        return ((json.loads(raw) if raw else {}).get("runtime_env") or {}).get("working_dir") or None
-    except (ValueError, AttributeError):
-        return None
+def load_run_job_config(args: argparse.Namespace, job: str) -> tuple[Config, str]:
+    """``(config, run dir)`` of a job that uses the trained run ``--run`` names (the one resolver:
+    :func:`genrec_dist.runs.find.resolve_run`): without ``--config``, the run's own saved config with the overrides
+    on top."""
+    from genrec_dist.runs.find import resolve_run
+
+    cfg = load_config(args.config, args.overrides, default_section=job)
+    cfg, run_dir, source = resolve_run(cfg, args.run, args.overrides, job, own_config=args.config is None)
+    check_ray_job_paths(cfg, **{"--run": run_dir})
+    _say_config(job, args.config or source or "the defaults (the run saved no config)", args.overrides)
+    return cfg, run_dir
 
 
-def check_ray_job_paths(cfg: Config) -> None:
-    """Under ``ray job submit --working-dir`` the driver runs in a temporary copy of that directory on the head, so a
-    relative output location would be written into the copy and lost with it: refuse it, naming each one."""
-    if ray_job_working_dir() is None:
-        return
-    # the locations jobs write (``output`` in their fields' metadata), paths.* as derived from workdir
-    resolved = with_resolved_paths(cfg)
-    places = {name: get_dotted(resolved, name) for name in marked_fields(Config, "output", True)}
-    relative = [f"{k}={v}" for k, v in places.items() if v and "://" not in v and not os.path.isabs(v)]
-    if relative:
-        raise ConfigError(f"running as a Ray job with a working_dir (ray job submit --working-dir), which runs in a "
-                          f"temporary copy of that directory: {', '.join(relative)} would be written there and lost; "
-                          "give absolute paths every node sees (shared storage) or s3://")
+def _say_config(job: str, source: str, overrides: list[str]) -> None:
+    extra = f" + {len(overrides)} override{'s' * (len(overrides) != 1)}" if overrides else ""
+    kept = "MLflow's params and the run's config.yaml" if job == "train" else "MLflow's params"
+    print(f"{job}: config {source}{extra} (the whole resolved config: {kept})", flush=True)

@@ -124,6 +124,44 @@ def with_resolved_paths(cfg: Config) -> Config:
     return out
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """:func:`with_resolved_paths`, and every local location (``output`` in its field's metadata) made absolute
+    against this process's working directory: what a run records, so the run can be used from anywhere (another
+    working directory, ``ray job submit``'s temporary copy of it, another node of a shared filesystem)."""
+    out = with_resolved_paths(cfg)
+    for name in marked_fields(Config, "output", True):
+        value = get_dotted(out, name)
+        if value and "://" not in value and not os.path.isabs(value):
+            set_dotted(out, name, os.path.abspath(value))
+    return out
+
+
+def ray_job_working_dir() -> str | None:
+    """The ``working_dir`` of the Ray job this process is the driver of (``ray job submit --working-dir``), else
+    ``None``. Ray's job supervisor hands the driver its job config (runtime_env included) in this variable."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return ((json.loads(raw) if raw else {}).get("runtime_env") or {}).get("working_dir") or None
+    except (ValueError, AttributeError):
+        return None
+
+
+def check_ray_job_paths(cfg: Config, **places: str) -> None:
+    """Under ``ray job submit --working-dir`` the driver runs in a temporary copy of that directory on the head, so a
+    relative location would be read from or written into the copy (and lost with it): refuse it, naming each one.
+    Checked: every field marked ``output`` or ``input`` in its metadata (``paths.*`` as derived from workdir) and the
+    job's own ``places`` (``--run``: its run dir)."""
+    if ray_job_working_dir() is None:
+        return
+    resolved = with_resolved_paths(cfg)
+    named = {name: get_dotted(resolved, name) for key in ("output", "input") for name in marked_fields(Config, key)}
+    relative = [f"{k}={v}" for k, v in {**named, **places}.items() if v and "://" not in v and not os.path.isabs(v)]
+    if relative:
+        raise ConfigError(f"running as a Ray job with a working_dir (ray job submit --working-dir), which runs in a "
+                          f"temporary copy of that directory: {', '.join(relative)} would be read from or written "
+                          "there (and lost); give absolute paths every node sees (shared storage) or s3://")
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
@@ -146,6 +184,11 @@ def get_dotted(cfg: Any, name: str) -> Any:
     for part in name.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def set_dotted(cfg: Any, name: str, value: Any) -> None:
+    *parents, leaf = name.split(".")
+    setattr(get_dotted(cfg, ".".join(parents)) if parents else cfg, leaf, value)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -357,13 +400,15 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def model_history(field: str, wanted: int, dataset: Any) -> int:
-    """``wanted`` (a model's ``max_history``, named by ``field``) when ``dataset`` (a prepared
-    :class:`~genrec_dist.data.dataset.Dataset`) keeps that much history, else a :class:`ConfigError` naming both
-    settings, their values and the dataset: a model never gets a silently shorter history than it was configured for."""
-    if wanted > dataset.max_history:
+def model_history(model: str, max_history: int, dataset: Any) -> int:
+    """The history length model ``model`` reads (``model.<model>.max_history``: ``max_history``, from a config or
+    an exported model's own saved config) when ``dataset`` (a prepared :class:`~genrec_dist.data.dataset.Dataset`)
+    keeps that much history, else a :class:`ConfigError` naming both settings, their values and the dataset: a model
+    never gets a silently shorter history than it was configured for."""
+    field = f"model.{model}.max_history"
+    if max_history > dataset.max_history:
         raise ConfigError(
-            f"{field}={wanted} asks for more history than the dataset keeps: prepare.max_history={dataset.max_history}"
-            f" in {dataset.path}/manifest.json; prepare it again with prepare.max_history>={wanted} (and "
-            f"prepare.overwrite=true), or lower {field}")
-    return wanted
+            f"{field}={max_history} asks for more history than the dataset keeps: prepare.max_history="
+            f"{dataset.max_history} in {dataset.path}/manifest.json; prepare it again with prepare.max_history>="
+            f"{max_history} (and prepare.overwrite=true), or lower {field}")
+    return int(max_history)

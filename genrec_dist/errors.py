@@ -2,7 +2,7 @@
 :class:`GenrecError` as one line and exits; any other exception is a bug and keeps its traceback.
 
 Each error type lives next to the code that raises it (``storage.StorageError``, ``data.errors.InputError``,
-``tracking.TrackingError``, ``training.runs.RunConfigError``, ...) and subclasses :class:`GenrecError`. Types that
+``tracking.TrackingError``, ``runs.rundir.RunConfigError``, ...) and subclasses :class:`GenrecError`. Types that
 were ``ValueError``/``RuntimeError`` before keep that base too, so callers that caught them still do.
 """
 

@@ -19,13 +19,10 @@ import numpy as np
 import polars as pl
 
 from genrec_dist import storage
-from genrec_dist.config import ConfigError, to_dict
-from genrec_dist.data.dataset import Dataset
+from genrec_dist.config import to_dict
 from genrec_dist.evaluation.recommend import Recommender, RecommendInputError
-from genrec_dist.tracking import make_tracker
-from genrec_dist.training import runs
-from genrec_dist.evaluation.run import inference_overrides
-from genrec_dist.training.export import read_meta
+from genrec_dist.runs.export import inference_overrides, read_meta
+from genrec_dist.runs.rundir import open_run_dataset, read_run
 
 OUTPUT_DIR = "recommendations"
 # Users per output shard (the writer bundles the actors' batches up to this): 20M users -> ~200 files, not 20k.
@@ -37,32 +34,17 @@ def output_path(cfg: Any, run_dir: str) -> str:
     return cfg.recommend.output or storage.join(run_dir, OUTPUT_DIR)
 
 
-def check_paths(cfg: Any, run_dir: str) -> None:
-    """Under ``ray job submit --working-dir`` the driver runs in a temporary copy of that folder: a relative users
-    table or output would be read from / written into the copy (and lost): refuse it, naming it."""
-    from genrec_dist.cli import ray_job_working_dir
-
-    if ray_job_working_dir() is None:
-        return
-    places = {"--run": run_dir, "recommend.users": cfg.recommend.users, "recommend.output": output_path(cfg, run_dir)}
-    relative = [f"{k}={v}" for k, v in places.items() if v and "://" not in v and not os.path.isabs(v)]
-    if relative:
-        raise ConfigError(f"running as a Ray job with a working_dir (ray job submit --working-dir): "
-                          f"{', '.join(relative)} would be resolved in its temporary copy; give absolute paths every "
-                          "node sees (shared storage) or s3://")
-
-
-def make_recommend_tracker(cfg: Any, run_dir: str) -> Any:
-    """The job's MLflow run, beside the training run (its id, dir and model as tags; the dataset's tags when the
-    users are the run's dataset)."""
-    info = runs.read_run(run_dir, cfg.storage) or {}
+def _tracker(cfg: Any, run_dir: str, tracking: Callable) -> Any:
+    """The job's MLflow run (``tracking``: the job's tracker factory), beside the training run (its id, dir and
+    model as tags; the dataset's tags when the users are the run's dataset)."""
+    info = read_run(run_dir, cfg.storage) or {}
     meta = read_meta(storage.join(run_dir, "model"), cfg.storage)
     tags = {"genrec.train_run_id": str(info.get("mlflow_run_id")), "genrec.run_dir": run_dir,
             "genrec.model": meta["model"]}
     if not cfg.recommend.users:
-        tags.update(Dataset.open(info.get("dataset") or cfg.dataset_dir, cfg.storage).tags())
-    return make_tracker(cfg, "recommend", 0, run_name=f"{info.get('run_name', meta['model'])}-recommend",
-                        extra_tags=tags, spool_dir=run_dir)
+        tags.update(open_run_dataset(cfg, info).tags())
+    return tracking(cfg, "recommend", 0, run_name=f"{info.get('run_name', meta['model'])}-recommend",
+                    extra_tags=tags, spool_dir=run_dir)
 
 
 def _ray_path(path: str, storage_cfg: Any) -> tuple[str, Any]:
@@ -82,8 +64,7 @@ def read_users(cfg: Any, run_dir: str) -> tuple[Any, int, str]:
 
     users = cfg.recommend.users
     if not users:
-        info = runs.read_run(run_dir, cfg.storage) or {}
-        dataset = Dataset.open(info.get("dataset") or cfg.dataset_dir, cfg.storage)
+        dataset = open_run_dataset(cfg, read_run(run_dir, cfg.storage) or {})
         files = [_ray_path(f, cfg.storage) for f in dataset.shard_files]
         ds = ray.data.read_parquet([p for p, _ in files], filesystem=files[0][1], include_paths=True)
         ds = ds.select_columns(["user", "items", "path"]).rename_columns({"items": "history"})
@@ -145,12 +126,14 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run_recommend(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any,
+def run_recommend(cfg: Any, run_dir: str, overrides: Sequence[str], *, tracking: Callable,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Top-``recommend.k`` items and scores for every user of the users table, committed at the output; the
-    counts, users/s and the output location logged to ``tracker`` (closed here: FAILED when the run fails).
+    counts, users/s and the output location logged to the job's MLflow run (``tracking``: the job's tracker factory,
+    e.g. ``genrec_dist.tracking.make_tracker``; the run ends FAILED when the job fails).
     ``overrides`` (the command line's) may change the exported model's inference-time fields
     (``model.car.inference=slow``), nothing else of it."""
+    tracker = _tracker(cfg, run_dir, tracking)
     try:
         summary = _run(cfg, run_dir, overrides, tracker, log)
     except Exception as exc:
@@ -171,7 +154,6 @@ def _run(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any, log: Ca
     from genrec_dist.ray_runtime import ensure_ray
 
     rc = cfg.recommend
-    check_paths(cfg, run_dir)
     meta = read_meta(storage.join(run_dir, "model"), cfg.storage)
     inference = inference_overrides(cfg, overrides, meta["model"], run_dir, meta["model_config"][meta["model"]])
     output = output_path(cfg, run_dir)

@@ -49,9 +49,9 @@ from starlette.responses import Response
 from genrec_dist import serve_request as R
 from genrec_dist import storage
 from genrec_dist.config import ConfigError, load_config
-from genrec_dist.evaluation.run import find_run_dir, inference_overrides, load_exported, run_own_config
-from genrec_dist.training.export import read_meta
-from genrec_dist.training.runs import RunNotFoundError
+from genrec_dist.runs.export import inference_overrides, load_exported, read_meta
+from genrec_dist.runs.find import resolve_run
+from genrec_dist.runs.rundir import RunNotFoundError
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 HAPROXY_FLAGS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS")  # Ray Serve's (2.60) feature flags
@@ -71,10 +71,9 @@ class ModelSource:
 
 def resolve(cfg: Any, run: str, overrides: Sequence[str] = (), own_config: bool = True) -> tuple[Any, ModelSource]:
     """``(config, source)`` for ``--run``: an MLflow model URI is checked in ``tracking.uri``'s store; a run dir, run
-    name or MLflow run id is found as ``jobs/evaluate.py`` finds it, and with ``own_config`` (no ``--config``) the
-    run's own saved config is used with ``overrides`` on top (so its MLflow store and storage settings). Refuses
-    inference overrides the model does not allow and, under ``ray job submit --working-dir``, a relative run dir."""
-    from genrec_dist.cli import ray_job_working_dir
+    name or MLflow run id goes through the jobs' one resolver (:func:`genrec_dist.runs.find.resolve_run`: with
+    ``own_config``, no ``--config``, the run's own saved config with ``overrides`` on top; inference overrides
+    checked; the run dir absolute, and refused when relative under ``ray job submit --working-dir``)."""
     from genrec_dist.tracking import check_model, default_uri
 
     if run.startswith(MLFLOW_SCHEMES):
@@ -84,18 +83,7 @@ def resolve(cfg: Any, run: str, overrides: Sequence[str] = (), own_config: bool 
         except KeyError as exc:
             raise RunNotFoundError(f"--run {exc.args[0]}") from None
         return cfg, ModelSource(model_uri=run, tracking_uri=uri)
-    if own_config:
-        cfg, run_dir, _ = run_own_config(cfg, run, overrides, "serve")
-    else:
-        run_dir = find_run_dir(cfg, run)
-    if not storage.is_remote(run_dir):
-        if ray_job_working_dir() is not None and not os.path.isabs(run_dir):
-            raise ConfigError(f"running as a Ray job with a working_dir (ray job submit --working-dir): --run "
-                              f"{run_dir} would be read from its temporary copy; give an absolute run dir every node "
-                              "sees (shared storage) or s3://")
-        run_dir = os.path.abspath(run_dir)  # the replicas' working directory is not this one
-    meta = read_meta(storage.join(run_dir, "model"), cfg.storage)
-    inference_overrides(cfg, overrides, meta["model"], run_dir, meta["model_config"][meta["model"]])  # (checks)
+    cfg, run_dir, _ = resolve_run(cfg, run, overrides, "serve", own_config)
     return cfg, ModelSource(run_dir=run_dir)
 
 

@@ -15,7 +15,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from genrec_dist.evaluation.evaluate import format_results  # noqa: E402
 
 # Training scalars that say nothing about learning (throughput, memory, epoch counter) are left off the curves.
 _SKIP = ("samples_per_s", "peak_mem_mb", "epoch", "elapsed_s")
@@ -123,3 +122,23 @@ def _save(fig: Any, path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def format_results(results: Mapping[str, Mapping[str, float]], ks: Sequence[int] = (5, 10, 20)) -> str:
+    """A markdown table: one row per model name, Recall@k / NDCG@k columns, then users/s and ms/user. Metrics of
+    an inference mode (``"<mode>/recall@10"``, CAR's fast and slow) get their own row ``<name> <mode>``."""
+    ks = sorted(set(int(k) for k in ks))
+    metrics = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
+    head = ["model", *(m.replace("recall", "R").replace("ndcg", "N") for m in metrics), "users", "users/s", "ms/user"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: dict[str, Mapping[str, float]] = {}
+    for name, row in results.items():
+        rows[name] = row
+        for mode in dict.fromkeys(k.split("/", 1)[0] for k in row if "/" in k):
+            rows[f"{name} {mode}"] = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith(mode + "/")}
+    for name, row in rows.items():
+        cells = [name, *(f"{row[m]:.4f}" if m in row else "-" for m in metrics),
+                 f"{int(row.get('users', 0))}", f"{row.get('users_per_s', 0.0):.1f}",
+                 f"{row.get('latency_ms_per_user', 0.0):.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

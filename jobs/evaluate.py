@@ -5,30 +5,17 @@
     python jobs/evaluate.py --run <run dir> [overrides]   # no --config: the run's own saved config.yaml
 """
 
-import os
-import sys
+import _entry  # noqa: F401  (first: takes jobs/ off the import path)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-from genrec_dist import cli  # noqa: E402
-from genrec_dist.config import to_yaml  # noqa: E402
-from genrec_dist.evaluation.run import evaluate_run, run_own_config  # noqa: E402
-from genrec_dist.tracking import make_tracker  # noqa: E402
+from genrec_dist import cli
+from genrec_dist.evaluation.job import evaluate_run
+from genrec_dist.tracking import make_tracker
 
 
 def job() -> None:
-    parser = cli.job_parser("evaluate", __doc__.strip().splitlines()[0])
-    parser.add_argument("--run", required=True,
-                        help="MLflow run id of a training run, a run name or a run dir; without --config the run's "
-                             "own saved config (config.yaml in its run dir) is used, the overrides on top")
-    args = parser.parse_intermixed_args()
-    cfg = cli.load_job_config(args, "evaluate", quiet=args.config is None)
-    run = args.run
-    if args.config is None:
-        cfg, run, source = run_own_config(cfg, args.run, args.overrides)
-        print(f"# resolved config (evaluate), from {source or 'the defaults (the run saved no config)'}\n"
-              f"{to_yaml(cfg)}", flush=True)
-    summary = evaluate_run(cfg, run, args.overrides, tracking=make_tracker)
+    args = cli.job_parser("evaluate", __doc__.strip().splitlines()[0], run=True).parse_intermixed_args()
+    cfg, run_dir = cli.load_run_job_config(args, "evaluate")
+    summary = evaluate_run(cfg, run_dir, args.overrides, tracking=make_tracker)
     print(summary["table"], flush=True)
     print(f"metrics: {summary['metrics_path']} (MLflow run {summary['mlflow_run_id']})", flush=True)
 

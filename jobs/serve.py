@@ -9,24 +9,21 @@ URI is looked up in tracking.uri (or MLFLOW_TRACKING_URI). Ctrl-C or SIGTERM sto
 the job; an application on a cluster is deleted). serve.haproxy=true: Ray Serve's HAProxy ingress (docs/serving.md).
 """
 
-import os
+import _entry  # noqa: F401  (first: takes jobs/ off the import path)
+
 import signal
 import sys
 import time
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-from genrec_dist import cli  # noqa: E402
-from genrec_dist.config import load_config  # noqa: E402
-from genrec_dist.ray_serve import resolve, start  # noqa: E402
+from genrec_dist import cli
+from genrec_dist.config import load_config
+from genrec_dist.ray_serve import resolve, start
 
 
 def job() -> None:
-    parser = cli.job_parser("serve", __doc__.strip().splitlines()[0])
-    parser.add_argument("--run", required=True,
-                        help="a run dir, run name or MLflow run id of a training run, or an MLflow model URI "
-                             "(models:/<name>/<version>); without --config a run's own saved config is used")
-    args = parser.parse_intermixed_args()
+    args = cli.job_parser("serve", __doc__.strip().splitlines()[0], run=(
+        "a run dir, run name or MLflow run id of a training run, or an MLflow model URI (models:/<name>/<version>); "
+        "without --config a run's own saved config is used")).parse_intermixed_args()
     cfg = load_config(args.config, args.overrides, default_section="serve")
     cfg, source = resolve(cfg, args.run, args.overrides, own_config=args.config is None)
     url, local = start(cfg, source, args.overrides)

@@ -6,11 +6,10 @@
     python jobs/tokenize.py --config configs/scientific.yaml method=import \\
         index_path=<an LC-Rec/LETTER Name.index.json[.gz]>     # bring a peer pipeline's codes (configs/beauty.yaml does)
 """
-import os, sys  # noqa: E401 - must run first: this file would shadow the stdlib `tokenize` module
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import _entry  # noqa: F401  (first: takes jobs/ off the import path)
 
-from genrec_dist import cli  # noqa: E402
-from genrec_dist.tracking import make_tracker  # noqa: E402
+from genrec_dist import cli
+from genrec_dist.tracking import make_tracker
 
 
 def job() -> None:

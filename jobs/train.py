@@ -7,15 +7,12 @@
     python jobs/train.py --config ... --resume [RUN]                 # continue a killed run (default: the latest)
 """
 
-import os
-import sys
+import _entry  # noqa: F401  (first: takes jobs/ off the import path)
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-from genrec_dist import cli  # noqa: E402
-from genrec_dist.tracking import make_tracker  # noqa: E402
-from genrec_dist.training import run_training  # noqa: E402
-from genrec_dist.training.dist import is_rank_zero  # noqa: E402
+from genrec_dist import cli
+from genrec_dist.tracking import make_tracker
+from genrec_dist.training import run_training
+from genrec_dist.training.dist import is_rank_zero
 
 
 def job() -> None:

@@ -1,10 +1,14 @@
 """The layering rule, checked so it cannot drift: an AST scan of EVERY module in ``genrec_dist/``, ``tokenization/``
-and ``jobs/`` against an explicit table of which group may import which. ``tokenization`` depends on ``genrec_dist``,
-never the reverse; nothing imports ``jobs``; the pure core (settings, data formats, models, metrics, k-means) never
-imports ``ray``, ``deepspeed``, ``mlflow`` or ``torch.distributed``. Imports inside functions count (they run);
-imports under ``if TYPE_CHECKING:`` do not (they never run). A module the scan cannot parse is a failure.
+and ``jobs/``. A module's group is what the folders say: the package it sits in under ``genrec_dist/`` (``runs``,
+``training``, ...) or its own name for a top-level module (``storage``, ``cli``, ...); every package's ``config``
+module is ``settings`` (a section's fields, below everything). The groups stand in layers, bottom first, and a
+module may import its own group or a group of a lower layer only: so no two groups import each other, and no
+folder-level circle can form. A second rule: **no import circle between modules** (deferred imports inside
+functions count, as they run; imports under ``if TYPE_CHECKING:`` do not, as they never run). The pure core
+(settings, data formats, models, metrics, k-means) never imports ``ray``, ``deepspeed``, ``mlflow`` or
+``torch.distributed``. A module the scan cannot parse is a failure.
 
-A second test imports the core for real with the engines made unimportable, so the table cannot be wrong about it.
+A last test imports the core for real with the engines made unimportable, so the table cannot be wrong about it.
 """
 
 from __future__ import annotations
@@ -19,92 +23,44 @@ from _util import REPO
 
 PACKAGES = ("genrec_dist", "tokenization", "jobs")
 
-# Module groups, by dotted-name prefix (the longest prefix wins).
-GROUPS = {
-    "genrec_dist": "root",  # the package's own __init__ only (a new top-level module must be placed in the table)
-    "genrec_dist.errors": "errors",
-    "genrec_dist.data.config": "settings",
-    "genrec_dist.models.config": "settings",
-    "genrec_dist.training.config": "train_settings",  # train.model's choices are the model registry's
-    "genrec_dist.tokenize_config": "settings",
-    "genrec_dist.storage": "storage",
-    "genrec_dist.spool": "storage",
-    "genrec_dist.config": "config",
-    "genrec_dist.cli": "cli",
-    "genrec_dist.data": "data",
-    "genrec_dist.models": "models",
-    "genrec_dist.evaluation": "metrics",
-    "genrec_dist.evaluation.run": "evaluate_run",
-    "genrec_dist.evaluation.recommend": "evaluate_run",  # the Recommender loads a run's export, as run.py does
-    "genrec_dist.reports": "reports",
-    "genrec_dist.tracking": "tracking",
-    "genrec_dist.serving": "serving",  # a run's export as an MLflow pyfunc model
-    "genrec_dist.serve_request": "serve_request",  # one online request and its answer (both servers)
-    "genrec_dist.ray_serve": "ray_serve",  # the same model on Ray Serve (jobs/serve.py)
-    "genrec_dist.ray_runtime": "ray_runtime",
-    "genrec_dist.ray_recommend": "recommend",
-    # what a run leaves on disk: below both training and evaluating a run (the examples it reads are data)
-    "genrec_dist.training.runs": "run_files",
-    "genrec_dist.training.export": "run_files",
-    "genrec_dist.training.checkpoint": "run_files",
-    "genrec_dist.training": "training",
-    "tokenization": "tokenization",
-    "tokenization.kmeans": "tokenization_core",
-    "tokenization.balanced": "tokenization_core",
-    "tokenization.collision_free": "tokenization_core",
-    "tokenization.embed": "tokenization_core",
-    "tokenization.embedding_store": "tokenization_core",
-    "tokenization.progress": "tokenization_core",
-    "tokenization.config": "tokenization_core",
-    "jobs": "jobs",
-}
-
-_BASE = {"root", "errors", "settings"}
-_CORE = _BASE | {"train_settings", "storage", "config", "data", "models", "metrics", "reports"}
-# group -> the other groups it may import (its own group is always allowed). No group lists "jobs", and no
-# genrec_dist group lists a tokenization group. Only the jobs make trackers: the engines (training, tokenization) get
-# theirs from the job, so they may not import tracking; evaluating a run reads tracking's run lookup.
-ALLOWED = {
-    "root": set(),
-    "errors": set(),
-    "settings": {"root", "errors"},
-    "train_settings": {"root", "errors", "settings", "models"},
-    "storage": _BASE,
-    "config": _BASE | {"train_settings", "models"},
-    "cli": _BASE | {"config", "train_settings", "models"},
-    "data": _BASE | {"storage"},
-    "models": _BASE,
-    "metrics": _BASE,
-    "reports": _BASE | {"metrics"},
-    "tracking": _BASE | {"storage", "config"},
-    "ray_runtime": _BASE,
-    "run_files": _BASE | {"train_settings", "storage", "config", "data", "models"},
-    "evaluate_run": _CORE | {"tracking", "run_files", "serve_request"},  # the one left_pad of model inputs
-    # the export as an MLflow model, saved by training for the tracker to log
-    "serving": _CORE | {"run_files", "evaluate_run", "serve_request"},
-    "serve_request": _BASE,
-    "ray_serve": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "ray_runtime", "serve_request"},
-    "training": _CORE | {"run_files", "evaluate_run", "ray_runtime", "serving"},
-    "recommend": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "ray_runtime"},
-    "tokenization_core": _BASE | {"storage"},
-    "tokenization": _CORE | {"run_files", "ray_runtime", "tokenization_core"},
-    "jobs": _CORE | {"cli", "tracking", "run_files", "evaluate_run", "training", "ray_runtime", "recommend", "ray_serve",
-                     "tokenization", "tokenization_core"},
-}
-
+# The layers, bottom first: a group imports its own group or any group of a lower layer.
+LAYERS = (
+    ("genrec_dist", "errors"),                       # the package's own __init__; the error base
+    ("models", "serve_request", "ray_runtime"),      # the models and their registry; one online request
+    ("settings",),                                   # every other package's config module (dataclass sections)
+    ("storage", "spool"),
+    ("config", "data"),                              # the whole Config; data formats
+    ("reports", "tracking"),
+    ("runs",),                                       # a run's files: run dir, checkpoints, export, --run resolver
+    ("evaluation", "cli"),                           # metrics, a split scored, the evaluate job's loop; job args
+    ("serving", "ray_recommend", "tokenization_core"),
+    ("training", "ray_serve", "tokenization"),
+    ("jobs",),
+)
+GROUP_LAYER = {group: n for n, layer in enumerate(LAYERS) for group in layer}
+# tokenization/'s pure modules (k-means and the embedding store): the core of the tokenizer, below its Ray pipeline.
+TOKENIZATION_CORE = {"kmeans", "kmeans_call", "balanced", "collision_free", "embed", "embedding_store", "progress",
+                     "config"}
 ENGINES = ("ray", "deepspeed", "mlflow", "torch.distributed")
 # Groups that must run with none of the engines installed: the pure core.
-ENGINE_FREE = {"root", "errors", "settings", "train_settings", "storage", "config", "data", "models", "metrics",
-               "reports", "tokenization_core", "serve_request"}
+ENGINE_FREE = {"genrec_dist", "errors", "settings", "storage", "spool", "models", "serve_request", "config", "data",
+               "reports", "runs", "evaluation", "tokenization_core"}
 
 
 def group_of(module: str) -> str | None:
+    """The group a dotted module name belongs to (None: outside the scanned packages)."""
     parts = module.split(".")
-    for n in range(len(parts), 0, -1):
-        name = ".".join(parts[:n])
-        if name in GROUPS and (name != "genrec_dist" or module == name):
-            return GROUPS[name]
-    return None
+    if parts[0] == "jobs":
+        return "jobs"
+    if parts[0] == "tokenization":
+        return "tokenization_core" if len(parts) > 1 and parts[1] in TOKENIZATION_CORE else "tokenization"
+    if parts[0] != "genrec_dist":
+        return None
+    if len(parts) == 1:
+        return "genrec_dist"
+    if (len(parts) > 2 and parts[-1] == "config" and parts[1] != "models") or parts[1] == "tokenize_config":
+        return "settings"  # (the models' own config is the registry's: the sections of training read it)
+    return parts[1]
 
 
 def module_files(root: str) -> dict[str, str]:
@@ -155,36 +111,109 @@ def imports_of(tree: ast.AST, module: str, is_package: bool, known: set[str]) ->
     return found
 
 
-def violations(root: str) -> list[str]:
-    """Every import of the scanned packages under ``root`` that breaks the table, plus every module that does not
-    parse or belongs to no group; one line each, naming the file and line."""
+def _scan(root: str) -> tuple[dict[str, list[tuple[int, str]]], list[str]]:
+    """``({module: [(line, imported module of the scanned packages or an engine)]}, problems)`` for every module
+    under ``root``: problems are files that do not parse."""
     files = module_files(root)
     known = set(files)
-    problems = []
+    graph, problems = {}, []
     for module, path in sorted(files.items()):
-        rel = os.path.relpath(path, root)
-        group = group_of(module)
-        if group is None:
-            problems.append(f"{rel}: module {module} belongs to no group of the layering table")
-            continue
         try:
             with open(path, encoding="utf-8") as fh:
                 tree = ast.parse(fh.read(), filename=path)
         except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
-            problems.append(f"{rel}: cannot be parsed ({exc})")
+            problems.append(f"{os.path.relpath(path, root)}: cannot be parsed ({exc})")
             continue
-        for line, target in imports_of(tree, module, path.endswith("__init__.py"), known):
+        graph[module] = imports_of(tree, module, path.endswith("__init__.py"), known)
+    return graph, problems
+
+
+def violations(root: str) -> list[str]:
+    """Every import of the scanned packages under ``root`` that breaks the layers, every engine import of the pure
+    core, every module that does not parse or belongs to no layer, and every import circle; one line each, naming
+    the file and line."""
+    files = module_files(root)
+    graph, problems = _scan(root)
+    for module, imports in graph.items():
+        rel = os.path.relpath(files[module], root)
+        group = group_of(module)
+        if group not in GROUP_LAYER:
+            problems.append(f"{rel}: module {module} belongs to no group of the layers ({group})")
+            continue
+        for line, target in imports:
             if group in ENGINE_FREE and any(target == e or target.startswith(e + ".") for e in ENGINES):
                 problems.append(f"{rel}:{line}: {group} module imports the engine {target}")
-            top = target.split(".")[0]
-            if top not in PACKAGES:
+            if target.split(".")[0] not in PACKAGES:
                 continue
             other = group_of(target)
-            if other is None:
+            if other not in GROUP_LAYER:
                 problems.append(f"{rel}:{line}: imports {target}, which belongs to no group")
-            elif other != group and other not in ALLOWED[group]:
-                problems.append(f"{rel}:{line}: {group} module {module} may not import {target} ({other})")
+            elif other != group and GROUP_LAYER[other] >= GROUP_LAYER[group]:
+                problems.append(f"{rel}:{line}: {group} module {module} may not import {target} ({other}: "
+                                f"{'the same' if GROUP_LAYER[other] == GROUP_LAYER[group] else 'a higher'} layer)")
+    problems += [f"import circle: {' -> '.join(c)}" for c in circles(graph, files)]
     return problems
+
+
+def circles(graph: dict[str, list[tuple[int, str]]], files: dict[str, str]) -> list[list[str]]:
+    """Every import circle among the scanned modules, one per strongly connected component of the import graph
+    (a package's ``__init__`` importing its own submodules is not a circle: the submodule importing the package
+    back is how Python resolves ``from package import name``, so edges from a submodule to its own package are
+    left out), each as the modules of one loop through it."""
+    def parent_of(child: str, parent: str) -> bool:
+        return child.startswith(parent + ".")
+
+    edges = {m: sorted({t for _, t in imports if t in graph and t != m and not parent_of(m, t)})
+             for m, imports in graph.items()}
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def strong(v: str) -> None:  # Tarjan's algorithm (the graph has a few hundred nodes)
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(_loop(sorted(comp), edges))
+
+    for v in sorted(edges):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def _loop(comp: list[str], edges: dict[str, list[str]]) -> list[str]:
+    """The shortest loop through a strongly connected component's first module (breadth first, inside it)."""
+    inside, start = set(comp), comp[0]
+    came: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in edges[v]:
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(came[path[-1]])
+                    return [start, *reversed(path[:-1]), start]
+                if w in inside and w not in came:
+                    came[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return comp  # (unreachable for a strongly connected component)
 
 
 def test_every_module_follows_the_table():
@@ -226,11 +255,25 @@ def test_planted_reverse_imports_fail(tmp_path):
 def test_type_checking_imports_do_not_count_but_others_do(tmp_path):
     root = _tree_copy(tmp_path)
     _plant(root, "genrec_dist/models/tiger.py",
-           "\nif TYPE_CHECKING:\n    from genrec_dist.training.runs import RunConfigError\n")
+           "\nif TYPE_CHECKING:\n    from genrec_dist.runs.rundir import RunConfigError\n")
     assert violations(root) == []
     _plant(root, "genrec_dist/models/tiger.py",
-           "\nif not TYPE_CHECKING:\n    from genrec_dist.training.runs import RunConfigError\n")
+           "\nif not TYPE_CHECKING:\n    from genrec_dist.runs.rundir import RunConfigError\n")
     assert len(violations(root)) == 1
+
+
+def test_an_import_circle_fails_even_deferred(tmp_path):
+    """Two modules of one group that import each other, one of them inside a function (the import runs when the
+    function does), is a circle; so is a longer loop across three modules."""
+    root = _tree_copy(tmp_path)
+    _plant(root, "genrec_dist/tracking/base.py", "\ndef _late():\n    from genrec_dist.tracking import outbox\n")
+    found = violations(root)
+    assert found == ["import circle: genrec_dist.tracking.base -> genrec_dist.tracking.outbox -> "
+                     "genrec_dist.tracking.base"], found
+    root = _tree_copy(tmp_path / "b")
+    _plant(root, "genrec_dist/models/blocks.py", "\ndef _late():\n    from genrec_dist.models import car\n")
+    found = violations(root)
+    assert len(found) == 1 and found[0].startswith("import circle: genrec_dist.models.blocks -> "), found
 
 
 def test_unreadable_or_unknown_module_is_a_failure_not_a_skip(tmp_path):

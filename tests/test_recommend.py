@@ -21,7 +21,7 @@ from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import write_semantic_ids
 from genrec_dist.evaluation.recommend import Recommender, RecommendInputError
-from genrec_dist.evaluation.run import load_exported
+from genrec_dist.runs.export import load_exported
 from training.test_train_tiger import _category_codes
 
 CONFIG = os.path.join(REPO, "configs", "synthetic.yaml")
@@ -163,6 +163,9 @@ def test_users_table_slow_beam_exclusion_and_failed_write(car_run, tiger_run, ti
     from genrec_dist.ray_recommend import run_recommend
     from genrec_dist.tracking import NullTracker
 
+    def _no_tracker(*args, **kwargs):  # the job's tracker factory, tracking off
+        return NullTracker()
+
     users = _users(tiny_dataset).head(50).with_columns(pl.col("user").str.to_uppercase())
     table = tmp_path / "users"
     table.mkdir()
@@ -171,7 +174,7 @@ def test_users_table_slow_beam_exclusion_and_failed_write(car_run, tiger_run, ti
     out_dir = tmp_path / "out"
     cfg = _cfg(tiny_cfg, f"users={table}", f"output={out_dir}/slow", "k=5", "exclude_seen=true", "num_workers=1",
                "model.car.inference=slow", "batch_size=16")
-    summary = run_recommend(cfg, car_run, ["model.car.inference=slow"], NullTracker(), log=lambda m: None)
+    summary = run_recommend(cfg, car_run, ["model.car.inference=slow"], tracking=_no_tracker, log=lambda m: None)
     got = _read(summary["output"])
     assert summary["users"] == 50 and got["user"].to_list() == sorted(users["user"].to_list())
     model, _ = load_exported(car_run, None, {"inference": "slow"})
@@ -182,7 +185,7 @@ def test_users_table_slow_beam_exclusion_and_failed_write(car_run, tiger_run, ti
     assert storage.require_manifest(summary["output"])["inference_overrides"] == {"inference": "slow"}
 
     cfg = _cfg(tiny_cfg, f"output={out_dir}/tiger", "k=5", "num_workers=1", "beam_width=12")
-    got = _read(run_recommend(cfg, tiger_run, [], NullTracker(), log=lambda m: None)["output"])
+    got = _read(run_recommend(cfg, tiger_run, [], tracking=_no_tracker, log=lambda m: None)["output"])
     model, _ = load_exported(tiger_run)
     row = got.join(_users(tiny_dataset), on="user").row(7, named=True)
     assert row["items"] == model.recommend(_padded(row["history"], model.cfg.max_history), 5, beam_width=12)[0].tolist()
@@ -192,13 +195,13 @@ def test_users_table_slow_beam_exclusion_and_failed_write(car_run, tiger_run, ti
     bad.write_parquet(table / "b.parquet")
     cfg = _cfg(tiny_cfg, f"users={table}", f"output={out_dir}/bad", "k=5", "num_workers=1", "batch_size=8")
     with pytest.raises(RecommendInputError, match=rf"b.parquet: user '{users['user'][40]}': 'history' item 5000 is"):
-        run_recommend(cfg, car_run, [], NullTracker(), log=lambda m: None)
+        run_recommend(cfg, car_run, [], tracking=_no_tracker, log=lambda m: None)
     assert sorted(os.listdir(out_dir)) == ["slow", "tiger"]  # no "bad", no staging area left behind
     # a table without a history column is named as such
     users.select("user").write_parquet(table / "b.parquet")
     os.remove(table / "a.parquet")
     with pytest.raises(RecommendInputError, match=r"no column 'history'"):
-        run_recommend(cfg, car_run, [], NullTracker(), log=lambda m: None)
+        run_recommend(cfg, car_run, [], tracking=_no_tracker, log=lambda m: None)
 
 
 def test_ray_job_submit_to_a_real_head_equals_the_local_run(job_output, car_run, tmp_path, ray_head):
@@ -218,3 +221,33 @@ def test_ray_job_submit_to_a_real_head_equals_the_local_run(job_output, car_run,
 def test_help_runs():
     proc = run_job("recommend", "--help")
     assert "usage: jobs/recommend.py" in proc.stdout and proc.stdout.count("usage:") == 1
+
+
+def test_a_run_trained_with_relative_paths_is_used_through_ray_job_submit(tiny_dataset, tmp_path, ray_head):
+    """The README demo's way: a run trained from its own folder with a relative workdir. Recommend and evaluate then
+    use it through ``ray job submit --working-dir`` (the driver runs in a temporary copy of the repo, elsewhere) with
+    absolute overrides: the run records absolute locations, and the overrides win over what it recorded."""
+    import shutil
+
+    shutil.copytree(tiny_dataset, tmp_path / "outputs" / "rel" / "dataset")
+    run_job("train", "--config", CONFIG, "workdir=outputs/rel", "train.model=sasrec", "model.sasrec.d_model=16",
+            "model.sasrec.d_ff=16", "model.sasrec.n_layers=1", *SHORT, "max_steps=10", "run_name=rel",
+            cwd=str(tmp_path))
+    root = str(tmp_path / "outputs" / "rel")
+    run_dir = os.path.join(root, "runs", "rel")
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        saved = fh.read()
+    assert f"dataset: {root}/dataset" in saved and f"workdir: {root}" in saved  # recorded absolute
+    abs_paths = [f"workdir={root}", f"paths.dataset={root}/dataset", f"paths.runs={root}/runs"]
+    proc = ray_head.submit("relative-recommend", sys.executable, "jobs/recommend.py", "--run", run_dir, *abs_paths,
+                           f"output={tmp_path}/recs", "num_workers=1", "k=5")
+    assert "relative-recommend' succeeded" in ray_head.status("relative-recommend"), proc.stdout[-3000:] + \
+        proc.stderr[-3000:]
+    assert _read(str(tmp_path / "recs")).height == Dataset.open(tiny_dataset).num_users
+    proc = ray_head.submit("relative-evaluate", sys.executable, "jobs/evaluate.py", "--run", run_dir, *abs_paths)
+    assert "relative-evaluate' succeeded" in ray_head.status("relative-evaluate"), proc.stdout[-3000:] + \
+        proc.stderr[-3000:]
+    assert "| sasrec |" in proc.stdout and os.path.exists(os.path.join(run_dir, "eval-test.json"))
+    # a relative --run names a folder of the job's temporary copy: refused, naming it
+    proc = ray_head.submit("relative-run", sys.executable, "jobs/evaluate.py", "--run", "outputs/rel/runs/rel")
+    assert proc.returncode != 0 and "not a run dir" in (proc.stdout + proc.stderr)

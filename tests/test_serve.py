@@ -28,7 +28,7 @@ def car_run(tmp_path_factory):
     """A run dir holding an untrained CAR export (inference slow, slow_weight 0.25, as if chosen on validation)."""
     from genrec_dist.data.semantic_ids import read_semantic_ids, write_semantic_ids
     from genrec_dist.models import ModelConfig, build_model
-    from genrec_dist.training.export import model_meta, semantic_id_files, write_model
+    from genrec_dist.runs.export import model_meta, semantic_id_files, write_model
 
     root = tmp_path_factory.mktemp("serve")
     codes = np.stack([np.arange(N_ITEMS) % 8, (np.arange(N_ITEMS) // 8) % 8], axis=1)  # 2 levels, some shared
@@ -98,7 +98,7 @@ class Reference:
     """The model's own ranking, one user at a time: the export loaded in this process."""
 
     def __init__(self, run_dir: str):
-        from genrec_dist.evaluation.run import load_exported
+        from genrec_dist.runs.export import load_exported
 
         self.model, _ = load_exported(run_dir)
         assert (self.model.cfg.inference, self.model.cfg.slow_weight) == ("slow", 0.25)  # the exported settings

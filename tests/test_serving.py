@@ -46,7 +46,7 @@ def trained(tiny_cfg, tiny_dataset, tmp_path_factory):
 
 
 def _recommend(run_dir: str, hist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    from genrec_dist.evaluation.run import load_exported
+    from genrec_dist.runs.export import load_exported
 
     model, _ = load_exported(run_dir)
     h = torch.from_numpy(hist)
@@ -198,9 +198,9 @@ def test_pyfunc_of_a_semantic_id_model_ranks_like_recommend(name, params, tmp_pa
 
     from genrec_dist import serving
     from genrec_dist.data.semantic_ids import read_semantic_ids, write_semantic_ids
-    from genrec_dist.evaluation.run import load_exported
+    from genrec_dist.runs.export import load_exported
     from genrec_dist.models import ModelConfig, build_model
-    from genrec_dist.training.export import model_meta, semantic_id_files, write_model
+    from genrec_dist.runs.export import model_meta, semantic_id_files, write_model
 
     n = 24
     codes = np.stack([np.arange(n) % 4, np.arange(n) // 4], axis=1)  # unique 2-level codes

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from tokenization.kmeans import Call, KMeansError, Override
+from tokenization.kmeans_call import Call, KMeansError, Override
 
 
 def capacity(n: int, k: int, balance: float, setting: str = "tokenize.balance") -> int:

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from tokenization.kmeans import Call, KMeansError, Override
+from tokenization.kmeans_call import Call, KMeansError, Override
 
 # Rows fetched from the shards per batch: 8192 x D float64 (24 MiB at D = 384) plus their (rows, K) costs (16 MiB at
 # K = 256) and ~32 MiB of distance temporaries: the pass's driver memory beyond a few int64 arrays of N.

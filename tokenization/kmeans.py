@@ -32,15 +32,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from genrec_dist.errors import GenrecError
+from tokenization.balanced import balanced_labels, capacity
+from tokenization.collision_free import check_capacity
+from tokenization.collision_free import collision_free as make_unique
+from tokenization.kmeans_call import Call, KMeansError, Override
 from tokenization.progress import Progress
 
 # Rows per distance block: bounds the (rows, K) distance matrix to ~64 MiB at K = 256 in float64.
 _BLOCK = 32768
-
-
-class KMeansError(GenrecError, ValueError):
-    """Input k-means cannot run on (K > N, NaN/inf, empty shards); the message says which."""
 
 
 @dataclass
@@ -75,23 +74,6 @@ class Partial:
     sums: np.ndarray  # (K, D) float64, sum of the rows assigned to each cluster
     counts: np.ndarray  # (K,) int64
     inertia: float  # sum of squared distances to the assigned centroid
-
-
-@dataclass
-class Override:
-    """Labels the driver decided, over plain nearest-centroid ones; sent to every shard with the centroids.
-
-    ``bias`` (K,) is added to every row's squared distance to each centroid before the argmin (the prices of the
-    balanced assignment, ``tokenization/balanced.py``); ``rows`` (sorted global rows) then take ``labels`` whatever
-    their scores (the balanced fix-up, the collision-free matching of ``tokenization/collision_free.py``); ``moved``
-    (sorted global rows) add ``shifts`` (m, D) to their residual before the level's centroid is subtracted (items the
-    collision-free pass moved to another prefix: old prefix reconstruction minus the new one)."""
-
-    bias: np.ndarray | None = None
-    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    moved: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    shifts: np.ndarray | None = None
 
 
 @dataclass
@@ -479,9 +461,6 @@ def _segment_sum(labels: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
 # driver side: seeding, reduce, update
 # ----------------------------------------------------------------------------------------------------------------
 
-Call = Callable[..., list]  # call(method_name, *args) -> one result per shard, in shard order
-
-
 def local_call(shards: Sequence[KMeansShard]) -> Call:
     """The ``call`` for shards in this process."""
     return lambda method, *args: [getattr(s, method)(*args) for s in shards]
@@ -610,7 +589,6 @@ def fit_level(call: Call, n: int, params: KMeansParams, level: int = 0,
     codebook (K, D) and its stats. The driver holds only the seeding sample, (K, D) centroids and sums.
 
     The level is *not* advanced (see :func:`residual_kmeans`)."""
-    from tokenization.balanced import balanced_labels, capacity  # it builds on this module
 
     k = params.k
     if k < 1 or params.max_iters < 1:
@@ -718,9 +696,6 @@ def residual_kmeans(call: Call, levels: int, params: KMeansParams, dedup: bool =
     Stats: per level (inertia, utilisation, empty clusters re-seeded, iterations, largest codeword share, perplexity
     share exp(H)/K), the collision rate of the full learned codes, and the reconstruction error
     ``sum ||x - sum_l c_l||^2`` (mean per row, and relative to ``sum ||x||^2``)."""
-    from tokenization.balanced import balanced_labels, capacity
-    from tokenization.collision_free import check_capacity
-    from tokenization.collision_free import collision_free as make_unique
 
     if levels < 1:
         raise KMeansError(f"levels must be >= 1, got {levels}")

@@ -165,7 +165,7 @@ def stage1_history(cfg: Any, dataset: Any) -> int:
     against what the dataset keeps."""
     from genrec_dist.config import model_history
 
-    return model_history("model.unger.max_history", int(cfg.model.unger.max_history), dataset)
+    return model_history("unger", int(cfg.model.unger.max_history), dataset)
 
 
 def din_settings(cfg: Any, dataset: Any, semantic_dim: int, device: torch.device) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import polars as pl
 
@@ -70,13 +70,37 @@ def read_raw(cfg: PrepareSettings, scratch: str = "") -> RawData:
     raise ConfigError(f"prepare.source: unknown source {p.source!r}")
 
 
-def run_prepare(cfg: PrepareSettings, in_memory: bool = False) -> dict[str, Any]:
+def run_prepare(cfg: PrepareSettings, in_memory: bool = False, *,
+                tracking: Callable | None = None) -> dict[str, Any]:
     """Prepare the dataset at ``cfg.dataset_dir`` and return the summary (counts, lengths, timings, warnings).
 
-    Raises :class:`InputError` (bad or empty input, naming file and line), :class:`storage.StorageError`
+    ``tracking`` (the job's tracker factory, ``genrec_dist.tracking.make_tracker``, as train, tokenize, evaluate and
+    recommend take it): the pipeline's first MLflow run, started before the work (an unreachable server ends the job
+    before anything is written), FAILED when the work fails; counts as metrics, the summary as an artifact, the
+    dataset's tags and the config once it is committed. Raises :class:`InputError` (bad or empty input, naming file
+    and line), :class:`storage.StorageError`
     (destination exists without ``prepare.overwrite``, or unreachable storage). On any error the destination
     is unchanged. ``in_memory``: clean one whole frame (the reference path; same bytes, memory grows with the input).
     """
+    if tracking is None:
+        return _prepare(cfg, in_memory)
+    tracker = tracking(cfg, "prepare", extra_tags={"genrec.dataset_path": cfg.dataset_dir})
+    try:
+        summary = _prepare(cfg, in_memory)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    made = dataset.Dataset.open(cfg.dataset_dir, cfg.storage)
+    tracker.set_tags(made.tags())
+    tracker.log_input(**made.input_spec(), context="output")  # what it made (MLflow has no dataset outputs)
+    tracker.log_config(cfg)
+    tracker.log({k: summary[k] for k in ("users", "items", "interactions", "density")})
+    tracker.log_text(summary_table(summary) + "\n", "summary.txt")
+    tracker.close()
+    return {**summary, "mlflow_run_id": tracker.run_id}
+
+
+def _prepare(cfg: PrepareSettings, in_memory: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     p = cfg.prepare
     out = cfg.dataset_dir

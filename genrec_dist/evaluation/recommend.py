@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from genrec_dist.errors import ConfigError, GenrecError
-from genrec_dist.evaluation.run import load_exported
+from genrec_dist.models import recommend_kwargs
+from genrec_dist.runs.export import load_exported
 from genrec_dist.serve_request import left_pad
 
 NEG_INF = float("-inf")
@@ -99,7 +100,7 @@ class Recommender:
         self.model.to(self.device)
         self.k, self.exclude_seen = k, exclude_seen
         self.max_history = int(self.model.cfg.max_history)
-        self.kwargs = {"beam_width": beam_width} if beam_width > 0 else {}
+        self.kwargs = recommend_kwargs(self.model, beam_width)  # the one beam-width rule
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         users, histories = batch["user"], batch["history"]

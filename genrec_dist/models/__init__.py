@@ -12,6 +12,7 @@ module, its config class, and one line here.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
@@ -120,5 +121,26 @@ def inference_fields(name: str) -> tuple[str, ...]:
     return spec(name).inference_fields
 
 
+def recommend_kwargs(model: nn.Module, beam_width: int = 0, score_block: int | None = None) -> dict[str, Any]:
+    """The one beam-width rule, read by every job that ranks (validation, evaluate, recommend): a job's
+    ``beam_width`` > 0 replaces the width of a model whose ``recommend`` takes one (beam search: TIGER, UNGER,
+    CAR-AR); 0 leaves the model its own configured ``model.<name>.beam_width`` (what serving uses too). ``block``
+    for models that rank the catalog block-wise when ``score_block`` is set (0: one block)."""
+    params = inspect.signature(model.recommend).parameters
+    out: dict[str, Any] = {"beam_width": beam_width} if beam_width > 0 and "beam_width" in params else {}
+    if "block" in params and score_block is not None:
+        out["block"] = score_block if score_block > 0 else max(1, getattr(model, "num_items", 1))
+    return out
+
+
+def model_name(model: nn.Module) -> str:
+    """The registry name of a built model (its ``model.<name>`` section), from the type of its config: CAR's AR
+    ablation is ``car`` too."""
+    found = [name for name, s in MODELS.items() if isinstance(getattr(model, "cfg", None), s.config)]
+    if not found:
+        raise ConfigError(f"{type(model).__name__} has no registered model config (models: {available_models()})")
+    return found[0]
+
+
 __all__ = ["MODELS", "ModelConfig", "ModelName", "ModelSpec", "available_models", "build_model", "inference_fields",
-           "model_class", "needs_semantic_ids", "trains_every_position"]
+           "model_class", "model_name", "needs_semantic_ids", "recommend_kwargs", "trains_every_position"]

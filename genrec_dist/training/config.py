@@ -15,6 +15,7 @@ from genrec_dist.models import ModelName
 # absolute under a Ray job's working_dir), a field that does not identify a run (``--resume`` may change it).
 SHORTHAND = {"shorthand": True}
 OUTPUT = {"output": True}
+INPUT = {"input": True}  # a location a job reads (a relative one is refused under ray job submit --working-dir)
 NOT_RUN = {"identifies_run": False}
 
 @dataclass
@@ -83,7 +84,6 @@ class TrainConfig:
     # Validate every this many epochs when eval_every is 0 (1.0 = once an epoch, whatever the dataset's size: what
     # eSASRec's benchmark does, Tikhonovich et al., RecSys 2025); 0 = by steps only.
     eval_every_epochs: float = 0.0
-    eval_batch_size: int = 256
     early_stop_metric: str = "ndcg@10"
     patience: int = 5                    # validations without improvement before stopping; 0 = never stop early
     log_every: int = 10                  # steps between logged training metrics
@@ -101,8 +101,9 @@ class EvaluateConfig:
     """Leave-one-out evaluation of an exported model over the full catalog."""
 
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])   # Recall/NDCG@{5,10,20} (TIGER §4.1, UNGER §4.1)
-    # Constrained beam-search width for TIGER/UNGER/CAR-AR. 0 = the model's own ``model.<name>.beam_width``
-    # (UNGER Table 4: 100); a positive value overrides it for this evaluation (the papers go up to 100).
+    # Constrained beam-search width for TIGER/UNGER/CAR-AR (the rule: genrec_dist.models.recommend_kwargs): 0 = the
+    # model's own ``model.<name>.beam_width`` (UNGER Table 4: 100); > 0 replaces it. Validation during training
+    # reads this section too (beam width, batch_size: users per model call, score_block).
     beam_width: int = 0
     batch_size: int = 256
     split: Literal["test", "valid"] = "test"
@@ -130,8 +131,9 @@ class RecommendConfig:
     exclude_seen: bool = False
     # "" = the run's prepared dataset, history = each user's whole sequence (recommends the item after the last one);
     # else a Parquet file or folder of ``user, history`` rows (history: list of item ids, oldest first), or s3://.
-    users: str = ""
-    output: str = ""                     # "" = <run dir>/recommendations; Parquet shards + manifest.json, or s3://
+    users: str = field(default="", metadata=INPUT)
+    # "" = <run dir>/recommendations; Parquet shards + manifest.json, or s3://
+    output: str = field(default="", metadata=OUTPUT)
     overwrite: bool = False
     batch_size: int = 1024               # users per model call
     num_workers: int = 2                 # Ray actors, each loading the model once (one GPU each when the cluster has)
@@ -139,7 +141,7 @@ class RecommendConfig:
     # a node's worth: one CPU stays free for the read and write tasks (all-CPU actors would leave them none: a hang).
     cpus_per_worker: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: a GPU per actor when the Ray cluster has GPUs
-    # Beam width for TIGER/UNGER/CAR-AR; 0 = the exported model's own (as evaluate.beam_width).
+    # Beam width for TIGER/UNGER/CAR-AR, by evaluate.beam_width's rule (genrec_dist.models.recommend_kwargs).
     beam_width: int = 0
     ray_address: str = ""                # "" = RAY_ADDRESS (set by ray job submit) or a new local Ray
 

@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 def is_rank_zero(env: dict | None = None) -> bool:
     """Whether this process is rank 0 (or a lone process), without filling anything in: what a job's entrypoint asks
-    before the process group exists (only rank 0 prints the resolved config)."""
+    before the process group exists (only rank 0 says where its config came from)."""
     return (os.environ if env is None else env).get("RANK", "0") == "0"
 
 

@@ -3,7 +3,7 @@
 Ray Train starts ``train.num_workers`` workers (one GPU each when the cluster has GPUs), sets
 RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in each and initialises the torch process group (gloo on CPU,
 NCCL on GPU); DeepSpeed then initialises inside each worker from that group. The driver resolves the run first
-(:class:`~genrec_dist.training.runs.RunDir`: named, read and checked once; the workers start from it) so it can read
+(:class:`~genrec_dist.runs.rundir.RunDir`: named, read and checked once; the workers start from it) so it can read
 the run's ``metrics.json`` when the workers are done. Under ``ray job submit`` the driver connects to
 the cluster it was submitted to (``RAY_ADDRESS``); otherwise ``train.ray_address`` or a new local Ray.
 """
@@ -15,7 +15,7 @@ import os
 from typing import Any, Callable
 
 from genrec_dist import storage
-from genrec_dist.training import runs
+from genrec_dist.runs.rundir import RunDir, read_run
 
 
 def _worker_loop(config: dict) -> None:
@@ -43,7 +43,7 @@ def run_ray(cfg: Any, tracking: Callable) -> dict[str, Any]:
     use_gpu = cfg.train.device == "cuda" or (
         cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     cfg = copy.deepcopy(cfg)
-    run = runs.RunDir.resolve(cfg)  # read once and checked here; the workers start from it
+    run = RunDir.resolve(cfg)  # read once and checked here; the workers start from it
     run_name = cfg.train.run_name = run.name
     if run.resuming:
         cfg.train.resume = run_name
@@ -58,5 +58,5 @@ def run_ray(cfg: Any, tracking: Callable) -> dict[str, Any]:
     )
     trainer.fit()
     metrics = storage.read_json(storage.join(run.path, "metrics.json"), cfg.storage)
-    meta = runs.read_run(run.path, cfg.storage) or {}  # as the workers left it (the MLflow run id is theirs)
+    meta = read_run(run.path, cfg.storage) or {}  # as the workers left it (the MLflow run id is theirs)
     return {"run_name": run_name, "run_dir": run.path, "mlflow_run_id": meta.get("mlflow_run_id"), **metrics}

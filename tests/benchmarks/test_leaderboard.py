@@ -18,7 +18,8 @@ from _util import REPO, run_group
 from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import write_semantic_ids
-from genrec_dist.evaluation.run import evaluate_split, load_exported
+from genrec_dist.evaluation.split import evaluate_split
+from genrec_dist.runs.export import load_exported
 from training.test_train_tiger import _category_codes
 
 BUDGET_MIN = 0.08  # 4.8 s of training per model

@@ -3,7 +3,8 @@ import time
 import pytest
 import torch
 
-from genrec_dist.evaluation.evaluate import evaluate_model, evaluate_variants, format_results
+from genrec_dist.evaluation.evaluate import evaluate_model, evaluate_variants
+from genrec_dist.reports import format_results
 from genrec_dist.evaluation.popular import MostPopular
 
 
@@ -93,7 +94,7 @@ def test_max_users_evaluates_the_first_users_of_the_split(tiny_cfg, tiny_dataset
     import copy
 
     from genrec_dist.data.dataset import Dataset
-    from genrec_dist.evaluation.run import SplitBatches
+    from genrec_dist.evaluation.split import SplitBatches
 
     dataset = Dataset.open(tiny_dataset)
     cfg = copy.deepcopy(tiny_cfg)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 
 from _util import run_job
-from genrec_dist.config import ConfigError, load_config
+from genrec_dist.config import ConfigError, load_config, model_history
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data import examples as D
-from genrec_dist.evaluation.run import model_history
 
 
 def test_default_dataset_keeps_sasrec_paper_history():
@@ -25,7 +24,7 @@ def test_each_model_gets_its_own_history(tiny_cfg, tiny_dataset):
     longest = int(seqs["items"].list.len().max())
     assert longest > 22, "the tiny dataset needs a user with more than 20 training items for this test"
     for model, want in (("sasrec", 50), ("car", 20), ("tiger", 20), ("unger", 20)):
-        h = model_history(tiny_cfg, model, ds)
+        h = model_history(model, getattr(tiny_cfg.model, model).max_history, ds)
         assert h == want
         ex = D.eval_examples(seqs, h, "test")
         assert ex.history.shape[1] == want
@@ -38,7 +37,7 @@ def test_model_asking_for_more_than_the_dataset_keeps(tiny_cfg, tiny_dataset):
     ds = Dataset.open(tiny_dataset)
     cfg = load_config(None, ["model.sasrec.max_history=64"])
     with pytest.raises(ConfigError) as err:
-        model_history(cfg, "sasrec", ds)
+        model_history("sasrec", cfg.model.sasrec.max_history, ds)
     msg = str(err.value)
     assert "model.sasrec.max_history=64" in msg and "prepare.max_history=50" in msg and tiny_dataset in msg
 

@@ -81,7 +81,7 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     assert run.data.metrics["valid/slow_weight_chosen"] == chosen["chosen"]
 
     # evaluate may change inference-time fields of the exported model, and nothing else of it
-    from genrec_dist.evaluation.run import evaluate_run
+    from genrec_dist.evaluation.job import evaluate_run
 
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.car.slow_weight = 0.0  # slow with weight 0 ranks by the uid head alone: it must equal fast
@@ -115,7 +115,7 @@ def test_car_trains_on_two_zero2_ranks_and_beats_most_popular(tiny_cfg, tiny_dat
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     proc = run_job("evaluate", "--run", run_dir, "split=valid", cwd=str(cwd))
-    assert f"from {os.path.join(run_dir, 'config.yaml')}" in proc.stdout
+    assert f"evaluate: config {os.path.join(run_dir, 'config.yaml')} + 1 override" in proc.stdout
     assert os.listdir(cwd) == []
     with open(os.path.join(run_dir, "eval-valid.json")) as fh:
         valid = json.load(fh)["model"]

@@ -11,8 +11,8 @@ import pytest
 
 from _util import REPO
 from genrec_dist.config import load_config
-from genrec_dist.training import checkpoint as ckpt
-from genrec_dist.training import runs
+from genrec_dist.runs import checkpoint as ckpt
+from genrec_dist.runs import rundir as runs
 from genrec_dist.training.dist import world_from_env
 from genrec_dist.training.ds_config import BatchSizeError, client_optimizer, deepspeed_config, micro_batch
 
@@ -317,7 +317,7 @@ def test_car_table_of_some_rows_writes_its_own_json(tmp_path):
 
 
 def test_new_run_names_differ_within_a_second():
-    from genrec_dist.training.runs import new_run_name
+    from genrec_dist.runs.rundir import new_run_name
 
     names = {new_run_name("car") for _ in range(5)}
     assert len(names) == 5 and all(n.startswith("car-") for n in names)

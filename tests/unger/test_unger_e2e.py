@@ -239,7 +239,7 @@ def test_stage2_on_two_deepspeed_ranks(unified, tiny_dataset, tmp_path):
     hist = json.loads((run_dir / "history.json").read_text())
     ikd = [h["train/ikd"] for h in hist if "train/ikd" in h]
     assert len(ikd) >= 2 and ikd[-1] < ikd[0]  # the IKD loss part is logged and falls
-    from genrec_dist.evaluation.run import load_exported
+    from genrec_dist.runs.export import load_exported
 
     model, meta = load_exported(str(run_dir))  # rebuilt from its saved config + the codes' integrated embeddings
     assert meta["model"] == "unger" and model.use_ikd and model.item_emb.shape == (ds.num_items + 1, 32)

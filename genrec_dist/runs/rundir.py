@@ -1,17 +1,7 @@
-"""Run directories: naming a new run, finding the run ``--resume`` continues and checking it against the command
-(:class:`RunDir`, which reads a run's state once), and the locations inside a run.
-
-A run lives in ``<runs dir>/<run name>/`` (local or ``s3://``)::
-
-    run.json        run name, model, MLflow run id, creation time, and what it trains on by content (``inputs``:
-                    :func:`input_fingerprints`), written when the run starts
-    config.yaml     the whole config the run started with: ``--resume`` and the table scripts' read-backs check a
-                    command against it (:func:`config_differences`)
-    checkpoints/    (unless train.checkpoint_dir points elsewhere; see checkpoint.py)
-    model/          the exported best-on-validation model (export.py)
-    metrics.json    test metrics of the model and of the most-popular baseline (written at the end)
-    history.json    the logged training and validation metrics
-"""
+"""The run directory: naming a new run, finding the run ``--resume`` continues and checking it against the command
+(:class:`RunDir`, which reads a run's state once), the run's saved config and ``run.json`` (their locations
+absolute), and the dataset a job that uses the run reads (:func:`open_run_dataset`). The layout:
+:mod:`genrec_dist.runs`."""
 
 from __future__ import annotations
 
@@ -28,18 +18,19 @@ import numpy as np
 import yaml
 
 from genrec_dist import storage
-from genrec_dist.config import Config, flatten, marked_fields, read_yaml_mapping, to_dict, with_resolved_paths
+from genrec_dist.config import Config, flatten, marked_fields, read_yaml_mapping, to_dict, with_absolute_paths
 from genrec_dist.data.dataset import MANIFEST_TAG, Dataset
 from genrec_dist.data.semantic_ids import read_semantic_ids
 from genrec_dist.errors import GenrecError
 from genrec_dist.models import needs_semantic_ids
-from genrec_dist.training import checkpoint as ckpt
+from genrec_dist.runs import checkpoint
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 # Fields a training run does not depend on (``identifies_run: False`` in the config's field metadata, see
 # genrec_dist/config.py): a resumed or read-back run may differ in these.
 NOT_COMPARED = tuple(marked_fields(Config, "identifies_run", False))
+LOCATIONS = tuple(marked_fields(Config, "output", True))  # recorded absolute (config.with_absolute_paths)
 
 
 class RunConfigError(GenrecError, ValueError):
@@ -72,7 +63,10 @@ def config_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
     """``field: <in the run> in the run, <now> now`` for every field of ``cfg`` (paths resolved) whose value differs
     from the run's saved config (``NOT_COMPARED`` fields aside). Only fields both have are compared, so a run saved
     before a field was added (or after one was removed) still compares on the rest."""
-    was, now = flatten(saved), flatten(to_dict(with_resolved_paths(cfg)))
+    was, now = flatten(saved), flatten(to_dict(with_absolute_paths(cfg)))
+    for k in LOCATIONS:  # a run from before runs recorded absolute locations: as this process resolves them
+        if isinstance(was.get(k), str) and was[k] and "://" not in was[k]:
+            was[k] = os.path.abspath(was[k])
     return [f"{k}: {was[k]!r} in the run, {now[k]!r} now" for k in sorted(was.keys() & now.keys())
             if not _not_compared(k) and was[k] != now[k]]
 
@@ -81,17 +75,38 @@ def _not_compared(key: str) -> bool:
     return any(key == name or key.startswith(name + ".") for name in NOT_COMPARED)
 
 
+# Fields a later version removed, dropped from a saved config when it is read back (a config is strict about
+# unknown keys): ``train.eval_batch_size`` (validation now reads evaluate.batch_size, as every evaluation does).
+RETIRED = ("train.eval_batch_size",)
+
+
 def read_run_config(path: str, storage_cfg: Any = None) -> dict[str, Any] | None:
-    """The config a run saved when it started, as a nested dict; ``None`` for a run from before runs saved one."""
+    """The config a run saved when it started, as a nested dict (fields since retired dropped); ``None`` for a run
+    from before runs saved one."""
     p = storage.join(path, CONFIG_FILE)
-    return read_yaml_mapping(storage.read_bytes(p, storage_cfg), p) if storage.exists(p, storage_cfg) else None
+    if not storage.exists(p, storage_cfg):
+        return None
+    saved = read_yaml_mapping(storage.read_bytes(p, storage_cfg), p)
+    for name in RETIRED:
+        *parents, leaf = name.split(".")
+        section = saved
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(leaf, None)
+    return saved
 
 
 def write_run_config(cfg: Any, run_name: str) -> None:
-    """Save the config a new run starts with, paths resolved (``config.yaml`` in its run dir; ``jobs/train.py
-    --config`` reads it)."""
-    storage.write_bytes(storage.join(run_dir(cfg, run_name), CONFIG_FILE),
-                        yaml.safe_dump(to_dict(with_resolved_paths(cfg)), sort_keys=False).encode(), cfg.storage)
+    """Save the config a new run starts with, its locations absolute (``config.yaml`` in its run dir; ``jobs/train.py
+    --config`` reads it, and every job that uses the run starts from it): a run trained with relative paths can be
+    used from another working directory, as under ``ray job submit``."""
+    _write_config(with_absolute_paths(cfg), run_dir(cfg, run_name))
+
+
+def _write_config(absolute: Any, path: str) -> None:
+    storage.write_bytes(storage.join(path, CONFIG_FILE), yaml.safe_dump(to_dict(absolute), sort_keys=False).encode(),
+                        absolute.storage)
 
 
 def input_fingerprints(cfg: Any, uses_codes: bool) -> dict[str, str]:
@@ -105,6 +120,21 @@ def input_fingerprints(cfg: Any, uses_codes: bool) -> dict[str, str]:
         digest.update(np.ascontiguousarray(sids.codes, dtype=np.int64).tobytes())
         out["semantic_ids_sha256"] = digest.hexdigest()
     return out
+
+
+def open_run_dataset(cfg: Any, info: dict[str, Any]) -> Dataset:
+    """The prepared dataset a job that uses a run reads: the one ``cfg`` names (the run's own saved config unless
+    the command gave ``--config`` or overrode a path: the command wins), checked by content against the one the run
+    trained on (``info``: its ``run.json``), so a wrong path is an error naming both, not metrics of another
+    dataset."""
+    dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
+    was = (info.get("inputs") or {}).get("dataset_manifest_sha256")
+    now = dataset.tags()[MANIFEST_TAG]
+    if was and now != was:
+        raise RunConfigError(f"{cfg.dataset_dir}: not the dataset run {info.get('run_name')} trained on (its manifest "
+                             f"sha256 {now[:12]}..., the run's {was[:12]}... at {info.get('dataset')}); pass the run's "
+                             "dataset with paths.dataset=... or workdir=...")
+    return dataset
 
 
 def created_now() -> str:
@@ -143,7 +173,7 @@ class RunDir:
         name, meta = _resumed(cfg)
         path, root = run_dir(cfg, name), _checkpoint_root(cfg, name)
         run = cls(name, path, True, root, meta, read_run_config(path, cfg.storage),
-                  ckpt.latest_complete(root, cfg.storage))
+                  checkpoint.latest_complete(root, cfg.storage))
         run.check_resume(cfg)
         return run
 
@@ -181,12 +211,13 @@ class RunDir:
         """Rank 0, once the MLflow run is known: a new run saves its config (``config.yaml``); ``run.json`` is written
         with the MLflow run id and what the run trains on, which a resumed run keeps (``--resume`` compared them).
         Returns those inputs (:func:`input_fingerprints`)."""
+        absolute = with_absolute_paths(cfg)  # what the run records: usable from any working directory
         if not self.resuming:
-            write_run_config(cfg, self.name)
+            _write_config(absolute, self.path)
         inputs = self.meta.get("inputs") or input_fingerprints(cfg, needs_semantic_ids(cfg.train.model))
         storage.write_bytes(storage.join(self.path, RUN_FILE), json.dumps({
             "run_name": self.name, "model": cfg.train.model, "mlflow_run_id": mlflow_run_id,
-            "created": self.meta.get("created") or created_now(), "dataset": cfg.dataset_dir, "inputs": inputs,
+            "created": self.meta.get("created") or created_now(), "dataset": absolute.paths.dataset, "inputs": inputs,
         }, indent=2).encode(), cfg.storage)
         return inputs
 

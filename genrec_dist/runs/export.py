@@ -1,4 +1,4 @@
-"""One consolidated model artifact from a DeepSpeed engine (any ZeRO stage), and loading it back.
+"""A run's exported model: one consolidated artifact, written and loaded back with its inference settings.
 
 An exported model is a committed directory (``storage.commit_dir``, manifest last)::
 
@@ -10,34 +10,25 @@ An exported model is a committed directory (``storage.commit_dir``, manifest las
                     ``overwrite=true`` cannot change the codes an old model is evaluated with
     manifest.json
 
-Under ZeRO-3 every rank holds only a slice of each parameter; ``deepspeed.zero.GatheredParameters`` gathers the full
-tensors on every rank for the copy (all ranks must call :func:`consolidated_state_dict` together).
+The weights come from the trainer (``genrec_dist.training.trainer.consolidated_state_dict``, a collective under
+ZeRO-3); :func:`load_exported` rebuilds the model from the export alone, with its own saved model config.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from genrec_dist import storage
+from genrec_dist.config import ConfigError, section_from_dict
+from genrec_dist.models import ModelConfig, build_model, inference_fields
 
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"
 SIDS_DIR = "semantic_ids"
-
-
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
-    """A full fp32 CPU copy of the engine's model weights, on every rank. A collective under ZeRO-3."""
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def write_model(path: str, state: dict[str, torch.Tensor], meta: dict[str, Any], storage_cfg: Any = None,
@@ -97,3 +88,44 @@ def model_meta(name: str, model_cfg: Any, num_items: int, sids_dir: str | None, 
                metrics: dict[str, float]) -> dict[str, Any]:
     return {"model": name, "model_config": asdict(model_cfg), "num_items": num_items, "semantic_ids": sids_dir,
             "step": step, "valid_metrics": metrics}
+
+
+def load_exported(run_dir: str, storage_cfg: Any = None,
+                  inference: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The exported model of a run, rebuilt from its own saved model config (not today's YAML); ``inference``
+    replaces inference-time fields of that config (:func:`inference_overrides`)."""
+    state, meta = read_model(storage.join(run_dir, "model"), storage_cfg)
+    sids = None
+    sids_dir = model_semantic_ids(storage.join(run_dir, "model"), meta, storage_cfg)
+    if sids_dir:
+        from genrec_dist.data.semantic_ids import read_semantic_ids
+
+        sids = read_semantic_ids(sids_dir, storage_cfg)
+    model_cfg = section_from_dict(ModelConfig, meta["model_config"], f"{run_dir}/model/model.json", "model")
+    for key, value in (inference or {}).items():
+        setattr(getattr(model_cfg, meta["model"]), key, value)
+    model = build_model(meta["model"], model_cfg, int(meta["num_items"]), sids)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir: str,
+                        exported: dict[str, Any]) -> dict[str, Any]:
+    """The command line's ``model.<model>.<field>=value`` overrides as ``{field: parsed value}``. Inference-time
+    fields (``INFERENCE`` in the model config's field metadata) may change for a trained model; another field may
+    be given only with the value the model was trained with (so the same overrides can go to every job, as
+    scripts/demo.sh does), else it is an error naming it. Other models' sections do not concern this run."""
+    allowed = inference_fields(model)
+    out: dict[str, Any] = {}
+    for item in overrides:
+        parts = item.split("=", 1)[0].strip().split(".")
+        if len(parts) != 3 or parts[0] != "model" or parts[1] != model:
+            continue
+        value = getattr(getattr(cfg.model, model), parts[2])
+        if parts[2] in allowed:
+            out[parts[2]] = value
+        elif exported.get(parts[2]) != value:
+            raise ConfigError(f"model.{model}.{parts[2]}={value}: {run_dir} was trained with {exported.get(parts[2])} "
+                             f"and its weights fix it; a trained model can change only "
+                             f"{', '.join(f'model.{model}.{f}' for f in allowed) or 'nothing of it'}")
+    return out
