@@ -59,7 +59,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # the annotation only: the semantic-ID format pulls in storage, fsspec and Polars
     from genrec_dist.data.semantic_ids import SemanticIds
 from genrec_dist.errors import ConfigError
-from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
+from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TokenTable, TransformerStack,
                                        attention_mask, init_weights)
 from genrec_dist.models.config import CARConfig
 from genrec_dist.models.ranking import blockwise_topk_many, full_or_sampled, logsumexp_blocks
@@ -135,17 +135,17 @@ class ChunkBackbone(nn.Module):
         self.register_buffer("sid_tokens", torch.from_numpy(codes + offsets), persistent=False)  # (N+1, L)
         d = cfg.d_model
         # Tables are read only through their own calls (lookup or .scores), never as .weight from here, so ZeRO-3
-        # has them gathered (blocks.TiedEmbedding; tests/models/test_car.py simulates the partitioning).
-        self.sid_emb = TiedEmbedding(sum(sizes), d)  # think tokens, level l in rows offset_l .. offset_l + K_l
-        self.item_emb = TiedEmbedding(self.num_items + 1, d, padding_idx=0)  # act tokens
+        # has them gathered (blocks.TokenTable; tests/models/test_car.py simulates the partitioning).
+        self.sid_emb = TokenTable(sum(sizes), d)  # think tokens, level l in rows offset_l .. offset_l + K_l
+        self.item_emb = TokenTable(self.num_items + 1, d, padding_idx=0)  # act tokens
         # Positions right-aligned on chunk boundaries: the last history chunk always occupies chunk slot
         # max_history - 1 and the next chunk (decoded by the AR ablation) slot max_history.
         self.pos_emb = PositionalEmbedding((cfg.max_history + 1) * self.chunk, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = TransformerStack(cfg.n_layers, d, cfg.n_heads, cfg.d_ff, cfg.dropout)
-        if not cfg.tie_embeddings:  # separate output tables (TiedEmbedding for its row lookup + scores calls)
-            self.sid_head = TiedEmbedding(sum(sizes), d)
-            self.uid_head = TiedEmbedding(self.num_items + 1, d)
+        if not cfg.tie_embeddings:  # separate output tables (TokenTable for its row lookup + scores calls)
+            self.sid_head = TokenTable(sum(sizes), d)
+            self.uid_head = TokenTable(self.num_items + 1, d)
         init_weights(self)
 
     # ----- inputs -----
@@ -181,10 +181,10 @@ class ChunkBackbone(nn.Module):
         return history[:, -self.cfg.max_history:]
 
     # ----- heads (tied to the input tables unless tie_embeddings is off) -----
-    def _sid_out(self) -> TiedEmbedding:
+    def _sid_out(self) -> TokenTable:
         return self.sid_emb if self.cfg.tie_embeddings else self.sid_head
 
-    def _uid_out(self) -> TiedEmbedding:
+    def _uid_out(self) -> TokenTable:
         return self.item_emb if self.cfg.tie_embeddings else self.uid_head
 
     def sid_logits_all(self, h: torch.Tensor) -> list[torch.Tensor]:
