@@ -2,7 +2,7 @@
 residual k-means turns into unified codes, plus the §4.3 modality-share measure.
 
 :func:`run_stage1` is called by :func:`tokenization.pipeline.run_tokenize` between embedding and quantisation. The
-model (DIN + AdaLN adapter + Eq. 3-5) is :mod:`genrec_dist.models.unger_stage1`; this module owns the compact
+model (DIN + AdaLN adapter + Eq. 3-5) is :mod:`tokenization.unger_stage1`; this module owns the compact
 training loop, the ablation sources of UNGER Table 7 (``tokenize.unger.source``) and Eq. 18-19.
 
 Why a compact single-process loop and not the DeepSpeed trainer: Stage I is a ~(N x 96) embedding table plus two
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from genrec_dist import storage
-from genrec_dist.errors import ConfigError
-from genrec_dist.models.unger_stage1 import DINStage1, integrate
 from genrec_dist.data import examples as D
+from genrec_dist.errors import ConfigError
+from tokenization.unger_stage1 import DINStage1, integrate
 
 ITEM_EMBEDDINGS_FILE = "integrated_embeddings.npy"
 REFERENCE_FILE = "din_reference.npy"
