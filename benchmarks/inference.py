@@ -49,11 +49,11 @@ import torch  # noqa: E402
 from benchmarks._jobs import write_result  # noqa: E402
 from genrec_dist.config import load_config, model_history, to_dict  # noqa: E402
 from genrec_dist.data.dataset import Dataset  # noqa: E402
+from genrec_dist.data.examples import Examples, eval_batches, eval_examples, train_examples  # noqa: E402
 from genrec_dist.data.semantic_ids import SemanticIds, read_semantic_ids  # noqa: E402
 from genrec_dist.evaluation.evaluate import evaluate_model  # noqa: E402
 from genrec_dist.models import build_model  # noqa: E402
 from genrec_dist.models.blocks import TransformerStack  # noqa: E402
-from genrec_dist.data import examples as D  # noqa: E402
 from tokenization.kmeans import dedup_level  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,7 @@ def random_sids(num_items: int, levels: int, k: int, seed: int) -> tuple[Semanti
     return car, tiger
 
 
-def brief_train(model: torch.nn.Module, examples: D.Examples, steps: int, batch: int, lr: float, seed: int) -> None:
+def brief_train(model: torch.nn.Module, examples: Examples, steps: int, batch: int, lr: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -181,10 +181,10 @@ def main() -> None:
         # CAR and TIGER share one history length here (both model.<name>.max_history default to 20)
         hist = model_history("model.car.max_history", cfg.model.car.max_history, dataset)
         model_history("model.tiger.max_history", cfg.model.tiger.max_history, dataset)
-        test = D.eval_examples(seqs, hist, "test")
+        test = eval_examples(seqs, hist, "test")
         test = test.take(np.arange(min(args.users, len(test))))
-        batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(test, args.batch_size)]
-        train = D.train_examples(seqs, hist) if args.train_steps else None
+        batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in eval_batches(test, args.batch_size)]
+        train = train_examples(seqs, hist) if args.train_steps else None
         n = dataset.num_items
         if args.sids:
             car_sids = tiger_sids = read_semantic_ids(args.sids, cfg.storage)  # CAR drops a de-dup level itself
