@@ -3,7 +3,7 @@ w/o fusion, w/o think, SID depth, and TIGER from the same pipeline (same dataset
 Recall/NDCG@5/10/20 side by side.
 JSON in benchmarks/results/car_ablation_<dataset>.json (``--out`` names another).
 
-    python benchmarks/car_ablation.py --config configs/scientific/car.yaml [--tiger-config configs/scientific.yaml]
+    python -m benchmarks.car_ablation --config configs/scientific/car.yaml [--tiger-config configs/scientific.yaml]
         [--rows car,ar,no_fusion,no_think,depth1,depth2,depth3,tiger] [--ranks 1] [--prefix car-ablation] [--out F]
         [--car key=value ...] [--ar key=value ...] [--tiger key=value ...] [key=value ...]
 
@@ -26,15 +26,10 @@ dataset name it; the rows' metrics and the table beside) with each row's trainin
     tiger      train.model=tiger      (beam search, evaluate.beam_width)
 """
 
+import argparse
 import os
-import sys
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
-
-import argparse  # noqa: E402
-
-from benchmarks._jobs import REPO, finish_table, table_run, train_launcher, train_once, write_result  # noqa: E402
+from benchmarks._jobs import REPO, finish_table, table_run, train_launcher, train_once, write_result
 
 ROWS = {"car": [], "ar": ["model.car.mode=ar"], "no_fusion": ["model.car.fusion=none"],
         "no_think": ["model.car.alpha=0"]}

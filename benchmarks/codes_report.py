@@ -1,6 +1,6 @@
 """Our semantic IDs beside the peer indexes of the same dataset: collisions and codebook use per level.
 
-    python benchmarks/codes_report.py --config configs/beauty.yaml [--sids DIR] [--peers DIR] [--out F]
+    python -m benchmarks.codes_report --config configs/beauty.yaml [--sids DIR] [--peers DIR] [--out F]
         [--variant NAME=DIR ...] [--merge]
 
 Reads our codes (``--sids``, default the config's ``sids/<tokenize.method>``; a de-duplication level the tokenizer
@@ -17,21 +17,16 @@ distance to their reconstruction before and after, and the mean increase (from i
 computes only the variant rows and adds them to the rows already in the output file (the others kept as they are).
 """
 
+import argparse
+import glob
+import gzip
+import json
 import os
-import sys
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
+import numpy as np
+import polars as pl
 
-import argparse  # noqa: E402
-import glob  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
-from benchmarks._jobs import REPO, write_result  # noqa: E402
+from benchmarks._jobs import REPO, write_result
 
 
 def perplexity_share(column: np.ndarray, k: int) -> float:

@@ -1,11 +1,11 @@
 """Inference speed of CAR (fast, slow) against beam search (TIGER, and CAR's own AR ablation) at several beam widths,
 and the ``recommend`` row: users/s of the batch job (``jobs/recommend.py``) for a trained run on 1 and 2 workers.
 
-    python benchmarks/inference.py [--config configs/synthetic.yaml] [--widths 10,20,50,100] [--users 1024]
+    python -m benchmarks.inference [--config configs/synthetic.yaml] [--widths 10,20,50,100] [--users 1024]
                                    [--batch-size 256] [--threads 1] [--repeats 3] [--train-steps 0] [--sids DIR]
                                    [--recommend-run RUN] [--recommend-workers 1,2] [--recommend-only]
                                    [--out benchmarks/results/inference.json] [key=value ...]
-    python benchmarks/inference.py --recommend-run <Beauty CAR run dir> --recommend-only   # the recommend row only
+    python -m benchmarks.inference --recommend-run <Beauty CAR run dir> --recommend-only   # the recommend row only
                                                                       # (-> benchmarks/results/inference_recommend.json)
 
 Same hardware, same process, same users: the test split of the config's dataset (prepared into a temp dir when
@@ -30,31 +30,26 @@ users/s is the job's own: from the start of the pipeline (the actors starting an
 the last shard written, as the job prints and logs it.
 """
 
+import argparse
+import copy
+import json
 import os
-import sys
+import platform
+import tempfile
+import time
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks._jobs import write_result  # noqa: E402
-from genrec_dist.config import load_config, model_history, to_dict  # noqa: E402
-from genrec_dist.data.dataset import Dataset  # noqa: E402
-from genrec_dist.data.semantic_ids import SemanticIds, read_semantic_ids  # noqa: E402
-from genrec_dist.evaluation.evaluate import evaluate_model  # noqa: E402
-from genrec_dist.models import build_model  # noqa: E402
-from genrec_dist.models.blocks import TransformerStack  # noqa: E402
-from genrec_dist.data import examples as D  # noqa: E402
-from tokenization.kmeans import dedup_level  # noqa: E402
+from benchmarks._jobs import write_result
+from genrec_dist.config import load_config, model_history, to_dict
+from genrec_dist.data.dataset import Dataset
+from genrec_dist.data.examples import Examples, eval_batches, eval_examples, train_examples
+from genrec_dist.data.semantic_ids import SemanticIds, read_semantic_ids
+from genrec_dist.evaluation.evaluate import evaluate_model
+from genrec_dist.models import build_model
+from genrec_dist.models.blocks import TransformerStack
+from tokenization.kmeans import dedup_level
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +72,7 @@ def random_sids(num_items: int, levels: int, k: int, seed: int) -> tuple[Semanti
     return car, tiger
 
 
-def brief_train(model: torch.nn.Module, examples: D.Examples, steps: int, batch: int, lr: float, seed: int) -> None:
+def brief_train(model: torch.nn.Module, examples: Examples, steps: int, batch: int, lr: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -181,10 +176,10 @@ def main() -> None:
         # CAR and TIGER share one history length here (both model.<name>.max_history default to 20)
         hist = model_history("car", cfg.model.car.max_history, dataset)
         model_history("tiger", cfg.model.tiger.max_history, dataset)
-        test = D.eval_examples(seqs, hist, "test")
+        test = eval_examples(seqs, hist, "test")
         test = test.take(np.arange(min(args.users, len(test))))
-        batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in D.eval_batches(test, args.batch_size)]
-        train = D.train_examples(seqs, hist) if args.train_steps else None
+        batches = [(torch.from_numpy(h), torch.from_numpy(t)) for h, t in eval_batches(test, args.batch_size)]
+        train = train_examples(seqs, hist) if args.train_steps else None
         n = dataset.num_items
         if args.sids:
             car_sids = tiger_sids = read_semantic_ids(args.sids, cfg.storage)  # CAR drops a de-dup level itself

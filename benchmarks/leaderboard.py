@@ -1,7 +1,7 @@
 """Every model under the same compute: a wall-clock training budget per model (``--mode budget``), or each model
 trained until validation stops improving (``--mode converged``); the best model on validation tested.
 
-    python benchmarks/leaderboard.py --config configs/beauty.yaml --budget-min 30 [--threads 2]
+    python -m benchmarks.leaderboard --config configs/beauty.yaml --budget-min 30 [--threads 2]
         [--mode budget|converged] [--cap-min 90] [--patience 10] [--parallel 2] [--protocol seen-filtered|full]
         [--warmup-epochs E] [--models sasrec,car,tiger,unger] [--sizes auto|cpu|paper] [--valid-every-min M]
         [--prefix leaderboard] [--out F] [--sasrec k=v ...] [--car k=v ...] [--tiger k=v ...] [--unger k=v ...]
@@ -44,18 +44,14 @@ PNG beside it, and logs one MLflow parent run (picture, table and JSON as artifa
 finished run of the same name is read back, not trained again (``benchmarks/_jobs.py``).
 """
 
+import argparse
+import json
 import os
 import sys
+import tempfile
+import textwrap
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-
-from benchmarks._jobs import REPO, run, train_once, write_result  # noqa: E402
+from benchmarks._jobs import REPO, run, train_once, write_result
 
 MODELS = ("sasrec", "car", "tiger", "unger")
 LABELS = {"sasrec": "SASRec (full softmax)", "car_fast": "CAR fast", "car_slow": "CAR slow", "tiger": "TIGER",

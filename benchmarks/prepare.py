@@ -1,6 +1,6 @@
 """Time ``run_prepare`` and measure its peak memory on real and synthetic data; print a table, write JSON.
 
-    python benchmarks/prepare.py [--cases beauty,scientific,amazon-raw,synthetic-10x]
+    python -m benchmarks.prepare [--cases beauty,scientific,amazon-raw,synthetic-10x]
                                  [--out benchmarks/results/prepare.json]
 
 Each case runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own; ``rss_base`` is the RSS after
@@ -12,22 +12,18 @@ imports, before prepare. Cases:
 * ``synthetic-10x``: the synthetic generator at 10x Beauty (220k users, 120k items, ~2M interactions).
 """
 
+import argparse
+import gzip
+import json
 import os
+import platform
+import resource
+import subprocess
 import sys
+import tempfile
+import time
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
-
-import argparse  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-from benchmarks._jobs import write_result  # noqa: E402
+from benchmarks._jobs import write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -103,8 +99,8 @@ def main() -> None:
             continue
         load = os.getloadavg()[0]  # the machine may be shared: a busy one inflates every time below
         with tempfile.TemporaryDirectory() as work:
-            proc = subprocess.run([sys.executable, __file__, "--child", case, "--work", work],
-                                  capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.prepare", "--child", case, "--work", work],
+                                  cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{case} failed:\n{proc.stderr[-3000:]}")
         results.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "load_avg_1m": load})

@@ -1,6 +1,6 @@
 """How time and memory grow with the catalog: every stage of the pipeline on synthetic Beauty-shaped catalogs.
 
-    python benchmarks/scale.py [--scales 1 10 100] [--stages prepare tokenize unger train evaluate minilm]
+    python -m benchmarks.scale [--scales 1 10 100] [--stages prepare tokenize unger train evaluate minilm]
                                [--work DIR] [--budget-mb 1024] [--train-steps 200] [--eval-users 10000]
                                [--stage1-steps 200]
                                [--train-set KEY=VALUE ...] [--eval-set KEY=VALUE ...]
@@ -32,27 +32,23 @@ A failed stage is a row with ``rc`` and the end of its log; later stages of that
 The table is printed, the JSON written whole, and both logged to MLflow (the config's tracking settings).
 """
 
+import argparse
+import json
+import math
 import os
+import platform
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+import uuid
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
+import numpy as np
+import psutil
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-
-from benchmarks._jobs import write_result  # noqa: E402
+from benchmarks._jobs import write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEAUTY = {"users": 22_000, "items": 12_000, "categories": 24}  # Beauty: 22,363 users, 12,101 items (5-core)
@@ -271,7 +267,7 @@ def run_scale(scale: float, args, rows: list[dict]) -> None:
             add(f"evaluate-{model}", row, users or 0, "users/s", users=users, dropped=dropped)
     if "minilm" in args.stages and have_data and not any(r["stage"] == "minilm" for r in rows):
         log = os.path.join(work, "minilm.log")
-        row = measure([py, os.path.abspath(__file__), "--minilm-child", dataset, "--minilm-items",
+        row = measure([py, "-m", "benchmarks.scale", "--minilm-child", dataset, "--minilm-items",
                        str(args.minilm_items)], log)
         if row["rc"] == 0:
             info = json.loads(open(log).read().strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Online serving latency: ``mlflow models serve`` against ``jobs/serve.py`` (Ray Serve, 1 and 2 replicas), p50/p99
 latency and users/s of single-user requests at 1, 8 and 64 concurrent clients, per model.
 
-    python benchmarks/serving.py [--models sasrec,car,tiger] [--requests 1000] [--time-cap 30]
+    python -m benchmarks.serving [--models sasrec,car,tiger] [--requests 1000] [--time-cap 30]
                                  [--concurrency 1,8,64] [--replicas 1,2] [--runs car=<run dir>,...] [--machine-busy]
                                  [--out benchmarks/results/serving.json] [key=value ...]
 
@@ -27,25 +27,21 @@ best Ray Serve users/s at concurrency 64 over ``mlflow models serve``'s. ``machi
 what else ran: numbers taken beside other work are for checking, not for quoting.
 """
 
+import argparse
+import asyncio
+import json
 import os
+import platform
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
+import numpy as np
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from benchmarks._jobs import write_result  # noqa: E402
+from benchmarks._jobs import write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEAUTY_ITEMS = 12_101  # Amazon 2014 Beauty, 5-core (docs/datasets.md)

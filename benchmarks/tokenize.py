@@ -1,6 +1,6 @@
 """Tokenization speed and quality, side by side in one run, on one machine.
 
-    python benchmarks/tokenize.py [--embed-items 1000] [--mixture-n 100000] [--dim 384] [--k 256] [--iters 10]
+    python -m benchmarks.tokenize [--embed-items 1000] [--mixture-n 100000] [--dim 384] [--k 256] [--iters 10]
                                   [--seed 0] [--out benchmarks/results/tokenize.json] [--embeddings DIR]
 
 1. Embedding items/s with 1 and 2 Ray Data workers (MiniLM, offline) on the first ``--embed-items`` Scientific
@@ -17,21 +17,16 @@ folder of an earlier tokenize run on Scientific) runs the k-means part alone: no
 of the existing ``--out`` JSON are kept.
 """
 
+import argparse
+import json
 import os
-import sys
+import platform
+import tempfile
+import time
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from benchmarks._jobs import write_result  # noqa: E402
+from benchmarks._jobs import write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCIENTIFIC = os.path.join(os.path.dirname(REPO), "shared", "data", "scientific")

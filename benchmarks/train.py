@@ -1,6 +1,6 @@
 """Training throughput and peak memory per ZeRO stage: one table, JSON in benchmarks/results/train.json.
 
-    python benchmarks/train.py [--ranks 2] [--stages 0,1,2,3] [--steps 30] [--out benchmarks/results/train.json]
+    python -m benchmarks.train [--ranks 2] [--stages 0,1,2,3] [--steps 30] [--out benchmarks/results/train.json]
 
 Each stage is one real launch, `deepspeed --num_gpus <ranks> jobs/train.py` (CPU ranks on gloo without GPUs), of
 SASRec at a size where optimizer state matters (d_model 512, 4 layers, d_ff 2048: ~12.9M parameters, so fp32
@@ -10,19 +10,15 @@ first 5 (start-up excluded); peak memory is the busiest rank's peak RSS on CPU (
 so differences between stages are what the stage saves) or peak allocated memory on GPU.
 """
 
+import argparse
+import json
 import os
+import platform
+import subprocess
 import sys
+import tempfile
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-
-from benchmarks._jobs import write_result  # noqa: E402
+from benchmarks._jobs import write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["train.model=sasrec", "model.sasrec.d_model=512", "model.sasrec.n_heads=8", "model.sasrec.n_layers=4",
@@ -55,10 +51,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.json"))
     args = parser.parse_args()
 
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from _util import free_port
-
     import torch
+
+    from tests._util import free_port
 
     rows = []
     with tempfile.TemporaryDirectory() as work:

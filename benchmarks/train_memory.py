@@ -1,10 +1,10 @@
 """Per-rank memory of training a large catalog under ZeRO-0 and ZeRO-3: one row per stage, JSON in
 benchmarks/results/train_memory.json.
 
-    python benchmarks/train_memory.py [--items 500000] [--d-model 64] [--ranks 2] [--stages 0,3] [--steps 5]
+    python -m benchmarks.train_memory [--items 500000] [--d-model 64] [--ranks 2] [--stages 0,3] [--steps 5]
 
-Each stage is one real launch, ``deepspeed --num_gpus <ranks> benchmarks/train_memory.py --worker ...`` (CPU ranks
-on gloo without GPUs), of the model built the way the trainer builds it (``build_model``, same seed on every rank,
+Each stage is one real launch, ``deepspeed --num_gpus <ranks> --module benchmarks.train_memory --worker ...`` (CPU
+ranks on gloo without GPUs), of the model built the way the trainer builds it (``build_model``, same seed on every rank,
 the trainer's plain evaluation copy, ``deepspeed.initialize`` with the config of ``ds_config.deepspeed_config``) with
 sampled softmax over the item table (a full softmax would hold B x N logits, not what this measures), trained
 ``--steps`` steps on random histories. No dataset is read: the catalog's item table, its gradient and the Adam
@@ -15,18 +15,14 @@ Per rank: RSS after building the model, after ``deepspeed.initialize`` and after
 holds (its ZeRO-3 partition, or every element).
 """
 
+import argparse
+import json
 import os
+import platform
+import resource
+import subprocess
 import sys
-
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
 def run_stage(args: argparse.Namespace, stage: int, port: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as out_dir:
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.ranks),
-               "--master_port", str(port), os.path.abspath(__file__), "--worker", "--stage", str(stage),
+               "--master_port", str(port), "--module", "benchmarks.train_memory", "--worker", "--stage", str(stage),
                "--items", str(args.items), "--d-model", str(args.d_model), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--model", args.model, "--out-dir", out_dir]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.cpu else dict(os.environ)
@@ -136,9 +132,7 @@ def main() -> None:
         return worker(args)
 
     from benchmarks._jobs import write_result
-
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from _util import free_port
+    from tests._util import free_port
 
     rows = []
     for stage in [int(s) for s in args.stages.split(",")]:

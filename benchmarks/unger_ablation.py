@@ -1,7 +1,7 @@
 """UNGER ablation table (UNGER Tables 6-8): code source x IKD, Recall/NDCG@10/20 and the modality shares, next to
 the paper's Beauty numbers. JSON in benchmarks/results/unger_ablation_<name>.json.
 
-    python benchmarks/unger_ablation.py --config configs/scientific/unger.yaml [--stage1-steps 20000]
+    python -m benchmarks.unger_ablation --config configs/scientific/unger.yaml [--stage1-steps 20000]
         [--steps 20000] [--ranks 1] [--rows semantic,collab,concat,cka,unger] [--integrated adapted] [key=value ...]
 
 Runs the real jobs as subprocesses: prepare (when the dataset is missing), tokenize once per code source the rows
@@ -23,17 +23,13 @@ read it back (``tokenize.unger.stage1_path``) instead of training it again.
     CKA + IKD (UNGER)                                 -> unified codes, ikd_weight=1 (Tables 3, 7, 8)
 """
 
+import argparse
+import json
 import os
 import sys
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: genrec_dist, benchmarks
-from benchmarks._jobs import REPO, finish_table, table_run, train_launcher, train_once, write_result  # noqa: E402
-from benchmarks._jobs import run as _run  # noqa: E402
+from benchmarks._jobs import REPO, finish_table, table_run, train_launcher, train_once, write_result
+from benchmarks._jobs import run as _run
 
 PAPER = {  # UNGER Tables 7 and 8, Beauty: R@10, R@20, N@10, N@20
     "semantic": (0.0791, 0.1077, 0.0462, 0.0535), "collab": (0.0744, 0.0997, 0.0469, 0.0532),

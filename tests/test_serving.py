@@ -31,7 +31,7 @@ def trained(tiny_cfg, tiny_dataset, tmp_path_factory):
     import mlflow
 
     from genrec_dist.data.dataset import Dataset
-    from genrec_dist.data import examples as D
+    from genrec_dist.data.examples import eval_examples
 
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -41,7 +41,7 @@ def trained(tiny_cfg, tiny_dataset, tmp_path_factory):
     with open(os.path.join(run_dir, "run.json")) as fh:
         run = mlflow.MlflowClient(uri).get_run(json.load(fh)["mlflow_run_id"])
     ds = Dataset.open(tiny_dataset)
-    hist = D.eval_examples(ds.sequences(), ds.max_history, "test").history
+    hist = eval_examples(ds.sequences(), ds.max_history, "test").history
     return uri, run, run_dir, hist
 
 

@@ -15,7 +15,7 @@ from _util import REPO
 
 @pytest.fixture
 def tables(monkeypatch):
-    monkeypatch.syspath_prepend(REPO)  # benchmarks/ is a folder of scripts, imported here for its helpers
+    monkeypatch.syspath_prepend(REPO)  # the benchmarks package is not installed: import it from the repo
     from benchmarks import _jobs
 
     return _jobs

@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from genrec_dist.errors import ConfigError, GenrecError
-
-
-class EmbeddingError(GenrecError, ValueError):
-    """An embedding file or text that cannot be used; the message names the file / item."""
+from genrec_dist import storage
+from genrec_dist.errors import ConfigError
+from tokenization.embedding_store import EmbeddingError, shard_bytes
 
 
 def default_model_path() -> str:
@@ -137,9 +135,6 @@ class ShardEmbedder:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         import socket
-
-        from genrec_dist import storage
-        from tokenization.embedding_store import shard_bytes
 
         ids = np.asarray(batch["item_id"], dtype=np.int64)
         texts = np.asarray(batch["text"], dtype=object)

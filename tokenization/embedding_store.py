@@ -4,7 +4,8 @@ split every ``rows_per_shard`` items.
 
 Nothing here needs all N vectors in one process: :func:`list_shards` reads only the Parquet footers,
 :func:`shards_for` gives each of W readers its contiguous range of global rows as (file, start, stop) slices, and
-:func:`read_rows` reads one reader's slices. Pure module: numpy/pyarrow and :mod:`genrec_dist.storage` only.
+:func:`read_rows` reads one reader's slices. Pure module: numpy/pyarrow, :mod:`genrec_dist.storage` and
+:mod:`genrec_dist.errors` only.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genrec_dist import storage
-from tokenization.embed import EmbeddingError
+from genrec_dist.errors import GenrecError
 
 EMBEDDINGS_DIR = "embeddings"
+
+
+class EmbeddingError(GenrecError, ValueError):
+    """An embedding file or text that cannot be used; the message names the file / item."""
 
 
 class Slice(NamedTuple):

@@ -2,7 +2,7 @@
 residual k-means turns into unified codes, plus the §4.3 modality-share measure.
 
 :func:`run_stage1` is called by :func:`tokenization.pipeline.run_tokenize` between embedding and quantisation. The
-model (DIN + AdaLN adapter + Eq. 3-5) is :mod:`genrec_dist.models.unger_stage1`; this module owns the compact
+model (DIN + AdaLN adapter + Eq. 3-5) is :mod:`tokenization.unger_stage1`; this module owns the compact
 training loop, the ablation sources of UNGER Table 7 (``tokenize.unger.source``) and Eq. 18-19.
 
 Why a compact single-process loop and not the DeepSpeed trainer: Stage I is a ~(N x 96) embedding table plus two
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from genrec_dist import storage
+from genrec_dist.data import examples
 from genrec_dist.errors import ConfigError
-from genrec_dist.models.unger_stage1 import DINStage1, integrate
-from genrec_dist.data import examples as D
+from tokenization.unger_stage1 import DINStage1, integrate
 
 ITEM_EMBEDDINGS_FILE = "integrated_embeddings.npy"
 REFERENCE_FILE = "din_reference.npy"
@@ -54,25 +54,25 @@ class Stage1Result:
 # training
 # ----------------------------------------------------------------------------------------------------------------
 
-def din_batches(cfg: Any, dataset: Any, max_history: int) -> tuple[int, Iterable[D.Examples]]:
+def din_batches(cfg: Any, dataset: Any, max_history: int) -> tuple[int, Iterable[examples.Examples]]:
     """Stage I's training examples (every prefix of each training sequence -> its next item) and their endless stream
     of shuffled ``tokenize.unger.batch_size`` batches, read as training reads its own: from the dataset's shards in
     chunks of ``train.chunk_rows`` users, shuffled within windows of ``train.shuffle_buffer`` examples
     (genrec_dist/data/examples.py), so memory follows those settings and not the catalog. An epoch drops the rows
     that do not fill a batch."""
     tc, bs = cfg.train, int(cfg.tokenize.unger.batch_size)
-    source = D.ExampleSource(D.rank_chunks(dataset, 0, 1, "global", tc.chunk_rows), max_history, "train",
+    source = examples.ExampleSource(examples.rank_chunks(dataset, 0, 1, "global", tc.chunk_rows), max_history, "train",
                              storage_cfg=cfg.storage)
     n = len(source)
     if n < bs:
         raise ConfigError(f"tokenize.unger.batch_size={bs}: the dataset {dataset.path} has only {n} training "
                           f"examples for UNGER Stage I (lower the batch size)")
-    plan = D.BatchPlan(source.sizes, bs, 1, 1, 0, cfg.seed, "global", tc.shuffle_buffer)
-    steps = D.steps_per_epoch([n], bs)
-    return n, (micro for _, (micro,) in D.iterate(source, plan, D.Cursor(), steps))
+    plan = examples.BatchPlan(source.sizes, bs, 1, 1, 0, cfg.seed, "global", tc.shuffle_buffer)
+    steps = examples.steps_per_epoch([n], bs)
+    return n, (micro for _, (micro,) in examples.iterate(source, plan, examples.Cursor(), steps))
 
 
-def train_din(model: DINStage1, batches: Iterable[D.Examples], steps: int, lr: float, weight_decay: float,
+def train_din(model: DINStage1, batches: Iterable[examples.Examples], steps: int, lr: float, weight_decay: float,
               device: torch.device, log: Log | None = None, log_every: int = 500) -> dict[str, float]:
     """Adam (amsgrad, as EAGER's train_din.py) over ``steps`` of ``batches``; returns the mean loss parts of the
     last ``log_every`` steps. The fused kernel: the default loop makes parameter-sized temporaries each step, and

@@ -1,4 +1,4 @@
-"""The one transformer toolkit every model is built from (TIGER, SASRec, and later CAR and UNGER).
+"""The one transformer toolkit every model is built from (TIGER, SASRec, CAR and its AR ablation, UNGER).
 
 Pre-norm layers (nanoGPT / T5 style), ``F.scaled_dot_product_attention`` underneath, boolean masks (True =
 may attend). One layer class covers the three uses:
@@ -303,8 +303,9 @@ class PositionalEmbedding(nn.Module):
         return self.weight[offset: offset + t]
 
 
-class TiedEmbedding(nn.Embedding):
-    """An embedding table that also serves as the output layer (scores = hidden @ table.T).
+class TokenTable(nn.Embedding):
+    """An embedding table whose rows also score hidden states (scores = hidden @ table.T): a tied model's one
+    input and output table, or an untied output head (CAR's ``sid_head`` / ``uid_head``).
 
     Both uses go through ``forward`` so that ZeRO-3, which gathers a module's partitioned parameters only around
     that module's own calls, has the table in place: ``emb(ids)`` looks up, ``emb.scores(h)`` scores. Reading
@@ -343,6 +344,6 @@ def num_parameters(module: nn.Module) -> int:
 
 __all__ = [
     "KVCache", "MultiHeadAttention", "FeedForward", "TransformerLayer", "TransformerStack", "PositionalEmbedding",
-    "TiedEmbedding",
+    "TokenTable",
     "attention_mask", "causal_mask", "fold", "init_weights", "num_parameters", "prefix_attention", "unfold",
 ]

@@ -1,49 +1,11 @@
 """CAR — chunk auto-regressive recommendation with Act-Think fusion (Wang, Gan et al., arXiv 2506.23643).
 
 Every history item becomes a *chunk* ``[sid_1 .. sid_L, uid]``: its semantic-ID tokens ("think") followed by its
-item token ("act"), the paper's chunk. The history's chunks are flattened to ``(B, T*(L+1))`` tokens and read by a
-decoder-only causal transformer (the paper uses GPT-2; here :class:`~genrec_dist.models.blocks` 's causal stack,
-GPT-2 shaped: pre-LN, learned absolute positions, tied output embeddings).
-
-Choices the paper's recoverable text leaves open (docs/design.md, "CAR"), each a ``model.car`` field:
-
-- **Fusion** (``fusion``): the input at chunk position k is its own token embedding plus the embeddings of the
-  think tokens at positions 1..k-1 of the same chunk, i.e. a cumulative sum along the chunk. ``mean`` (default)
-  divides position k's sum by k, so every position's input has the scale of one embedding whatever its depth
-  (without it the uid position of an L=4 chunk enters the first block with ~sqrt(5)x the norm of a sid_1
-  position and swamps the position embedding); ``sum`` is the literal sum, ``none`` the "w/o F" ablation.
-- **Heads**: the hidden state at the uid (last) token of chunk t predicts all of chunk t+1 at once, one head per
-  SID level plus one uid head, each conditioned only on the history (P(S_1..S_L, UID | H) = prod_l P(S_l | H)
-  P(UID | H), CAR's next-chunk prediction). Heads are tied to the input embeddings (``tie_embeddings``, GPT-2's
-  choice; it also halves the uid table's memory for large catalogs); the parallel per-digit heads read the last
-  hidden state as in RPG (Hou et al., KDD 2025; facebookresearch/RPG_KDD2025, design reference only).
-- **Every chunk trains**: with ``all_positions`` (default) the uid token of *every* history chunk t predicts chunk
-  t+1 (history chunks 2..T, then the target as chunk T+1), so one (history, target) example gives up to T training
-  signals, like a causal LM; chunks whose input or target is padding are masked out. (The engine already turns
-  every prefix of a training sequence into an example, so with ``all_positions`` a transition early in a long
-  sequence is seen in several windows; ``all_positions: false`` trains only the last chunk, one signal per example.)
-- **Loss** = act_loss + alpha * think_loss, act = cross-entropy over items, think = cross-entropy per SID level
-  averaged over levels; alpha = 1 by default (CAR's training objective is L_think + L_act); alpha = 0 is
-  the "w/o T" ablation.
-- **Inference**: ``fast`` ranks items by the uid head alone (one forward pass, one matmul); ``slow`` ranks by the
-  chunk's log-likelihood under the factorisation above, log P(UID=i | H) + w * sum_l log P(S_l = c_l(i) | H) with
-  w = ``slow_weight`` (1 = the model's own joint probability of the chunk). The paper's exact rule is not
-  recoverable, so w is chosen on the validation split at the end of training among ``slow_weight_grid``
-  (:attr:`CAR.validation_choices`) and kept in the exported model. Neither needs beam search, so their cost does
-  not depend on a beam width.
-- **Large catalogs** (``uid_loss``): ``auto`` (default) is ``full`` up to ``full_softmax_max_items`` (100k) items
-  and ``sampled`` above. ``full`` is an exact softmax over all N items. Its logits cost
-  M x N floats with M = B*T training positions (B=256, T=20: M=5120): 0.25 GB at N=12k (Amazon Beauty), 2 GB at
-  100k and 20 GB at 1M, before the softmax's gradient doubles it. Switch to ``sampled`` (``num_negatives`` uniform
-  negatives shared by the batch; uniform sampling needs no logQ correction) or ``in_batch`` (the other positions'
-  targets as negatives, logQ-corrected by their in-batch frequency, Yi et al. RecSys 2019) from about N = 100k, or
-  earlier when memory is short: their cost is M x (M + num_negatives), independent of N. Accidental hits (a
-  negative equal to the positive) are masked. Inference still scores all items exactly.
-- **AR ablation** (``mode: ar``): :class:`~genrec_dist.models.car_ar.CARAR` in ``car_ar.py``, the same backbone
-  (:class:`ChunkBackbone`) trained as plain token-level autoregression and decoded by constrained beam search.
-
-Semantic IDs need not be unique (the uid disambiguates); a de-duplication level appended by the tokenizer for
-TIGER is dropped (``drop_dedup_level``), and ``levels`` truncates the table for the SID-depth study.
+item token ("act"). A GPT-2 shaped causal stack (:mod:`~genrec_dist.models.blocks`) reads the chunks flattened to
+``(B, T*(L+1))`` tokens, and the hidden state at chunk t's uid token predicts all of chunk t+1 at once. This module
+holds the chunk fusion, the backbone and heads (:class:`ChunkBackbone`, shared with the AR ablation in
+``car_ar.py``), the act/think losses and fast/slow ranking (:class:`CAR`). Each choice the paper leaves open is a
+``model.car`` field; docs/design.md ("CAR") says which and why.
 """
 
 from __future__ import annotations
@@ -59,7 +21,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # the annotation only: the semantic-ID format pulls in storage, fsspec and Polars
     from genrec_dist.data.semantic_ids import SemanticIds
 from genrec_dist.errors import ConfigError
-from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TiedEmbedding, TransformerStack,
+from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TokenTable, TransformerStack,
                                        attention_mask, init_weights)
 from genrec_dist.models.config import CARConfig
 from genrec_dist.models.ranking import blockwise_topk_many, full_or_sampled, logsumexp_blocks
@@ -135,17 +97,17 @@ class ChunkBackbone(nn.Module):
         self.register_buffer("sid_tokens", torch.from_numpy(codes + offsets), persistent=False)  # (N+1, L)
         d = cfg.d_model
         # Tables are read only through their own calls (lookup or .scores), never as .weight from here, so ZeRO-3
-        # has them gathered (blocks.TiedEmbedding; tests/models/test_car.py simulates the partitioning).
-        self.sid_emb = TiedEmbedding(sum(sizes), d)  # think tokens, level l in rows offset_l .. offset_l + K_l
-        self.item_emb = TiedEmbedding(self.num_items + 1, d, padding_idx=0)  # act tokens
+        # has them gathered (blocks.TokenTable; tests/models/test_car.py simulates the partitioning).
+        self.sid_emb = TokenTable(sum(sizes), d)  # think tokens, level l in rows offset_l .. offset_l + K_l
+        self.item_emb = TokenTable(self.num_items + 1, d, padding_idx=0)  # act tokens
         # Positions right-aligned on chunk boundaries: the last history chunk always occupies chunk slot
         # max_history - 1 and the next chunk (decoded by the AR ablation) slot max_history.
         self.pos_emb = PositionalEmbedding((cfg.max_history + 1) * self.chunk, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = TransformerStack(cfg.n_layers, d, cfg.n_heads, cfg.d_ff, cfg.dropout)
-        if not cfg.tie_embeddings:  # separate output tables (TiedEmbedding for its row lookup + scores calls)
-            self.sid_head = TiedEmbedding(sum(sizes), d)
-            self.uid_head = TiedEmbedding(self.num_items + 1, d)
+        if not cfg.tie_embeddings:  # separate output tables (TokenTable for its row lookup + scores calls)
+            self.sid_head = TokenTable(sum(sizes), d)
+            self.uid_head = TokenTable(self.num_items + 1, d)
         init_weights(self)
 
     # ----- inputs -----
@@ -181,10 +143,10 @@ class ChunkBackbone(nn.Module):
         return history[:, -self.cfg.max_history:]
 
     # ----- heads (tied to the input tables unless tie_embeddings is off) -----
-    def _sid_out(self) -> TiedEmbedding:
+    def _sid_out(self) -> TokenTable:
         return self.sid_emb if self.cfg.tie_embeddings else self.sid_head
 
-    def _uid_out(self) -> TiedEmbedding:
+    def _uid_out(self) -> TokenTable:
         return self.item_emb if self.cfg.tie_embeddings else self.uid_head
 
     def sid_logits_all(self, h: torch.Tensor) -> list[torch.Tensor]:

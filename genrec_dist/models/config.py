@@ -69,7 +69,7 @@ class SASRecConfig:
 @dataclass
 class CARConfig:
     """CAR (arXiv 2506.23643): decoder-only over chunks [sid_1..sid_L, uid]; every choice the paper leaves open is
-    documented in genrec_dist/models/car.py and docs/design.md. The paper's GPT-2 size, alpha and L are not
+    documented in docs/design.md ("CAR"). The paper's GPT-2 size, alpha and L are not
     recoverable from its text: sizes match TIGER's d_model for a like-for-like comparison."""
 
     mode: Literal["car", "ar"] = "car"  # ar = the paper's "AR" ablation: token-level next-token LM + beam search
@@ -85,7 +85,7 @@ class CARConfig:
     alpha: float = 1.0  # loss = act + alpha * think; CAR's objective is L_think + L_act (docs/design.md); 0 = "w/o T"
     all_positions: bool = True  # every history chunk predicts the next one (T signals per example), not only the last
     tie_embeddings: bool = True  # heads share the input tables (GPT-2)
-    # full softmax over items; sampled / in_batch from ~100k items (memory of M x N logits, see car.py);
+    # full softmax over items; sampled / in_batch from ~100k items (memory of M x N logits, docs/design.md);
     # auto = full up to full_softmax_max_items, sampled above.
     uid_loss: Literal["auto", "full", "sampled", "in_batch"] = "auto"
     num_negatives: int = 1024  # uniform negatives shared by the batch (uid_loss=sampled)

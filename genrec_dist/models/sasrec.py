@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec_dist.errors import ConfigError
-from genrec_dist.models.blocks import (PositionalEmbedding, TiedEmbedding, TransformerStack, attention_mask,
+from genrec_dist.models.blocks import (PositionalEmbedding, TokenTable, TransformerStack, attention_mask,
                                        init_weights)
 from genrec_dist.models.config import SASRecConfig
 from genrec_dist.models.ranking import blockwise_topk, full_or_sampled
@@ -44,7 +44,7 @@ class SASRec(nn.Module):
             raise ConfigError(f"model.sasrec.num_negatives must be >= 1 for sampled softmax, got {cfg.num_negatives}")
         self.cfg = cfg
         self.num_items = num_items
-        self.item_emb = TiedEmbedding(num_items + 1, cfg.d_model, padding_idx=0)  # input and output table
+        self.item_emb = TokenTable(num_items + 1, cfg.d_model, padding_idx=0)  # input and output table
         self.pos_emb = PositionalEmbedding(cfg.max_history, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = TransformerStack(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout)

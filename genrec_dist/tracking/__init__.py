@@ -32,10 +32,11 @@ against a stopped server; ``MLFLOW_HTTP_REQUEST_TIMEOUT`` default 120 s) and rea
 every request, with no per-client setting (mlflow 3: ``mlflow/utils/rest_utils.py::http_request``). The tracker
 does its own retrying, so it sets them small for the process (see ``outbox._quick_requests``).
 
-Modules: ``base`` (the protocol, :class:`NullTracker`, :class:`TrackingError`), ``mlflow_client`` (starting an
-MLflow run, the protocol calls), ``outbox`` (queue, delivery thread, spool, :func:`replay`), ``lookup`` (store URI,
-pipeline name, a run's tags, a table's parent run, a served MLflow model), ``model_items`` (delivering logged models and dataset
-inputs), ``system_metrics`` (MLflow's system metrics through the tracker), ``__main__`` (``python -m genrec_dist.tracking replay``); :func:`make_tracker` here.
+Modules: ``base`` (the protocol, :class:`NullTracker`, :class:`TrackingError`), ``mlflow_client`` (starting an MLflow
+run, the protocol calls), ``outbox`` (queue, delivery thread, spool, :func:`replay`), ``lookup`` (store URI, pipeline
+name, a run's tags, a table's parent run, a served MLflow model), ``model_items`` (delivering logged models and dataset
+inputs), ``failures`` (a failed request: rejected or an outage), ``system_metrics`` (MLflow's system metrics through the
+tracker), ``__main__`` (``python -m genrec_dist.tracking replay``); :func:`make_tracker` here.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from typing import Any
 from genrec_dist import spool as spool_file
 from genrec_dist.config import flatten, to_dict
 from genrec_dist.tracking.base import TrackingError
-from genrec_dist.tracking.outbox import Outbox, _quick_requests, _rejected, _short
+from genrec_dist.tracking.failures import rejected, short
+from genrec_dist.tracking.outbox import Outbox, _quick_requests
 
 # MLflow 3 opens an experiment in its GenAI view unless the experiment says it holds model training runs.
 _KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
@@ -51,10 +52,10 @@ class MLflowTracker(Outbox):
                 else:
                     self._client.update_run(run_id, status="RUNNING")
         except mlflow.exceptions.MlflowException as exc:
-            if _rejected(exc):
+            if rejected(exc):
                 raise
             raise TrackingError(f"MLflow tracking server {uri} cannot be reached to start the run "
-                                f"({_short(exc)}). Start it (cluster/mlflow_server.sh), point tracking.uri at a "
+                                f"({short(exc)}). Start it (cluster/mlflow_server.sh), point tracking.uri at a "
                                 "running one, or set tracking.enabled=false.") from None
         self.experiment_id = exp_id
         self._open_outbox(self._client, uri, run_id, spool_dir, flush_timeout_s, request_timeout_s, retry_max_s)

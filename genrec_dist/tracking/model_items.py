@@ -10,7 +10,7 @@ import os
 import warnings
 from typing import Any
 
-from genrec_dist.tracking.outbox import _rejected, _short
+from genrec_dist.tracking.failures import rejected, short
 
 _log = logging.getLogger("genrec_dist.tracking")
 
@@ -57,10 +57,10 @@ def _register(sender: Any, name: str, model_id: str, location: str) -> None:
         version = client.create_model_version(name, location, run_id=run_id, model_id=model_id,
                                               await_creation_for=0)
     except MlflowException as exc:
-        if not _rejected(exc):
+        if not rejected(exc):
             raise
         _log.warning("MLflow %s did not register the model of run %s as %r (%s): the model stays logged on the run; "
-                     "a store without a Model Registry cannot register it", sender.uri, run_id, name, _short(exc))
+                     "a store without a Model Registry cannot register it", sender.uri, run_id, name, short(exc))
         return
     client.set_tag(run_id, "genrec.registered_model", f"{name}/{version.version}")
     _log.info("model of run %s registered as models:/%s/%s", run_id, name, version.version)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 
 from genrec_dist import spool as spool_file
 from genrec_dist.tracking.base import TrackingError
+from genrec_dist.tracking.failures import rejected, short
+from genrec_dist.tracking.model_items import dataset_input, log_saved_model
 
 # MLflow's caps per log_batch request (mlflow.utils.validation.MAX_METRICS_PER_BATCH / MAX_PARAMS_TAGS_PER_BATCH).
 _MAX_METRICS, _MAX_PARAMS = 1000, 100
@@ -151,7 +153,7 @@ class Outbox:
         if self._down_since is None:
             self._down_since = time.monotonic()
             _log.warning("MLflow tracking server %s is unreachable (%s); the job goes on. Tracking items of run %s "
-                         "are kept in %s and delivered in order when the server is back.", self.uri, _short(err),
+                         "are kept in %s and delivered in order when the server is back.", self.uri, short(err),
                          self.run_id, self.spool_path)
 
 
@@ -172,13 +174,13 @@ class _Sender:
                 try:
                     self._send(group)
                 except Exception as exc:  # noqa: BLE001 - anything but a rejection counts as an outage
-                    if not _rejected(exc):
+                    if not rejected(exc):
                         return exc
                     for item in group:  # one of them is bad: the others still go
                         try:
                             self._send([item])
                         except Exception as one:  # noqa: BLE001
-                            if not _rejected(one):
+                            if not rejected(one):
                                 return one
                             self._set_aside(item, one)
                         done([item])
@@ -211,12 +213,8 @@ class _Sender:
                 self.client.log_artifact(self.run_id, path, item["artifact_path"])
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
         elif op == "input":
-            from genrec_dist.tracking.model_items import dataset_input
-
             self.client.log_inputs(self.run_id, datasets=[dataset_input(item)])
         elif op == "model":
-            from genrec_dist.tracking.model_items import log_saved_model
-
             path = os.path.join(os.path.dirname(self.spool_path), item["files"])
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path}: the model's copy beside the spool is gone")
@@ -232,7 +230,7 @@ class _Sender:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({**item, "error": str(exc)[:2000]}) + "\n")
         _log.warning("MLflow %s rejected a %r item of run %s (%s); it is kept in %s", self.uri, item["op"],
-                     self.run_id, _short(exc), path)
+                     self.run_id, short(exc), path)
 
 
 def _groups(items: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
@@ -276,20 +274,6 @@ def _drain(q: queue.Queue) -> list[Any]:
             return out
 
 
-def _rejected(exc: Exception) -> bool:
-    """The server answered no (4xx other than 429), or the item itself is broken: a retry cannot help. Anything
-    else (connection refused, timeout, 5xx) counts as an outage."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        code = exc.get_http_status_code()
-        return 400 <= code < 500 and code != 429
-    code = getattr(getattr(exc, "response", None), "status_code", None)  # requests.HTTPError (artifact uploads)
-    if isinstance(code, int):
-        return 400 <= code < 500 and code != 429
-    return isinstance(exc, (FileNotFoundError, ValueError, TypeError, KeyError))
-
-
 _env_lock = threading.Lock()
 
 
@@ -312,11 +296,6 @@ def _quick_requests(retries: int, timeout_s: float) -> Iterator[None]:
     yield
 
 
-def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 240 else text[:237] + "..."
-
-
 def replay(path: str, uri: str | None = None, request_timeout_s: float = 30.0) -> tuple[int, str, str]:
     """Deliver the undelivered items of the spool ``path`` to its run, in order, and remove the spool.
     ``uri``: another address of the same server (default: the one the spool was written for).
@@ -334,7 +313,7 @@ def replay(path: str, uri: str | None = None, request_timeout_s: float = 30.0) -
                      request_timeout_s, retries=2)
     err = sender.deliver(items, lambda group: pending.ack(i["seq"] for i in group))
     if err is not None:
-        raise TrackingError(f"MLflow tracking server {uri} unreachable ({_short(err)}): "
+        raise TrackingError(f"MLflow tracking server {uri} unreachable ({short(err)}): "
                             f"{len(pending)} of {len(items)} items are still in {path}")
     spool_file.remove(path)
     return len(items), header["run_id"], uri

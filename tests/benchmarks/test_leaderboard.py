@@ -40,7 +40,7 @@ def board(tiny_dataset, tmp_path_factory):
     out = str(root / "leaderboard.json")
     overrides = [f"workdir={root}", f"paths.dataset={tiny_dataset}", f"paths.semantic_ids={sids}",
                  "train.batch_size=64", "train.lr=0.003", "train.warmup_steps=10"]
-    cmd = [sys.executable, "benchmarks/leaderboard.py", "--config", "configs/synthetic.yaml",
+    cmd = [sys.executable, "-m", "benchmarks.leaderboard", "--config", "configs/synthetic.yaml",
            "--budget-min", str(BUDGET_MIN), "--valid-every-min", str(BUDGET_MIN / 4), "--threads", "1",
            "--models", "sasrec,car,tiger", "--sizes", "paper", "--out", out,
            *[a for m, ov in TINY.items() for a in (f"--{m}", *ov)], "--", *overrides]
@@ -154,9 +154,9 @@ def converged(tiny_dataset, tmp_path_factory):
     out = str(root / "leaderboard.json")
     overrides = [f"workdir={root}", f"paths.dataset={tiny_dataset}", "train.batch_size=64", "train.lr=0.003",
                  "train.warmup_steps=10"]
-    cmd = [sys.executable, "benchmarks/leaderboard.py", "--config", "configs/synthetic.yaml", "--mode", "converged",
-           "--cap-min", "1.5", "--patience", "2", "--threads", "1", "--models", "sasrec", "--sizes", "paper",
-           "--out", out, "--sasrec", *TINY["sasrec"], "--", *overrides]
+    cmd = [sys.executable, "-m", "benchmarks.leaderboard", "--config", "configs/synthetic.yaml", "--mode",
+           "converged", "--cap-min", "1.5", "--patience", "2", "--threads", "1", "--models", "sasrec", "--sizes",
+           "paper", "--out", out, "--sasrec", *TINY["sasrec"], "--", *overrides]
     proc = run_group(cmd, 600, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
     with open(out) as fh:

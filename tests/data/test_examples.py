@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from genrec_dist.data import examples
 from genrec_dist.data.dataset import Dataset, split_user, write_dataset
-from genrec_dist.data import examples as D
 
 
 def _frame(seqs: dict[int, list[int]]) -> pl.DataFrame:
@@ -28,7 +28,7 @@ def _unpad(row: np.ndarray) -> list[int]:
        st.integers(1, 6))
 def test_examples_follow_split_user(seqs, H):
     frame = _frame({i + 1: s for i, s in enumerate(seqs)})
-    train = D.train_examples(frame, H)
+    train = examples.train_examples(frame, H)
     want_train = []
     for s in seqs:
         if len(s) < 3:
@@ -40,7 +40,7 @@ def test_examples_follow_split_user(seqs, H):
         assert _unpad(row) == h and int(target) == y
         assert row.shape == (H,) and (row[:H - len(h)] == 0).all()  # left-padded: most recent item last
     for split in ("valid", "test"):
-        ex = D.eval_examples(frame, H, split)
+        ex = examples.eval_examples(frame, H, split)
         want = [split_user(s, H)[split] for s in seqs if len(s) >= 3]
         assert [(_unpad(r), int(t)) for r, t in zip(ex.history, ex.target)] == [(list(h), y) for h, y in want]
 
@@ -52,7 +52,7 @@ def test_windows_hold_every_transition_exactly_once(seqs, H):
     """Position t of a window predicts item t+1 (CAR's every-position loss): over a user's windows, each transition
     of the training sequence appears exactly once, and each window is one of the prefix examples."""
     frame = _frame({i + 1: s for i, s in enumerate(seqs)})
-    windows, prefixes = D.train_examples(frame, H, "windows"), D.train_examples(frame, H, "prefixes")
+    windows, prefixes = examples.train_examples(frame, H, "windows"), examples.train_examples(frame, H, "prefixes")
     prefix_set = {(tuple(_unpad(r)), int(t)) for r, t in zip(prefixes.history, prefixes.target)}
     covered, want = [], []
     for s in seqs:
@@ -71,12 +71,12 @@ def test_windows_hold_every_transition_exactly_once(seqs, H):
 
 def test_train_examples_rejects_unknown_mode():
     with pytest.raises(ValueError, match="train.examples"):
-        D.train_examples(_frame({1: [1, 2, 3, 4]}), 5, "every")
+        examples.train_examples(_frame({1: [1, 2, 3, 4]}), 5, "every")
 
 
 def test_eval_examples_rejects_unknown_split():
     with pytest.raises(ValueError, match="split"):
-        D.eval_examples(_frame({1: [1, 2, 3]}), 5, "train")
+        examples.eval_examples(_frame({1: [1, 2, 3]}), 5, "train")
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +100,16 @@ def test_rank_sequences_cover_every_user_once(sharded, world):
     """Ranks <= shards: each rank reads only its shard files; ranks > shards: users split by row."""
     seen = []
     for rank in range(world):
-        part = D.rank_sequences(sharded, rank, world, "shards")
+        part = examples.rank_sequences(sharded, rank, world, "shards")
         seen += part["user_id"].to_list()
     assert sorted(seen) == list(range(1, 41))
     if world == 2:  # shard files themselves are split, not rows
-        files0 = {f.rsplit("/", 1)[-1] for f in D.shards_for(sharded.shard_files, 0, 2)}
+        files0 = {f.rsplit("/", 1)[-1] for f in examples.shards_for(sharded.shard_files, 0, 2)}
         assert files0 == {"part-00000.parquet", "part-00002.parquet"}
 
 
 def test_global_mode_reads_everything(sharded):
-    assert D.rank_sequences(sharded, 1, 2, "global").height == 40
+    assert examples.rank_sequences(sharded, 1, 2, "global").height == 40
 
 
 def _sizes(n, chunk):
@@ -121,7 +121,7 @@ def _global_batches(n, world, ga, mb, seed, epoch, steps, buffer=16):
     for step in range(steps):
         rows = []
         for rank in range(world):
-            plan = D.BatchPlan(_sizes(n, 7), mb, ga, world, rank, seed, "global", buffer)
+            plan = examples.BatchPlan(_sizes(n, 7), mb, ga, world, rank, seed, "global", buffer)
             order = plan.order(epoch)
             for m in range(ga):
                 rows.append(plan.rows(order, step, m))
@@ -145,18 +145,18 @@ def test_global_plan_same_batches_at_any_world_size(n, world, ga, seed):
 
 def test_shards_plan_differs_per_rank_and_epoch_but_is_reproducible():
     sizes = _sizes(50, 6)
-    p0 = D.BatchPlan(sizes, 5, 1, 2, 0, 7, "shards", 20)
-    p1 = D.BatchPlan(sizes, 5, 1, 2, 1, 7, "shards", 20)
+    p0 = examples.BatchPlan(sizes, 5, 1, 2, 0, 7, "shards", 20)
+    p1 = examples.BatchPlan(sizes, 5, 1, 2, 1, 7, "shards", 20)
     assert not np.array_equal(p0.order(0), p1.order(0))
     assert not np.array_equal(p0.order(0), p0.order(1))
-    assert np.array_equal(p0.order(3), D.BatchPlan(sizes, 5, 1, 2, 0, 7, "shards", 20).order(3))
+    assert np.array_equal(p0.order(3), examples.BatchPlan(sizes, 5, 1, 2, 0, 7, "shards", 20).order(3))
     assert sorted(p0.order(2)) == list(range(50))  # a permutation of every example
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(0, 12), min_size=1, max_size=12), st.integers(1, 40), st.integers(0, 5))
 def test_windows_are_bounded_and_cover_every_chunk_once(sizes, buffer, seed):
-    plan = D.BatchPlan(tuple(sizes), 2, 1, 1, 0, seed, "shards", buffer)
+    plan = examples.BatchPlan(tuple(sizes), 2, 1, 1, 0, seed, "shards", buffer)
     windows = plan.windows(1)
     assert sorted(np.concatenate(windows).tolist()) == list(range(len(sizes)))
     for w in windows:  # at most the buffer, unless one chunk alone is larger
@@ -186,14 +186,14 @@ def test_streamed_batches_are_the_plans_and_resume_anywhere(sizes, buffer, world
     epochs, from any cursor; no read holds more than one window."""
     n = sum(sizes)
     mb, ga = 2, 2
-    plan = D.BatchPlan(tuple(sizes), mb, ga, world, world - 1, 5, mode, buffer)
+    plan = examples.BatchPlan(tuple(sizes), mb, ga, world, world - 1, 5, mode, buffer)
     spe = plan.steps_in_epoch()
     if spe < 1:
         return
-    ex = D.Examples(np.arange(2 * n).reshape(n, 2), np.arange(n))
-    src = _Counting(D.InMemorySource(ex, sizes))
-    cursor = D.Cursor(start // spe, start % spe)
-    it = D.iterate(src, plan, cursor, spe)
+    ex = examples.Examples(np.arange(2 * n).reshape(n, 2), np.arange(n))
+    src = _Counting(examples.InMemorySource(ex, sizes))
+    cursor = examples.Cursor(start // spe, start % spe)
+    it = examples.iterate(src, plan, cursor, spe)
     for _ in range(2 * spe + 1):
         c, micro = next(it)
         order = plan.order(c.epoch)
@@ -204,23 +204,23 @@ def test_streamed_batches_are_the_plans_and_resume_anywhere(sizes, buffer, world
 
 
 def test_iterate_resumes_exactly():
-    ex = D.Examples(np.arange(60).reshape(30, 2), np.arange(30))
-    plan = D.BatchPlan((10, 10, 10), 4, 2, 1, 0, 3, "shards", 12)
-    spe = D.steps_per_epoch([30], 8)  # 3 steps, 6 examples dropped per epoch
-    full = D.iterate(D.InMemorySource(ex, plan.chunk_sizes), plan, D.Cursor(), spe)
+    ex = examples.Examples(np.arange(60).reshape(30, 2), np.arange(30))
+    plan = examples.BatchPlan((10, 10, 10), 4, 2, 1, 0, 3, "shards", 12)
+    spe = examples.steps_per_epoch([30], 8)  # 3 steps, 6 examples dropped per epoch
+    full = examples.iterate(examples.InMemorySource(ex, plan.chunk_sizes), plan, examples.Cursor(), spe)
     seq = [next(full) for _ in range(8)]
     cursor_after_5 = seq[5][0]
-    resumed = D.iterate(D.InMemorySource(ex, plan.chunk_sizes), plan, cursor_after_5, spe)
+    resumed = examples.iterate(examples.InMemorySource(ex, plan.chunk_sizes), plan, cursor_after_5, spe)
     for (c_a, m_a), (c_b, m_b) in zip(seq[5:], [next(resumed) for _ in range(3)]):
         assert c_a == c_b
         assert all(np.array_equal(a.target, b.target) for a, b in zip(m_a, m_b))
 
 
 def test_resume_skips_the_windows_before_the_cursor():
-    ex = D.Examples(np.zeros((40, 1), dtype=np.int64), np.arange(40))
-    plan = D.BatchPlan((10, 10, 10, 10), 5, 1, 1, 0, 0, "shards", 10)  # 4 windows of one chunk
-    src = _Counting(D.InMemorySource(ex, plan.chunk_sizes))
-    next(D.iterate(src, plan, D.Cursor(0, 6), 8))  # step 6 = rows 30..34: the last window only
+    ex = examples.Examples(np.zeros((40, 1), dtype=np.int64), np.arange(40))
+    plan = examples.BatchPlan((10, 10, 10, 10), 5, 1, 1, 0, 0, "shards", 10)  # 4 windows of one chunk
+    src = _Counting(examples.InMemorySource(ex, plan.chunk_sizes))
+    next(examples.iterate(src, plan, examples.Cursor(0, 6), 8))  # step 6 = rows 30..34: the last window only
     assert src.loads == [10]
 
 
@@ -253,16 +253,16 @@ def _rows(ex):
 @pytest.mark.parametrize("world", [1, 2, 5])
 def test_source_holds_exactly_the_in_memory_examples(big, mode, world):
     for rank in range(world):
-        chunks = D.rank_chunks(big, rank, world, "shards", 5)
-        src = D.ExampleSource(chunks, 5, "train", mode)
-        want = D.train_examples(D.rank_sequences(big, rank, world, "shards"), 5, mode)
+        chunks = examples.rank_chunks(big, rank, world, "shards", 5)
+        src = examples.ExampleSource(chunks, 5, "train", mode)
+        want = examples.train_examples(examples.rank_sequences(big, rank, world, "shards"), 5, mode)
         assert len(src) == len(want) and max(c.stop - c.start for c in chunks) <= 5
         assert _rows(src.load_many(range(len(chunks)))) == _rows(want)
-        valid = D.ExampleSource(chunks, 5, "valid")
-        got = [b for b in D.stream_batches(valid, 7)]
+        valid = examples.ExampleSource(chunks, 5, "valid")
+        got = [b for b in examples.stream_batches(valid, 7)]
         assert all(len(t) == 7 for _, t in got[:-1])
-        assert _rows(D.Examples(np.concatenate([h for h, _ in got]), np.concatenate([t for _, t in got]))) == \
-            _rows(D.eval_examples(D.rank_sequences(big, rank, world, "shards"), 5, "valid"))
+        assert _rows(examples.Examples(np.concatenate([h for h, _ in got]), np.concatenate([t for _, t in got]))) == \
+            _rows(examples.eval_examples(examples.rank_sequences(big, rank, world, "shards"), 5, "valid"))
 
 
 @pytest.mark.parametrize("split", ["shards", "global"])
@@ -271,37 +271,37 @@ def test_same_batches_for_a_seed_and_exact_resume_on_a_dataset(big, split):
     world, mb, ga = 2, 3, 2
 
     def run(rank, cursor, steps):
-        src = D.ExampleSource(D.rank_chunks(big, rank, world, split, 6), 5, "train")
-        plan = D.BatchPlan(src.sizes, mb, ga, world, rank, 11, split, 40)
+        src = examples.ExampleSource(examples.rank_chunks(big, rank, world, split, 6), 5, "train")
+        plan = examples.BatchPlan(src.sizes, mb, ga, world, rank, 11, split, 40)
         usable = len(src) // world if split == "global" else len(src)
-        spe = D.steps_per_epoch([usable], mb * ga)
-        it = D.iterate(src, plan, cursor, spe)
+        spe = examples.steps_per_epoch([usable], mb * ga)
+        it = examples.iterate(src, plan, cursor, spe)
         steps = 2 * spe + 1 - (cursor.epoch * spe + cursor.step)  # into the third epoch
         return [(c, [(m.history.tolist(), m.target.tolist()) for m in micro]) for c, micro in
                 (next(it) for _ in range(steps))], spe
 
     for rank in range(world):
-        first, spe = run(rank, D.Cursor(), None)
-        again, _ = run(rank, D.Cursor(), None)
+        first, spe = run(rank, examples.Cursor(), None)
+        again, _ = run(rank, examples.Cursor(), None)
         assert first == again and spe >= 3
         k = spe + 2  # inside the second epoch
         resumed, _ = run(rank, first[k][0], None)
         assert resumed == first[k:]
-        assert first[spe][0] == D.Cursor(1, 0) and first[0][1] != first[spe][1]  # the next epoch reshuffles
+        assert first[spe][0] == examples.Cursor(1, 0) and first[0][1] != first[spe][1]  # the next epoch reshuffles
 
 
 def test_cursor_is_a_plain_resumable_value():
-    c = D.Cursor()
+    c = examples.Cursor()
     for _ in range(7):
         c = c.advance(3)
-    assert c == D.Cursor(2, 1)
-    assert D.Cursor.from_dict(c.to_dict()) == c
+    assert c == examples.Cursor(2, 1)
+    assert examples.Cursor.from_dict(c.to_dict()) == c
 
 
 def test_steps_per_epoch_drops_remainder_and_refuses_empty():
-    assert D.steps_per_epoch([100, 93, 120], 10) == 9
+    assert examples.steps_per_epoch([100, 93, 120], 10) == 9
     with pytest.raises(ValueError, match="no full step"):
-        D.steps_per_epoch([5, 100], 8)
+        examples.steps_per_epoch([5, 100], 8)
 
 
 @settings(max_examples=30, deadline=None)
@@ -311,17 +311,17 @@ def test_seen_items_are_the_whole_history_before_the_target(seqs, H):
     """evaluate.filter_seen keeps every item before the target, not only the last H the model reads."""
     frame = _frame({i + 1: s for i, s in enumerate(seqs)})
     for split, drop in (("valid", 2), ("test", 1)):
-        ex = D.eval_examples(frame, H, split, seen=True)
-        plain = D.eval_examples(frame, H, split)
+        ex = examples.eval_examples(frame, H, split, seen=True)
+        plain = examples.eval_examples(frame, H, split)
         assert (ex.history == plain.history).all() and (ex.target == plain.target).all()
         want = [s[:-drop] for s in seqs if len(s) >= 3]
         assert [_unpad(r) for r in ex.seen] == want
 
 
 def test_streamed_batches_carry_seen_items_across_chunks(big):
-    chunks = D.rank_chunks(big, 0, 1, "shards", 5)
-    plain = list(D.stream_batches(D.ExampleSource(chunks, 3, "test"), 7))
-    seen = list(D.stream_batches(D.ExampleSource(chunks, 3, "test", seen=True), 7))
+    chunks = examples.rank_chunks(big, 0, 1, "shards", 5)
+    plain = list(examples.stream_batches(examples.ExampleSource(chunks, 3, "test"), 7))
+    seen = list(examples.stream_batches(examples.ExampleSource(chunks, 3, "test", seen=True), 7))
     assert len(plain) == len(seen) and all(len(b) == 2 for b in plain) and all(len(b) == 3 for b in seen)
     for (h, t), (hs, ts, s) in zip(plain, seen):
         assert (h == hs).all() and (t == ts).all() and len(s) == len(t)

@@ -35,6 +35,16 @@ def _sids():
     return sids
 
 
+def _another(config: type, name: str, value: typing.Any) -> typing.Any:
+    """A value of field ``name`` of ``config`` other than ``value``."""
+    choices = typing.get_args(typing.get_type_hints(config)[name])
+    if choices:  # a Literal
+        return next(c for c in choices if c != value)
+    if isinstance(value, list):
+        return value[:1] if len(value) > 1 else [0.5]
+    return value + 1 if isinstance(value, int) else value / 2
+
+
 def test_every_model_is_sized():
     assert set(SMALL) == set(MODELS)
 
@@ -57,8 +67,12 @@ def test_every_model_builds_trains_and_recommends(name, gen):
     for row in top.tolist():
         real = [i for i in row if i != 0]
         assert len(set(real)) == len(real) and all(1 <= i <= N for i in real)
-    for f in spec.inference_fields:
-        assert f in {x.name for x in dataclasses.fields(spec.config)}
+    for f in spec.inference_fields:  # they change how a trained model ranks, never which weights it has
+        changed = dataclasses.replace(section, **{f: _another(spec.config, f, getattr(section, f))})
+        torch.manual_seed(0)
+        other = build_model(name, ModelConfig(**{name: changed}), N, sids).state_dict()
+        assert other.keys() == model.state_dict().keys(), f
+        assert all(torch.equal(other[k], v) for k, v in model.state_dict().items()), f
     if spec.needs_semantic_ids:
         with pytest.raises(ConfigError, match=f"model '{name}' needs"):
             build_model(name, cfg, N, None)

@@ -15,6 +15,7 @@ CONFIGS = ["ray_config.yaml", "cluster/ray_onprem.yaml"]
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_cluster_config_validates(name):
+    import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load(open(os.path.join(REPO, name)))
@@ -26,7 +27,7 @@ def test_cluster_config_validates(name):
     # A mistake is caught by the same validation (so the check above can fail).
     broken = copy.deepcopy(raw)
     broken["setup_comands"] = broken.pop("setup_commands")  # a misspelt key
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="'setup_comands' was unexpected"):
         validate_config(prepare_config(broken))
 
 

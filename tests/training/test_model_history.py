@@ -8,7 +8,7 @@ import pytest
 from _util import run_job
 from genrec_dist.config import ConfigError, load_config, model_history
 from genrec_dist.data.dataset import Dataset
-from genrec_dist.data import examples as D
+from genrec_dist.data.examples import eval_examples
 
 
 def test_default_dataset_keeps_sasrec_paper_history():
@@ -26,10 +26,10 @@ def test_each_model_gets_its_own_history(tiny_cfg, tiny_dataset):
     for model, want in (("sasrec", 50), ("car", 20), ("tiger", 20), ("unger", 20)):
         h = model_history(model, getattr(tiny_cfg.model, model).max_history, ds)
         assert h == want
-        ex = D.eval_examples(seqs, h, "test")
+        ex = eval_examples(seqs, h, "test")
         assert ex.history.shape[1] == want
     # stored sequences are whole: the longest user's test history holds min(len - 1, 50) real items
-    ex = D.eval_examples(seqs, 50, "test")
+    ex = eval_examples(seqs, 50, "test")
     assert int((ex.history != 0).sum(1).max()) == min(longest - 1, 50)
 
 

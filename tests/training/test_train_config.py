@@ -304,7 +304,7 @@ def test_car_table_of_some_rows_writes_its_own_json(tmp_path):
     out = tmp_path / "depth2.json"
     default = os.path.join(REPO, "benchmarks", "results", f"car_ablation_{cfg.name}.json")
     existed = os.path.exists(default)
-    proc = subprocess.run([sys.executable, "benchmarks/car_ablation.py", "--config", "configs/synthetic.yaml",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.car_ablation", "--config", "configs/synthetic.yaml",
                            "--rows", "depth2", "--prefix", "sub", "--out", str(out), f"workdir={tmp_path}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

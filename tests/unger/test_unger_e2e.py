@@ -179,9 +179,9 @@ def test_collab_and_concat_reuse_the_unified_runs_din_reference(unified, tiny_da
 def test_unified_reads_its_stage1_model_back_for_another_integrated_reading(unified, tiny_dataset, tmp_path):
     """Every unified run saves its CKA-trained model's two item tables; tokenize.unger.stage1_path quantises another
     reading of the integrated embedding from them without training, and is refused for other settings."""
-    from genrec_dist.models.unger_stage1 import integrate
     from tokenization.pipeline import run_tokenize
     from tokenization.unger import STAGE1_FILES
+    from tokenization.unger_stage1 import integrate
 
     cfg0, summary, _ = unified
     saved = {k: np.load(f"{cfg0.semantic_ids_dir}/{f}") for k, f in STAGE1_FILES.items()}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from genrec_dist.data.semantic_ids import SemanticIds
 from genrec_dist.models import ModelConfig, build_model
 from genrec_dist.models.tiger import Tiger
-from genrec_dist.models.unger_stage1 import AdaLN, DINStage1, ModalityAdapter, info_nce
+from tokenization.unger_stage1 import AdaLN, DINStage1, ModalityAdapter, info_nce
 from tokenization.unger import concat_embeddings, modality_share, pca
 
 
