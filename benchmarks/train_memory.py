@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from genrec_dist.models import ModelConfig, build_model
     from genrec_dist.models.config import CARConfig, SASRecConfig
-    from genrec_dist.training.config import TrainConfig
+    from genrec_dist.train_config import TrainConfig
     from genrec_dist.training.dist import init_process_group, world_from_env
     from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
 

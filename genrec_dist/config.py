@@ -25,7 +25,7 @@ from genrec_dist.data.config import PrepareConfig
 from genrec_dist.errors import ConfigError
 from genrec_dist.models import ModelConfig
 from genrec_dist.tokenize_config import TokenizeConfig
-from genrec_dist.training.config import (NOT_RUN, OUTPUT, EvaluateConfig, RecommendConfig, ServeConfig,
+from genrec_dist.train_config import (NOT_RUN, OUTPUT, EvaluateConfig, RecommendConfig, ServeConfig,
                                           TrainConfig)
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "flatten", "load_config", "section_from_dict", "to_dict",

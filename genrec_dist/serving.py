@@ -32,6 +32,7 @@ import mlflow.pyfunc
 import torch
 
 from genrec_dist import serve_request as R
+from genrec_dist.runs.export import load_exported
 from genrec_dist.serve_request import DEFAULT_K
 
 _ARTIFACT = "model"  # the export's folder inside the MLflow model (artifacts/model/)
@@ -63,8 +64,6 @@ class GenRecModel(mlflow.pyfunc.PythonModel):
 
     # (no type hints on these two: MLflow would read predict's as an input schema)
     def load_context(self, context):
-        from genrec_dist.runs.export import load_exported
-
         path = context.artifacts[_ARTIFACT]  # .../artifacts/model: the export, as load_exported reads it
         self.model, self.meta = load_exported(os.path.dirname(os.path.normpath(path)))
         self.num_items = int(self.meta["num_items"])
@@ -134,8 +133,6 @@ def save_model(export_dir: str, path: str, example_histories: list[list[int]],
     if os.path.basename(os.path.normpath(export_dir)) != _ARTIFACT:
         raise ValueError(f"{export_dir}: expected a run's exported '{_ARTIFACT}' folder")
     if model is None:
-        from genrec_dist.runs.export import load_exported
-
         model, _ = load_exported(os.path.dirname(os.path.normpath(export_dir)))
     example = pd.DataFrame({"user": [f"example-{i}" for i in range(len(example_histories))],
                             "history": [list(map(int, h)) for h in example_histories]})

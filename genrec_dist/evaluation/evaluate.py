@@ -1,20 +1,24 @@
-"""The evaluation loop: rank the full catalog for each user with ``model.recommend`` and score the targets.
+"""Scoring a model: the leave-one-out metrics (:func:`recall_ndcg`), the evaluation loop that ranks the full
+catalog for each user with ``model.recommend`` and scores the targets (:func:`evaluate_model`), and the
+most-popular baseline every learned model must beat (:class:`MostPopular`).
 
 Callable without a trainer: ``evaluate_model(model, batches, ks=(5, 10, 20))`` with any iterable of
 ``(history (B, T), target (B,))`` tensors.
+
+Metrics (TIGER §4.1, UNGER §4.1.1): with a single relevant item per user, Recall@k is a hit indicator (= HR@k) and
+NDCG@k = 1 / log2(rank + 1) for a 1-based rank <= k (the ideal DCG is 1), else 0.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from genrec_dist.evaluation.metrics import recall_ndcg
 
 
 def evaluate_model(
@@ -115,3 +119,89 @@ def drop_seen(ranked: torch.Tensor, seen: torch.Tensor, k: int, block: int = 64)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the metrics
+# --------------------------------------------------------------------------------------------------------------
+
+def recall_ndcg(
+    ranked: torch.Tensor,
+    target: torch.Tensor,
+    ks: Sequence[int],
+    reduce: Literal["mean", "sum", "none"] = "mean",
+) -> dict[str, float | torch.Tensor]:
+    """``ranked`` (B, K) item ids best first (0 = empty slot, never a hit), ``target`` (B,) -> ``{"recall@k",
+    "ndcg@k"}`` for every k in ``ks``: the mean over users (``reduce="mean"``), the sum (to add up over batches), or
+    per-user tensors (B,) (``"none"``)."""
+    if ranked.dim() != 2 or target.dim() != 1 or ranked.shape[0] != target.shape[0]:
+        raise ValueError(f"expected ranked (B, K) and target (B,), got {tuple(ranked.shape)} and {tuple(target.shape)}")
+    if any(k < 1 or k > ranked.shape[1] for k in ks):
+        raise ValueError(f"every k in {list(ks)} must be in 1..{ranked.shape[1]} (the length of the ranked lists)")
+    hit = (ranked == target[:, None].to(ranked.device)) & (ranked != 0)  # (B, K)
+    found = hit.any(dim=1)
+    rank = hit.float().argmax(dim=1)  # (B,) 0-based position of the first hit (0 when none; masked by `found`)
+    gain = 1.0 / torch.log2(rank.double() + 2.0)
+    out: dict[str, float | torch.Tensor] = {}
+    for k in ks:
+        within = found & (rank < k)
+        for name, value in (("recall", within.double()), ("ndcg", within.double() * gain)):
+            if reduce == "none":
+                out[f"{name}@{k}"] = value
+            elif reduce == "sum":
+                out[f"{name}@{k}"] = float(value.sum())
+            else:
+                out[f"{name}@{k}"] = float(value.mean()) if len(value) else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the most-popular baseline
+# --------------------------------------------------------------------------------------------------------------
+
+class MostPopular(nn.Module):
+    """Same API as the models: ``topk(history (B, T), k) -> (items (B, k), counts (B, k))`` and ``recommend`` (its
+    items); ties broken by lower id."""
+
+    def __init__(self, counts: np.ndarray | torch.Tensor):
+        super().__init__()
+        counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)  # (N+1,), index 0 = padding
+        if counts.dim() != 1 or counts.shape[0] < 1:
+            raise ValueError(f"counts must be 1-D (num_items + 1,), got shape {tuple(counts.shape)}")
+        counts = counts.clone()
+        counts[0] = -1.0  # padding is never recommended
+        # Stable order: descending count, then ascending item id.
+        order = torch.from_numpy(np.lexsort((np.arange(len(counts)), -counts.numpy())).copy())
+        self.num_items = int(counts.shape[0]) - 1
+        self.register_buffer("ranking", order[: self.num_items])  # (N,) best first
+        self.register_buffer("counts", counts)  # (N+1,) the score topk() reports
+
+    @classmethod
+    def fit(cls, sequences: Iterable[Sequence[int]], num_items: int) -> "MostPopular":
+        """Count item occurrences over training sequences (lists of item ids 1..num_items)."""
+        counts = np.zeros(num_items + 1, dtype=np.int64)
+        for seq in sequences:
+            ids = np.asarray(seq, dtype=np.int64)
+            if len(ids) and (ids.min() < 0 or ids.max() > num_items):
+                raise ValueError(f"item id outside 0..{num_items} in a training sequence: {ids.min()}..{ids.max()}")
+            np.add.at(counts, ids, 1)
+        counts[0] = 0
+        return cls(counts)
+
+    def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": torch.zeros((), device=self.ranking.device)}  # nothing to train
+
+    @torch.no_grad()
+    def topk(self, history: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most popular items (B, k) and their training counts as scores (B, k); 0 / -inf past the catalog."""
+        top = self.ranking[:k]
+        scores = self.counts[top].float()
+        if top.shape[0] < k:
+            top = F.pad(top, (0, k - top.shape[0]))
+            scores = F.pad(scores, (0, k - scores.shape[0]), value=float("-inf"))
+        b = history.shape[0]
+        return (top[None, :].expand(b, k).to(history.device), scores[None, :].expand(b, k).to(history.device))
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int) -> torch.Tensor:
+        return self.topk(history, k)[0]

@@ -16,8 +16,7 @@ from genrec_dist import reports
 from genrec_dist.config import model_history
 from genrec_dist.data import examples
 from genrec_dist.data.dataset import Dataset
-from genrec_dist.evaluation.evaluate import evaluate_model, evaluate_variants
-from genrec_dist.evaluation.popular import MostPopular
+from genrec_dist.evaluation.evaluate import MostPopular, evaluate_model, evaluate_variants
 from genrec_dist.models import model_name, recommend_kwargs
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from genrec_dist.errors import ConfigError, GenrecError
-from genrec_dist.training.config import TrainConfig
+from genrec_dist.train_config import TrainConfig
 
 
 class BatchSizeError(GenrecError, ValueError):

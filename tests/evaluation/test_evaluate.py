@@ -3,9 +3,8 @@ import time
 import pytest
 import torch
 
-from genrec_dist.evaluation.evaluate import evaluate_model, evaluate_variants
+from genrec_dist.evaluation.evaluate import MostPopular, evaluate_model, evaluate_variants
 from genrec_dist.reports import format_results
-from genrec_dist.evaluation.popular import MostPopular
 
 
 def test_most_popular_ranks_by_training_counts():

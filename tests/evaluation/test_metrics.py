@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from genrec_dist.evaluation.metrics import recall_ndcg
+from genrec_dist.evaluation.evaluate import recall_ndcg
 
 
 def test_hand_computed_cases():

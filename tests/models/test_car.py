@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from genrec_dist.config import load_config
-from genrec_dist.evaluation.evaluate import evaluate_model, evaluate_variants
-from genrec_dist.evaluation.popular import MostPopular
+from genrec_dist.evaluation.evaluate import MostPopular, evaluate_model, evaluate_variants
 from genrec_dist.models import ModelConfig, build_model
 from genrec_dist.models.car import CAR, chunk_tokens, fuse_chunks
 from genrec_dist.models.config import CARConfig

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from genrec_dist.evaluation.popular import MostPopular
+from genrec_dist.evaluation.evaluate import MostPopular
 from genrec_dist.models import ModelConfig, build_model
 from genrec_dist.models.config import CARConfig, SASRecConfig, TigerConfig
 from genrec_dist.models.ranking import blockwise_topk, full_topk

@@ -11,7 +11,7 @@ import torch
 
 from genrec_dist.config import Config, ConfigError, load_config
 from genrec_dist.models import MODELS, ModelConfig, build_model, inference_fields, trains_every_position
-from genrec_dist.training.config import TrainConfig
+from genrec_dist.train_config import TrainConfig
 
 from toys import make_sids, successor_batch
 

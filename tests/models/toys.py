@@ -45,8 +45,7 @@ def make_sids(codes: np.ndarray, codebook_sizes: list[int]) -> SemanticIds:
 
 def toy_vs_most_popular(model, num_items: int, generator: torch.Generator, ks=(1, 5)) -> tuple[dict, dict]:
     """Metrics of ``model`` and of most-popular (fit on the same histories) on 3 successor batches of 64 users."""
-    from genrec_dist.evaluation.evaluate import evaluate_model
-    from genrec_dist.evaluation.popular import MostPopular
+    from genrec_dist.evaluation.evaluate import MostPopular, evaluate_model
 
     batches = [successor_batch(num_items, 64, 6, generator) for _ in range(3)]
     pop = MostPopular.fit([b[0][i][b[0][i] > 0].tolist() for b in batches for i in range(64)], num_items)

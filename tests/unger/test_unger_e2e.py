@@ -18,8 +18,7 @@ import torch
 from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.data.semantic_ids import read_semantic_ids
-from genrec_dist.evaluation.evaluate import evaluate_model
-from genrec_dist.evaluation.popular import MostPopular
+from genrec_dist.evaluation.evaluate import MostPopular, evaluate_model
 from genrec_dist.models import ModelConfig, build_model
 from genrec_dist.tracking import make_tracker
 from genrec_dist.data.examples import eval_examples, train_examples
