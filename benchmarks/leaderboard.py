@@ -84,6 +84,17 @@ CPU_BUDGET_ONLY = {
     "car": ["model.car.dropout=0.0", "train.warmup_steps=100"],
     "tiger": ["model.tiger.dropout=0.0"],
 }
+# A converged board trains CAR at the size and with the recipe of the SASRec it is compared with (eSASRec §4.1,
+# configs/<dataset>/sasrec.yaml: one block, one head, d 64, d_ff 64, dropout 0.2, Adam betas (0.9, 0.98), no
+# warm-up; the chunk layout keeps its own 20-item history). Chosen on Beauty's validation N@10 (seen-filtered, one
+# thread, 6 epochs of patience; docs/results.md): 0.0731 (fast; slow, w 0.1: 0.0745) against 0.0698 for 1 block of 4 heads
+# with d_ff 256, 0.0622 for 2 such blocks with that recipe (stopped at 3,300 steps, rising 0.001 an epoch), and 0.0665
+# (cut off by its 60-minute cap) for 2 blocks with the configs' dropout 0.1, 360 warm-up steps and beta2 0.999;
+# SASRec's own best is 0.0704.
+CPU_CONVERGED_ONLY = {
+    "car": ["model.car.n_layers=1", "model.car.n_heads=1", "model.car.d_ff=64", "model.car.dropout=0.2",
+            "train.adam_beta2=0.98", "train.warmup_steps=0"],
+}
 
 
 def model_config(config: str, model: str) -> str:
@@ -256,7 +267,8 @@ def main() -> None:
                                  "lower tokenize.unger.steps (--stage1 tokenize.unger.steps=N)")
         cmd = [py, "jobs/train.py", "--config", config, f"train.model={model}", *PAPER_TRAIN.get(model, []),
                *args.overrides, *CPU_SIZES[model] * (sizes == "cpu"),
-               *CPU_BUDGET_ONLY.get(model, []) * (sizes == "cpu" and args.mode == "budget"), *common, *extra,
+               *CPU_BUDGET_ONLY.get(model, []) * (sizes == "cpu" and args.mode == "budget"),
+               *CPU_CONVERGED_ONLY.get(model, []) * (sizes == "cpu" and args.mode == "converged"), *common, *extra,
                *([f"train.budget_s={budget_s - offset_s}"] if offset_s else []), *getattr(args, model)]
         res = train_once(cmd, cfg.runs_dir, f"{args.prefix}-{model}")
         run_dir = res.get("run_dir") or os.path.join(cfg.runs_dir, res["run_name"])
