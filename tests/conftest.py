@@ -71,6 +71,9 @@ def ray_local(s3_server):
     not depend on whether an earlier test happened to start the S3 server before Ray."""
     import ray
 
+    # Ray Serve's controller (tests/test_serve.py) gives its HTTP proxy 5 s to answer a readiness check, three times,
+    # then kills it: on a 2-core machine under load (a training run beside the suite) that failed every serve test.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:
