@@ -74,7 +74,7 @@ def load_run_job_config(args: argparse.Namespace, job: str) -> tuple[Config, str
 
     cfg = load_config(args.config, args.overrides, default_section=job)
     cfg, run_dir, source = resolve_run(cfg, args.run, args.overrides, job, own_config=args.config is None)
-    check_ray_job_paths(cfg, **{"--run": run_dir})
+    check_ray_job_paths(cfg)
     _say_config(job, args.config or source or "the defaults (the run saved no config)", args.overrides)
     return cfg, run_dir
 

@@ -146,16 +146,16 @@ def ray_job_working_dir() -> str | None:
         return None
 
 
-def check_ray_job_paths(cfg: Config, **places: str) -> None:
+def check_ray_job_paths(cfg: Config) -> None:
     """Under ``ray job submit --working-dir`` the driver runs in a temporary copy of that directory on the head, so a
     relative location would be read from or written into the copy (and lost with it): refuse it, naming each one.
-    Checked: every field marked ``output`` or ``input`` in its metadata (``paths.*`` as derived from workdir) and the
-    job's own ``places`` (``--run``: its run dir)."""
+    Checked: every field marked ``output`` or ``input`` in its metadata (``paths.*`` as derived from workdir); a job's
+    ``--run`` is checked where it is resolved (:func:`genrec_dist.runs.find.resolve_run`)."""
     if ray_job_working_dir() is None:
         return
     resolved = with_resolved_paths(cfg)
     named = {name: get_dotted(resolved, name) for key in ("output", "input") for name in marked_fields(Config, key)}
-    relative = [f"{k}={v}" for k, v in {**named, **places}.items() if v and "://" not in v and not os.path.isabs(v)]
+    relative = [f"{k}={v}" for k, v in named.items() if v and "://" not in v and not os.path.isabs(v)]
     if relative:
         raise ConfigError(f"running as a Ray job with a working_dir (ray job submit --working-dir), which runs in a "
                           f"temporary copy of that directory: {', '.join(relative)} would be read from or written "

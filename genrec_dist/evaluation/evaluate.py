@@ -101,14 +101,21 @@ def evaluate_variants(
     return {name: {m: v / max(users, 1) for m, v in sums[j].items()} | speed for j, name in enumerate(names)}
 
 
-def drop_seen(ranked: torch.Tensor, seen: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
-    """The first ``k`` items of each row of ``ranked`` (B, F) that are not in the row's ``seen`` (B, S) items (0 =
-    padding), in rank order; 0 where fewer than k remain. ``seen`` is compared ``block`` columns at a time, so memory
-    is (B, F, block) whatever the history length."""
+def seen_mask(ranked: torch.Tensor, seen: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """(B, F) bool: which items of each row of ``ranked`` (B, F) are among the row's ``seen`` (B, S) items (0 =
+    padding, never seen). ``seen`` is compared ``block`` columns at a time, so memory is (B, F, block) whatever the
+    history length. Evaluation's seen filter and batch recommendations' ``exclude_seen`` both read it."""
     hit = torch.zeros_like(ranked, dtype=torch.bool)
     for lo in range(0, seen.shape[1], block):
         part = seen[:, lo:lo + block]  # (B, s)
         hit |= ((ranked[:, :, None] == part[:, None, :]) & (part[:, None, :] != 0)).any(-1)
+    return hit
+
+
+def drop_seen(ranked: torch.Tensor, seen: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
+    """The first ``k`` items of each row of ``ranked`` (B, F) that are not in the row's ``seen`` (B, S) items (0 =
+    padding), in rank order; 0 where fewer than k remain (:func:`seen_mask`)."""
+    hit = seen_mask(ranked, seen, block)
     order = torch.sort(hit.to(torch.int8), dim=1, stable=True).indices  # unseen first, rank order kept
     out = torch.gather(ranked.masked_fill(hit, 0), 1, order)[:, :k]
     if out.shape[1] < k:

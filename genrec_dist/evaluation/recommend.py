@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from genrec_dist.errors import ConfigError, GenrecError
+from genrec_dist.evaluation.evaluate import seen_mask
 from genrec_dist.models import recommend_kwargs
 from genrec_dist.runs.export import load_exported
 from genrec_dist.serve_request import left_pad
@@ -65,10 +66,9 @@ def recommend_batch(model: torch.nn.Module, histories: Any, k: int, max_history:
         items, scores = model.topk(history, fetch, **{n: v for n, v in inference.items()
                                                       if n in accepted and v is not None})
     items, scores = items.cpu().numpy().astype(np.int64), scores.float().cpu().numpy()
-    if exclude_seen:
-        keep = np.ones_like(items, dtype=bool)
-        for row, h in enumerate(histories):
-            keep[row] = ~np.isin(items[row], np.asarray(h))
+    if exclude_seen:  # the whole history, not only the model's last max_history items
+        seen = left_pad(histories, max((len(h) for h in histories), default=1))
+        keep = ~seen_mask(torch.from_numpy(items), seen).numpy()
         order = np.argsort(~keep, axis=1, kind="stable")  # kept items first, rank order kept
         items, scores = np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
         scores[~np.take_along_axis(keep, order, 1)] = NEG_INF

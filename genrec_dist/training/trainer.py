@@ -62,7 +62,11 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
         torch.cuda.set_device(device)
     init_process_group(use_cuda)  # reuses a process group a launcher made already (Ray Train)
     rank, ws, main = world.rank, world.world_size, world.is_main
-    log0 = print if main else (lambda *a, **k: None)
+
+    def log0(msg: str) -> None:
+        if main:
+            print(msg, flush=True)
+
     sync = device if use_cuda else torch.device("cpu")  # where collectives of small tensors run
 
     # ----- 2. the run ---------------------------------------------------------------------------------------
@@ -77,12 +81,11 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
                        extra_tags={**dataset.tags(), "genrec.run_dir": run.path, "genrec.model": tc.model},
                        run_id=run.meta.get("mlflow_run_id"), spool_dir=run.path)
     inputs = _start_run(run, cfg, tracker, dataset) if main else {}
-    log0(f"run {run.name} ({'resuming' if run.resuming else 'new'}) in {run.path}; world {ws}; device {device}",
-         flush=True)
+    log0(f"run {run.name} ({'resuming' if run.resuming else 'new'}) in {run.path}; world {ws}; device {device}")
 
     # ----- 3. data ------------------------------------------------------------------------------------------
     data = _Data.plan(cfg, dataset, H, rank, ws)
-    log0(data.summary, flush=True)
+    log0(data.summary)
 
     # ----- 4. model + DeepSpeed -------------------------------------------------------------------------------
     sids, sids_dir = _codes(cfg, tracker, dataset, inputs, main and not run.resuming)
@@ -126,7 +129,7 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
             tracker.log(metrics, state.step)
             state.history.append({"step": state.step, **metrics})
             log0(f"step {state.step}/{data.total_steps} loss {metrics['train/loss']:.5f} lr "
-                 f"{metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.0f} samples/s", flush=True)
+                 f"{metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.0f} samples/s")
         if validates and ((data.eval_every and state.step % data.eval_every == 0) or eval_due or last):
             with clock.paused():
                 vm, weights = _validate(engine, eval_model, data.valid, cfg, device, sync, rec_kwargs)
@@ -139,18 +142,18 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
             state.history.append({"step": state.step, "elapsed_s": valid_at,
                                   **{f"valid/{k}": v for k, v in vm.items()}})
             log0(f"valid step {state.step}: {tc.early_stop_metric} {vm[tc.early_stop_metric]:.5f} (best "
-                 f"{state.best:.5f} at step {state.best_step})", flush=True)
+                 f"{state.best:.5f} at step {state.best_step})")
             if tc.patience and state.bad_evals >= tc.patience:
-                log0(f"early stop: no better {tc.early_stop_metric} in {state.bad_evals} validations", flush=True)
+                log0(f"early stop: no better {tc.early_stop_metric} in {state.bad_evals} validations")
                 state.stopped_by = "patience"
         if over_budget and state.stopped_by == "max_steps":
-            log0(f"budget: {tc.budget_s:.0f} s of training crossed at step {state.step}", flush=True)
+            log0(f"budget: {tc.budget_s:.0f} s of training crossed at step {state.step}")
             state.stopped_by = "budget"
         if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < data.total_steps
                 and state.stopped_by == "max_steps"):
             with clock.paused():
                 store.save(engine, state.step, state.to_checkpoint(run.name, clock.seconds()), tc.keep_checkpoints)
-            log0(f"checkpoint saved: step {state.step} -> {run.checkpoints}/{tag_of(state.step)}", flush=True)
+            log0(f"checkpoint saved: step {state.step} -> {run.checkpoints}/{tag_of(state.step)}")
 
     if state.best_step == 0:  # never validated: the final weights are the export
         weights = consolidated_state_dict(engine)
@@ -273,13 +276,13 @@ class _Progress:
         states), or a fresh start."""
         if run.latest_step is None:
             if run.resuming:
-                log0(f"no complete checkpoint under {run.checkpoints}: starting {run.name} from step 0", flush=True)
+                log0(f"no complete checkpoint under {run.checkpoints}: starting {run.name} from step 0")
             return cls()
         s = store.load(engine, run.latest_step)
         out = cls(int(s["step"]), examples.Cursor.from_dict(s["cursor"]), float(s["best"]), int(s["best_step"]),
                   int(s["bad_evals"]), list(s.get("history", [])), float(s.get("train_s", 0.0)))
         log0(f"resumed from {run.checkpoints}/{tag_of(out.step)} (epoch {out.cursor.epoch}, step "
-             f"{out.cursor.step})", flush=True)
+             f"{out.cursor.step})")
         return out
 
     def improves(self, value: float) -> bool:

@@ -206,9 +206,6 @@ def test_batches_of_groups_do_not_change_the_codes():
 
 @pytest.mark.gpu
 def test_collision_free_and_balanced_on_cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     x = _mixture(n=3000, d=32, c=10)
     p = KMeansParams(k=16, seed=0)
     ref = kmeans_local(x, 3, p, collision_free=True)

@@ -124,9 +124,6 @@ def test_core_modules_import_without_engines():
 
 @pytest.mark.gpu
 def test_torch_on_cuda_gives_the_numpy_codes():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     x = _mixture(n=5000, d=64, c=40)
     p = KMeansParams(k=32, seed=0)
     ref = kmeans_local(x, 3, p, dedup=True)
