@@ -13,8 +13,8 @@ import torch
 from genrec_dist import storage
 from genrec_dist.reports import format_results
 from genrec_dist.config import to_dict
-from genrec_dist.evaluation.split import evaluate_split, log_reports
-from genrec_dist.runs.export import inference_overrides, load_exported, model_semantic_ids, read_meta
+from genrec_dist.evaluation.split import REPORT_USERS, evaluate_split, log_reports, split_batches
+from genrec_dist.runs.export import inference_overrides, open_export, read_meta
 from genrec_dist.runs.rundir import open_run_dataset, read_run
 
 
@@ -26,11 +26,12 @@ def evaluate_run(cfg: Any, run_dir: str, overrides: Sequence[str] = (), *, track
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     meta = read_meta(storage.join(run_dir, "model"), cfg.storage)
     inference = inference_overrides(cfg, overrides, meta["model"], run_dir, meta["model_config"][meta["model"]])
-    model, meta = load_exported(run_dir, cfg.storage, inference)
-    model.to(device)
+    export = open_export(run_dir, cfg.storage, inference)
+    model, meta = export.model.to(device), export.meta
     dataset = open_run_dataset(cfg, info)
     split = cfg.evaluate.split
-    results = evaluate_split(model, dataset, cfg, split, device)
+    batches = split_batches(model, dataset, cfg, split)
+    results = evaluate_split(model, dataset, cfg, batches, device)
     out = {**results, "split": split, "run_dir": run_dir, "model_step": meta.get("step"), "model_name": meta["model"],
            "inference_overrides": inference, "config": to_dict(cfg)}
     metrics_path = storage.join(run_dir, f"eval-{split}{'-seen-filtered' if cfg.evaluate.filter_seen else ''}.json")
@@ -44,9 +45,8 @@ def evaluate_run(cfg: Any, run_dir: str, overrides: Sequence[str] = (), *, track
     tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
                 | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()})
     tracker.log_text(json.dumps(out, indent=2, sort_keys=True), f"eval-{split}.json")
-    log_reports(tracker, model, dataset, cfg, results, meta["model"],
-                model_semantic_ids(storage.join(run_dir, "model"), meta, cfg.storage), device,
-                f"{split} split, {meta['model']} of step {meta.get('step')}")
+    log_reports(tracker, model, dataset, cfg, results, meta["model"], export.sids and export.sids.codes,
+                batches.first(REPORT_USERS), device, f"{split} split, {meta['model']} of step {meta.get('step')}")
     tracker.close()
     table = format_results({meta["model"]: results["model"], "most-popular": results["most_popular"]},
                            cfg.evaluate.ks)

@@ -31,9 +31,9 @@ class SplitBatches:
     whatever the number of users)."""
 
     def __init__(self, dataset: Dataset, cfg: Any, split: str, history: int, batch_size: int | None = None):
-        chunks = examples.plan_chunks(sorted(dataset.shard_files), cfg.train.chunk_rows, dataset.storage_cfg)
-        self.source = examples.ExampleSource(chunks, history, split, storage_cfg=dataset.storage_cfg,
-                                      seen=cfg.evaluate.filter_seen)
+        self.chunks = examples.plan_chunks(sorted(dataset.shard_files), cfg.train.chunk_rows, dataset.storage_cfg)
+        self.source = examples.ExampleSource(self.chunks, history, split, storage_cfg=dataset.storage_cfg,
+                                             seen=cfg.evaluate.filter_seen)
         self.batch_size = batch_size or cfg.evaluate.batch_size
         self.max_users = cfg.evaluate.max_users  # 0 = every user
 
@@ -48,10 +48,17 @@ class SplitBatches:
                 return
 
 
-def train_sequences(dataset: Dataset, chunk_rows: int) -> Any:
-    """Every user's training sequence ``items[:-2]`` (users with at least 3 items), read chunk by chunk."""
-    for chunk in examples.plan_chunks(sorted(dataset.shard_files), chunk_rows, dataset.storage_cfg):
-        yield from (s[:-2] for s in examples.read_chunk(chunk, dataset.storage_cfg)["items"].to_list() if len(s) >= 3)
+    def first(self, users: int) -> tuple[torch.Tensor, ...]:
+        """The first batch of ``users`` users of the split (the reports' examples, MLflow's input example)."""
+        users = min(users, self.max_users) if self.max_users else users
+        return tuple(torch.from_numpy(a) for a in next(iter(examples.stream_batches(self.source, users))))
+
+
+def train_sequences(chunks: list, storage_cfg: Any = None) -> Any:
+    """Every user's training sequence ``items[:-2]`` (users with at least 3 items) of a split's ``chunks``
+    (:attr:`SplitBatches.chunks`), read chunk by chunk."""
+    for chunk in chunks:
+        yield from (s[:-2] for s in examples.read_chunk(chunk, storage_cfg)["items"].to_list() if len(s) >= 3)
 
 
 def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
@@ -77,10 +84,16 @@ def choose_on_valid(model: torch.nn.Module, dataset: Dataset, cfg: Any,
     return chosen
 
 
-def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: str,
+def split_batches(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: str) -> SplitBatches:
+    """:class:`SplitBatches` of ``split``, each history cut to the model's own history length."""
+    return SplitBatches(dataset, cfg, split, _history(model, dataset))
+
+
+def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: str | SplitBatches,
                    device: torch.device) -> dict[str, dict[str, float]]:
-    """``model`` and most-popular on ``split`` for every user of ``dataset``."""
-    batches = SplitBatches(dataset, cfg, split, _history(model, dataset))
+    """``model`` and most-popular on ``split`` (a split's name, or its :func:`split_batches`) for every user of
+    ``dataset``."""
+    batches = split if isinstance(split, SplitBatches) else split_batches(model, dataset, cfg, split)
     kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
     model_m = evaluate_model(model, batches, cfg.evaluate.ks, device, **kwargs)
     configured = dict(model_m)
@@ -89,29 +102,28 @@ def evaluate_split(model: torch.nn.Module, dataset: Dataset, cfg: Any, split: st
         mode_m = configured if mode == model.cfg.inference else evaluate_model(
             model, batches, cfg.evaluate.ks, device, **kwargs, inference=mode)
         model_m.update({f"{mode}/{k}": v for k, v in mode_m.items()})
-    pop = MostPopular.fit(train_sequences(dataset, cfg.train.chunk_rows), dataset.num_items)
+    pop = MostPopular.fit(train_sequences(batches.chunks, dataset.storage_cfg), dataset.num_items)
     pop_m = evaluate_model(pop, batches, cfg.evaluate.ks, torch.device("cpu"))
     return {"model": model_m, "most_popular": pop_m}
 
 
+REPORT_USERS = 5  # users shown in the example recommendations
+
+
 def log_reports(tracker: Any, model: torch.nn.Module, dataset: Dataset, cfg: Any, results: dict, name: str,
-                sids_dir: str | None, device: torch.device, title: str, users: int = 5) -> None:
-    """Log the metrics table and example recommendations for the first ``users`` users of the split (markdown)."""
-    split, ks = cfg.evaluate.split, cfg.evaluate.ks
-    tracker.log_text(reports.metrics_table({name: results["model"], "most-popular": results["most_popular"]}, ks,
-                                           title), "reports/metrics.md")
-    history, target = next(iter(SplitBatches(dataset, cfg, split, _history(model, dataset), users)))[:2]  # first
+                codes: np.ndarray | None, first: tuple[torch.Tensor, ...], device: torch.device, title: str) -> None:
+    """Log the metrics table and example recommendations for ``first`` (:meth:`SplitBatches.first`: the first
+    users' histories and targets) as markdown; ``codes``: the model's semantic IDs, shown beside each item."""
+    ks = cfg.evaluate.ks
+    history, target = first[:2]
     with torch.no_grad():
         kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
         ranked = model.recommend(history.to(device), max(ks), **kwargs).cpu().numpy()  # (N, k)
     shown = np.unique(np.concatenate([history.numpy().ravel(), target.numpy(), ranked.ravel()]))
     items = dataset.items(["item_id", "title"]).filter(pl.col("item_id").is_in(shown.tolist()))  # not every title
     titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
-    codes = None
-    if sids_dir:
-        from genrec_dist.data.semantic_ids import read_semantic_ids
-
-        codes = read_semantic_ids(sids_dir, cfg.storage).codes
     tracker.log_text(reports.example_recommendations(history.numpy(), target.numpy(), ranked, titles, codes,
                                                      title=f"{title}: example recommendations"),
                      "reports/examples.md")
+    tracker.log_text(reports.metrics_table({name: results["model"], "most-popular": results["most_popular"]}, ks,
+                                           title), "reports/metrics.md")

@@ -17,7 +17,7 @@ ZeRO-3); :func:`load_exported` rebuilds the model from the export alone, with it
 from __future__ import annotations
 
 import io
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -90,13 +90,34 @@ def model_meta(name: str, model_cfg: Any, num_items: int, sids_dir: str | None, 
             "step": step, "valid_metrics": metrics}
 
 
-def load_exported(run_dir: str, storage_cfg: Any = None,
-                  inference: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+@dataclass
+class Export:
+    """A run's exported model as loaded once (:func:`open_export`): the rebuilt model, its ``model.json``, its folder
+    and the semantic IDs it reads (``None`` for a model without codes), so the end of training reads the export, and
+    its codes, one time."""
+
+    path: str
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    sids_dir: str | None = None
+    sids: Any = None  # genrec_dist.data.semantic_ids.SemanticIds
+
+    def keep_choices(self, chosen: dict[str, dict[str, Any]], storage_cfg: Any = None) -> None:
+        """Commit the export again with the model's validation choices (``{field: {"chosen": value, ...}}``, CAR's
+        ``slow_weight``) in its saved model config, so every later job ranks the way validation chose."""
+        self.meta["model_config"][self.meta["model"]].update({k: c["chosen"] for k, c in chosen.items()})
+        self.meta["chosen_on_valid"] = chosen
+        write_model(self.path, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, self.meta,
+                    storage_cfg, semantic_id_files(self.sids_dir, storage_cfg) if self.sids_dir else None)
+
+
+def open_export(run_dir: str, storage_cfg: Any = None, inference: dict[str, Any] | None = None) -> Export:
     """The exported model of a run, rebuilt from its own saved model config (not today's YAML); ``inference``
     replaces inference-time fields of that config (:func:`inference_overrides`)."""
-    state, meta = read_model(storage.join(run_dir, "model"), storage_cfg)
+    path = storage.join(run_dir, "model")
+    state, meta = read_model(path, storage_cfg)
     sids = None
-    sids_dir = model_semantic_ids(storage.join(run_dir, "model"), meta, storage_cfg)
+    sids_dir = model_semantic_ids(path, meta, storage_cfg)
     if sids_dir:
         from genrec_dist.data.semantic_ids import read_semantic_ids
 
@@ -106,7 +127,14 @@ def load_exported(run_dir: str, storage_cfg: Any = None,
         setattr(getattr(model_cfg, meta["model"]), key, value)
     model = build_model(meta["model"], model_cfg, int(meta["num_items"]), sids)
     model.load_state_dict(state)
-    return model.eval(), meta
+    return Export(path, model.eval(), meta, sids_dir, sids)
+
+
+def load_exported(run_dir: str, storage_cfg: Any = None,
+                  inference: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``(model, model.json)`` of a run's export (:func:`open_export`)."""
+    export = open_export(run_dir, storage_cfg, inference)
+    return export.model, export.meta
 
 
 def inference_overrides(cfg: Any, overrides: Sequence[str], model: str, run_dir: str,

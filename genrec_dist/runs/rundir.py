@@ -84,9 +84,11 @@ def read_run_config(path: str, storage_cfg: Any = None) -> dict[str, Any] | None
     """The config a run saved when it started, as a nested dict (fields since retired dropped); ``None`` for a run
     from before runs saved one."""
     p = storage.join(path, CONFIG_FILE)
-    if not storage.exists(p, storage_cfg):
+    try:
+        text = storage.read_bytes(p, storage_cfg)
+    except FileNotFoundError:
         return None
-    saved = read_yaml_mapping(storage.read_bytes(p, storage_cfg), p)
+    saved = read_yaml_mapping(text, p)
     for name in RETIRED:
         *parents, leaf = name.split(".")
         section = saved
@@ -101,12 +103,12 @@ def write_run_config(cfg: Any, run_name: str) -> None:
     """Save the config a new run starts with, its locations absolute (``config.yaml`` in its run dir; ``jobs/train.py
     --config`` reads it, and every job that uses the run starts from it): a run trained with relative paths can be
     used from another working directory, as under ``ray job submit``."""
-    _write_config(with_absolute_paths(cfg), run_dir(cfg, run_name))
+    storage.write_bytes(storage.join(run_dir(cfg, run_name), CONFIG_FILE), _config_yaml(with_absolute_paths(cfg)),
+                        cfg.storage)
 
 
-def _write_config(absolute: Any, path: str) -> None:
-    storage.write_bytes(storage.join(path, CONFIG_FILE), yaml.safe_dump(to_dict(absolute), sort_keys=False).encode(),
-                        absolute.storage)
+def _config_yaml(absolute: Any) -> bytes:
+    return yaml.safe_dump(to_dict(absolute), sort_keys=False).encode()
 
 
 def input_fingerprints(cfg: Any, uses_codes: bool) -> dict[str, str]:
@@ -155,6 +157,7 @@ class RunDir:
     meta: dict[str, Any] = field(default_factory=dict)  # run.json as the run left it ({} for a new run)
     saved_config: dict[str, Any] | None = None  # config.yaml; None for a new run or one from before runs saved it
     latest_step: int | None = None  # the newest complete checkpoint to resume from (None: start from step 0)
+    record: bytes = b""  # run.json as :meth:`start` wrote it
 
     @classmethod
     def resolve(cls, cfg: Any) -> RunDir:
@@ -209,16 +212,17 @@ class RunDir:
 
     def start(self, cfg: Any, mlflow_run_id: str | None) -> dict[str, str]:
         """Rank 0, once the MLflow run is known: a new run saves its config (``config.yaml``); ``run.json`` is written
-        with the MLflow run id and what the run trains on, which a resumed run keeps (``--resume`` compared them).
-        Returns those inputs (:func:`input_fingerprints`)."""
+        with the MLflow run id and what the run trains on, which a resumed run keeps (``--resume`` compared them),
+        and kept as :attr:`record`. Returns those inputs (:func:`input_fingerprints`)."""
+        inputs = self.meta.get("inputs") or input_fingerprints(cfg, needs_semantic_ids(cfg.train.model))
         absolute = with_absolute_paths(cfg)  # what the run records: usable from any working directory
         if not self.resuming:
-            _write_config(absolute, self.path)
-        inputs = self.meta.get("inputs") or input_fingerprints(cfg, needs_semantic_ids(cfg.train.model))
-        storage.write_bytes(storage.join(self.path, RUN_FILE), json.dumps({
+            storage.write_bytes(storage.join(self.path, CONFIG_FILE), _config_yaml(absolute), cfg.storage)
+        self.record = json.dumps({
             "run_name": self.name, "model": cfg.train.model, "mlflow_run_id": mlflow_run_id,
             "created": self.meta.get("created") or created_now(), "dataset": absolute.paths.dataset, "inputs": inputs,
-        }, indent=2).encode(), cfg.storage)
+        }, indent=2).encode()
+        storage.write_bytes(storage.join(self.path, RUN_FILE), self.record, cfg.storage)
         return inputs
 
 

@@ -39,11 +39,11 @@ def run_ray(cfg: Any, tracking: Callable) -> dict[str, Any]:
 
     from genrec_dist.ray_runtime import ensure_ray
 
+    cfg = copy.deepcopy(cfg)
+    run = RunDir.resolve(cfg)  # read once and checked here, before Ray starts; the workers start from it
     ensure_ray(cfg.train.ray_address)  # the named cluster or RAY_ADDRESS's, else a new local Ray (not a stray one)
     use_gpu = cfg.train.device == "cuda" or (
         cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-    cfg = copy.deepcopy(cfg)
-    run = RunDir.resolve(cfg)  # read once and checked here; the workers start from it
     run_name = cfg.train.run_name = run.name
     if run.resuming:
         cfg.train.resume = run_name

@@ -37,10 +37,10 @@ from genrec_dist.config import model_history
 from genrec_dist.data import examples
 from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model
-from genrec_dist.evaluation.split import SplitBatches, choose_on_valid, evaluate_split, log_reports
+from genrec_dist.evaluation.split import REPORT_USERS, SplitBatches, choose_on_valid, evaluate_split, log_reports
 from genrec_dist.models import build_model, needs_semantic_ids, recommend_kwargs, trains_every_position
 from genrec_dist.runs.checkpoint import CheckpointStore, tag_of
-from genrec_dist.runs.export import load_exported, model_meta, model_semantic_ids, semantic_id_files, write_model
+from genrec_dist.runs.export import Export, model_meta, open_export, semantic_id_files, write_model
 from genrec_dist.runs.rundir import RunDir
 from genrec_dist.training.dist import init_process_group, world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
@@ -92,6 +92,7 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
     sids_files = semantic_id_files(sids_dir, cfg.storage) if sids_dir and main else None  # what every export carries
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = build_model(tc.model, cfg.model, dataset.num_items, sids)
+    rec_kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)  # how validation ranks
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     validates = bool(data.eval_every or tc.eval_every_s)
     # the plain copy validation loads weights into; none without validation (one item table less at 1M items)
@@ -108,7 +109,6 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
 
     # ----- 5. resume ----------------------------------------------------------------------------------------
     state = _Progress.resume(store, engine, run, log0)
-    rec_kwargs = recommend_kwargs(model, cfg.evaluate.beam_width, cfg.evaluate.score_block)
 
     # ----- 6. the loop --------------------------------------------------------------------------------------
     engine.train()
@@ -134,8 +134,7 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
             with clock.paused():
                 vm, weights = _validate(engine, eval_model, data.valid, cfg, device, sync, rec_kwargs)
                 if state.improves(vm[tc.early_stop_metric]) and main:
-                    write_model(storage.join(run.path, "model"), weights, model_meta(
-                        tc.model, cfg.model, dataset.num_items, sids_dir, state.step, vm), cfg.storage, sids_files)
+                    _export(cfg, run, weights, dataset.num_items, sids_dir, sids_files, state.step, vm)
             del weights  # a whole copy of the weights; the next validation makes its own
             tracker.log({f"valid/{k}": v for k, v in vm.items()} | {"valid/best": state.best}, state.step)
             valid_at = clock.seconds()
@@ -158,8 +157,7 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
     if state.best_step == 0:  # never validated: the final weights are the export
         weights = consolidated_state_dict(engine)
         if main:
-            write_model(storage.join(run.path, "model"), weights, model_meta(
-                tc.model, cfg.model, dataset.num_items, sids_dir, state.step, {}), cfg.storage, sids_files)
+            _export(cfg, run, weights, dataset.num_items, sids_dir, sids_files, state.step, {})
             state.best_step = state.step
         del weights
     tdist.barrier()
@@ -173,7 +171,7 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
     # ----- 7. the end: test evaluation on rank 0 ------------------------------------------------------------
     if not main:
         return None
-    summary = finish(cfg, dataset, run.name, run.path, tracker, state.history, state.best_step, state.best, device,
+    summary = finish(cfg, dataset, run, tracker, state.history, state.best_step, state.best, device,
                      {"steps": state.step, "stopped_by": state.stopped_by, "budget_s": tc.budget_s,
                       "train_s": clock.seconds(), "paused_s": clock.paused_s, "history_length": H,
                       "threads": torch.get_num_threads(), "warmup_steps": data.warmup, "steps_per_epoch": data.spe,
@@ -234,6 +232,7 @@ class _Data:
     @classmethod
     def plan(cls, cfg: Any, dataset: Dataset, H: int, rank: int, ws: int) -> _Data:
         tc = cfg.train
+        mb = micro_batch(tc, ws)
         kind = tc.examples if tc.examples != "auto" else (
             "windows" if trains_every_position(tc.model, cfg.model) else "prefixes")
         # streamed chunk by chunk: a rank holds one shuffle window of examples, never all of them
@@ -242,7 +241,6 @@ class _Data:
         # validation: every user on exactly one rank (in global mode too), each rank scores its share
         valid = examples.ExampleSource(examples.rank_chunks(dataset, rank, ws, "shards", tc.chunk_rows), H, "valid",
                                        storage_cfg=cfg.storage, seen=cfg.evaluate.filter_seen)
-        mb = micro_batch(tc, ws)
         usable = torch.tensor([len(train) // ws if tc.data_split == "global" else len(train)])
         tdist.all_reduce(usable, op=tdist.ReduceOp.MIN)
         spe = examples.steps_per_epoch([int(usable)], mb * tc.grad_accum)
@@ -296,6 +294,13 @@ class _Progress:
     def to_checkpoint(self, run_name: str, train_s: float) -> dict[str, Any]:
         return {"step": self.step, "cursor": self.cursor.to_dict(), "best": self.best, "best_step": self.best_step,
                 "bad_evals": self.bad_evals, "run_name": run_name, "history": self.history, "train_s": train_s}
+
+
+def _export(cfg: Any, run: RunDir, weights: dict[str, torch.Tensor], num_items: int, sids_dir: str | None,
+            sids_files: dict[str, bytes] | None, step: int, metrics: dict[str, float]) -> None:
+    """Rank 0: commit ``weights`` as the run's export (:mod:`genrec_dist.runs.export`), with the codes it reads."""
+    meta = model_meta(cfg.train.model, cfg.model, num_items, sids_dir, step, metrics)
+    write_model(storage.join(run.path, "model"), weights, meta, cfg.storage, sids_files)
 
 
 def _train_step(engine: Any, micro: list, device: torch.device) -> tuple[dict[str, float], float | None]:
@@ -367,41 +372,38 @@ class _Meter:
 # 7. the end (rank 0)
 # ----------------------------------------------------------------------------------------------------------------
 
-def finish(cfg: Any, dataset: Dataset, run_name: str, run_dir: str, tracker: Any, history_log: list,
+def finish(cfg: Any, dataset: Dataset, run: RunDir, tracker: Any, history_log: list,
            best_step: int, best: float, device: torch.device, loop: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rank 0, once training has ended: test metrics of the exported model and of most-popular, metrics.json,
     MLflow artifacts and model, the table. ``loop``: how the loop ran (steps, what stopped it, seconds, samples/s),
     kept in metrics.json."""
-    model, meta = load_exported(run_dir, cfg.storage)
-    model.to(device)
-    chosen = keep_validation_choices(model, meta, dataset, cfg, run_dir, tracker, best_step, device)
-    results = {**evaluate_split(model, dataset, cfg, cfg.evaluate.split, device), "split": cfg.evaluate.split,
-               "best_step": best_step, "best_valid": best, "run_name": run_name, "chosen_on_valid": chosen,
+    export = open_export(run.path, cfg.storage)
+    model = export.model.to(device)
+    chosen = keep_validation_choices(export, dataset, cfg, tracker, best_step, device)
+    # the history the model trained with (checked against this dataset when the run started)
+    batches = SplitBatches(dataset, cfg, cfg.evaluate.split, int(model.cfg.max_history))
+    results = {**evaluate_split(model, dataset, cfg, batches, device), "split": cfg.evaluate.split,
+               "best_step": best_step, "best_valid": best, "run_name": run.name, "chosen_on_valid": chosen,
                **({"loop": loop} if loop else {})}
-    record_results(cfg, run_dir, tracker, results, history_log, best_step)
-    log_run_artifacts(tracker, cfg, run_dir, model, dataset, history_log, best_step)
-    log_reports(tracker, model, dataset, cfg, results, cfg.train.model,
-                model_semantic_ids(storage.join(run_dir, "model"), meta, cfg.storage), device,
-                f"{cfg.evaluate.split} split, best model of step {best_step}")
+    first = batches.first(REPORT_USERS)
+    record_results(cfg, run, tracker, results, history_log, model, first[0][:2], best_step)
+    title = f"{cfg.evaluate.split} split, best model of step {best_step}"
+    log_reports(tracker, model, dataset, cfg, results, cfg.train.model, export.sids and export.sids.codes, first,
+                device, title)
     table = reports.format_results({cfg.train.model: results["model"], "most-popular": results["most_popular"]},
-                           cfg.evaluate.ks)
-    print(f"\n# {cfg.evaluate.split} split, best model of step {best_step}\n{table}", flush=True)
-    return {"run_name": run_name, "run_dir": run_dir, "mlflow_run_id": tracker.run_id, **results}
+                                   cfg.evaluate.ks)
+    print(f"\n# {title}\n{table}", flush=True)
+    return {"run_name": run.name, "run_dir": run.path, "mlflow_run_id": tracker.run_id, **results}
 
 
-def keep_validation_choices(model: torch.nn.Module, meta: dict[str, Any], dataset: Dataset, cfg: Any, run_dir: str,
-                            tracker: Any, step: int, device: torch.device) -> dict[str, dict[str, Any]]:
+def keep_validation_choices(export: Export, dataset: Dataset, cfg: Any, tracker: Any, step: int,
+                            device: torch.device) -> dict[str, dict[str, Any]]:
     """The model's validation choices (CAR's ``slow_weight``, :func:`choose_on_valid`), written into its export so
     every later job ranks the same way, and logged."""
-    chosen = choose_on_valid(model, dataset, cfg, device)
+    chosen = choose_on_valid(export.model, dataset, cfg, device)
     if not chosen:
         return chosen
-    model_dir = storage.join(run_dir, "model")
-    sids_dir = model_semantic_ids(model_dir, meta, cfg.storage)
-    meta["model_config"][cfg.train.model].update({k: c["chosen"] for k, c in chosen.items()})
-    write_model(model_dir, {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                {**meta, "chosen_on_valid": chosen}, cfg.storage,
-                semantic_id_files(sids_dir, cfg.storage) if sids_dir else None)
+    export.keep_choices(chosen, cfg.storage)
     tracker.log({f"valid/{k}_chosen": float(c["chosen"]) for k, c in chosen.items()}
                 | {f"valid/{k}_{v}/{c['metric']}": m for k, c in chosen.items() for v, m in c["valid"].items()}, step)
     for k, c in chosen.items():
@@ -410,37 +412,32 @@ def keep_validation_choices(model: torch.nn.Module, meta: dict[str, Any], datase
     return chosen
 
 
-def record_results(cfg: Any, run_dir: str, tracker: Any, results: dict[str, Any], history_log: list,
-                   step: int) -> None:
-    """``metrics.json`` and ``history.json`` in the run dir; the test metrics in MLflow."""
-    storage.write_bytes(storage.join(run_dir, "metrics.json"),
-                        (json.dumps(results, indent=2, sort_keys=True) + "\n").encode(), cfg.storage)
-    storage.write_bytes(storage.join(run_dir, "history.json"), json.dumps(history_log).encode(), cfg.storage)
+def record_results(cfg: Any, run: RunDir, tracker: Any, results: dict[str, Any], history_log: list,
+                   model: torch.nn.Module, example: torch.Tensor, step: int) -> None:
+    """The run's results: ``metrics.json`` and ``history.json`` in the run dir; in MLflow the test metrics, the run's
+    files, its export (as artifacts and as a registered MLflow model, :mod:`genrec_dist.serving`; ``example``: the
+    histories of its input example) and the curves."""
+    files = {"metrics.json": (json.dumps(results, indent=2, sort_keys=True) + "\n").encode(),
+             "history.json": json.dumps(history_log).encode()}
+    for name, data in files.items():
+        storage.write_bytes(storage.join(run.path, name), data, cfg.storage)
     split = cfg.evaluate.split
     tracker.log({f"{split}/{k}": v for k, v in results["model"].items()}
                 | {f"{split}_most_popular/{k}": v for k, v in results["most_popular"].items()}, step)
-
-
-def log_run_artifacts(tracker: Any, cfg: Any, run_dir: str, model: torch.nn.Module, dataset: Dataset,
-                      history_log: list, step: int) -> None:
-    """The run's files and its export as MLflow artifacts, the export as a registered MLflow model
-    (:mod:`genrec_dist.serving`), and the curves."""
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("metrics.json", "history.json", "run.json"):
+        for name, data in {**files, "run.json": run.record}.items():
             with open(os.path.join(tmp, name), "wb") as fh:
-                fh.write(storage.read_bytes(storage.join(run_dir, name), cfg.storage))
+                fh.write(data)
             tracker.log_artifact(os.path.join(tmp, name))
-        fs, model_path = storage.filesystem(storage.join(run_dir, "model"), cfg.storage)
-        if storage.is_remote(run_dir):
+        fs, model_path = storage.filesystem(storage.join(run.path, "model"), cfg.storage)
+        if storage.is_remote(run.path):
             fs.get(model_path, os.path.join(tmp, "model"), recursive=True)
             model_path = os.path.join(tmp, "model")
         tracker.log_artifact(model_path, "model")
         if tracker.run_id is not None:
             from genrec_dist import serving
 
-            # the input example: the first two users' histories (read from the first chunk, not every sequence)
-            history = next(iter(SplitBatches(dataset, cfg, cfg.evaluate.split, int(model.cfg.max_history), 2)))[0]
-            examples = [[int(i) for i in h if i] for h in history.tolist()]
+            examples = [[int(i) for i in h if i] for h in example.tolist()]
             tracker.log_model(serving.save_model(model_path, os.path.join(tmp, "mlflow-model"), examples, model),
                               serving.registered_name(cfg.name, cfg.train.model), step=step)
         tracker.log_artifact(reports.plot_curves(history_log, os.path.join(tmp, "curves.png")), "reports")
