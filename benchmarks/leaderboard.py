@@ -4,7 +4,7 @@ trained until validation stops improving (``--mode converged``); the best model 
     python -m benchmarks.leaderboard --config configs/beauty.yaml --budget-min 30 [--threads 2]
         [--mode budget|converged] [--cap-min 90] [--patience 10] [--parallel 2] [--protocol seen-filtered|full]
         [--warmup-epochs E] [--models sasrec,car,tiger,unger] [--sizes auto|cpu|paper] [--valid-every-min M]
-        [--prefix leaderboard] [--out F] [--sasrec k=v ...] [--car k=v ...] [--tiger k=v ...] [--unger k=v ...]
+        [--prefix leaderboard] [--seeds 42,7,11] [--out F] [--sasrec k=v ...] [--car k=v ...] [--tiger k=v ...] [--unger k=v ...]
         [--stage1 k=v ...] [key=value ...]
 
 **Converged mode** validates once an epoch (``train.eval_every_epochs=1``), stops a model after ``--patience``
@@ -16,6 +16,12 @@ cap says ``stopped by: budget``: not converged). ``--parallel 2`` trains two mod
 items are removed from the ranking, eSASRec's benchmark protocol; ``full``: the whole catalog ranked, the papers'
 protocol; default: seen-filtered in converged mode, full in budget mode), and its exported model is then tested
 under the other protocol too (``jobs/evaluate.py``): both tables are printed and kept in the JSON.
+
+**Seeds.** ``--seeds 42,7,11`` trains every model once per seed (runs ``<prefix>-<model>-s<seed>``, seed by seed).
+A row then holds the mean test metrics over the seeds and each seed's beside them (``per_seed``); CAR's inference
+rule is chosen on its mean validation, and ``car_vs_sasrec`` gives the ratio of the means and each seed's
+(``ratio_per_seed``). The curve, steps and minutes shown are the first seed's. One converged run of a small model
+can move test NDCG@10 by several percent with its seed alone, more than the gaps a board is read for.
 
 Each model is one real ``jobs/train.py`` run with ``train.budget_s`` = the budget: the loop stops after the step that
 crosses it (training seconds: validations and checkpoints are not counted, so a beam-search model is not charged for
@@ -203,6 +209,9 @@ def main() -> None:
     parser.add_argument("--sizes", choices=("auto", "cpu", "paper"), default="auto")
     parser.add_argument("--valid-every-min", type=float, default=None, help="budget mode; default: budget / 6")
     parser.add_argument("--prefix", default="leaderboard", help="run names are <prefix>-<model>")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: every model trained once per seed (runs <prefix>-<model>-s<seed>); "
+                             "rows hold the mean test metrics, the per-seed ones beside them")
     parser.add_argument("--out", help="default benchmarks/results/leaderboard_<dataset>.json (the PNG beside it)")
     for m in (*MODELS, "stage1"):
         parser.add_argument(f"--{m}", nargs="*", default=[], metavar="KEY=VALUE",
@@ -247,7 +256,9 @@ def main() -> None:
     if args.warmup_epochs is not None:
         common += [f"train.warmup_epochs={args.warmup_epochs}"]
 
-    def train_row(model: str) -> tuple[dict, dict]:
+    seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else [None]
+
+    def train_row(model: str, seed: int | None = None) -> tuple[dict, dict]:
         """Train (or read back) one model's run; its rows (CAR: fast and slow) and most-popular's test metrics."""
         config, extra, offset_s, stage1 = model_config(args.config, model), [], 0.0, None
         if model == "unger":  # Stage I first; its seconds count in UNGER's budget
@@ -269,8 +280,9 @@ def main() -> None:
                *args.overrides, *CPU_SIZES[model] * (sizes == "cpu"),
                *CPU_BUDGET_ONLY.get(model, []) * (sizes == "cpu" and args.mode == "budget"),
                *CPU_CONVERGED_ONLY.get(model, []) * (sizes == "cpu" and args.mode == "converged"), *common, *extra,
-               *([f"train.budget_s={budget_s - offset_s}"] if offset_s else []), *getattr(args, model)]
-        res = train_once(cmd, cfg.runs_dir, f"{args.prefix}-{model}")
+               *([f"train.budget_s={budget_s - offset_s}"] if offset_s else []), *getattr(args, model),
+               *([f"seed={seed}"] if seed is not None else [])]
+        res = train_once(cmd, cfg.runs_dir, f"{args.prefix}-{model}" + (f"-s{seed}" if seed is not None else ""))
         run_dir = res.get("run_dir") or os.path.join(cfg.runs_dir, res["run_name"])
         with open(os.path.join(run_dir, "history.json")) as fh:
             history = json.load(fh)
@@ -316,11 +328,10 @@ def main() -> None:
 
     from concurrent.futures import ThreadPoolExecutor
 
+    jobs = [(m, seed) for seed in seeds for m in models]  # seed by seed: a board cut off has whole seeds done
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:  # each row is subprocesses: threads only wait on them
-        done = list(pool.map(train_row, models))
-    rows: dict[str, dict] = {}
-    for row, pop in done:
-        rows.update(row)
+        done = list(pool.map(lambda job: train_row(*job), jobs))
+    rows, pop = seed_means([row for row, _ in done], [p for _, p in done], seeds)
 
     target = rows["sasrec"]["best_valid_ndcg@10"] if "sasrec" in rows else None
     for r in rows.values():
@@ -339,12 +350,16 @@ def main() -> None:
             lines.append(f"CAR's inference rule chosen on validation: {c['rule']} (valid "
                          + ", ".join(f"{r} {v:.5f}" for r, v in c["valid"].items())
                          + f"); test NDCG@10 {c['test_ndcg@10']:.4f} = {c['ratio'] or 0:.3f} x SASRec's "
-                           f"{c['sasrec_test_ndcg@10']:.4f}")
+                           f"{c['sasrec_test_ndcg@10']:.4f}"
+                         + (f" (means over seeds {seeds}; per seed: "
+                            + ", ".join(f"{r:.3f}" for r in c["ratio_per_seed"]) + ")" if c.get("ratio_per_seed")
+                            else ""))
     print("\n".join(lines), flush=True)
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"leaderboard_{cfg.name}.json")
     png = plot(rows, os.path.splitext(out)[0] + ".png", title)
     settings = {"config": args.config, "mode": args.mode, "threads": args.threads, "sizes": sizes,
                 "models": models, "prefix": args.prefix, "protocol": protocol, "parallel": args.parallel,
+                **({"seeds": seeds} if seeds != [None] else {}),
                 **({"cap_min": args.cap_min, "patience_epochs": args.patience} if args.mode == "converged" else
                    {"budget_min": args.budget_min, "valid_every_min": valid_s / 60}),
                 "warmup_epochs": args.warmup_epochs, "overrides": args.overrides, "cuda": torch.cuda.is_available(),
@@ -389,8 +404,46 @@ def car_vs_sasrec(rows: dict, protocol: str | None = None) -> dict | None:
     rule = max(valid, key=lambda r: (valid[r], r == "fast"))  # fast on a tie: the cheaper rule
     test = (lambda r: r["test"]) if protocol is None else (lambda r: r["test_protocols"][protocol])
     ours, base = test(rows[f"car_{rule}"])["ndcg@10"], test(rows["sasrec"])["ndcg@10"]
-    return {"rule": rule, "valid": valid, "test_ndcg@10": ours, "sasrec_test_ndcg@10": base,
-            "ratio": ours / base if base > 0 else None, **({"protocol": protocol} if protocol else {})}
+    out = {"rule": rule, "valid": valid, "test_ndcg@10": ours, "sasrec_test_ndcg@10": base,
+           "ratio": ours / base if base > 0 else None, **({"protocol": protocol} if protocol else {})}
+    if "per_seed" in rows["sasrec"]:  # several seeds: the means above (one rule, chosen on the mean validation)
+        p = protocol or next(iter(rows["sasrec"]["test_protocols"]))
+        pairs = zip(rows[f"car_{rule}"]["per_seed"], rows["sasrec"]["per_seed"])
+        out["ratio_per_seed"] = [c["test_protocols"][p]["ndcg@10"] / s["test_protocols"][p]["ndcg@10"]
+                                 for c, s in pairs]
+    return out
+
+
+def seed_means(row_sets: list[dict], pops: list[dict], seeds: list) -> tuple[dict, dict]:
+    """One row per model over ``seeds`` (``row_sets``/``pops``: every (seed, model) job's rows and most-popular, seed
+    by seed): the first seed's row (its curve, steps, run) with ``test``, ``test_protocols`` and ``valid_metric`` the
+    means over seeds, and ``per_seed``: each seed's run, validation and test metrics. One seed: its rows as they are."""
+    if seeds == [None]:
+        rows: dict[str, dict] = {}
+        for r in row_sets:
+            rows.update(r)
+        return rows, pops[0]
+    by_name: dict[str, list[dict]] = {}
+    for r in row_sets:
+        for name, row in r.items():
+            by_name.setdefault(name, []).append(row)
+    rows = {}
+    for name, runs in by_name.items():
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        row = dict(runs[0])
+        row["test"] = {k: mean([r["test"][k] for r in runs]) for k in KEYS}
+        row["test_protocols"] = {p: {k: mean([r["test_protocols"][p][k] for r in runs]) for k in KEYS}
+                                 for p in runs[0]["test_protocols"]}
+        if all(r.get("valid_metric") is not None for r in runs):
+            row["valid_metric"] = mean([r["valid_metric"] for r in runs])
+        row["best_valid_ndcg@10"] = mean([r["best_valid_ndcg@10"] for r in runs])
+        row["per_seed"] = [{"seed": s, "run_name": r["run_name"], "best_valid_ndcg@10": r["best_valid_ndcg@10"],
+                            "valid_metric": r.get("valid_metric"), "steps": r["steps"], "stopped_by": r["stopped_by"],
+                            "train_minutes": r["train_minutes"], "test_protocols": r["test_protocols"]}
+                           for s, r in zip(seeds, runs)]
+        rows[name] = row
+    pop = pops[0]  # most-popular does not depend on the seed
+    return rows, pop
 
 
 def _train_run_id(run_dir: str) -> str | None:

@@ -177,3 +177,27 @@ def test_converged_mode_validates_every_epoch_and_stops_on_patience_or_its_cap(c
     if loop["stopped_by"] == "patience":  # the best validation is two epochs before the end
         assert valid.index(metrics["best_step"]) == len(valid) - 3
     assert r["test_protocols"]["seen-filtered"] == r["test"] and "full" in r["test_protocols"]
+
+
+def test_seed_means_average_each_model_over_seeds_and_ratio_each_seed():
+    """``--seeds``: a row holds the mean test metrics over seeds, CAR's rule is chosen on the mean validation, and
+    CAR over SASRec is reported as the ratio of the means and seed by seed."""
+    from benchmarks.leaderboard import KEYS, car_vs_sasrec, seed_means
+
+    def row(ndcg: float, valid: float | None = None) -> dict:
+        metrics = {k: ndcg for k in KEYS}
+        return {"test": metrics, "test_protocols": {"seen-filtered": metrics, "full": {k: ndcg / 2 for k in KEYS}},
+                "valid_metric": valid, "best_valid_ndcg@10": valid or ndcg, "run_name": "r", "steps": 1,
+                "stopped_by": "patience", "train_minutes": 1.0, "curve": []}
+
+    sets = [{"sasrec": row(0.10), "car_fast": row(0.10, 0.2), "car_slow": row(0.12, 0.1)},   # seed 1
+            {"sasrec": row(0.08), "car_fast": row(0.10, 0.2), "car_slow": row(0.08, 0.4)}]   # seed 2
+    rows, _ = seed_means(sets, [{}, {}], [1, 2])
+    assert rows["sasrec"]["test"]["ndcg@10"] == pytest.approx(0.09)
+    assert rows["car_slow"]["valid_metric"] == pytest.approx(0.25)  # > fast's 0.2: slow is chosen
+    assert [s["seed"] for s in rows["car_slow"]["per_seed"]] == [1, 2]
+    car = car_vs_sasrec(rows, "seen-filtered")
+    assert car["rule"] == "slow" and car["ratio"] == pytest.approx(0.10 / 0.09)
+    assert car["ratio_per_seed"] == pytest.approx([1.2, 1.0])
+    one, _ = seed_means(sets[:1], [{}], [None])  # one seed: the rows as they are
+    assert one["sasrec"]["test"]["ndcg@10"] == 0.10 and "per_seed" not in one["sasrec"]
