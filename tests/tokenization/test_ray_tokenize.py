@@ -36,6 +36,33 @@ def test_one_and_three_ray_workers_give_the_same_codes(ray_local):
     assert not np.array_equal(other.codes, one.codes[:, :3])
 
 
+def test_a_lost_kmeans_worker_is_replaced_and_the_codes_are_the_same(ray_local):
+    """A k-means actor killed after the first level (its process SIGKILLed, as when its node goes) is replaced by a
+    new one that replays its shard's changes: the job completes with the codes of an undisturbed run."""
+    import signal
+    import subprocess
+
+    from tokenization.ray_kmeans import ray_residual_kmeans
+
+    x = _mixture(n=1200)
+    p = KMeansParams(k=16, seed=7)
+    undisturbed = ray_residual_kmeans(x, 3, p, num_workers=2)
+    killed = []
+
+    def log(msg: str) -> None:
+        if msg.startswith("k-means level 1/") and not killed:  # level 1 is done: shard state has changed once
+            # an actor's worker process is titled "ray::KMeansShard" (the GCS actor table has no pid to read here)
+            pids = [int(p) for p in subprocess.run(["pgrep", "-f", "^ray::KMeansShard"], capture_output=True,
+                                                   text=True).stdout.split()]
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    lost = ray_residual_kmeans(x, 3, p, num_workers=2, log=log)
+    assert killed and sum(lost.stats["workers_replaced"].values()) == 1
+    np.testing.assert_array_equal(lost.codes, undisturbed.codes)
+    np.testing.assert_allclose(lost.codebooks[2], undisturbed.codebooks[2], rtol=0, atol=0)
+
+
 def _crash_once(marker: str) -> type:
     # Defined in a function so cloudpickle ships the class by value to the Ray workers.
     class CrashOnce(TextEmbedder):
