@@ -9,10 +9,10 @@ one), or ``recommend.users``: a Parquet file or folder of ``user, history`` rows
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
-import uuid
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -90,9 +90,83 @@ def _write_shard(batch: dict[str, Any], staging: str, storage_cfg: Any) -> dict[
     df = pl.DataFrame({"user": batch["user"],
                        "items": pl.Series(np.asarray(batch["items"])).cast(pl.List(pl.Int64)),
                        "scores": pl.Series(np.asarray(batch["scores"], dtype=np.float32)).cast(pl.List(pl.Float32))})
-    name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+    # Named by its users: a write task run again (Ray re-runs it when the node holding its result is lost) writes the
+    # same file over itself, not a second copy of the same users.
+    name = f"part-{hashlib.sha256(chr(10).join(map(str, batch['user'].tolist())).encode()).hexdigest()[:20]}.parquet"
     storage.write_bytes(storage.join(staging, name), storage.parquet_bytes(df), storage_cfg)
     return {"file": np.array([name], dtype=object), "rows": np.array([n], dtype=np.int64)}
+
+
+def _stream(ds: Any, rc: Any, cpus: float, use_gpu: bool, run_dir: str, storage_cfg: Any, inference: dict,
+            staging: str, total: int, start: float, log: Callable[[str], None]) -> tuple[list[str], int]:
+    """One pass of the pipeline: every user through the actor pool, written as shards into ``staging``; returns the
+    shards' names and the users written."""
+    import ray
+
+    # max_restarts=0: an actor lost with its node fails this pass (the job runs it again, sized to the nodes that are
+    # left) instead of Ray Data restarting it on a surviving node with the CPUs the read and write tasks need there
+    recs = ds.map_batches(
+        Recommender, batch_size=rc.batch_size, batch_format="numpy", max_restarts=0,
+        compute=ray.data.ActorPoolStrategy(size=rc.num_workers), num_gpus=1 if use_gpu else 0, num_cpus=cpus,
+        fn_constructor_kwargs={"run_dir": run_dir, "k": rc.k, "exclude_seen": rc.exclude_seen,
+                               "storage_cfg": storage_cfg, "inference": inference, "beam_width": rc.beam_width,
+                               "device": "cuda" if use_gpu else "cpu", "threads": max(1, int(cpus))})
+    written = recs.map_batches(_write_shard, batch_size=ROWS_PER_FILE, batch_format="numpy",
+                               fn_kwargs={"staging": staging, "storage_cfg": storage_cfg})
+    shards, done, last = [], 0, start
+    for row in written.iter_rows():  # one row per shard written by a worker
+        shards.append(str(row["file"]))
+        done += int(row["rows"])
+        now = time.perf_counter()
+        if now - last >= PROGRESS_EVERY_S:
+            rate = done / (now - start)
+            log(f"recommend: {done:,}/{total:,} users ({100 * done / max(total, 1):.0f}%), {rate:,.0f} "
+                f"users/s, ETA {_duration((total - done) / rate) if rate > 0 else '?'}")
+            last = now
+    return shards, done
+
+
+# What Ray says when a node went away under a job (its exceptions, or their text once Ray Data has wrapped them in
+# one it could not deserialize): the job may run again on the nodes that are left.
+_NODE_LOST = ("its node has died", "node was terminated unexpectedly", "node died", "ObjectLostError",
+              "ActorDiedError", "NodeDiedError", "OwnerDiedError")
+
+
+def node_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything in its chain) says a node of the cluster was lost."""
+    import ray
+
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+                          ray.exceptions.ActorDiedError, ray.exceptions.OwnerDiedError)):
+            return True
+        if any(s in str(e) for s in _NODE_LOST):
+            return True
+        cause = getattr(e, "cause", None)
+        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+    return False
+
+
+def _lost_line(exc: BaseException) -> str:
+    text = str(exc)
+    line = next((ln for ln in text.splitlines() if any(s in ln for s in _NODE_LOST)), text.splitlines()[0] if text
+                else type(exc).__name__)
+    return line.strip()[:200]
+
+
+def _drop_unreported(staging: str, reported: set[str], storage_cfg: Any) -> None:
+    """Remove staged files no worker reported (a write that failed half-way, or whose task was re-run with other
+    batches): the output holds every user once."""
+    fs, root = storage.filesystem(staging, storage_cfg)
+    if fs.exists(root):
+        for f in fs.ls(root, detail=False):
+            if os.path.basename(f.rstrip("/")) not in reported:
+                fs.rm(f, recursive=True)
 
 
 def worker_cpus(cfg_cpus: float, workers: int, cluster_cpus: float, node_cpus: float) -> float:
@@ -100,7 +174,17 @@ def worker_cpus(cfg_cpus: float, workers: int, cluster_cpus: float, node_cpus: f
     actors, at most one node's; the free CPU runs the read and write tasks beside a full actor pool."""
     if cfg_cpus > 0:
         return cfg_cpus
-    return max(min((cluster_cpus - 1) / max(workers, 1), node_cpus), 0.1)
+    # at most a node's CPUs but one: on a cluster of small nodes the free CPU must be whole on some node, not half a
+    # CPU on each of two (two 2-CPU nodes with 1.5-CPU actors left no node a CPU for a read task: a hang)
+    return max(min((cluster_cpus - 1) / max(workers, 1), node_cpus - 1 if node_cpus >= 2 else node_cpus / 2), 0.1)
+
+
+def _worker_cpus(rc: Any) -> float:
+    import ray
+
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    return worker_cpus(rc.cpus_per_worker, rc.num_workers, sum(n["Resources"].get("CPU", 0) for n in alive),
+                       max((n["Resources"].get("CPU", 0) for n in alive), default=1))
 
 
 def _input_error(exc: BaseException) -> str | None:
@@ -159,14 +243,12 @@ def _run(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any, log: Ca
     output = output_path(cfg, run_dir)
     tracker.log_config(cfg)
     tracker.set_tags({"genrec.recommend_output": output})
-    done, shards = 0, []
     # Entered first: an existing output is refused before Ray starts; a failure below commits nothing.
     with storage.commit_dir(output, cfg.storage, overwrite=rc.overwrite) as out:
         how = ensure_ray(rc.ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours: users/s and ETA, below
         use_gpu = rc.device == "cuda" or (rc.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-        cpus = worker_cpus(rc.cpus_per_worker, rc.num_workers, ray.cluster_resources().get("CPU", 1),
-                           max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1))
+        cpus = _worker_cpus(rc)
         ds, total, source = read_users(cfg, run_dir)
         # Blocks of one batch each, streamed: a read gives one block per file (or fewer), and an actor pool only
         # runs as many batches at once as there are blocks in flight (a 2-file dataset kept a 2nd actor idle).
@@ -176,25 +258,19 @@ def _run(cfg: Any, run_dir: str, overrides: Sequence[str], tracker: Any, log: Ca
             f"{rc.num_workers} workers ({cpus:g} CPUs{', 1 GPU' if use_gpu else ''} each) on Ray ({how}); "
             f"exclude_seen={rc.exclude_seen}" + "".join(f", {k}={v}" for k, v in inference.items()))
         start = time.perf_counter()  # users/s counts the actors' start and model load: the job's own rate
-        recs = ds.map_batches(
-            Recommender, batch_size=rc.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=rc.num_workers), num_gpus=1 if use_gpu else 0, num_cpus=cpus,
-            fn_constructor_kwargs={"run_dir": run_dir, "k": rc.k, "exclude_seen": rc.exclude_seen,
-                                   "storage_cfg": cfg.storage, "inference": inference, "beam_width": rc.beam_width,
-                                   "device": "cuda" if use_gpu else "cpu", "threads": max(1, int(cpus))})
-        written = recs.map_batches(_write_shard, batch_size=ROWS_PER_FILE, batch_format="numpy",
-                                   fn_kwargs={"staging": out.staging, "storage_cfg": cfg.storage})
-        last = start
-        for row in written.iter_rows():  # one row per shard written by a worker
-            shards.append(str(row["file"]))
-            done += int(row["rows"])
-            now = time.perf_counter()
-            if now - last >= PROGRESS_EVERY_S:
-                rate = done / (now - start)
-                log(f"recommend: {done:,}/{total:,} users ({100 * done / max(total, 1):.0f}%), {rate:,.0f} "
-                    f"users/s, ETA {_duration((total - done) / rate) if rate > 0 else '?'}")
-                last = now
+        for attempt in range(rc.node_retries + 1):
+            try:
+                cpus = cpus if attempt == 0 else _worker_cpus(rc)  # the cluster that is left
+                shards, done = _stream(ds, rc, cpus, use_gpu, run_dir, cfg.storage, inference, out.staging, total,
+                                       start, log)
+                break
+            except Exception as exc:  # noqa: BLE001 - only a lost node is retried; anything else goes up as it is
+                if attempt == rc.node_retries or not node_lost(exc):
+                    raise
+                log(f"recommend: a node of the cluster was lost ({_lost_line(exc)}); every user again, attempt "
+                    f"{attempt + 2} of {rc.node_retries + 1}")
         seconds = time.perf_counter() - start
+        _drop_unreported(out.staging, set(shards), cfg.storage)
         out.files += shards  # (what an s3:// commit copies)
         out.manifest = {"kind": "genrec-dist recommendations", "users": done, "files": sorted(shards),
                         "columns": {"user": "as in the users table", "items": f"list<int64> of {rc.k}, best first, "

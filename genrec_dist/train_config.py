@@ -144,6 +144,9 @@ class RecommendConfig:
     # Beam width for TIGER/UNGER/CAR-AR, by evaluate.beam_width's rule (genrec_dist.models.recommend_kwargs).
     beam_width: int = 0
     ray_address: str = ""                # "" = RAY_ADDRESS (set by ray job submit) or a new local Ray
+    # Times the whole pipeline runs again after a node of the cluster was lost under it (every user again, into the
+    # same staged output: shards are named by their users, so nothing is duplicated); 0 = fail at the first loss.
+    node_retries: int = 2
 
 
 @dataclass
