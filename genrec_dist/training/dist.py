@@ -78,4 +78,44 @@ def init_process_group(use_cuda: bool) -> None:
 
     if not use_cuda:
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+        pin_gloo_interface()
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+
+
+def pin_gloo_interface(env: dict | None = None) -> str | None:
+    """Gloo's interface: the one this machine reaches ``MASTER_ADDR`` through, set as ``GLOO_SOCKET_IFNAME`` unless
+    the user set it. Left alone, gloo binds the address its hostname resolves to, which on a multi-homed machine (or
+    one whose hostname resolves to another interface, or to none) is not one the other nodes reach: found on two
+    network namespaces, where rank 1 timed out connecting to rank 0 at 127.0.0.1. Returns the name it set."""
+    env = os.environ if env is None else env
+    master = env.get("MASTER_ADDR", "")
+    if "GLOO_SOCKET_IFNAME" in env or int(env.get("WORLD_SIZE", "1")) <= 1 or not master:
+        return None
+    name = route_interface(master)
+    if name:
+        env["GLOO_SOCKET_IFNAME"] = name
+    return name
+
+
+def route_interface(addr: str) -> str | None:
+    """Name of the network interface this machine sends to ``addr`` from (Linux; ``None`` for loopback, or where it
+    cannot tell)."""
+    import fcntl
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))  # UDP: no packet is sent; the kernel picks the route and the source address
+            local = s.getsockname()[0]
+            if local.startswith("127."):
+                return None
+            for _, name in socket.if_nameindex():
+                try:  # SIOCGIFADDR: the interface's IPv4 address
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+                except OSError:
+                    continue
+                if socket.inet_ntoa(packed[20:24]) == local:
+                    return name
+    except (OSError, ValueError):
+        return None
+    return None

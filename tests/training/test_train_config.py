@@ -321,3 +321,18 @@ def test_new_run_names_differ_within_a_second():
 
     names = {new_run_name("car") for _ in range(5)}
     assert len(names) == 5 and all(n.startswith("car-") for n in names)
+
+
+def test_gloo_is_pinned_to_the_interface_that_reaches_the_master():
+    """Multi-node gloo binds the interface this machine reaches MASTER_ADDR through (two namespaces: rank 1 timed
+    out connecting to rank 0 at 127.0.0.1 without it); a user's own GLOO_SOCKET_IFNAME and one-machine runs are
+    left alone."""
+    from genrec_dist.training.dist import pin_gloo_interface, route_interface
+
+    assert route_interface("127.0.0.1") is None
+    env = {"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}
+    assert pin_gloo_interface(env) is None and "GLOO_SOCKET_IFNAME" not in env
+    env = {"MASTER_ADDR": "10.0.0.1", "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "ib0"}
+    assert pin_gloo_interface(env) is None and env["GLOO_SOCKET_IFNAME"] == "ib0"
+    env = {"MASTER_ADDR": "10.0.0.1", "WORLD_SIZE": "1"}
+    assert pin_gloo_interface(env) is None and "GLOO_SOCKET_IFNAME" not in env

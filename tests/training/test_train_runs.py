@@ -104,18 +104,29 @@ def zero2_two_ranks(tiny_cfg, tiny_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero3_two_nodes(tiny_cfg, tiny_dataset, tmp_path_factory):
-    """Two launchers on one machine, as two nodes would run them without ssh (cluster/README.md)."""
+    """Two launchers, as two nodes run them without ssh (cluster/README.md): each in a network namespace of its own
+    with its own address (tests/_twonodes.py), the master at node 0's; on 127.0.0.1 where namespaces cannot be
+    made (not root)."""
+    from _twonodes import TwoNodes, Unavailable
+
     tmp = tmp_path_factory.mktemp("twonode")
+    nodes = TwoNodes(tag=f"t{os.getpid() % 10000}")
+    try:
+        nodes.make_namespaces()
+        where = [(nodes.head_ip, ["ip", "netns", "exec", nodes.head_ns]),
+                 (nodes.worker_ip, ["ip", "netns", "exec", nodes.worker_ns])]
+    except Unavailable:
+        nodes, where = None, [("127.0.0.1", []), ("127.0.0.1", [])]
     hostfile = tmp / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    hostfile.write_text("".join(f"{ip if nodes else name} slots=1\n" for (ip, _), name in zip(where, ("a", "b"))))
     port = str(free_port())
     procs = []
     for node_rank in (0, 1):
         log = open(tmp / f"node{node_rank}.log", "w")
         procs.append((subprocess.Popen(
-            [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), "--master_addr",
-             "127.0.0.1", "--master_port", port, "jobs/train.py", *_base(tiny_cfg), *EQ, "zero_stage=3",
-             "run_name=eq-zero3-2node"], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+            [*where[node_rank][1], DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+             "--master_addr", where[0][0], "--master_port", port, "jobs/train.py", *_base(tiny_cfg), *EQ,
+             "zero_stage=3", "run_name=eq-zero3-2node"], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True), log))
     try:
         for proc, log in procs:
@@ -128,6 +139,8 @@ def zero3_two_nodes(tiny_cfg, tiny_dataset, tmp_path_factory):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if nodes is not None:
+            nodes.close()
     return "eq-zero3-2node"
 
 
