@@ -39,8 +39,9 @@ if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
   exit 1
 fi
 
-# --block keeps `ray start` in the foreground of its own session, so the node's processes share one process
-# group that stop_ray.sh can end without touching other Ray instances on the machine (`ray stop` would).
+# --block keeps `ray start` in the foreground of a session of its own (setsid): every process of the node, the
+# workers included (they take process groups of their own), is in that session, which stop_ray.sh ends without
+# touching other Ray instances on the machine (`ray stop` would).
 setsid "$RAY" start "${ARGS[@]}" --block --temp-dir="$TEMP_DIR" --disable-usage-stats "$@" >"$LOG" 2>&1 &
 echo $! >"$PID_FILE"
 
@@ -59,7 +60,8 @@ echo "ray $ROLE started (pid $(cat "$PID_FILE"), log $LOG)"
 # local `ray.init` writes ~/.ray/auth_token), while `ray job submit` turns it on only when RAY_AUTH_MODE=token is in its
 # environment: without the exports it fails with "AuthenticationError: Missing authentication token".
 if [[ "$ROLE" == head ]]; then
-  IP=$(sed -n 's/.*Local node IP: \([0-9.]*\).*/\1/p' "$LOG" | head -n 1)
+  # (Ray colours its log: strip the escape codes before reading the address)
+  IP=$(sed -e 's/\x1b\[[0-9;]*m//g' "$LOG" | sed -n 's/.*Local node IP: \([0-9.]*\).*/\1/p' | head -n 1)
   TOKEN=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
   echo "To submit jobs from a shell:"
   if [[ "${RAY_AUTH_MODE:-}" == token ]] || grep -q "Token authentication is enabled" "$LOG"; then
@@ -70,6 +72,9 @@ if [[ "$ROLE" == head ]]; then
       echo "  export RAY_AUTH_TOKEN_PATH=$TOKEN   # on another machine: a copy of this file"
     fi
   fi
-  echo "  export RAY_ADDRESS=http://${IP:-127.0.0.1}:${GENREC_RAY_DASHBOARD_PORT:-8265}"
+  # the job API listens on the dashboard host: its own address when one was given, else every address (the node's)
+  HOST=${GENREC_RAY_DASHBOARD_HOST:-0.0.0.0}
+  [[ "$HOST" == 0.0.0.0 ]] && HOST=${IP:-127.0.0.1}
+  echo "  export RAY_ADDRESS=http://${HOST}:${GENREC_RAY_DASHBOARD_PORT:-8265}"
   echo "  ray job submit --working-dir . -- python jobs/tokenize.py --config configs/scientific.yaml workdir=/shared/..."
 fi

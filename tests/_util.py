@@ -13,6 +13,16 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
+# The tiny trained runs the session shares (tests/conftest.py ``car_run``, ``tiger_run``): 30 steps of the real
+# training job, enough for a ranking that is the model's own, not a good one.
+SHORT = ["batch_size=64", "max_steps=30", "lr=0.003", "warmup_steps=10", "eval_every=0", "checkpoint_every=0",
+         "log_every=10", "patience=0"]
+TINY_CAR = ["train.model=car", "model.car.d_model=32", "model.car.n_heads=2", "model.car.n_layers=1",
+            "model.car.d_ff=64", "model.car.slow_weight_grid=[0.5,1.0]"]
+TINY_TIGER = ["train.model=tiger", "model.tiger.d_model=32", "model.tiger.n_heads=2", "model.tiger.head_dim=16",
+              "model.tiger.d_ff=64", "model.tiger.encoder_layers=1", "model.tiger.decoder_layers=1",
+              "model.tiger.beam_width=12", "evaluate.beam_width=12"]
+
 
 def free_port() -> int:
     with socket.socket() as s:

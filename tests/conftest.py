@@ -105,6 +105,44 @@ def tiny_dataset(tiny_cfg):
 
 
 @pytest.fixture(scope="session")
+def sids(tiny_cfg, tiny_dataset, tmp_path_factory):
+    """Deterministic semantic IDs of the tiny dataset (category + rank in category; test_train_tiger.py)."""
+    import polars as pl
+
+    from genrec_dist.data.semantic_ids import write_semantic_ids
+    from training.test_train_tiger import _category_codes
+
+    items = pl.read_parquet(os.path.join(tiny_dataset, "items.parquet"))
+    item_ids, codes, sizes = _category_codes(items)
+    path = str(tmp_path_factory.mktemp("rec-sids") / "sids")
+    write_semantic_ids(path, item_ids, codes, sizes, {"source": "test: category + rank in category"})
+    return path
+
+
+def _train_tiny(tiny_cfg, sids, name, args) -> str:
+    from _util import SHORT, run_job
+
+    run_job("train", "--config", os.path.join(REPO, "configs", "synthetic.yaml"), f"workdir={tiny_cfg.workdir}",
+            f"paths.semantic_ids={sids}", *args, *SHORT, f"run_name={name}")
+    return os.path.join(tiny_cfg.workdir, "runs", name)
+
+
+@pytest.fixture(scope="session")
+def car_run(tiny_cfg, sids):
+    """A tiny CAR run of the real training job, trained once for the session (recommend, serving, the cluster)."""
+    from _util import TINY_CAR
+
+    return _train_tiny(tiny_cfg, sids, "rec-car", TINY_CAR)
+
+
+@pytest.fixture(scope="session")
+def tiger_run(tiny_cfg, sids):
+    from _util import TINY_TIGER
+
+    return _train_tiny(tiny_cfg, sids, "rec-tiger", TINY_TIGER)
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (cluster/mlflow_server.sh: SQLite store, served artifacts) on a free loopback port."""
     from _util import MlflowServer

@@ -2,7 +2,7 @@
 scores in every inference mode (CAR fast and slow, TIGER's beam), seen items excluded on request, nothing committed
 by a failed run, and the same output from `ray job submit` on a real head as from a local run.
 
-Two tiny models are trained once for the module with the real training job (30 steps: the ranking only has to be
+Two tiny models are trained once for the session (tests/conftest.py ``car_run``, ``tiger_run``) with the real training job (30 steps: the ranking only has to be
 the model's, not a good one). Semantic IDs are the deterministic category codes of test_train_tiger.py."""
 
 from __future__ import annotations
@@ -15,48 +15,14 @@ import polars as pl
 import pytest
 import torch
 
-from _util import REPO, run_job
+from _util import REPO, SHORT, run_job
 from genrec_dist import storage
 from genrec_dist.config import load_config
 from genrec_dist.data.dataset import Dataset
-from genrec_dist.data.semantic_ids import write_semantic_ids
 from genrec_dist.evaluation.recommend import Recommender, RecommendInputError
 from genrec_dist.runs.export import load_exported
-from training.test_train_tiger import _category_codes
 
 CONFIG = os.path.join(REPO, "configs", "synthetic.yaml")
-SHORT = ["batch_size=64", "max_steps=30", "lr=0.003", "warmup_steps=10", "eval_every=0", "checkpoint_every=0",
-         "log_every=10", "patience=0"]
-TINY_CAR = ["train.model=car", "model.car.d_model=32", "model.car.n_heads=2", "model.car.n_layers=1",
-            "model.car.d_ff=64", "model.car.slow_weight_grid=[0.5,1.0]"]
-TINY_TIGER = ["train.model=tiger", "model.tiger.d_model=32", "model.tiger.n_heads=2", "model.tiger.head_dim=16",
-              "model.tiger.d_ff=64", "model.tiger.encoder_layers=1", "model.tiger.decoder_layers=1",
-              "model.tiger.beam_width=12", "evaluate.beam_width=12"]
-
-
-@pytest.fixture(scope="module")
-def sids(tiny_cfg, tiny_dataset, tmp_path_factory):
-    items = pl.read_parquet(os.path.join(tiny_dataset, "items.parquet"))
-    item_ids, codes, sizes = _category_codes(items)
-    path = str(tmp_path_factory.mktemp("rec-sids") / "sids")
-    write_semantic_ids(path, item_ids, codes, sizes, {"source": "test: category + rank in category"})
-    return path
-
-
-def _train(tiny_cfg, sids, name, args) -> str:
-    run_job("train", "--config", CONFIG, f"workdir={tiny_cfg.workdir}", f"paths.semantic_ids={sids}", *args, *SHORT,
-            f"run_name={name}")
-    return os.path.join(tiny_cfg.workdir, "runs", name)
-
-
-@pytest.fixture(scope="module")
-def car_run(tiny_cfg, sids):
-    return _train(tiny_cfg, sids, "rec-car", TINY_CAR)
-
-
-@pytest.fixture(scope="module")
-def tiger_run(tiny_cfg, sids):
-    return _train(tiny_cfg, sids, "rec-tiger", TINY_TIGER)
 
 
 def _users(tiny_dataset) -> pl.DataFrame:
@@ -146,8 +112,9 @@ def test_job_one_row_per_user_the_models_topk_and_mlflow(job_output, car_run, ti
 
     client = mlflow.MlflowClient(f"sqlite:///{os.path.join(tiny_cfg.workdir, 'mlflow.db')}")
     exp = client.get_experiment_by_name("genrec-dist")
-    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'rec-car-recommend'")
-    assert run.info.status == "FINISHED" and run.data.tags["genrec.recommend_output"] == path
+    # this job's run: the session's CAR run is recommended from by other tests too (runs of the same name)
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`genrec.recommend_output` = '{path}'")
+    assert run.info.status == "FINISHED" and run.info.run_name == "rec-car-recommend"
     assert run.data.metrics["users"] == len(users) and run.data.metrics["users_per_s"] > 0
     assert run.data.params["recommend.k"] == "10"
     # an existing output is not replaced without overwrite=true, before any work (one line, no traceback)

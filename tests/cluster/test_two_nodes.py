@@ -1,0 +1,181 @@
+"""Stages on a real two-node Ray cluster (two network namespaces, two addresses: tests/_twonodes.py), and the loss
+of the worker node in the middle of a job.
+
+One cluster for the module (a head and a worker cost ~15 s here). Jobs go in with ``ray job submit`` from the
+head's namespace; the files they read and write are on the machine's one filesystem, which both nodes see, as a
+cluster's shared storage. Skipped where network namespaces cannot be made (not root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+
+from _twonodes import Unavailable, make_cluster
+from _util import REPO, run_job
+from genrec_dist import storage
+from genrec_dist.data.dataset import Dataset
+from genrec_dist.data.semantic_ids import read_semantic_ids
+
+CONFIG = os.path.join(REPO, "configs", "synthetic.yaml")
+PY = sys.executable
+TOKENIZE = ["levels=2", "codebook_size=8", "num_workers=2"]
+
+# One task in each bundle of a STRICT_SPREAD placement group (one bundle per node), each printing its node's
+# address: both nodes answer on a whole cluster.
+WHERE = """
+import json, ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+ray.init()
+pg = ray.util.placement_group([{"CPU": 1}] * 2, strategy="STRICT_SPREAD")
+ray.get(pg.ready(), timeout=120)
+where = ray.remote(num_cpus=1)(lambda: ray.util.get_node_ip_address())
+refs = [where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+        .remote() for i in range(2)]
+print("NODES", json.dumps(sorted(ray.get(refs, timeout=120))))
+"""
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    try:
+        cluster = make_cluster()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def _nodes_line(text: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith("NODES "))
+    return json.loads(line[len("NODES "):])
+
+
+def _wait_for(probe, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not seen in {timeout:g} s")
+
+
+def test_tasks_run_on_both_addresses(nodes):
+    assert f"export RAY_ADDRESS={nodes.address}" in nodes.head_banner  # start_ray.sh printed the head's own address
+    proc = nodes.submit("where", PY, "-c", WHERE, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _nodes_line(proc.stdout) == sorted([nodes.head_ip, nodes.worker_ip])
+
+
+@pytest.fixture(scope="module")
+def one_node_codes(tiny_dataset, tmp_path_factory):
+    """The tokenize job on one machine (its own local Ray, one k-means worker): the codes to match."""
+    root = tmp_path_factory.mktemp("tokenize-one-node")
+    run_job("tokenize", "--config", CONFIG, f"workdir={root}", f"paths.dataset={tiny_dataset}",
+            f"paths.semantic_ids={root}/sids", "levels=2", "codebook_size=8", "num_workers=1",
+            env={"HF_HUB_OFFLINE": "1"})
+    return read_semantic_ids(f"{root}/sids").codes
+
+
+@pytest.fixture(scope="module")
+def two_node_tokenize(nodes, tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokenize-two-nodes")
+    proc = nodes.submit("tokenize-2n", PY, "jobs/tokenize.py", "--config", "configs/synthetic.yaml",
+                        f"workdir={out}", f"paths.dataset={tiny_dataset}", f"paths.semantic_ids={out}/sids",
+                        *TOKENIZE, env_vars={"HF_HUB_OFFLINE": "1"})
+    assert "tokenize-2n' succeeded" in nodes.job_status("tokenize-2n"), proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+def test_tokenize_on_two_nodes_gives_the_one_node_codes(two_node_tokenize, one_node_codes, nodes):
+    sids = f"{two_node_tokenize}/sids"
+    np.testing.assert_array_equal(read_semantic_ids(sids).codes, one_node_codes)
+    stats = json.loads(open(f"{sids}/stats.json").read())
+    # the k-means shards were read on both nodes (each actor reads its own rows where it runs)
+    readers = stats["readers"] if "readers" in stats else stats["kmeans"]["readers"]
+    assert len({r["node"] for r in readers}) == 2
+
+
+def test_tokenize_survives_losing_the_worker_node(nodes, two_node_tokenize, one_node_codes, tiny_dataset,
+                                                  tmp_path):
+    """The worker node dies as soon as its k-means actor starts: the actor is replaced on the head, replays its
+    shard's changes, and the job completes with the same codes; nothing half-written is left."""
+    out = tmp_path / "work"
+    emb = f"{two_node_tokenize}/sids/embeddings"  # the k-means alone (the embeddings of the run above)
+    try:
+        proc = nodes.submit("tokenize-lost", PY, "jobs/tokenize.py", "--config", "configs/synthetic.yaml",
+                            f"workdir={out}", f"paths.dataset={tiny_dataset}", f"paths.semantic_ids={out}/sids",
+                            f"tokenize.embeddings_path={emb}", *TOKENIZE, wait=False,
+                            env_vars={"HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _wait_for(lambda: nodes.worker_processes("ray::FileShard"), 240, "a k-means actor on the worker node")
+        nodes.lose_worker()
+        status = nodes.wait_job("tokenize-lost", timeout=300)
+        logs = nodes.job_logs("tokenize-lost")
+        assert "succeeded" in status, logs[-5000:]
+        assert "its worker was lost" in logs
+        stats = json.loads(open(f"{out}/sids/stats.json").read())
+        assert sum(stats["workers_replaced"].values()) >= 1
+        np.testing.assert_array_equal(read_semantic_ids(f"{out}/sids").codes, one_node_codes)
+        assert not [p for p in os.listdir(out) if ".staging-" in p]  # no half-written codes folder beside it
+    finally:
+        nodes.revive()
+
+
+def test_recommend_survives_losing_the_worker_node(nodes, car_run, tiny_dataset, tmp_path):
+    """Recommendations with one actor on each node; the worker node dies while they run. The output is complete:
+    every user once, each with the model's own top-k (the local job's rows)."""
+    local = tmp_path / "local"
+    run_job("recommend", "--run", car_run, "k=10", f"output={local}", "num_workers=1")
+    out = tmp_path / "two-nodes"
+    try:
+        proc = nodes.submit("recommend-lost", PY, "jobs/recommend.py", "--run", car_run, "k=10", f"output={out}",
+                            "num_workers=2", "batch_size=16", wait=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _wait_for(lambda: nodes.worker_processes("ray::MapWorker"), 240,
+                  "a recommend actor on the worker node")
+        nodes.lose_worker()
+        status = nodes.wait_job("recommend-lost", timeout=400)
+        assert "succeeded" in status, nodes.job_logs("recommend-lost")[-5000:]
+    finally:
+        nodes.revive()
+
+    def rows(path) -> pl.DataFrame:
+        manifest = storage.require_manifest(str(path))
+        names = sorted(os.listdir(path))
+        assert sorted(manifest["files"] + ["manifest.json"]) == names  # no file the manifest does not list
+        return pl.concat([pl.read_parquet(os.path.join(path, f)) for f in manifest["files"]]).sort("user")
+
+    got, want = rows(out), rows(local)
+    users = Dataset.open(tiny_dataset).sequences()["user"]
+    assert got.height == users.len() and got["user"].n_unique() == got.height  # every user, once
+    assert got["user"].to_list() == want["user"].to_list()
+    assert got["items"].to_list() == want["items"].to_list()
+
+
+def test_a_worker_bound_to_loopback_is_not_a_second_node(nodes):
+    """The check above is real: a worker that binds its services to 127.0.0.1 (in its own namespace) registers
+    with the head but cannot be reached from it, and a job that needs both nodes does not complete."""
+    nodes.lose_worker()
+    try:
+        nodes.start_worker(node_ip="127.0.0.1", wait=False)
+        proc = nodes.submit("where-loopback", PY, "-c", WHERE, wait=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        try:
+            status = nodes.wait_job("where-loopback", timeout=60)
+        except TimeoutError:
+            status = "still running"
+        answered = [] if "succeeded" not in status else _nodes_line(nodes.job_logs("where-loopback"))
+        assert answered != sorted([nodes.head_ip, nodes.worker_ip]), status
+    finally:
+        nodes.lose_worker()
+        nodes.revive()
