@@ -18,6 +18,37 @@ from genrec_dist import storage
 from genrec_dist.runs.rundir import RunDir, read_run
 
 
+def _pin_gloo_to_node_address() -> None:
+    """In a Ray Train worker, before its process group exists: gloo binds the interface that holds this node's Ray
+    address (``dist.pin_gloo_interface``'s reason: across two network namespaces, Ray Train's workers timed out
+    connecting to rank 0 at 127.0.0.1)."""
+    import ray
+
+    from genrec_dist.training.dist import route_interface
+
+    name = route_interface(ray.util.get_node_ip_address())
+    if name and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
+def _torch_config(use_gpu: bool) -> Any:
+    """Ray Train's torch setup, with every worker's gloo pinned to its node's address first (CPU runs)."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class _PinnedBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute(_pin_gloo_to_node_address)
+            super().on_start(worker_group, backend_config)
+
+    class _PinnedConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _PinnedBackend
+
+    return TorchConfig(backend="nccl") if use_gpu else _PinnedConfig(backend="gloo")
+
+
 def _worker_loop(config: dict) -> None:
     import ray.train
 
@@ -35,7 +66,7 @@ def run_ray(cfg: Any, tracking: Callable) -> dict[str, Any]:
     """Train on Ray Train workers; returns the run summary (read back from the run directory)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from genrec_dist.ray_runtime import ensure_ray
 
@@ -53,7 +84,7 @@ def run_ray(cfg: Any, tracking: Callable) -> dict[str, Any]:
         _worker_loop,
         train_loop_config={"cfg": cfg, "tracking": tracking, "run": run},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=_torch_config(use_gpu),
         run_config=RunConfig(name=run_name, storage_path=storage_path),
     )
     trainer.fit()

@@ -162,6 +162,32 @@ def test_recommend_survives_losing_the_worker_node(nodes, car_run, tiny_dataset,
     assert got["items"].to_list() == want["items"].to_list()
 
 
+# Loss-curve equivalence across world sizes (tests/training/test_train_runs.py EQ): one global batch order, no dropout.
+EQ = ["train.model=sasrec", "model.sasrec.d_model=32", "model.sasrec.d_ff=32", "model.sasrec.n_layers=1",
+      "batch_size=32", "max_steps=10", "warmup_steps=4", "eval_every=5", "checkpoint_every=0", "log_every=1",
+      "data_split=global", "model.sasrec.dropout=0", "model.sasrec.all_positions=false"]
+
+
+def test_ray_train_across_the_two_nodes_matches_one_process(nodes, tiny_cfg, tiny_dataset):
+    """``launcher=ray`` with 4 workers (the two nodes' 4 CPUs: both nodes take part), the same loss curve as one
+    process. Ray Train makes the process group itself: without gloo pinned to each node's address, the worker
+    node's ranks timed out connecting to 127.0.0.1."""
+    base = ["--config", CONFIG, f"workdir={tiny_cfg.workdir}", *EQ]
+    run_job("train", *base, "run_name=twonode-world1")
+    proc = nodes.submit("train-ray", PY, "jobs/train.py", *base, "run_name=twonode-ray4", "launcher=ray",
+                        "num_workers=4", timeout=600)
+    assert "train-ray' succeeded" in nodes.job_status("train-ray"), proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"ip={nodes.worker_ip}" in proc.stdout + proc.stderr  # Ray Train workers ran on the worker node
+
+    def losses(name: str) -> dict:
+        with open(os.path.join(tiny_cfg.workdir, "runs", name, "history.json")) as fh:
+            return {h["step"]: h["train/loss"] for h in json.load(fh) if "train/loss" in h}
+
+    one, four = losses("twonode-world1"), losses("twonode-ray4")
+    assert sorted(one) == sorted(four) == list(range(1, 11))
+    assert max(abs(one[k] - four[k]) for k in one) < 1e-4
+
+
 def test_a_worker_bound_to_loopback_is_not_a_second_node(nodes):
     """The check above is real: a worker that binds its services to 127.0.0.1 (in its own namespace) registers
     with the head but cannot be reached from it, and a job that needs both nodes does not complete."""
