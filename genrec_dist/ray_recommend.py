@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -136,20 +136,22 @@ def node_lost(exc: BaseException) -> bool:
     """Whether ``exc`` (or anything in its chain) says a node of the cluster was lost."""
     import ray
 
+    lost = (ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ray.exceptions.ActorDiedError,
+            ray.exceptions.OwnerDiedError)
+    return any(isinstance(e, lost) or any(s in str(e) for s in _NODE_LOST) for e in _chain(exc))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it: Ray's ``RayTaskError.cause``, ``__cause__``, ``__context__``."""
     seen, todo = set(), [exc]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
-                          ray.exceptions.ActorDiedError, ray.exceptions.OwnerDiedError)):
-            return True
-        if any(s in str(e) for s in _NODE_LOST):
-            return True
+        yield e
         cause = getattr(e, "cause", None)
         todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
-    return False
 
 
 def _lost_line(exc: BaseException) -> str:
@@ -191,16 +193,9 @@ def _input_error(exc: BaseException) -> str | None:
     """The message of a :class:`RecommendInputError` a worker raised, out of Ray's wrappers: the exception itself
     when it crossed the process boundary intact (``RayTaskError.cause``, ``__cause__``), else the line Ray's worker
     traceback ends it with (Ray Data wraps it in ``UserCodeException``, which keeps only the text)."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(exc):
         if type(e) is RecommendInputError:
             return str(e)
-        cause = getattr(e, "cause", None)
-        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
     found = re.search(rf"{RecommendInputError.__name__}: (.+)", str(exc))
     return found.group(1).strip() if found else None
 

@@ -101,7 +101,7 @@ class TwoNodes:
         if wait:
             self.wait_nodes(2)
 
-    def worker_pgid(self) -> int | None:
+    def worker_session(self) -> int | None:
         try:
             with open(os.path.join(self.worker_dir, "genrec-ray.pid")) as fh:
                 return int(fh.read().strip())
@@ -110,7 +110,7 @@ class TwoNodes:
 
     def worker_processes(self, title: str) -> list[int]:
         """PIDs of the worker node's processes whose title starts with ``title`` (e.g. ``ray::FileShard``)."""
-        sid = self.worker_pgid()  # start_ray.sh's setsid: the node's session (its workers have groups of their own)
+        sid = self.worker_session()  # start_ray.sh's setsid: the whole node (workers have groups of their own)
         if sid is None:
             return []
         out = _sh("pgrep", "-s", str(sid), "-f", f"^{title}", check=False).stdout
@@ -118,14 +118,14 @@ class TwoNodes:
 
     def lose_worker(self) -> None:
         """The worker node dies: every process of it gets SIGKILL at once."""
-        sid = self.worker_pgid()
+        sid = self.worker_session()
         if sid is not None:
             _sh("pkill", "-KILL", "-s", str(sid), check=False)  # the whole session: raylet, agents, every worker
             os.remove(os.path.join(self.worker_dir, "genrec-ray.pid"))
 
     def revive(self) -> None:
         """A worker node again (after :meth:`lose_worker`): the cluster is whole for the next test."""
-        if self.worker_pgid() is None:
+        if self.worker_session() is None:
             self.start_worker()
         self.wait_nodes(2)
 

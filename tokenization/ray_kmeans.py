@@ -69,6 +69,11 @@ class Shards:
         refs = tuple(ray.put(a) if isinstance(a, np.ndarray) else a for a in args)  # one copy, not one per actor
         out: list = [None] * len(self.actors)
         pending = {getattr(a, method).remote(*refs): r for r, a in enumerate(self.actors)}
+        if on_result is None:  # every Lloyd step: one get for all shards; shard by shard only once one was lost
+            try:
+                out, pending = ray.get(list(pending)), {}
+            except _LOST:
+                pass  # the shards that answered are fetched again below from their results, not run again
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             r = pending.pop(ref)
