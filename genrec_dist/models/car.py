@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the annotation only: the semantic-ID format pulls in storag
     from genrec_dist.data.semantic_ids import SemanticIds
 from genrec_dist.errors import ConfigError
 from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TokenTable, TransformerStack,
-                                       attention_mask, init_weights)
+                                       attention_mask, by_length, init_weights)
 from genrec_dist.models.config import CARConfig
 from genrec_dist.models.ranking import blockwise_topk_many, full_or_sampled, logsumexp_blocks
 
@@ -213,7 +213,10 @@ class CAR(ChunkBackbone):
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         history = self._history(history)
         t = history.shape[1]
-        h = self.encode(history, self.cfg.max_history - t)[:, :, -1]  # (B, T, D) states at the uid tokens
+        # (B, T, D) states at the uid tokens, the rows in length groups (padding columns: zeros, never selected)
+        h = by_length(history, self.cfg.length_groups,
+                      lambda _, hist: self.encode(hist, self.cfg.max_history - hist.shape[1])[:, :, -1],
+                      per_position=True)
         nxt = torch.cat([history[:, 1:], target[:, None]], dim=1)  # (B, T) the chunk each position predicts
         valid = (history != 0) & (nxt != 0)
         if not self.cfg.all_positions:

@@ -23,7 +23,7 @@ from torch import nn
 
 from genrec_dist.errors import ConfigError
 from genrec_dist.models.blocks import (PositionalEmbedding, TokenTable, TransformerStack, attention_mask,
-                                       init_weights)
+                                       by_length, init_weights)
 from genrec_dist.models.config import SASRecConfig
 from genrec_dist.models.ranking import blockwise_topk, full_or_sampled
 
@@ -77,12 +77,13 @@ class SASRec(nn.Module):
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         history = history[:, -self.cfg.max_history:]
         if self.cfg.all_positions:
-            h = self.hidden_all(history)  # (B, T, D)
+            # (B, T, D), the rows in length groups (padding columns: zeros, never selected below)
+            h = by_length(history, self.cfg.length_groups, lambda _, hist: self.hidden_all(hist), per_position=True)
             nxt = torch.cat([history[:, 1:], target[:, None]], dim=1)  # (B, T) the item each position predicts
             valid = (history != 0) & (nxt != 0)
             h, y = h[valid], nxt[valid]  # (M, D), (M,): only positions with a real item and a next one
         else:
-            h, y = self.hidden(history), target  # (B, D), (B,)
+            h, y = by_length(history, self.cfg.length_groups, lambda _, hist: self.hidden(hist)), target  # (B, D)
         if y.numel() == 0:  # no position to train (every history empty): a zero that keeps the graph
             return {"loss": h.sum() * 0.0}
         return {"loss": self._loss(h, y)}

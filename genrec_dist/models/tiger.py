@@ -14,13 +14,15 @@ KV cache; a decoded code expands to all items sharing it (collisions), so a code
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genrec_dist.models.beam_search import BeamRanking, BeamResult, CodeTrie, beam_search
-from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TransformerStack, attention_mask,
+from genrec_dist.models.blocks import (KVCache, PositionalEmbedding, TransformerStack, attention_mask, by_length,
                                        init_weights)
 from genrec_dist.models.config import TigerConfig
 
@@ -83,12 +85,24 @@ class Tiger(BeamRanking, nn.Module):
         return self.head(h)[..., lo: lo + self.sizes[level]]
 
     # ----- training -----
+    def decode_batch(self, history: torch.Tensor, inputs: Callable[[torch.Tensor | None], torch.Tensor]
+                     ) -> torch.Tensor:
+        """Teacher forcing over ``history`` (B, T): ``inputs(rows)`` gives the decoder input embeddings of those rows
+        (all rows: None) -> hidden states (B, t, D), causal. The rows run in length groups (``cfg.length_groups``,
+        :func:`~genrec_dist.models.blocks.by_length`), each encoded before its inputs are embedded."""
+        history = history[:, -self.cfg.max_history:]
+
+        def run(rows: torch.Tensor | None, hist: torch.Tensor) -> torch.Tensor:
+            memory, memory_mask = self.encode(hist)
+            return self.decode(inputs(rows), memory, memory_mask)
+
+        return by_length(history, self.cfg.length_groups, run)
+
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        memory, memory_mask = self.encode(history)
         target_codes = self.codes[target]  # (B, L)
         bos = torch.full_like(target[:, None], self.bos)
         dec_in = torch.cat([bos, self.item_tokens[target][:, :-1]], dim=1)  # (B, L): BOS, c_0 .. c_{L-2}
-        h = self.decode(self.embed_decoder(dec_in), memory, memory_mask)  # (B, L, D)
+        h = self.decode_batch(history, lambda rows: self.embed_decoder(dec_in if rows is None else dec_in[rows]))
         out: dict[str, torch.Tensor] = {}
         losses = []
         for level in range(self.num_levels):

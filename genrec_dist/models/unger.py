@@ -75,14 +75,17 @@ class Unger(Tiger):
             out = super().forward(history, target)
             out["rec"] = out["loss"].detach()
             return out
-        memory, memory_mask = self.encode(history)
-        b, n_levels = target.shape[0], self.num_levels
+        n_levels = self.num_levels
         target_codes = self.codes[target]  # (B, L)
         bos = torch.full_like(target[:, None], self.bos)
-        x = self.embed_decoder(torch.cat([bos, self.item_tokens[target]], dim=1))  # (B, L+1): BOS, c_0..c_{L-1}
-        ikd = self.drop(self.ikd_token + self.dec_pos(1, n_levels + 1))  # (1, D)
-        x = torch.cat([x, ikd[None].expand(b, -1, -1)], dim=1)  # (B, L+2, D)
-        h = self.decode(x, memory, memory_mask)  # (B, L+2, D), causal
+        dec_in = torch.cat([bos, self.item_tokens[target]], dim=1)  # (B, L+1): BOS, c_0..c_{L-1}
+
+        def inputs(rows: torch.Tensor | None) -> torch.Tensor:  # (rows, L+2, D): the codes' tokens, then IKD's
+            x = self.embed_decoder(dec_in if rows is None else dec_in[rows])
+            ikd = self.drop(self.ikd_token + self.dec_pos(1, n_levels + 1))  # (1, D)
+            return torch.cat([x, ikd[None].expand(x.shape[0], -1, -1)], dim=1)
+
+        h = self.decode_batch(history, inputs)  # (B, L+2, D), causal
         out: dict[str, torch.Tensor] = {}
         ces = []
         for level in range(n_levels):
