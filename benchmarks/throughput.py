@@ -1,7 +1,8 @@
 """Training throughput: our trainer against a bare torch loop, the HF T5 peer (TIGER) and two ranks, on Beauty.
 
     python -m benchmarks.throughput [--config configs/beauty.yaml] [--workdir DIR] [--models sasrec,car,tiger,unger]
-        [--sizes cpu,paper] [--rows bare,zero0,zero2,zero2x2,peer] [--steps 20] [--warmup 3] [--cap-s 40]
+        [--sizes cpu,paper] [--rows bare,zero0,zero2,zero0x2,zero2x2,peer,peer_same] [--steps 15] [--warmup 3]
+        [--cap-s 25]
         [--out benchmarks/results/throughput.json]
 
 Every row of a model trains on the same batches: the first steps of the trainer's own data path (the prepared
@@ -12,8 +13,8 @@ per row and per rank, one torch thread per process (``--threads``):
   the step's batches already in memory: what any training loop has to pay;
 - ``zero0`` / ``zero2``: our trainer at one rank: its data path (``examples.iterate``) and its step
   (``trainer._train_step``) on a ``deepspeed.initialize`` engine with that ZeRO stage (gloo);
-- ``zero2x2``: the same at two ranks (two processes on gloo, each half of the same global batch; the first rank's
-  parts are reported);
+- ``zero0x2`` / ``zero2x2``: the same at two ranks (two processes on gloo, each half of the same global batch; the
+  first rank's parts are reported);
 - ``peer`` (TIGER): the peer's loop (XiaoLongtaoo/TIGER, ``model/main.py``): ``T5ForConditionalGeneration`` at the same
   sizes (T5Config num_layers / num_decoder_layers / d_model / d_ff / num_heads / d_kv, relu, the same dropout),
   histories padded to its fixed 20 items of 4 codes (``model/dataset.py: pad_or_truncate``), one vocabulary of
@@ -25,8 +26,8 @@ steps or ``--cap-s`` seconds, whichever comes first. Achieved GFLOP/s (forward +
 the first batch, ``torch.utils.flop_counter``) is set against this core's measured fp32 matmul rate.
 
 Ratios: ``vs_bare`` (each trainer row's samples/s over the bare loop's), ``vs_peer`` (TIGER's ``zero0`` over the
-peer's), ``scaling`` (two ranks over one at the same global batch and stage). Take the numbers on a quiet machine: the JSON
-records the load average before and after.
+peer's), ``scaling`` (two ranks over one at the same global batch and stage). Take the numbers on a quiet machine:
+the JSON records the load average before and after.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("bare", "zero0", "zero2", "zero2x2", "peer", "peer_same")
 PARTS = ("data", "forward", "backward", "optimizer")
 
 
@@ -114,9 +114,10 @@ def measure(spec: dict) -> dict:
     from genrec_dist.training.ds_config import client_optimizer, deepspeed_config
 
     row, model_name = spec["row"], spec["model"]
-    stage = 2 if row == "zero2x2" else int(row[4]) if row.startswith("zero") else 0
+    stage = int(row[4]) if row.startswith("zero") else 0  # zero<stage>[x<ranks>]
+    codes = [f"paths.semantic_ids={spec['unger_codes']}"] if model_name == "unger" and spec.get("unger_codes") else []
     cfg = row_config(spec["config"], spec["workdir"], model_name, spec["size"],
-                     [f"train.zero_stage={stage}", *spec["overrides"]])
+                     [f"train.zero_stage={stage}", *codes, *spec["overrides"]])
     tc = cfg.train
     world = world_from_env()
     init_process_group(False)
@@ -315,9 +316,10 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         if row.startswith("peer") and (model, size, "zero0") in by:
             ours = by[(model, size, "zero0")]["samples_per_s"]
             out.setdefault(key, {})["vs_" + row] = round(ours / r["samples_per_s"], 3)
-        if row == "zero2x2" and (model, size, "zero2") in by:
-            r["scaling"] = round(r["samples_per_s"] / by[(model, size, "zero2")]["samples_per_s"], 3)
-            out.setdefault(key, {})["scaling"] = r["scaling"]
+        one = (model, size, row.split("x")[0])  # zero<s>x2 over zero<s>
+        if "x" in row and one in by:
+            r["scaling"] = round(r["samples_per_s"] / by[one]["samples_per_s"], 3)
+            out.setdefault(key, {})[f"scaling_{row}"] = r["scaling"]
     return out
 
 
@@ -328,11 +330,13 @@ def main() -> None:
                         "config's)")
     parser.add_argument("--models", default="sasrec,car,tiger,unger")
     parser.add_argument("--sizes", default="cpu,paper")
-    parser.add_argument("--rows", default="bare,zero0,zero2,zero2x2,peer,peer_same")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", default="bare,zero0,zero2,zero0x2,zero2x2,peer,peer_same")
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--cap-s", type=float, default=40.0, help="timed seconds per row at most")
+    parser.add_argument("--cap-s", type=float, default=25.0, help="timed seconds per row at most")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (per rank)")
+    parser.add_argument("--unger-codes", default="", help="UNGER's Stage I codes (tokenize.method=unger; its speed "
+                        "depends on their shape, not on how long Stage I trained); default: the config's")
     parser.add_argument("--timeout-s", type=float, default=900.0)
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "throughput.json"))
     parser.add_argument("--row-spec", help=argparse.SUPPRESS)
@@ -358,8 +362,8 @@ def main() -> None:
                     continue
                 spec = {"model": model, "size": size, "row": row, "steps": args.steps, "warmup": args.warmup,
                         "cap_s": args.cap_s, "threads": args.threads, "config": args.config, "workdir": workdir,
-                        "overrides": args.overrides}
-                r = run_row(spec, 2 if row.endswith("x2") else 1, args.timeout_s)
+                        "overrides": args.overrides, "unger_codes": args.unger_codes}
+                r = run_row(spec, int(row.split("x")[1]) if "x" in row else 1, args.timeout_s)
                 rows.append(r)
                 print(f"{model}/{size}/{row}: {r['samples_per_s']:.1f} samples/s, ms/step {r['ms_per_step']}",
                       flush=True)

@@ -32,6 +32,9 @@ class TrainConfig:
 
     # ----- DeepSpeed (turned into its config dict by genrec_dist/training/ds_config.py) -----
     zero_stage: int = 0                  # 0, 1, 2 or 3
+    # A collective that waits longer than this for a rank fails the job, naming the rank (a node whose link went
+    # down sends no error; torch waits 30 minutes by default). Longer than any one rank's work alone (an export).
+    collective_timeout_s: float = 600.0
     # Global batch = micro batch x grad_accum x world size; the micro batch is derived from it, so the same
     # config gives the same optimisation at any world size. Papers: 256 (TIGER §4, UNGER Table 4).
     batch_size: int = 256

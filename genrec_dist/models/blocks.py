@@ -61,23 +61,24 @@ def attention_mask(key_valid: torch.Tensor | None, causal: int | None = None) ->
 # length groups: a training batch without most of its padding
 # ----------------------------------------------------------------------------------------------------------------
 
-def by_length(history: torch.Tensor, groups: int, fn, per_position: bool = False) -> torch.Tensor:
-    """``fn(rows, history[rows])`` over a left-padded ``history`` (B, T), run on ``groups`` runs of rows of similar
-    length, each trimmed to its longest row: the same result as ``fn(all rows, history)`` without the padding.
+def by_length(history: torch.Tensor, group_rows: int, fn, per_position: bool = False) -> torch.Tensor:
+    """``fn(rows, history[rows])`` over a left-padded ``history`` (B, T), run on groups of ``group_rows`` rows of
+    similar length, each trimmed to its longest row: the same result as ``fn(all rows, history)`` without the padding.
 
     Real histories are short next to their cap (Beauty: a third of TIGER's 20-item histories is items, a seventh of
     SASRec's 50-item windows), and a padded position costs as much as a real one. Rows are sorted by length and cut
-    into runs of equal count; a run's leading all-padding columns go (every model's positions are right-aligned or
-    counted from the first item, and padded keys are masked, so a real position's output does not change).
-    ``fn`` returns one row per input row (B_g, ...) or, with ``per_position``, one per kept column (B_g, w, ...):
-    padded columns then come back as zeros in the (B, T, ...) result. ``groups`` <= 1: ``fn`` on the whole batch,
-    padding included. One host sync (the runs' widths)."""
+    into ceil(B / group_rows) runs of equal count; a run's leading all-padding columns go (every model's positions are
+    right-aligned or counted from the first item, and padded keys are masked, so a real position's output does not
+    change). Groups of a fixed number of rows, not a fixed number of groups: each group pays the layers' per-call
+    cost once, so a rank with half the batch runs half the groups. ``fn`` returns one row per input row (B_g, ...)
+    or, with ``per_position``, one per kept column (B_g, w, ...): padded columns then come back as zeros in the
+    (B, T, ...) result. ``group_rows`` <= 0: ``fn`` on the whole batch, padding included. One host sync (the widths)."""
     b, t = history.shape
-    if groups <= 1 or b < 2:
+    if group_rows <= 0:
         return fn(None, history)
     lengths = (history != 0).sum(1)
     order = torch.argsort(lengths, stable=True)
-    runs = order.tensor_split(min(groups, b))
+    runs = order.tensor_split(-(-b // group_rows))
     widths = torch.stack([lengths[r[-1]] for r in runs]).clamp(min=1).tolist()  # sorted: a run's last is its longest
     outs = [fn(r, history[r, t - w:]) for r, w in zip(runs, widths)]
     if not per_position:

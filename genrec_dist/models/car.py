@@ -214,7 +214,7 @@ class CAR(ChunkBackbone):
         history = self._history(history)
         t = history.shape[1]
         # (B, T, D) states at the uid tokens, the rows in length groups (padding columns: zeros, never selected)
-        h = by_length(history, self.cfg.length_groups,
+        h = by_length(history, self.cfg.length_group_rows,
                       lambda _, hist: self.encode(hist, self.cfg.max_history - hist.shape[1])[:, :, -1],
                       per_position=True)
         nxt = torch.cat([history[:, 1:], target[:, None]], dim=1)  # (B, T) the chunk each position predicts

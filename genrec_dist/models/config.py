@@ -30,9 +30,9 @@ class TigerConfig:
     decoder_layers: int = 4
     dropout: float = 0.1  # TIGER §4
     max_history: int = 20  # items; TIGER §4 / UNGER §4.1.1 cut histories to 20
-    # Training: a batch's rows run in this many runs of similar history length, each trimmed to its longest
-    # (blocks.by_length: the same loss, without computing most of the padding); 1 = one padded batch.
-    length_groups: int = 8
+    # Training: a batch's rows run in groups of this many rows of similar history length, each trimmed to its longest
+    # (blocks.by_length: the same loss, without computing most of the padding); 0 = one padded batch.
+    length_group_rows: int = 32
     # Beam width of recommend(); evaluate may pass another. cornac: beam 50 ~ exact full ranking (<0.5% off);
     # XiaoLongtaoo/TIGER uses 30, UNGER up to 100 (UNGER Table 4).
     beam_width: int = field(default=50, metadata=INFERENCE)
@@ -48,9 +48,9 @@ class SASRecConfig:
     d_ff: int = 64  # SASRec §III: the point-wise FFN's W1, W2 are d x d
     dropout: float = 0.5  # SASRec: 0.5 on the sparse Amazon sets (0.2 on MovieLens-1M)
     max_history: int = 50  # SASRec §IV-B: n=50 on Amazon (prepare.max_history keeps 50 for it)
-    # Training: a batch's rows run in this many runs of similar history length, each trimmed to its longest
-    # (blocks.by_length: the same loss, without computing most of the padding); 1 = one padded batch.
-    length_groups: int = 8
+    # Training: a batch's rows run in groups of this many rows of similar history length, each trimmed to its longest
+    # (blocks.by_length: the same loss, without computing most of the padding); 0 = one padded batch.
+    length_group_rows: int = 32
     # Full-softmax CE over the catalog is far stronger than the paper's BCE with one negative (numbers:
     # docs/results.md); 'sampled' (uniform negatives, accidental hits masked) is for
     # catalogs too large for a (B, num_items) logit matrix; 'auto' = softmax up to full_softmax_max_items, sampled
@@ -85,9 +85,9 @@ class CARConfig:
     d_ff: int = 512  # GPT-2's 4 x d_model
     dropout: float = 0.1  # TIGER §4.1
     max_history: int = 20  # items; TIGER §4.1 / UNGER §4.1.1 (CAR's setup follows TIGER's protocol)
-    # Training: a batch's rows run in this many runs of similar history length, each trimmed to its longest
-    # (blocks.by_length: the same loss, without computing most of the padding); 1 = one padded batch.
-    length_groups: int = 8
+    # Training: a batch's rows run in groups of this many rows of similar history length, each trimmed to its longest
+    # (blocks.by_length: the same loss, without computing most of the padding); 0 = one padded batch.
+    length_group_rows: int = 32
     levels: int = 0  # SID levels read (0 = all); the paper's SID-depth study uses 1..4
     drop_dedup_level: bool = True  # CAR keeps non-unique SIDs, the uid disambiguates (CAR's semantic IDs)
     fusion: Literal["none", "sum", "mean"] = "mean"  # none = ablation "w/o F"

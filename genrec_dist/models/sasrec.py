@@ -78,12 +78,12 @@ class SASRec(nn.Module):
         history = history[:, -self.cfg.max_history:]
         if self.cfg.all_positions:
             # (B, T, D), the rows in length groups (padding columns: zeros, never selected below)
-            h = by_length(history, self.cfg.length_groups, lambda _, hist: self.hidden_all(hist), per_position=True)
+            h = by_length(history, self.cfg.length_group_rows, lambda _, hist: self.hidden_all(hist), per_position=True)
             nxt = torch.cat([history[:, 1:], target[:, None]], dim=1)  # (B, T) the item each position predicts
             valid = (history != 0) & (nxt != 0)
             h, y = h[valid], nxt[valid]  # (M, D), (M,): only positions with a real item and a next one
         else:
-            h, y = by_length(history, self.cfg.length_groups, lambda _, hist: self.hidden(hist)), target  # (B, D)
+            h, y = by_length(history, self.cfg.length_group_rows, lambda _, hist: self.hidden(hist)), target  # (B, D)
         if y.numel() == 0:  # no position to train (every history empty): a zero that keeps the graph
             return {"loss": h.sum() * 0.0}
         return {"loss": self._loss(h, y)}

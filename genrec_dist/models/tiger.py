@@ -88,7 +88,7 @@ class Tiger(BeamRanking, nn.Module):
     def decode_batch(self, history: torch.Tensor, inputs: Callable[[torch.Tensor | None], torch.Tensor]
                      ) -> torch.Tensor:
         """Teacher forcing over ``history`` (B, T): ``inputs(rows)`` gives the decoder input embeddings of those rows
-        (all rows: None) -> hidden states (B, t, D), causal. The rows run in length groups (``cfg.length_groups``,
+        (all rows: None) -> hidden states (B, t, D), causal. The rows run in length groups (``cfg.length_group_rows``,
         :func:`~genrec_dist.models.blocks.by_length`), each encoded before its inputs are embedded."""
         history = history[:, -self.cfg.max_history:]
 
@@ -96,7 +96,7 @@ class Tiger(BeamRanking, nn.Module):
             memory, memory_mask = self.encode(hist)
             return self.decode(inputs(rows), memory, memory_mask)
 
-        return by_length(history, self.cfg.length_groups, run)
+        return by_length(history, self.cfg.length_group_rows, run)
 
     def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         target_codes = self.codes[target]  # (B, L)

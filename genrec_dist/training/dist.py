@@ -12,6 +12,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from genrec_dist.errors import GenrecError
+
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -69,17 +71,81 @@ def world_from_env(env: dict | None = None) -> WorldInfo:
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 
-def init_process_group(use_cuda: bool) -> None:
+def init_process_group(use_cuda: bool, timeout_s: float = 0.0) -> None:
     """``deepspeed.init_distributed`` (NCCL on GPU, gloo on CPU), reusing a process group a launcher made already
     (Ray Train), without DeepSpeed's CPU shared-memory all-reduce op (above): DeepSpeed skips an op its registry marks
-    incompatible, and the registry is one dict that keeps edits (deepspeed/ops/__init__.py)."""
+    incompatible, and the registry is one dict that keeps edits (deepspeed/ops/__init__.py). ``timeout_s`` > 0: how
+    long a collective may wait for a rank before it fails (torch's default: 30 minutes)."""
+    import datetime
+
     import deepspeed
     import deepspeed.ops
 
     if not use_cuda:
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         pin_gloo_interface()
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", **kwargs)
+
+
+class RankLostError(GenrecError, RuntimeError):
+    """A rank of a running job (its process, or its whole node) stopped answering the others' collectives."""
+
+
+# What a collective raises when a peer is gone, where torch does not raise a DistError: gloo's TCP pair ("[.../gloo/
+# transport/tcp/pair.cc] Connection closed by peer [addr]:port", "... Timed out waiting 600000ms for recv"), NCCL's.
+_LOST = ("gloo", "nccl", "connection closed by peer", "connection reset by peer")
+
+
+class RankWatch:
+    """Who every rank is (host, address, pid), gathered once at the start, so that a failed collective can name the
+    rank it lost instead of gloo's ``Connection closed by peer [10.0.0.2]:41833``."""
+
+    def __init__(self, rank: int, table: list[tuple[str, str, int]]):
+        self.rank, self.table = rank, table
+
+    @classmethod
+    def gather(cls, rank: int, world_size: int) -> "RankWatch":
+        """Every rank calls this (one all-gather)."""
+        import torch.distributed as tdist
+
+        me = (socket.gethostname(), own_address(os.environ.get("MASTER_ADDR", "")), os.getpid())
+        table: list = [None] * world_size
+        tdist.all_gather_object(table, me)
+        return cls(rank, [tuple(t) for t in table])
+
+    def is_loss(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (or an exception it came from) is a collective that lost a peer."""
+        import torch.distributed as tdist
+
+        while exc is not None:
+            if isinstance(exc, getattr(tdist, "DistError", ())) or (
+                    isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _LOST)):
+                return True
+            exc = exc.__cause__ or exc.__context__
+        return False
+
+    def lost(self, exc: BaseException) -> str:
+        """The ranks ``exc`` points at: those at the peer address it names, else every rank on another address."""
+        import re
+
+        named = set(re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?:\d+", str(exc)))
+        mine = self.table[self.rank][1]
+        ranks = [r for r, (_, addr, _) in enumerate(self.table) if r != self.rank and addr in named]
+        if not ranks:  # a timeout names nobody: the ranks on other addresses (or every other rank)
+            ranks = [r for r, (_, addr, _) in enumerate(self.table) if addr != mine] or [
+                r for r in range(len(self.table)) if r != self.rank]
+        return ", ".join(f"rank {r} ({self.table[r][0]}, {self.table[r][1]}, pid {self.table[r][2]})" for r in ranks)
+
+
+def own_address(master: str) -> str:
+    """The IPv4 address this machine reaches ``master`` from (the one the other ranks know it by)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master or "127.0.0.1", 9))  # UDP: nothing is sent
+            return s.getsockname()[0]
+    except (OSError, ValueError):
+        return "127.0.0.1"
 
 
 def pin_gloo_interface(env: dict | None = None) -> str | None:

@@ -39,10 +39,10 @@ from genrec_dist.data.dataset import Dataset
 from genrec_dist.evaluation.evaluate import evaluate_model
 from genrec_dist.evaluation.split import REPORT_USERS, SplitBatches, choose_on_valid, evaluate_split, log_reports
 from genrec_dist.models import build_model, needs_semantic_ids, recommend_kwargs, trains_every_position
-from genrec_dist.runs.checkpoint import CheckpointStore, tag_of
+from genrec_dist.runs.checkpoint import CheckpointStore, latest_complete, tag_of
 from genrec_dist.runs.export import Export, model_meta, open_export, semantic_id_files, write_model
 from genrec_dist.runs.rundir import RunDir
-from genrec_dist.training.dist import init_process_group, world_from_env
+from genrec_dist.training.dist import RankLostError, RankWatch, init_process_group, world_from_env
 from genrec_dist.training.ds_config import client_optimizer, deepspeed_config, micro_batch
 
 
@@ -60,8 +60,9 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
     device = torch.device(f"cuda:{world.local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    init_process_group(use_cuda)  # reuses a process group a launcher made already (Ray Train)
+    init_process_group(use_cuda, tc.collective_timeout_s)  # reuses a process group a launcher made (Ray Train)
     rank, ws, main = world.rank, world.world_size, world.is_main
+    watch = RankWatch.gather(rank, ws)  # who every rank is, to name one that is lost
 
     def log0(msg: str) -> None:
         if main:
@@ -115,52 +116,53 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
     batches = examples.iterate(data.train, data.batch_plan, state.cursor, data.spe)
     clock, step0, meter = _TrainClock(state.trained_s), state.step, _Meter(tc.batch_size)
     valid_at = clock.seconds()  # training seconds at the last validation (train.eval_every_s)
-    while state.step < data.total_steps and state.stopped_by == "max_steps":
-        _, micro = next(batches)
-        parts, grad_norm = _train_step(engine, micro, device)
-        state.step += 1
-        meter.tick()
-        state.cursor = state.cursor.advance(data.spe)
-        over_budget, eval_due = _budget_flags(tc, clock.seconds(), valid_at, sync)
-        last = state.step == data.total_steps or over_budget
-        if state.step % tc.log_every == 0 or state.step == 1 or last:
-            metrics = meter.metrics(_allreduce_means(parts, torch.device("cpu")), scheduler, engine, grad_norm,
-                                    state.cursor.epoch, _peak_memory_mb(device), clock.seconds())
-            tracker.log(metrics, state.step)
-            state.history.append({"step": state.step, **metrics})
-            log0(f"step {state.step}/{data.total_steps} loss {metrics['train/loss']:.5f} lr "
-                 f"{metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.0f} samples/s")
-        if validates and ((data.eval_every and state.step % data.eval_every == 0) or eval_due or last):
-            with clock.paused():
-                vm, weights = _validate(engine, eval_model, data.valid, cfg, device, sync, rec_kwargs)
-                if state.improves(vm[tc.early_stop_metric]) and main:
-                    _export(cfg, run, weights, dataset.num_items, sids_dir, sids_files, state.step, vm)
-            del weights  # a whole copy of the weights; the next validation makes its own
-            tracker.log({f"valid/{k}": v for k, v in vm.items()} | {"valid/best": state.best}, state.step)
-            valid_at = clock.seconds()
-            state.history.append({"step": state.step, "elapsed_s": valid_at,
-                                  **{f"valid/{k}": v for k, v in vm.items()}})
-            log0(f"valid step {state.step}: {tc.early_stop_metric} {vm[tc.early_stop_metric]:.5f} (best "
-                 f"{state.best:.5f} at step {state.best_step})")
-            if tc.patience and state.bad_evals >= tc.patience:
-                log0(f"early stop: no better {tc.early_stop_metric} in {state.bad_evals} validations")
-                state.stopped_by = "patience"
-        if over_budget and state.stopped_by == "max_steps":
-            log0(f"budget: {tc.budget_s:.0f} s of training crossed at step {state.step}")
-            state.stopped_by = "budget"
-        if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < data.total_steps
-                and state.stopped_by == "max_steps"):
-            with clock.paused():
-                store.save(engine, state.step, state.to_checkpoint(run.name, clock.seconds()), tc.keep_checkpoints)
-            log0(f"checkpoint saved: step {state.step} -> {run.checkpoints}/{tag_of(state.step)}")
-
-    if state.best_step == 0:  # never validated: the final weights are the export
-        weights = consolidated_state_dict(engine)
-        if main:
-            _export(cfg, run, weights, dataset.num_items, sids_dir, sids_files, state.step, {})
-            state.best_step = state.step
-        del weights
-    tdist.barrier()
+    with _naming_lost_ranks(watch, cfg, run, state):  # a failed collective: one error naming the lost rank
+        while state.step < data.total_steps and state.stopped_by == "max_steps":
+            _, micro = next(batches)
+            parts, grad_norm = _train_step(engine, micro, device)
+            state.step += 1
+            meter.tick()
+            state.cursor = state.cursor.advance(data.spe)
+            over_budget, eval_due = _budget_flags(tc, clock.seconds(), valid_at, sync)
+            last = state.step == data.total_steps or over_budget
+            if state.step % tc.log_every == 0 or state.step == 1 or last:
+                metrics = meter.metrics(_allreduce_means(parts, torch.device("cpu")), scheduler, engine, grad_norm,
+                                        state.cursor.epoch, _peak_memory_mb(device), clock.seconds())
+                tracker.log(metrics, state.step)
+                state.history.append({"step": state.step, **metrics})
+                log0(f"step {state.step}/{data.total_steps} loss {metrics['train/loss']:.5f} lr "
+                     f"{metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.0f} samples/s")
+            if validates and ((data.eval_every and state.step % data.eval_every == 0) or eval_due or last):
+                with clock.paused():
+                    vm, weights = _validate(engine, eval_model, data.valid, cfg, device, sync, rec_kwargs)
+                    if state.improves(vm[tc.early_stop_metric]) and main:
+                        _export(cfg, run, weights, dataset.num_items, sids_dir, sids_files, state.step, vm)
+                del weights  # a whole copy of the weights; the next validation makes its own
+                tracker.log({f"valid/{k}": v for k, v in vm.items()} | {"valid/best": state.best}, state.step)
+                valid_at = clock.seconds()
+                state.history.append({"step": state.step, "elapsed_s": valid_at,
+                                      **{f"valid/{k}": v for k, v in vm.items()}})
+                log0(f"valid step {state.step}: {tc.early_stop_metric} {vm[tc.early_stop_metric]:.5f} (best "
+                     f"{state.best:.5f} at step {state.best_step})")
+                if tc.patience and state.bad_evals >= tc.patience:
+                    log0(f"early stop: no better {tc.early_stop_metric} in {state.bad_evals} validations")
+                    state.stopped_by = "patience"
+            if over_budget and state.stopped_by == "max_steps":
+                log0(f"budget: {tc.budget_s:.0f} s of training crossed at step {state.step}")
+                state.stopped_by = "budget"
+            if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and state.step < data.total_steps
+                    and state.stopped_by == "max_steps"):
+                with clock.paused():
+                    store.save(engine, state.step, state.to_checkpoint(run.name, clock.seconds()),
+                               tc.keep_checkpoints)
+                log0(f"checkpoint saved: step {state.step} -> {run.checkpoints}/{tag_of(state.step)}")
+        if state.best_step == 0:  # never validated: the final weights are the export
+            weights = consolidated_state_dict(engine)
+            if main:
+                _export(cfg, run, weights, dataset.num_items, sids_dir, sids_files, state.step, {})
+                state.best_step = state.step
+            del weights
+        tdist.barrier()
     # The end reads the best model back from its export: what training held goes first (weights, gradients and
     # optimizer moments in the engine, the validation copy, the shuffle window), so rank 0's peak is the larger of
     # the loop's and the evaluation's, not their sum.
@@ -294,6 +296,25 @@ class _Progress:
     def to_checkpoint(self, run_name: str, train_s: float) -> dict[str, Any]:
         return {"step": self.step, "cursor": self.cursor.to_dict(), "best": self.best, "best_step": self.best_step,
                 "bad_evals": self.bad_evals, "run_name": run_name, "history": self.history, "train_s": train_s}
+
+
+@contextlib.contextmanager
+def _naming_lost_ranks(watch: RankWatch, cfg: Any, run: RunDir, state: _Progress):
+    """A collective that lost its peer (a rank's process or its whole node is gone: gloo's "Connection closed by
+    peer", or train.collective_timeout_s passed) ends the job with one line: which rank, after which step, and how to
+    go on from the newest complete checkpoint (cluster/README.md, "When a node dies")."""
+    try:
+        yield
+    except Exception as exc:
+        if len(watch.table) <= 1 or not watch.is_loss(exc):
+            raise
+        latest = latest_complete(run.checkpoints, cfg.storage)
+        then = (f"the newest complete checkpoint is step {latest} ({run.checkpoints}): continue with the ranks that "
+                f"are left by jobs/train.py --resume {run.name} (same config)" if latest is not None else
+                f"it has no complete checkpoint (train.checkpoint_every={cfg.train.checkpoint_every}): start it again")
+        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RankLostError(f"training lost {watch.lost(exc)} after step {state.step} of run {run.name} ({said}); "
+                            f"{then}") from exc
 
 
 def _export(cfg: Any, run: RunDir, weights: dict[str, torch.Tensor], num_items: int, sids_dir: str | None,

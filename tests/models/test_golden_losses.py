@@ -1,7 +1,7 @@
 """Golden losses: the first 10 training losses of a tiny SASRec (per prefix and at every position), CAR, CAR's AR
 ablation, TIGER and UNGER at a fixed seed, on one CPU thread, pinned to the values the code gave when they were
 recorded. A refactor that changes a model's initialisation, forward pass or loss by more than float noise fails here.
-Re-record only for an intended change. One padded batch (``length_groups=1``): with dropout on, length groups draw
+Re-record only for an intended change. One padded batch (``length_group_rows=0``): with dropout on, length groups draw
 other dropout masks; that they compute the same step is tests/models/test_length_groups.py."""
 
 from __future__ import annotations
@@ -37,22 +37,22 @@ def _sids():
 def _model(which: str) -> torch.nn.Module:
     if which.startswith("sasrec"):  # sasrec: the last position only (per prefix); sasrec_all: every position
         cfg = ModelConfig(sasrec=SASRecConfig(d_model=16, n_heads=1, n_layers=1, d_ff=16, dropout=0.1,
-                                              max_history=6, all_positions=which == "sasrec_all", length_groups=1))
+                                              max_history=6, all_positions=which == "sasrec_all", length_group_rows=0))
         return build_model("sasrec", cfg, NUM_ITEMS)
     if which == "tiger":
         cfg = ModelConfig(tiger=TigerConfig(d_model=16, n_heads=2, head_dim=8, d_ff=32, encoder_layers=1,
-                                            decoder_layers=1, dropout=0.1, max_history=6, length_groups=1))
+                                            decoder_layers=1, dropout=0.1, max_history=6, length_group_rows=0))
         return build_model("tiger", cfg, NUM_ITEMS, _sids())
     if which == "unger":  # with its IKD term: the item embeddings a unified code carries
         sids = _sids()
         emb = np.random.default_rng(1).normal(size=(NUM_ITEMS + 1, 6)).astype(np.float32)
         cfg = ModelConfig(unger=UngerConfig(d_model=16, n_heads=2, head_dim=8, d_ff=32, encoder_layers=1,
-                                            decoder_layers=1, dropout=0.1, max_history=6, length_groups=1))
+                                            decoder_layers=1, dropout=0.1, max_history=6, length_group_rows=0))
         return build_model("unger", cfg, NUM_ITEMS, SemanticIds(sids.codes, sids.codebook_sizes, {},
                                                                 item_embeddings=emb))
     mode = "ar" if which == "car_ar" else "car"
     cfg = ModelConfig(car=CARConfig(mode=mode, d_model=16, n_heads=2, n_layers=1, d_ff=32, dropout=0.1,
-                                    max_history=6, length_groups=1))
+                                    max_history=6, length_group_rows=0))
     return build_model("car", cfg, NUM_ITEMS, _sids())
 
 

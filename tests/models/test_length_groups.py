@@ -1,6 +1,6 @@
-"""Length groups (``blocks.by_length``, the models' ``length_groups``) change what a training step computes, not
-what it learns: at dropout 0 the loss and every gradient equal one padded batch's, for every model, at any number of
-groups, including groups of one row and rows longer than the history the model reads."""
+"""Length groups (``blocks.by_length``, the models' ``length_group_rows``) change what a training step computes, not
+what it learns: at dropout 0 the loss and every gradient equal one padded batch's, for every model, at any group size,
+including groups of one row, one group of the whole batch, and rows longer than the history the model reads."""
 
 from __future__ import annotations
 
@@ -33,14 +33,14 @@ CONFIGS = {
 }
 
 
-def _model(which: str, groups: int) -> torch.nn.Module:
+def _model(which: str, rows: int) -> torch.nn.Module:
     name, section = CONFIGS[which]
     torch.manual_seed(3)
     sids = SIDS
     if name == "unger":  # its IKD term reads item embeddings
         emb = np.random.default_rng(1).normal(size=(N + 1, 6)).astype(np.float32)
         sids = SemanticIds(SIDS.codes, SIDS.codebook_sizes, {}, item_embeddings=emb)
-    return build_model(name, ModelConfig(**{name: dataclasses.replace(section, length_groups=groups)}), N, sids)
+    return build_model(name, ModelConfig(**{name: dataclasses.replace(section, length_group_rows=rows)}), N, sids)
 
 
 def _loss_and_grads(model, history, target):
@@ -51,12 +51,12 @@ def _loss_and_grads(model, history, target):
 
 
 @pytest.mark.parametrize("which", sorted(CONFIGS))
-@pytest.mark.parametrize("groups", [2, 5, 64])
-def test_grouped_step_equals_one_padded_batch(which, groups):
+@pytest.mark.parametrize("rows", [1, 5, 12, 64])
+def test_grouped_step_equals_one_padded_batch(which, rows):
     gen = torch.Generator().manual_seed(11)
     history, target = successor_batch(N, 24, 10, gen)  # lengths 1..10 over a width of 10 (the models read 8)
-    want_loss, want = _loss_and_grads(_model(which, 1), history, target)
-    got_loss, got = _loss_and_grads(_model(which, groups), history, target)
+    want_loss, want = _loss_and_grads(_model(which, 0), history, target)
+    got_loss, got = _loss_and_grads(_model(which, rows), history, target)
     assert got_loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
     assert got.keys() == want.keys()
     for k in want:
@@ -71,9 +71,9 @@ def test_by_length_trims_each_run_to_its_longest_row():
         seen.append((sorted(rows.tolist()), hist.shape[1]))
         return hist.float()
 
-    out = by_length(history, 2, fn, per_position=True)
+    out = by_length(history, 2, fn, per_position=True)  # two rows a group
     # sorted by length: rows 3 (0), 0 (1) | 2 (2), 1 (3); widths 1 and 3
     assert seen == [([0, 3], 1), ([1, 2], 3)]
     assert torch.equal(out, history.float())  # trimmed columns come back as zeros, the rest in place
-    rows_out = by_length(history, 3, lambda rows, hist: hist.sum(1))
+    rows_out = by_length(history, 1, lambda rows, hist: hist.sum(1))
     assert torch.equal(rows_out, history.sum(1))  # one value per row, back in the input's order

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -145,6 +146,54 @@ def zero3_two_nodes(tiny_cfg, tiny_dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def node_lost(tiny_cfg, tiny_dataset, tmp_path_factory):
+    """The curve's 2-rank run over two nodes (namespaces, two ``deepspeed --no_ssh`` launchers, ZeRO 0, a checkpoint
+    every 2 steps) whose worker node dies (launcher and rank, SIGKILL) once the first checkpoint is complete; then
+    ``--resume`` on the node that is left, as one process. Returns (run name, head launcher's rc, its log, seconds
+    from the loss to its exit, the checkpoint step it resumed from)."""
+    from _twonodes import TwoNodes, Unavailable
+
+    tmp = tmp_path_factory.mktemp("nodeloss")
+    nodes = TwoNodes(tag=f"l{os.getpid() % 10000}")
+    try:
+        nodes.make_namespaces()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    name, args = "eq-node-lost", [*_base(tiny_cfg), *EQ, "checkpoint_every=2", "keep_checkpoints=10"]
+    hostfile = tmp / "hostfile"
+    hostfile.write_text(f"{nodes.head_ip} slots=1\n{nodes.worker_ip} slots=1\n")
+    port, logs, procs = str(free_port()), [tmp / "node0.log", tmp / "node1.log"], []
+    first = os.path.join(_run_dir(tiny_cfg, name), "checkpoints", "step-00000002", "COMPLETE")
+    try:
+        for node_rank, ns in enumerate((nodes.head_ns, nodes.worker_ns)):
+            procs.append(subprocess.Popen(
+                nodes.in_ns(ns, DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+                            "--master_addr", nodes.head_ip, "--master_port", port, "jobs/train.py", *args,
+                            f"run_name={name}"),
+                cwd=REPO, env=_env(), stdout=open(logs[node_rank], "w"), stderr=subprocess.STDOUT,
+                start_new_session=True))
+        deadline = time.time() + 400
+        while not os.path.exists(first):
+            assert time.time() < deadline and procs[0].poll() is None, open(logs[0]).read()[-4000:]
+            time.sleep(0.05)
+        subprocess.run(["pkill", "-KILL", "-s", str(procs[1].pid)], check=False)  # the worker node's session
+        lost_at = time.time()
+        rc = procs[0].wait(timeout=300)
+        waited = time.time() - lost_at
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+            proc.wait()
+        nodes.close()
+    log = open(logs[0]).read()
+    resumed_from = max(int(d.split("-")[1]) for d in os.listdir(os.path.join(_run_dir(tiny_cfg, name), "checkpoints"))
+                       if os.path.exists(os.path.join(_run_dir(tiny_cfg, name), "checkpoints", d, "COMPLETE")))
+    run_job("train", *args, "--resume", name)  # the node that is left, one process
+    return name, rc, log, waited, resumed_from
+
+
+@pytest.fixture(scope="module")
 def real_run(tiny_cfg, tiny_dataset):
     proc = run_job("train", *_base(tiny_cfg), *REAL, "run_name=real-full")
     return "real-full", proc.stdout
@@ -170,6 +219,24 @@ def test_zero3_two_nodes_matches_one_process(tiny_cfg, world1, zero3_two_nodes):
     v1 = [h["valid/ndcg@10"] for h in _history(tiny_cfg, world1) if "valid/ndcg@10" in h]
     v3 = [h["valid/ndcg@10"] for h in _history(tiny_cfg, zero3_two_nodes) if "valid/ndcg@10" in h]
     assert len(v1) == len(v3) == 2 and max(abs(x - y) for x, y in zip(v1, v3)) < 1e-3
+
+
+def test_losing_a_node_names_the_rank_and_resume_on_the_rest_gives_the_same_run(tiny_cfg, world1, node_lost):
+
+    name, rc, log, waited, resumed_from = node_lost
+    assert rc != 0 and waited < 120, (rc, waited)  # at once: the worker's sockets close with it
+    said = [line for line in log.splitlines() if "training lost rank 1 (" in line]
+    assert said, log[-4000:]
+    assert ".77.2, pid " in said[0] and f"--resume {name}" in said[0] and "complete checkpoint is step" in said[0]
+    assert 2 <= resumed_from < 10
+    # after the resume point the one process continues the 2-rank run's curve: the same as never interrupted
+    a, b = _losses(tiny_cfg, world1), _losses(tiny_cfg, name)
+    assert sorted(b) == list(range(1, 11))  # the resumed history keeps the steps before the checkpoint
+    worst = max(abs(a[s] - b[s]) for s in a if s > resumed_from)
+    assert worst <= LOSS_TOL, worst
+    m1, m2 = _metrics(tiny_cfg, world1), _metrics(tiny_cfg, name)
+    assert m2["best_step"] == m1["best_step"]
+    assert m2["model"]["ndcg@10"] == pytest.approx(m1["model"]["ndcg@10"], abs=1e-3)
 
 
 def test_multi_rank_launch_makes_one_mlflow_run(tiny_cfg, world1, zero2_two_ranks, zero3_two_nodes):
