@@ -13,8 +13,8 @@ per row and per rank, one torch thread per process (``--threads``):
   the step's batches already in memory: what any training loop has to pay;
 - ``zero0`` / ``zero2``: our trainer at one rank: its data path (``examples.iterate``) and its step
   (``trainer._train_step``) on a ``deepspeed.initialize`` engine with that ZeRO stage (gloo);
-- ``zero0x2`` / ``zero2x2``: the same at two ranks (two processes on gloo, each half of the same global batch; the
-  first rank's parts are reported);
+- ``zero0x2`` / ``zero2x2``: the same at two ranks (two processes on gloo, each half of the global batch from its own
+  shards, as training reads them by default; the first rank's parts are reported);
 - ``peer`` (TIGER): the peer's loop (XiaoLongtaoo/TIGER, ``model/main.py``): ``T5ForConditionalGeneration`` at the same
   sizes (T5Config num_layers / num_decoder_layers / d_model / d_ff / num_heads / d_kv, relu, the same dropout),
   histories padded to its fixed 20 items of 4 codes (``model/dataset.py: pad_or_truncate``), one vocabulary of
@@ -99,7 +99,6 @@ def _flops(model: Any, history: Any, target: Any) -> float:
 
 def measure(spec: dict) -> dict:
     """One row (one rank of it): ``spec`` = model, size, row, steps, warmup, cap_s, config, workdir, overrides."""
-    import numpy as np
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -206,7 +205,9 @@ def measure(spec: dict) -> dict:
         flops = _flops(model, *first) * (tc.batch_size / world.world_size) / len(first[1])
         out["gflop_per_step"] = round(flops * world.world_size / 1e9, 3)
         out["gflop_per_s"] = round(out["gflop_per_step"] * steps / wall, 2)
-    out["history_width"] = int(np.mean([first[0].shape[1]]))
+    out["history_width"] = int(first[0].shape[1])
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # left to exit, gloo's threads once ended a rank with std::terminate
     return out
 
 

@@ -15,6 +15,11 @@ def run_training(cfg: Any, *, tracking: Callable) -> dict[str, Any] | None:
         from genrec_dist.training.ray_launcher import run_ray
 
         return run_ray(cfg, tracking)
+    import torch.distributed as tdist
+
     from genrec_dist.training.trainer import train_worker
 
-    return train_worker(cfg, tracking)
+    summary = train_worker(cfg, tracking)
+    if tdist.is_initialized():  # ours (Ray Train ends its own): gloo's threads are not left to the interpreter's exit
+        tdist.destroy_process_group()
+    return summary
