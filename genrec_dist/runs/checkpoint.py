@@ -28,11 +28,16 @@ import numpy as np
 import torch
 
 from genrec_dist import storage
+from genrec_dist.errors import GenrecError
 
 MARKER = "COMPLETE"
 STATE = "trainer.json"
 HISTORY = "history.json"
 _TAG = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointWorldError(GenrecError, RuntimeError):
+    """A ZeRO 1-3 checkpoint resumed at another world size than the one that saved it."""
 
 
 def tag_of(step: int) -> str:
@@ -140,6 +145,21 @@ class CheckpointStore:
 
     # ----- reading -----
 
+    def _check_world(self, engine: Any, tag: str) -> None:
+        """ZeRO 1-3 save the optimizer in one part per rank, and DeepSpeed reloads them only at the world size that
+        wrote them (a ZeRORuntimeException deep in its loader otherwise): say so in one line, with what to do."""
+        import torch.distributed as tdist
+
+        parts = [n for n in os.listdir(os.path.join(self.local, tag)) if n.startswith("zero_pp_rank_")]
+        saved = len({n.split("_mp_rank_")[0] for n in parts})
+        world = tdist.get_world_size() if tdist.is_initialized() else 1
+        stage = engine.zero_optimization_stage()
+        if stage and saved and saved != world:
+            raise CheckpointWorldError(
+                f"{self.root}/{tag} was saved by {saved} ranks at ZeRO stage {stage}, and DeepSpeed reloads a ZeRO "
+                f"optimizer only at the world size that wrote it; this resume has {world}: relaunch with {saved} "
+                f"ranks (the nodes that are left may run several ranks each: deepspeed --num_gpus / slots=)")
+
     def load(self, engine: Any, step: int) -> dict[str, Any]:
         """Every rank calls this: restores engine (weights, optimizer, lr schedule) and this rank's RNG states;
         returns the trainer state."""
@@ -153,6 +173,7 @@ class CheckpointStore:
                 for name in fs.ls(p, detail=False):
                     fs.get(name, os.path.join(local_tag, os.path.basename(name)))
             self.barrier()
+        self._check_world(engine, tag)
         path, _ = engine.load_checkpoint(self.local, tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
