@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -103,6 +104,83 @@ def test_tokenize_on_two_nodes_gives_the_one_node_codes(two_node_tokenize, one_n
     # the k-means shards were read on both nodes (each actor reads its own rows where it runs)
     readers = stats["readers"] if "readers" in stats else stats["kmeans"]["readers"]
     assert len({r["node"] for r in readers}) == 2
+
+
+# Run in the head's namespace (the test's own has no route to the cluster's addresses): argv = S3 endpoint, MLflow URI,
+# then what to do.
+HEAD_CLIENT = """
+import json, sys
+import s3fs
+from genrec_dist.config import StorageConfig
+s3, mlflow_uri, what = sys.argv[1:4]
+fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3})
+if what == "upload":  # a local folder -> s3 path
+    fs.mkdir(sys.argv[5].split("/")[2])
+    fs.put(sys.argv[4], sys.argv[5], recursive=True)
+else:  # the codes, the stats and the MLflow runs of a tokenize output
+    from genrec_dist.data.semantic_ids import read_semantic_ids
+    import mlflow
+    sids = sys.argv[4]
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("genrec-dist")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    print("OUT", json.dumps({"codes": read_semantic_ids(sids, StorageConfig(endpoint_url=s3)).codes.tolist(),
+                             "stats": json.loads(fs.cat(sids + "/stats.json")),
+                             "runs": [(r.info.run_name, r.info.status, r.data.tags.get("genrec.job")) for r in runs]}))
+"""
+S3_PORT, MLFLOW_PORT = 5710, 5711
+
+
+def _head_python(nodes, *args: str, env: dict, timeout: float = 300) -> str:
+    proc = subprocess.run(nodes.in_ns(nodes.head_ns, PY, "-c", HEAD_CLIENT, *args), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def head_services(nodes, tmp_path_factory):
+    """The cluster's storage and tracking on the head node, as a user runs them: a moto S3 server and
+    cluster/mlflow_server.sh in the head's namespace, bound to the head's address only (no loopback the worker could
+    be fooled by). Returns (S3 endpoint, MLflow URI, the environment that reaches them)."""
+    root = tmp_path_factory.mktemp("head-services")
+    s3, uri = f"http://{nodes.head_ip}:{S3_PORT}", f"http://{nodes.head_ip}:{MLFLOW_PORT}"
+    env = {**nodes.env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": REPO, "MLFLOW_ROOT": str(root / "mlflow"),
+           "MLFLOW_HOST": nodes.head_ip, "MLFLOW_PORT": str(MLFLOW_PORT), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    procs = [subprocess.Popen(nodes.in_ns(nodes.head_ns, *cmd), cwd=REPO, env=env, start_new_session=True,
+                              stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+             for name, cmd in (("moto", [PY, "-m", "moto.server", "-H", nodes.head_ip, "-p", str(S3_PORT)]),
+                               ("mlflow", ["bash", os.path.join(REPO, "cluster", "mlflow_server.sh")]))]
+    try:
+        for url in (s3, uri + "/health"):
+            probe = f"import urllib.request as u; u.urlopen('{url}', timeout=2)"
+            _wait_for(lambda: subprocess.run(nodes.in_ns(nodes.head_ns, PY, "-c", probe), capture_output=True
+                                             ).returncode == 0, 180, f"{url} in the head's namespace")
+        yield s3, uri, env
+    finally:
+        for proc in procs:
+            subprocess.run(["pkill", "-TERM", "-s", str(proc.pid)], check=False)
+            proc.wait(timeout=60)
+
+
+def test_tokenize_on_two_nodes_with_s3_and_mlflow_on_the_head(nodes, head_services, tiny_dataset, one_node_codes):
+    """Every path on S3 and tracking on an MLflow server, both served from the head's address: the worker node's
+    k-means actor reads and writes through them too, and the codes are the one-node job's."""
+    s3, uri, env = head_services
+    _head_python(nodes, s3, uri, "upload", str(tiny_dataset), "s3://cluster/dataset", env=env)
+    creds = {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    proc = nodes.submit("tokenize-s3", PY, "jobs/tokenize.py", "--config", "configs/synthetic.yaml",
+                        "workdir=s3://cluster/work", "paths.dataset=s3://cluster/dataset",
+                        "paths.semantic_ids=s3://cluster/sids", f"storage.endpoint_url={s3}", f"tracking.uri={uri}",
+                        *TOKENIZE, env_vars={"HF_HUB_OFFLINE": "1", **creds})
+    assert "tokenize-s3' succeeded" in nodes.job_status("tokenize-s3"), proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = _head_python(nodes, s3, uri, "read", "s3://cluster/sids", env=env)
+    got = json.loads(next(ln for ln in out.splitlines() if ln.startswith("OUT "))[4:])
+    np.testing.assert_array_equal(np.asarray(got["codes"]), one_node_codes)
+    readers = got["stats"]["readers"] if "readers" in got["stats"] else got["stats"]["kmeans"]["readers"]
+    assert len({r["node"] for r in readers}) == 2  # the worker node's actor read its shard from the head's S3
+    assert [status for _, status, _ in got["runs"]] == ["FINISHED"], got["runs"]  # logged to the head's server
 
 
 def test_tokenize_survives_losing_the_worker_node(nodes, two_node_tokenize, one_node_codes, tiny_dataset,
