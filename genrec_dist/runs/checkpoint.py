@@ -94,11 +94,12 @@ def read_state(root: str, step: int, storage_cfg: Any = None) -> dict[str, Any]:
 
 class CheckpointStore:
     """Where one run's checkpoints live: ``root`` (local or s3) and ``local`` (the directory DeepSpeed writes to;
-    the same as ``root`` when it is local). ``barrier`` synchronises all ranks; ``node_leader`` is local rank 0."""
+    the same as ``root`` when it is local). ``barrier`` synchronises all ranks; ``node_leader`` is local rank 0;
+    ``world_size`` (the ranks saving or resuming) checks a ZeRO checkpoint is resumed at the world that wrote it."""
 
     def __init__(self, root: str, local: str, rank: int, node_leader: bool, barrier: Callable[[], None],
-                 storage_cfg: Any = None):
-        self.root, self.local = root.rstrip("/"), local.rstrip("/")
+                 storage_cfg: Any = None, world_size: int = 1):
+        self.root, self.local, self.world_size = root.rstrip("/"), local.rstrip("/"), world_size
         self.remote = storage.is_remote(root)
         self.rank, self.node_leader, self.barrier, self.storage_cfg = rank, node_leader, barrier, storage_cfg
 
@@ -148,11 +149,9 @@ class CheckpointStore:
     def _check_world(self, engine: Any, tag: str) -> None:
         """ZeRO 1-3 save the optimizer in one part per rank, and DeepSpeed reloads them only at the world size that
         wrote them (a ZeRORuntimeException deep in its loader otherwise): say so in one line, with what to do."""
-        import torch.distributed as tdist
-
         parts = [n for n in os.listdir(os.path.join(self.local, tag)) if n.startswith("zero_pp_rank_")]
         saved = len({n.split("_mp_rank_")[0] for n in parts})
-        world = tdist.get_world_size() if tdist.is_initialized() else 1
+        world = self.world_size
         stage = engine.zero_optimization_stage()
         if stage and saved and saved != world:
             raise CheckpointWorldError(

@@ -75,7 +75,7 @@ def train_worker(cfg: Any, tracking: Callable, run: RunDir | None = None) -> dic
     tdist.broadcast_object_list(decided, src=0)
     run = decided[0]
     store = CheckpointStore(run.checkpoints, run.staging, rank, node_leader=world.local_rank == 0,
-                            barrier=tdist.barrier, storage_cfg=cfg.storage)
+                            barrier=tdist.barrier, storage_cfg=cfg.storage, world_size=ws)
     dataset = Dataset.open(cfg.dataset_dir, cfg.storage)
     H = model_history(tc.model, getattr(cfg.model, tc.model).max_history, dataset)  # SASRec 50, SID models 20
     tracker = tracking(cfg, "train", rank, run_name=run.name,
