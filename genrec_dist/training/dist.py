@@ -84,7 +84,15 @@ def init_process_group(use_cuda: bool, timeout_s: float = 0.0) -> None:
     if not use_cuda:
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         pin_gloo_interface()
-    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
+    kwargs = {}
+    if timeout_s > 0:
+        import torch.distributed.distributed_c10d as c10d
+
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        # The groups DeepSpeed makes later (its data-parallel group carries the gradient all-reduce) take torch's
+        # module default, not the world group's timeout: a hung peer then held them for 30 minutes (tested: a
+        # SIGSTOPped rank). torch reads these two globals whenever a group is made without a timeout.
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = kwargs["timeout"]
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", **kwargs)
 
 

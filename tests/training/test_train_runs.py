@@ -145,21 +145,18 @@ def zero3_two_nodes(tiny_cfg, tiny_dataset, tmp_path_factory):
     return "eq-zero3-2node"
 
 
-@pytest.fixture(scope="module")
-def node_lost(tiny_cfg, tiny_dataset, tmp_path_factory):
-    """The curve's 2-rank run over two nodes (namespaces, two ``deepspeed --no_ssh`` launchers, ZeRO 0, a checkpoint
-    every 2 steps) whose worker node dies (launcher and rank, SIGKILL) once the first checkpoint is complete; then
-    ``--resume`` on the node that is left, as one process. Returns (run name, head launcher's rc, its log, seconds
-    from the loss to its exit, the checkpoint step it resumed from)."""
+def _lose_worker_node(tiny_cfg, tmp, name: str, args: list[str], how: str) -> tuple[int, str, float]:
+    """The curve's 2-rank run over two nodes (network namespaces with their own addresses, two ``deepspeed
+    --no_ssh`` launchers, ZeRO 0) whose worker node goes once the first checkpoint (step 2) is complete: ``how`` is
+    the signal its whole session gets (KILL: it dies and its sockets close; STOP: it hangs and says nothing, as a node
+    whose link went down). Returns (head launcher's rc, its log, seconds from the loss to its exit)."""
     from _twonodes import TwoNodes, Unavailable
 
-    tmp = tmp_path_factory.mktemp("nodeloss")
-    nodes = TwoNodes(tag=f"l{os.getpid() % 10000}")
+    nodes = TwoNodes(tag=f"{how[0].lower()}{os.getpid() % 10000}")
     try:
         nodes.make_namespaces()
     except Unavailable as exc:
         pytest.skip(str(exc))
-    name, args = "eq-node-lost", [*_base(tiny_cfg), *EQ, "checkpoint_every=2", "keep_checkpoints=10"]
     hostfile = tmp / "hostfile"
     hostfile.write_text(f"{nodes.head_ip} slots=1\n{nodes.worker_ip} slots=1\n")
     port, logs, procs = str(free_port()), [tmp / "node0.log", tmp / "node1.log"], []
@@ -176,7 +173,7 @@ def node_lost(tiny_cfg, tiny_dataset, tmp_path_factory):
         while not os.path.exists(first):
             assert time.time() < deadline and procs[0].poll() is None, open(logs[0]).read()[-4000:]
             time.sleep(0.05)
-        subprocess.run(["pkill", "-KILL", "-s", str(procs[1].pid)], check=False)  # the worker node's session
+        subprocess.run(["pkill", f"-{how}", "-s", str(procs[1].pid)], check=False)  # the worker node's session
         lost_at = time.time()
         rc = procs[0].wait(timeout=300)
         waited = time.time() - lost_at
@@ -186,9 +183,17 @@ def node_lost(tiny_cfg, tiny_dataset, tmp_path_factory):
                 subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
             proc.wait()
         nodes.close()
-    log = open(logs[0]).read()
-    resumed_from = max(int(d.split("-")[1]) for d in os.listdir(os.path.join(_run_dir(tiny_cfg, name), "checkpoints"))
-                       if os.path.exists(os.path.join(_run_dir(tiny_cfg, name), "checkpoints", d, "COMPLETE")))
+    return rc, open(logs[0]).read(), waited
+
+
+@pytest.fixture(scope="module")
+def node_lost(tiny_cfg, tiny_dataset, tmp_path_factory):
+    """:func:`_lose_worker_node` (killed), then ``--resume`` on the node that is left, as one process. Returns (run
+    name, head launcher's rc, its log, seconds from the loss to its exit, the checkpoint step it resumed from)."""
+    name, args = "eq-node-lost", [*_base(tiny_cfg), *EQ, "checkpoint_every=2", "keep_checkpoints=10"]
+    rc, log, waited = _lose_worker_node(tiny_cfg, tmp_path_factory.mktemp("nodeloss"), name, args, "KILL")
+    ckpts = os.path.join(_run_dir(tiny_cfg, name), "checkpoints")
+    resumed_from = max(int(d.split("-")[1]) for d in os.listdir(ckpts) if os.path.exists(f"{ckpts}/{d}/COMPLETE"))
     run_job("train", *args, "--resume", name)  # the node that is left, one process
     return name, rc, log, waited, resumed_from
 
@@ -237,6 +242,17 @@ def test_losing_a_node_names_the_rank_and_resume_on_the_rest_gives_the_same_run(
     m1, m2 = _metrics(tiny_cfg, world1), _metrics(tiny_cfg, name)
     assert m2["best_step"] == m1["best_step"]
     assert m2["model"]["ndcg@10"] == pytest.approx(m1["model"]["ndcg@10"], abs=1e-3)
+
+
+def test_a_node_that_hangs_is_named_after_the_collective_timeout(tiny_cfg, tiny_dataset, tmp_path):
+    """A worker node that stops answering without closing anything (SIGSTOP: what a link going down looks like to
+    the head) is named once ``train.collective_timeout_s`` has passed, not after torch's 30 minutes."""
+    args = [*_base(tiny_cfg), *EQ, "checkpoint_every=2", "collective_timeout_s=8"]
+    rc, log, waited = _lose_worker_node(tiny_cfg, tmp_path, "eq-node-hangs", args, "STOP")
+    said = [line for line in log.splitlines() if "training lost rank 1 (" in line]
+    assert rc != 0 and said, log[-4000:]
+    assert 4 < waited < 90, waited  # the timeout, not an error the peer sent
+    assert ".77.2, pid " in said[0] and "--resume eq-node-hangs" in said[0]
 
 
 def test_multi_rank_launch_makes_one_mlflow_run(tiny_cfg, world1, zero2_two_ranks, zero3_two_nodes):
