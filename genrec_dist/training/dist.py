@@ -177,12 +177,11 @@ def route_interface(addr: str) -> str | None:
     import fcntl
     import struct
 
+    local = own_address(addr)  # the source address the kernel picks for addr (127.0.0.1 where it cannot tell)
+    if local.startswith("127."):
+        return None
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((addr, 9))  # UDP: no packet is sent; the kernel picks the route and the source address
-            local = s.getsockname()[0]
-            if local.startswith("127."):
-                return None
             for _, name in socket.if_nameindex():
                 try:  # SIOCGIFADDR: the interface's IPv4 address
                     packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
@@ -190,6 +189,6 @@ def route_interface(addr: str) -> str | None:
                     continue
                 if socket.inet_ntoa(packed[20:24]) == local:
                     return name
-    except (OSError, ValueError):
+    except OSError:
         return None
     return None
